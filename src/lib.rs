@@ -1,0 +1,17 @@
+//! Otter training orchestrator.
+//!
+//! * [`model`]: the Otter model (config and parameter schema always; tch modules with
+//!   the `torch` feature).
+//! * [`run_config`]: YAML run configs (`configs/*.yaml`).
+//! * [`cmd`]: the `otter` subcommands (with `torch`).
+//! * [`tensors`]: reading/writing named-tensor files (safetensors) for commands and tests.
+//!
+//! See `ARCHITECTURE.md` for the code map and invariants.
+
+pub mod model;
+pub mod run_config;
+
+#[cfg(feature = "torch")]
+pub mod cmd;
+#[cfg(feature = "torch")]
+pub mod tensors;

@@ -1,0 +1,165 @@
+//! LLaMA decoder (Touvron et al., 2023), as HF `LlamaForCausalLM` with eager attention:
+//! RMSNorm (computed in f32), rotary position embeddings (`rotate_half` layout), SwiGLU
+//! MLP, grouped-query attention, untied `lm_head`. Frozen except `embed_tokens` and
+//! `lm_head`. Otter wraps each layer so that its decoder weights live at
+//! `lang_encoder.model.layers.N.decoder_layer.*`.
+
+use super::config::LlamaConfig;
+use super::nn::{finfo_min, Linear};
+use super::weights::Vb;
+use tch::{Device, Kind, Tensor};
+
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(vb: &Vb, eps: f64) -> Self {
+        Self { weight: vb.get("weight"), eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.pow_tensor_scalar(2).mean_dim(&[-1i64][..], true, Kind::Float);
+        let normed = (xf * (var + self.eps).rsqrt()).to_kind(kind);
+        &self.weight * normed
+    }
+}
+
+/// cos/sin tables for positions `[start, start + len)`, each (len, head_dim).
+pub fn rope_tables(cfg: &LlamaConfig, start: i64, len: i64, device: Device) -> (Tensor, Tensor) {
+    let hd = cfg.head_dim as i64;
+    // 1 / theta^(arange(0, hd, 2) / hd), in f32 exactly as HF computes it.
+    let exponent = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, device)).to_kind(Kind::Float) / hd as f64;
+    let inv_freq = Tensor::pow_scalar(cfg.rope_theta, &exponent).reciprocal();
+    let pos = Tensor::arange_start(start, start + len, (Kind::Int64, device)).to_kind(Kind::Float);
+    let freqs = pos.view([len, 1]).matmul(&inv_freq.view([1, hd / 2])); // (len, hd/2)
+    let emb = Tensor::cat(&[&freqs, &freqs], -1);
+    (emb.cos(), emb.sin())
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size().last().copied().expect("last dim") / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[x2.neg(), x1], -1)
+}
+
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let kind = x.kind();
+    (x * cos.to_kind(kind)) + rotate_half(x) * sin.to_kind(kind)
+}
+
+/// Keys and values of the positions seen so far, per layer, for incremental decoding.
+#[derive(Default)]
+pub struct KvCache {
+    pub k: Option<Tensor>,
+    pub v: Option<Tensor>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> i64 {
+        self.k.as_ref().map_or(0, |k| k.size()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(vb: &Vb, cfg: &LlamaConfig) -> Self {
+        Self {
+            q_proj: Linear::no_bias(&vb.pp("q_proj")),
+            k_proj: Linear::no_bias(&vb.pp("k_proj")),
+            v_proj: Linear::no_bias(&vb.pp("v_proj")),
+            o_proj: Linear::no_bias(&vb.pp("o_proj")),
+            heads: cfg.num_attention_heads as i64,
+            kv_heads: cfg.num_key_value_heads as i64,
+            head_dim: cfg.head_dim as i64,
+        }
+    }
+
+    /// x (B, L, H); rope tables for these L positions; additive mask (B, 1, L, S) where
+    /// S = cached + L.
+    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
+        let (b, l, _) = x.size3().expect("(B, L, H)");
+        let hd = self.head_dim;
+        let shape = |t: Tensor, h: i64| t.view([b, l, h, hd]).transpose(1, 2); // (B, h, L, hd)
+        let q = apply_rope(&shape(self.q_proj.forward(x), self.heads), &rope.0, &rope.1);
+        let mut k = apply_rope(&shape(self.k_proj.forward(x), self.kv_heads), &rope.0, &rope.1);
+        let mut v = shape(self.v_proj.forward(x), self.kv_heads);
+        if let Some(c) = cache {
+            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
+                k = Tensor::cat(&[pk, &k], 2);
+                v = Tensor::cat(&[pv, &v], 2);
+            }
+            c.k = Some(k.shallow_clone());
+            c.v = Some(v.shallow_clone());
+        }
+        let rep = self.heads / self.kv_heads;
+        if rep > 1 {
+            k = k.repeat_interleave_self_int(rep, 1, None);
+            v = v.repeat_interleave_self_int(rep, 1, None);
+        }
+        let scores = q.matmul(&k.transpose(-2, -1)) * (hd as f64).powf(-0.5) + mask;
+        let attn = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+        let out = attn.matmul(&v).transpose(1, 2).reshape([b, l, self.heads * hd]);
+        self.o_proj.forward(&out)
+    }
+}
+
+pub struct DecoderLayer {
+    self_attn: Attention,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    /// `vb` points at `...layers.N.decoder_layer`.
+    pub fn new(vb: &Vb, cfg: &LlamaConfig) -> Self {
+        Self {
+            self_attn: Attention::new(&vb.pp("self_attn"), cfg),
+            gate_proj: Linear::no_bias(&vb.pp("mlp.gate_proj")),
+            up_proj: Linear::no_bias(&vb.pp("mlp.up_proj")),
+            down_proj: Linear::no_bias(&vb.pp("mlp.down_proj")),
+            input_layernorm: RmsNorm::new(&vb.pp("input_layernorm"), cfg.rms_norm_eps),
+            post_attention_layernorm: RmsNorm::new(&vb.pp("post_attention_layernorm"), cfg.rms_norm_eps),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
+        let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask, cache);
+        let h = self.post_attention_layernorm.forward(&x);
+        let mlp = self.down_proj.forward(&(self.gate_proj.forward(&h).silu() * self.up_proj.forward(&h)));
+        x + mlp
+    }
+}
+
+/// HF's additive 4-D mask: 0 where query i may see key j (j <= i + offset and key j not
+/// padding), `finfo.min` elsewhere. `key_mask` (B, S) is 1 for real tokens; `offset` is
+/// the number of cached positions before the L queries. Returns (B, 1, L, S).
+pub fn causal_mask(key_mask: &Tensor, l: i64, offset: i64, kind: Kind) -> Tensor {
+    let (b, s) = key_mask.size2().expect("(B, S)");
+    let dev = key_mask.device();
+    let qpos = Tensor::arange_start(offset, offset + l, (Kind::Int64, dev)).view([l, 1]);
+    let kpos = Tensor::arange(s, (Kind::Int64, dev)).view([1, s]);
+    let causal = kpos.le_tensor(&qpos).view([1, 1, l, s]);
+    let allowed = causal.logical_and(&key_mask.ne(0).view([b, 1, 1, s]));
+    Tensor::zeros([b, 1, l, s], (kind, dev)).masked_fill(&allowed.logical_not(), finfo_min(kind))
+}

@@ -1,0 +1,213 @@
+//! Otter (Li et al., 2023) = OpenFlamingo's composition (Awadalla et al., 2023), as
+//! upstream `OtterForConditionalGeneration`: a frozen CLIP encoder feeds a trainable
+//! perceiver resampler; its latents are attended by gated cross-attention blocks placed
+//! before every `cross_attn_every_n_layers`-th layer of a frozen LLaMA.
+//!
+//! Media is passed explicitly to `forward` (no hidden "conditioned" state).
+
+use super::clip::ClipVision;
+use super::config::OtterConfig;
+use super::llama::{causal_mask, rope_tables, DecoderLayer, KvCache, RmsNorm};
+use super::perceiver::PerceiverResampler;
+use super::weights::{LoadError, LoadOptions, MappedCheckpoint, Params, Vb};
+use super::xattn::{GatedCrossAttention, MediaMask};
+use std::path::Path;
+use tch::{Device, Kind, Reduction, Tensor};
+
+/// Input that does not fit the model, named by tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("input `{name}`: {message}")]
+    Shape { name: &'static str, message: String },
+}
+
+fn bad(name: &'static str, message: String) -> InputError {
+    InputError::Shape { name, message }
+}
+
+struct Layer {
+    xattn: Option<GatedCrossAttention>,
+    decoder: DecoderLayer,
+}
+
+pub struct Otter {
+    pub cfg: OtterConfig,
+    pub params: Params,
+    vision: ClipVision,
+    perceiver: PerceiverResampler,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    /// bf16 autocast on CUDA (`LoadOptions::frozen_kind == BFloat16`).
+    autocast: bool,
+}
+
+impl Otter {
+    /// Loads `dir/config.json` (+ `tokenizer.json` if present) and its safetensors.
+    pub fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Self, ModelError> {
+        let cfg = OtterConfig::from_model_dir(dir)?;
+        let ckpt = MappedCheckpoint::open(dir)?;
+        let params = Params::load(&cfg, &ckpt, opts)?;
+        Ok(Self::new(cfg, params, opts))
+    }
+
+    pub fn new(cfg: OtterConfig, params: Params, opts: LoadOptions) -> Self {
+        let vb = Vb::root(&params);
+        let lm = vb.pp("lang_encoder.model");
+        let layers = (0..cfg.text.num_hidden_layers)
+            .map(|i| {
+                let l = lm.pp(format!("layers.{i}"));
+                Layer {
+                    xattn: cfg.has_xattn(i).then(|| GatedCrossAttention::new(&l.pp("gated_cross_attn_layer"), &cfg.xattn)),
+                    decoder: DecoderLayer::new(&l.pp("decoder_layer"), &cfg.text),
+                }
+            })
+            .collect();
+        Self {
+            vision: ClipVision::new(&vb.pp("vision_encoder.vision_model"), &cfg.vision),
+            perceiver: PerceiverResampler::new(&vb.pp("perceiver"), &cfg.perceiver),
+            embed_tokens: lm.get("embed_tokens.weight"),
+            layers,
+            norm: RmsNorm::new(&lm.pp("norm"), cfg.text.rms_norm_eps),
+            lm_head: vb.get("lang_encoder.lm_head.weight"),
+            autocast: opts.device.is_cuda() && opts.frozen_kind == Kind::BFloat16,
+            cfg,
+            params,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed_tokens.device()
+    }
+
+    /// Checks input shapes and dtypes against the config before any op can panic.
+    pub fn check_inputs(&self, vision_x: &Tensor, input_ids: &Tensor, attention_mask: &Tensor) -> Result<(), InputError> {
+        let v = vision_x.size();
+        let c = &self.cfg.vision;
+        if v.len() != 6 {
+            return Err(bad("vision_x", format!("expected 6 dims (B, T, F, C, H, W), got {v:?}")));
+        }
+        let want = [c.num_channels as i64, c.image_size as i64, c.image_size as i64];
+        if v[3..] != want {
+            return Err(bad("vision_x", format!("expected (C, H, W) = {want:?}, got {:?}", &v[3..])));
+        }
+        if v[1] == 0 || v[2] == 0 {
+            return Err(bad("vision_x", format!("needs at least one image and frame, got {v:?}")));
+        }
+        match self.cfg.max_num_frames {
+            Some(max) if v[2] as usize > max => {
+                return Err(bad("vision_x", format!("{} frames exceed max_num_frames {max}", v[2])))
+            }
+            None if v[2] > 1 => {
+                return Err(bad("vision_x", format!("{} frames given to an image model (no frame_embs)", v[2])))
+            }
+            _ => {}
+        }
+        if !vision_x.is_floating_point() {
+            return Err(bad("vision_x", format!("expected a float tensor, got {:?}", vision_x.kind())));
+        }
+        let ids = input_ids.size();
+        if ids.len() != 2 || ids[0] != v[0] || ids[1] == 0 {
+            return Err(bad("input_ids", format!("expected (B={}, L>0), got {ids:?}", v[0])));
+        }
+        if input_ids.kind() != Kind::Int64 {
+            return Err(bad("input_ids", format!("expected int64, got {:?}", input_ids.kind())));
+        }
+        let (lo, hi) = (input_ids.min().int64_value(&[]), input_ids.max().int64_value(&[]));
+        if lo < 0 || hi >= self.cfg.text.vocab_size as i64 {
+            return Err(bad("input_ids", format!("ids span [{lo}, {hi}], vocabulary is {}", self.cfg.text.vocab_size)));
+        }
+        if attention_mask.size() != ids {
+            return Err(bad("attention_mask", format!("expected shape {ids:?}, got {:?}", attention_mask.size())));
+        }
+        let images = input_ids.eq(self.cfg.tokens.media).sum_dim_intlist(&[1i64][..], false, Kind::Int64).max().int64_value(&[]);
+        if images > v[1] {
+            return Err(bad("input_ids", format!("a sample has {images} <image> tokens but vision_x holds T={} images", v[1])));
+        }
+        Ok(())
+    }
+
+    /// vision_x (B, T, F, C, H, W) -> perceiver latents (B, T, n, D).
+    pub fn encode_media(&self, vision_x: &Tensor) -> Tensor {
+        let s = vision_x.size();
+        let (b, t, f) = (s[0], s[1], s[2]);
+        let feats = tch::no_grad(|| {
+            let pixels = vision_x.to_device(self.device()).reshape([b * t * f, s[3], s[4], s[5]]);
+            self.vision.forward(&pixels) // (B*T*F, v, D)
+        });
+        let fs = feats.size();
+        self.perceiver.forward(&feats.reshape([b, t, f, fs[1], fs[2]]))
+    }
+
+    /// Full forward: logits (B, L, V) in f32. Inputs must pass [`Self::check_inputs`].
+    pub fn forward(&self, vision_x: &Tensor, input_ids: &Tensor, attention_mask: &Tensor) -> Tensor {
+        tch::autocast(self.autocast, || {
+            let media = self.encode_media(vision_x);
+            let ids = input_ids.to_device(self.device());
+            let text_time = ids.eq(self.cfg.tokens.media).cumsum(-1, Kind::Int64);
+            let mut caches: Vec<KvCache> = Vec::new();
+            self.decode(&media, &ids, &attention_mask.to_device(self.device()), &text_time, &mut caches, false)
+        })
+    }
+
+    /// Runs the language model over `ids` (B, L) given media latents (B, T, n, D).
+    /// `key_mask` (B, cached + L) marks real tokens; `text_time` (B, L) is each new
+    /// position's image number. With `use_cache`, `caches` holds one entry per layer and is
+    /// extended by these L positions.
+    pub fn decode(
+        &self,
+        media: &Tensor,
+        ids: &Tensor,
+        key_mask: &Tensor,
+        text_time: &Tensor,
+        caches: &mut Vec<KvCache>,
+        use_cache: bool,
+    ) -> Tensor {
+        let (_, l) = ids.size2().expect("(B, L)");
+        let ms = media.size();
+        let media_flat = media.reshape([ms[0], ms[1] * ms[2], ms[3]]); // (B, T*n, D)
+        let mask = MediaMask::new(text_time, ms[1], ms[2]);
+        if use_cache && caches.is_empty() {
+            caches.resize_with(self.layers.len(), KvCache::default);
+        }
+        let offset = if use_cache { caches[0].len() } else { 0 };
+        let rope = rope_tables(&self.cfg.text, offset, l, self.device());
+        let attn_mask = causal_mask(key_mask, l, offset, Kind::Float);
+        let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(xattn) = &layer.xattn {
+                x = xattn.forward(&x, &media_flat, &mask);
+            }
+            let cache = if use_cache { Some(&mut caches[i]) } else { None };
+            x = layer.decoder.forward(&x, &rope, &attn_mask, cache);
+        }
+        let x = self.norm.forward(&x);
+        x.linear::<&Tensor>(&self.lm_head, None).to_kind(Kind::Float)
+    }
+
+    /// Trainable parameters in name order.
+    pub fn trainable(&self) -> Vec<(&str, &Tensor)> {
+        self.params.trainable()
+    }
+}
+
+/// HF causal-LM loss: logits at position i predict label i+1; mean cross-entropy over
+/// targets that are not -100. (A batch with no target at all gives NaN, as in HF.)
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
+    let (b, l, v) = logits.size3().expect("(B, L, V)");
+    let shift_logits = logits.narrow(1, 0, l - 1).reshape([b * (l - 1), v]).to_kind(Kind::Float);
+    let shift_labels = labels.to_device(logits.device()).narrow(1, 1, l - 1).reshape([b * (l - 1)]);
+    shift_logits.cross_entropy_loss::<Tensor>(&shift_labels, None, Reduction::Mean, -100, 0.0)
+}
+
+/// Errors from building a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] super::config::ConfigError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Input(#[from] InputError),
+}

@@ -1,0 +1,97 @@
+//! Perceiver resampler (Jaegle et al., 2021; Flamingo, Alayrac et al., 2022), as
+//! upstream `OtterPerceiverResampler`: a fixed set of learned latents cross-attends to
+//! each image's (or video's) patch tokens, turning (B, T, F, v, D) into (B, T, n, D).
+//! Trainable. Keys: `perceiver.{latents, frame_embs?, layers.N.*, norm.*}`.
+
+use super::config::PerceiverConfig;
+use super::nn::{FeedForward, LayerNorm, Linear};
+use super::weights::Vb;
+use tch::Tensor;
+
+struct PerceiverBlock {
+    norm_media: LayerNorm,
+    norm_latents: LayerNorm,
+    to_q: Linear,
+    to_kv: Linear,
+    to_out: Linear,
+    feed_forward: FeedForward,
+    heads: i64,
+    dim_head: i64,
+}
+
+impl PerceiverBlock {
+    fn new(vb: &Vb, cfg: &PerceiverConfig) -> Self {
+        Self {
+            norm_media: LayerNorm::new(&vb.pp("norm_media"), 1e-5),
+            norm_latents: LayerNorm::new(&vb.pp("norm_latents"), 1e-5),
+            to_q: Linear::no_bias(&vb.pp("to_q")),
+            to_kv: Linear::no_bias(&vb.pp("to_kv")),
+            to_out: Linear::no_bias(&vb.pp("to_out")),
+            feed_forward: FeedForward::new(&vb.pp("feed_forward")),
+            heads: cfg.heads as i64,
+            dim_head: cfg.dim_head as i64,
+        }
+    }
+
+    /// x (B, T, M, D) media tokens, latents (B, T, n, D) -> latents (B, T, n, D).
+    fn forward(&self, x: &Tensor, latents: &Tensor) -> Tensor {
+        let x = self.norm_media.forward(x);
+        let lat = self.norm_latents.forward(latents);
+        let (h, dh) = (self.heads, self.dim_head);
+        // "b t n (h d) -> b h t n d"
+        let split = |t: Tensor| {
+            let s = t.size();
+            t.view([s[0], s[1], s[2], h, dh]).permute([0, 3, 1, 2, 4])
+        };
+        let q = split(self.to_q.forward(&lat)) * (dh as f64).powf(-0.5);
+        let kv = self.to_kv.forward(&Tensor::cat(&[&x, &lat], -2));
+        let kv = kv.chunk(2, -1);
+        let (k, v) = (split(kv[0].shallow_clone()), split(kv[1].shallow_clone()));
+        let sim = q.matmul(&k.transpose(-2, -1)); // (B, h, T, n, M+n)
+        let sim = &sim - sim.amax([-1], true).detach();
+        let attn = sim.softmax(-1, sim.kind());
+        let out = attn.matmul(&v); // (B, h, T, n, dh)
+        let s = out.size();
+        let out = out.permute([0, 2, 3, 1, 4]).reshape([s[0], s[2], s[3], h * dh]);
+        let latents = self.to_out.forward(&out) + latents;
+        self.feed_forward.forward(&latents) + latents
+    }
+}
+
+pub struct PerceiverResampler {
+    latents: Tensor,
+    frame_embs: Option<Tensor>,
+    layers: Vec<PerceiverBlock>,
+    norm: LayerNorm,
+}
+
+impl PerceiverResampler {
+    /// `vb` points at `perceiver`.
+    pub fn new(vb: &Vb, cfg: &PerceiverConfig) -> Self {
+        Self {
+            latents: vb.get("latents"),
+            frame_embs: vb.contains("frame_embs").then(|| vb.get("frame_embs")),
+            layers: (0..cfg.depth).map(|i| PerceiverBlock::new(&vb.pp(format!("layers.{i}")), cfg)).collect(),
+            norm: LayerNorm::new(&vb.pp("norm"), 1e-5),
+        }
+    }
+
+    /// x (B, T, F, v, D) -> (B, T, n, D).
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let s = x.size();
+        let (b, t, f, v, d) = (s[0], s[1], s[2], s[3], s[4]);
+        let x = match &self.frame_embs {
+            // frame_embs[:F] broadcast over (B, T, ., v, .)
+            Some(fe) => x + fe.narrow(0, 0, f).view([1, 1, f, 1, d]).to_kind(x.kind()),
+            None => x.shallow_clone(),
+        };
+        let x = x.reshape([b, t, f * v, d]); // (B, T, F*v, D)
+        let n = self.latents.size()[0];
+        let mut latents = self.latents.view([1, 1, n, d]).expand([b, t, n, d], false);
+        for block in &self.layers {
+            latents = block.forward(&x, &latents);
+        }
+        self.norm.forward(&latents)
+    }
+}
+

@@ -1,0 +1,222 @@
+//! The checkpoint schema: every parameter of an Otter model by its upstream HF name,
+//! with shape, group and whether it trains. Computed from the config alone (no weights
+//! are allocated), it is what `otter model-info` counts and what strict loading checks
+//! a checkpoint against. The tch modules read exactly these names.
+
+use super::config::OtterConfig;
+use serde::Serialize;
+
+/// Coarse parameter groups, in the order `model-info` prints them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Group {
+    VisionEncoder,
+    Perceiver,
+    CrossAttention,
+    Embeddings,
+    LanguageModel,
+}
+
+impl Group {
+    pub fn name(self) -> &'static str {
+        match self {
+            Group::VisionEncoder => "vision_encoder (CLIP)",
+            Group::Perceiver => "perceiver",
+            Group::CrossAttention => "gated_cross_attn",
+            Group::Embeddings => "embed_tokens + lm_head",
+            Group::LanguageModel => "lang_encoder (LLaMA)",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub group: Group,
+    pub trainable: bool,
+}
+
+impl ParamSpec {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+}
+
+/// Upstream's trainable set (Otter HEAD): perceiver, every gated cross-attention block,
+/// the input embeddings and the output head. Everything else is frozen.
+pub fn is_trainable(name: &str) -> bool {
+    name.starts_with("perceiver.")
+        || name.contains("gated_cross_attn_layer")
+        || name == "lang_encoder.model.embed_tokens.weight"
+        || name == "lang_encoder.lm_head.weight"
+}
+
+fn group_of(name: &str) -> Group {
+    if name.starts_with("vision_encoder.") {
+        Group::VisionEncoder
+    } else if name.starts_with("perceiver.") {
+        Group::Perceiver
+    } else if name.contains("gated_cross_attn_layer") {
+        Group::CrossAttention
+    } else if name == "lang_encoder.model.embed_tokens.weight" || name == "lang_encoder.lm_head.weight" {
+        Group::Embeddings
+    } else {
+        Group::LanguageModel
+    }
+}
+
+/// All parameters of the model described by `cfg`, sorted by name.
+pub fn parameter_specs(cfg: &OtterConfig) -> Vec<ParamSpec> {
+    let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut p = |name: String, shape: &[usize]| out.push((name, shape.to_vec()));
+
+    // CLIP vision transformer (HF CLIPVisionModel).
+    let v = &cfg.vision;
+    let (d, vi) = (v.hidden_size, v.intermediate_size);
+    let e = "vision_encoder.vision_model";
+    p(format!("{e}.embeddings.class_embedding"), &[d]);
+    p(format!("{e}.embeddings.patch_embedding.weight"), &[d, v.num_channels, v.patch_size, v.patch_size]);
+    p(format!("{e}.embeddings.position_embedding.weight"), &[v.num_patches() + 1, d]);
+    p(format!("{e}.pre_layrnorm.weight"), &[d]);
+    p(format!("{e}.pre_layrnorm.bias"), &[d]);
+    for i in 0..v.num_hidden_layers {
+        let l = format!("{e}.encoder.layers.{i}");
+        for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            p(format!("{l}.self_attn.{proj}.weight"), &[d, d]);
+            p(format!("{l}.self_attn.{proj}.bias"), &[d]);
+        }
+        for ln in ["layer_norm1", "layer_norm2"] {
+            p(format!("{l}.{ln}.weight"), &[d]);
+            p(format!("{l}.{ln}.bias"), &[d]);
+        }
+        p(format!("{l}.mlp.fc1.weight"), &[vi, d]);
+        p(format!("{l}.mlp.fc1.bias"), &[vi]);
+        p(format!("{l}.mlp.fc2.weight"), &[d, vi]);
+        p(format!("{l}.mlp.fc2.bias"), &[d]);
+    }
+    // Present in every CLIP checkpoint; Otter does not apply it (last_hidden_state is
+    // taken before it), but strict loading still expects it.
+    p(format!("{e}.post_layernorm.weight"), &[d]);
+    p(format!("{e}.post_layernorm.bias"), &[d]);
+
+    // Perceiver resampler.
+    let pc = &cfg.perceiver;
+    let inner = pc.dim_head * pc.heads;
+    p("perceiver.latents".into(), &[pc.num_latents, d]);
+    if let Some(f) = cfg.max_num_frames {
+        p("perceiver.frame_embs".into(), &[f, d]);
+    }
+    for i in 0..pc.depth {
+        let l = format!("perceiver.layers.{i}");
+        for ln in ["norm_media", "norm_latents"] {
+            p(format!("{l}.{ln}.weight"), &[d]);
+            p(format!("{l}.{ln}.bias"), &[d]);
+        }
+        p(format!("{l}.to_q.weight"), &[inner, d]);
+        p(format!("{l}.to_kv.weight"), &[2 * inner, d]);
+        p(format!("{l}.to_out.weight"), &[d, inner]);
+        p(format!("{l}.feed_forward.0.weight"), &[d]);
+        p(format!("{l}.feed_forward.0.bias"), &[d]);
+        p(format!("{l}.feed_forward.1.weight"), &[d * pc.ff_mult, d]);
+        p(format!("{l}.feed_forward.3.weight"), &[d, d * pc.ff_mult]);
+    }
+    p("perceiver.norm.weight".into(), &[d]);
+    p("perceiver.norm.bias".into(), &[d]);
+
+    // LLaMA with gated cross-attention blocks.
+    let t = &cfg.text;
+    let h = t.hidden_size;
+    let (q_dim, kv_dim) = (t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim);
+    let x = &cfg.xattn;
+    let x_inner = x.dim_head * x.heads;
+    p("lang_encoder.model.embed_tokens.weight".into(), &[t.vocab_size, h]);
+    for i in 0..t.num_hidden_layers {
+        let l = format!("lang_encoder.model.layers.{i}");
+        if cfg.has_xattn(i) {
+            let g = format!("{l}.gated_cross_attn_layer");
+            p(format!("{g}.attn.norm.weight"), &[h]);
+            p(format!("{g}.attn.norm.bias"), &[h]);
+            p(format!("{g}.attn.to_q.weight"), &[x_inner, h]);
+            p(format!("{g}.attn.to_kv.weight"), &[2 * x_inner, d]);
+            p(format!("{g}.attn.to_out.weight"), &[h, x_inner]);
+            p(format!("{g}.attn_gate"), &[1]);
+            p(format!("{g}.feed_forward.0.weight"), &[h]);
+            p(format!("{g}.feed_forward.0.bias"), &[h]);
+            p(format!("{g}.feed_forward.1.weight"), &[h * x.ff_mult, h]);
+            p(format!("{g}.feed_forward.3.weight"), &[h, h * x.ff_mult]);
+            p(format!("{g}.ff_gate"), &[1]);
+        }
+        let dl = format!("{l}.decoder_layer");
+        p(format!("{dl}.self_attn.q_proj.weight"), &[q_dim, h]);
+        p(format!("{dl}.self_attn.k_proj.weight"), &[kv_dim, h]);
+        p(format!("{dl}.self_attn.v_proj.weight"), &[kv_dim, h]);
+        p(format!("{dl}.self_attn.o_proj.weight"), &[h, q_dim]);
+        p(format!("{dl}.mlp.gate_proj.weight"), &[t.intermediate_size, h]);
+        p(format!("{dl}.mlp.up_proj.weight"), &[t.intermediate_size, h]);
+        p(format!("{dl}.mlp.down_proj.weight"), &[h, t.intermediate_size]);
+        p(format!("{dl}.input_layernorm.weight"), &[h]);
+        p(format!("{dl}.post_attention_layernorm.weight"), &[h]);
+    }
+    p("lang_encoder.model.norm.weight".into(), &[h]);
+    p("lang_encoder.lm_head.weight".into(), &[t.vocab_size, h]);
+
+    let mut specs: Vec<ParamSpec> = out
+        .into_iter()
+        .map(|(name, shape)| ParamSpec { group: group_of(&name), trainable: is_trainable(&name), name, shape })
+        .collect();
+    specs.sort_by(|a, b| a.name.cmp(&b.name));
+    specs
+}
+
+/// Parameter counts per group, as `otter model-info` reports them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ParamCounts {
+    pub total: u64,
+    pub trainable: u64,
+    /// (group, total, trainable) in [`Group`] order.
+    pub groups: Vec<(Group, u64, u64)>,
+}
+
+pub fn count(specs: &[ParamSpec]) -> ParamCounts {
+    let mut by: std::collections::BTreeMap<Group, (u64, u64)> = Default::default();
+    let mut c = ParamCounts::default();
+    for s in specs {
+        let n = s.numel();
+        let e = by.entry(s.group).or_default();
+        e.0 += n;
+        c.total += n;
+        if s.trainable {
+            e.1 += n;
+            c.trainable += n;
+        }
+    }
+    c.groups = by.into_iter().map(|(g, (t, tr))| (g, t, tr)).collect();
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn otter_llama7b_counts_match_upstream() {
+        let c = count(&parameter_specs(&OtterConfig::otter_llama7b()));
+        assert_eq!(c.trainable, 1_441_011_728);
+        let g = |grp: Group| c.groups.iter().find(|x| x.0 == grp).unwrap().2;
+        assert_eq!(g(Group::Perceiver), 63_019_008);
+        assert_eq!(g(Group::CrossAttention), 8 * 139_476_994);
+        assert_eq!(g(Group::Embeddings), 2 * 131_088_384);
+        assert_eq!(g(Group::VisionEncoder) + g(Group::LanguageModel), 0);
+        assert!((8_100_000_000..8_300_000_000).contains(&c.total), "{}", c.total);
+    }
+
+    #[test]
+    fn trainable_set_is_upstreams() {
+        assert!(is_trainable("perceiver.latents"));
+        assert!(is_trainable("lang_encoder.model.layers.3.gated_cross_attn_layer.attn_gate"));
+        assert!(is_trainable("lang_encoder.lm_head.weight"));
+        assert!(!is_trainable("lang_encoder.model.layers.3.decoder_layer.self_attn.q_proj.weight"));
+        assert!(!is_trainable("lang_encoder.model.norm.weight"));
+        assert!(!is_trainable("vision_encoder.vision_model.post_layernorm.weight"));
+    }
+}

@@ -1,0 +1,347 @@
+//! Strict loading of HF safetensors checkpoints (one file, or sharded with
+//! `model.safetensors.index.json`).
+//!
+//! Files are memory-mapped. Frozen weights that need no conversion become tensors over
+//! the mapped pages themselves (`Tensor::from_blob`): no host copy, and processes on one
+//! node share the page cache. Trainable weights are always copied into owned f32 master
+//! tensors with `requires_grad`. Loading checks every key against
+//! [`parameter_specs`](super::spec::parameter_specs) and reports *all* missing,
+//! unexpected and mis-shaped keys at once before failing.
+
+use super::config::OtterConfig;
+use super::spec::{parameter_specs, ParamSpec};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid safetensors file: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Index { path: PathBuf, message: String },
+    #[error("{0}")]
+    Mismatch(KeyMismatch),
+    #[error("{path}: tensor `{name}` has dtype {dtype:?}; only floating-point weights are supported")]
+    Dtype { path: PathBuf, name: String, dtype: Dtype },
+    #[error("torch error while loading `{name}`: {source}")]
+    Torch { name: String, source: tch::TchError },
+}
+
+/// Every way a checkpoint's keys disagree with the model's schema.
+#[derive(Debug, Default, Clone)]
+pub struct KeyMismatch {
+    pub origin: String,
+    pub missing: Vec<String>,
+    pub unexpected: Vec<String>,
+    /// (name, expected shape, shape in the checkpoint)
+    pub misshaped: Vec<(String, Vec<usize>, Vec<usize>)>,
+}
+
+impl KeyMismatch {
+    pub fn is_empty(&self) -> bool {
+        self.missing.is_empty() && self.unexpected.is_empty() && self.misshaped.is_empty()
+    }
+}
+
+impl fmt::Display for KeyMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: checkpoint does not match the model config ({} missing, {} unexpected, {} mis-shaped)",
+            self.origin,
+            self.missing.len(),
+            self.unexpected.len(),
+            self.misshaped.len()
+        )?;
+        for k in &self.missing {
+            writeln!(f, "  missing key: {k}")?;
+        }
+        for k in &self.unexpected {
+            writeln!(f, "  unexpected key: {k}")?;
+        }
+        for (k, want, got) in &self.misshaped {
+            writeln!(f, "  mis-shaped key: {k}: expected {want:?}, checkpoint has {got:?}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a named tensor lives in the mapped files.
+#[derive(Debug, Clone)]
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range inside the mapped file.
+    start: usize,
+    end: usize,
+}
+
+/// Memory-mapped safetensors files with an index of their tensors.
+pub struct MappedCheckpoint {
+    paths: Vec<PathBuf>,
+    maps: Vec<Arc<Mmap>>,
+    entries: BTreeMap<String, Entry>,
+}
+
+impl MappedCheckpoint {
+    /// Opens a model directory (`model.safetensors.index.json` or `model.safetensors`)
+    /// or a single `.safetensors` file.
+    pub fn open(path: &Path) -> Result<Self, LoadError> {
+        let files = if path.is_dir() {
+            let index = path.join("model.safetensors.index.json");
+            if index.exists() {
+                read_index(&index)?.into_iter().map(|f| path.join(f)).collect()
+            } else {
+                vec![path.join("model.safetensors")]
+            }
+        } else {
+            vec![path.to_path_buf()]
+        };
+        Self::open_files(&files)
+    }
+
+    pub fn open_files(files: &[PathBuf]) -> Result<Self, LoadError> {
+        let mut maps = Vec::new();
+        let mut entries = BTreeMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let io = |source| LoadError::Io { path: path.clone(), source };
+            let file = std::fs::File::open(path).map_err(io)?;
+            // SAFETY: checkpoints are treated as immutable while training runs; the map is
+            // read-only, so a writer elsewhere is the only hazard, as with any mmap.
+            let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+            let st = SafeTensors::deserialize(&map)
+                .map_err(|e| LoadError::Format { path: path.clone(), message: e.to_string() })?;
+            let base = map.as_ptr() as usize;
+            for (name, view) in st.tensors() {
+                let start = view.data().as_ptr() as usize - base;
+                let entry = Entry {
+                    file: i,
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    start,
+                    end: start + view.data().len(),
+                };
+                if entries.insert(name.clone(), entry).is_some() {
+                    return Err(LoadError::Format {
+                        path: path.clone(),
+                        message: format!("tensor `{name}` appears in more than one file"),
+                    });
+                }
+            }
+            maps.push(Arc::new(map));
+        }
+        Ok(Self { paths: files.to_vec(), maps, entries })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// Compares the checkpoint's keys and shapes with `specs`.
+    pub fn check(&self, specs: &[ParamSpec]) -> KeyMismatch {
+        let mut m = KeyMismatch {
+            origin: self.paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            ..Default::default()
+        };
+        let wanted: HashMap<&str, &ParamSpec> = specs.iter().map(|s| (s.name.as_str(), s)).collect();
+        for s in specs {
+            match self.entries.get(&s.name) {
+                None => m.missing.push(s.name.clone()),
+                Some(e) if e.shape != s.shape => m.misshaped.push((s.name.clone(), s.shape.clone(), e.shape.clone())),
+                Some(_) => {}
+            }
+        }
+        for name in self.entries.keys() {
+            if !wanted.contains_key(name.as_str()) {
+                m.unexpected.push(name.clone());
+            }
+        }
+        m
+    }
+
+    /// The tensor `name` as stored, as a CPU tensor viewing the mapped bytes (no copy).
+    /// The returned tensor must not outlive `self` (the model keeps the maps alive) and
+    /// must never be written to (the pages are read-only).
+    fn view(&self, name: &str) -> Result<Tensor, LoadError> {
+        let e = &self.entries[name];
+        let kind = kind_of(e.dtype).ok_or_else(|| LoadError::Dtype {
+            path: self.paths[e.file].clone(),
+            name: name.to_string(),
+            dtype: e.dtype,
+        })?;
+        let bytes = &self.maps[e.file][e.start..e.end];
+        let shape: Vec<i64> = e.shape.iter().map(|&d| d as i64).collect();
+        if (bytes.as_ptr() as usize) % kind.elt_size_in_bytes() == 0 {
+            // SAFETY: the bytes are a valid, aligned tensor of this kind and shape (checked
+            // by the safetensors parser), and the map outlives every tensor over it.
+            let t = unsafe { Tensor::f_from_blob(bytes.as_ptr(), &shape, &[], kind, Device::Cpu) };
+            t.map_err(|source| LoadError::Torch { name: name.to_string(), source })
+        } else {
+            Tensor::f_from_data_size(bytes, &shape, kind)
+                .map_err(|source| LoadError::Torch { name: name.to_string(), source })
+        }
+    }
+}
+
+fn read_index(path: &Path) -> Result<Vec<String>, LoadError> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
+    let index: Index = serde_json::from_str(&text)
+        .map_err(|e| LoadError::Index { path: path.to_path_buf(), message: e.to_string() })?;
+    let mut files: Vec<String> = index.weight_map.into_values().collect();
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err(LoadError::Index { path: path.to_path_buf(), message: "weight_map is empty".into() });
+    }
+    Ok(files)
+}
+
+fn kind_of(d: Dtype) -> Option<Kind> {
+    Some(match d {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        _ => return None,
+    })
+}
+
+/// Where and in which precision to hold the weights.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Precision of frozen weights (f32 on CPU; bf16 halves GPU memory). Trainable
+    /// master weights are always f32.
+    pub frozen_kind: Kind,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, frozen_kind: Kind::Float }
+    }
+}
+
+/// The model's parameters by name, plus the maps that frozen tensors may view.
+pub struct Params {
+    pub tensors: BTreeMap<String, Tensor>,
+    pub trainable: BTreeMap<String, bool>,
+    /// Keeps the mmaps alive for zero-copy frozen tensors.
+    _maps: Vec<Arc<Mmap>>,
+}
+
+impl Params {
+    /// Strictly loads every parameter of `cfg` from `ckpt`.
+    pub fn load(cfg: &OtterConfig, ckpt: &MappedCheckpoint, opts: LoadOptions) -> Result<Self, LoadError> {
+        let specs = parameter_specs(cfg);
+        let mismatch = ckpt.check(&specs);
+        if !mismatch.is_empty() {
+            return Err(LoadError::Mismatch(mismatch));
+        }
+        let mut tensors = BTreeMap::new();
+        let mut trainable = BTreeMap::new();
+        for s in &specs {
+            let torch = |source| LoadError::Torch { name: s.name.clone(), source };
+            let view = ckpt.view(&s.name)?;
+            let t = if s.trainable {
+                // Owned f32 master copy, on the target device.
+                let t = view.f_to_device(opts.device).map_err(torch)?.f_to_kind(Kind::Float).map_err(torch)?;
+                let t = if t.data_ptr() == view.data_ptr() { t.copy() } else { t };
+                t.set_requires_grad(true)
+            } else if opts.device == Device::Cpu && view.kind() == opts.frozen_kind {
+                view // zero-copy over the mapped file
+            } else {
+                view.f_to_device(opts.device).map_err(torch)?.f_to_kind(opts.frozen_kind).map_err(torch)?
+            };
+            trainable.insert(s.name.clone(), s.trainable);
+            tensors.insert(s.name.clone(), t);
+        }
+        Ok(Self { tensors, trainable, _maps: ckpt.maps.clone() })
+    }
+
+    /// Randomly initialised parameters (upstream-like init: normal(0, 0.02) weights,
+    /// unit norms, zero biases and gates), for synthetic models in tests and benchmarks.
+    pub fn random(cfg: &OtterConfig, seed: i64, opts: LoadOptions) -> Self {
+        tch::manual_seed(seed);
+        let mut tensors = BTreeMap::new();
+        let mut trainable = BTreeMap::new();
+        for s in parameter_specs(cfg) {
+            let shape: Vec<i64> = s.shape.iter().map(|&d| d as i64).collect();
+            let kind = if s.trainable { Kind::Float } else { opts.frozen_kind };
+            let opt = (kind, opts.device);
+            let leaf = s.name.rsplit('.').next().unwrap_or("");
+            let is_norm = s.name.contains("norm") || s.name.contains("feed_forward.0.") || s.name.contains("layer_norm");
+            let t = if leaf == "bias" || leaf == "attn_gate" || leaf == "ff_gate" {
+                Tensor::zeros(&shape, opt)
+            } else if is_norm && leaf == "weight" {
+                Tensor::ones(&shape, opt)
+            } else {
+                Tensor::randn(&shape, opt) * 0.02
+            };
+            let t = if s.trainable { t.set_requires_grad(true) } else { t };
+            trainable.insert(s.name.clone(), s.trainable);
+            tensors.insert(s.name, t);
+        }
+        Self { tensors, trainable, _maps: Vec::new() }
+    }
+
+    pub fn get(&self, name: &str) -> Tensor {
+        // Keys were checked against the schema when `Params` was built, and modules ask
+        // only for schema keys: a miss here is a bug in this crate, not bad input.
+        self.tensors.get(name).unwrap_or_else(|| panic!("parameter `{name}` not in schema")).shallow_clone()
+    }
+
+    /// Trainable parameters in name order (the order every rank agrees on).
+    pub fn trainable(&self) -> Vec<(&str, &Tensor)> {
+        self.tensors.iter().filter(|(n, _)| self.trainable[*n]).map(|(n, t)| (n.as_str(), t)).collect()
+    }
+}
+
+/// A view of [`Params`] under a name prefix (candle's `VarBuilder::pp`).
+#[derive(Clone)]
+pub struct Vb<'a> {
+    params: &'a Params,
+    prefix: String,
+}
+
+impl<'a> Vb<'a> {
+    pub fn root(params: &'a Params) -> Self {
+        Self { params, prefix: String::new() }
+    }
+
+    /// The full checkpoint key of `name` under this prefix.
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Tensor {
+        self.params.get(&self.key(name))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.params.tensors.contains_key(&self.key(name))
+    }
+
+    pub fn pp(&self, path: impl fmt::Display) -> Vb<'a> {
+        Vb { params: self.params, prefix: self.key(&path.to_string()) }
+    }
+}

@@ -1,0 +1,134 @@
+//! Run configuration (`configs/*.yaml`): one typed tree, validated once at load, every
+//! error naming the file and the field. Sections grow with the system (data, train,
+//! comm, ckpt, coord, telemetry); each component receives only its own section.
+
+use crate::model::config::{ConfigError, OtterConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelSection,
+}
+
+/// Which model to build: exactly one of a built-in preset or an HF model directory.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// `tiny` or `otter_llama7b` (architecture only: weights are random unless `dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    /// Directory with `config.json`, safetensors weights and optionally `tokenizer.json`.
+    /// Relative paths are relative to the YAML file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+}
+
+/// A model source after validation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    Preset(String),
+    Dir(PathBuf),
+}
+
+impl ModelSource {
+    pub fn config(&self) -> Result<OtterConfig, ConfigError> {
+        match self {
+            ModelSource::Preset(name) => OtterConfig::preset(name),
+            ModelSource::Dir(dir) => OtterConfig::from_model_dir(dir),
+        }
+    }
+
+    /// Interprets a command-line `--config` value: a run YAML, a model directory, an HF
+    /// `config.json`, or a preset name.
+    pub fn from_arg(arg: &str) -> Result<Self, ConfigError> {
+        let path = Path::new(arg);
+        if path.is_dir() {
+            return Ok(ModelSource::Dir(path.to_path_buf()));
+        }
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("yaml" | "yml") => RunConfig::from_file(path)?.model_source(path),
+            Some("json") => Ok(ModelSource::Dir(path.parent().unwrap_or(Path::new(".")).to_path_buf())),
+            _ if path.exists() => Err(ConfigError::Invalid {
+                origin: arg.to_string(),
+                field: "--config".into(),
+                message: "expected a .yaml run config, a model directory, a config.json or a preset name".into(),
+            }),
+            _ => OtterConfig::preset(arg).map(|_| ModelSource::Preset(arg.to_string())),
+        }
+    }
+}
+
+impl RunConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+        let de = serde_yaml_ng::Deserializer::from_str(&text);
+        let cfg: RunConfig = serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            field: e.path().to_string(),
+            message: e.inner().to_string(),
+        })?;
+        cfg.model_source(path)?;
+        Ok(cfg)
+    }
+
+    /// Validates the `model` section; relative dirs are taken from `yaml_path`'s folder.
+    pub fn model_source(&self, yaml_path: &Path) -> Result<ModelSource, ConfigError> {
+        let invalid = |message: &str| ConfigError::Invalid {
+            origin: yaml_path.display().to_string(),
+            field: "model".into(),
+            message: message.into(),
+        };
+        match (&self.model.preset, &self.model.dir) {
+            (Some(p), None) => {
+                OtterConfig::preset(p).map_err(|e| ConfigError::Invalid {
+                    origin: yaml_path.display().to_string(),
+                    field: "model.preset".into(),
+                    message: e.to_string(),
+                })?;
+                Ok(ModelSource::Preset(p.clone()))
+            }
+            (None, Some(d)) => {
+                let base = yaml_path.parent().unwrap_or(Path::new("."));
+                Ok(ModelSource::Dir(if d.is_absolute() { d.clone() } else { base.join(d) }))
+            }
+            (Some(_), Some(_)) => Err(invalid("give either `preset` or `dir`, not both")),
+            (None, None) => Err(invalid("give `preset` (tiny, otter_llama7b) or `dir`")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("run.yaml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn preset_and_relative_dir_resolve() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), "model:\n  preset: tiny\n");
+        assert_eq!(ModelSource::from_arg(p.to_str().unwrap()).unwrap(), ModelSource::Preset("tiny".into()));
+        let p = write(d.path(), "model:\n  dir: weights/tiny\n");
+        assert_eq!(ModelSource::from_arg(p.to_str().unwrap()).unwrap(), ModelSource::Dir(d.path().join("weights/tiny")));
+    }
+
+    #[test]
+    fn bad_yaml_names_the_field() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), "model:\n  preset: tiny\n  layers: 3\n");
+        let e = RunConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("model") && e.contains("layers"), "{e}");
+        let p = write(d.path(), "model:\n  preset: huge\n");
+        let e = RunConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("model.preset") && e.contains("huge"), "{e}");
+        let p = write(d.path(), "model: {}\n");
+        assert!(RunConfig::from_file(&p).unwrap_err().to_string().contains("`model`"));
+    }
+}
