@@ -88,8 +88,15 @@ impl ClipVision {
         let p = self.cfg.patch_size as i64;
         let w = &self.patch_embedding;
         let pixels = pixels.to_kind(w.kind());
-        let patches = pixels.conv2d::<&Tensor>(w, None, [p, p], [0, 0], [1, 1], 1); // (N, D, g, g)
-        let patches = patches.flatten(2, -1).transpose(1, 2); // (N, P, D)
+        // The stride-p convolution written as a matmul over non-overlapping patches: same
+        // sums, but no cuDNN (which would use TF32 on Ampere+ by default and miss parity).
+        let (c, hgt, wid) = (s_(&pixels, 1), s_(&pixels, 2), s_(&pixels, 3));
+        let (gh, gw) = (hgt / p, wid / p);
+        let patches = pixels
+            .view([n, c, gh, p, gw, p])
+            .permute([0, 2, 4, 1, 3, 5]) // (N, gh, gw, C, p, p)
+            .reshape([n, gh * gw, c * p * p]);
+        let patches = patches.matmul(&w.view([-1, c * p * p]).transpose(0, 1)); // (N, P, D)
         let d = patches.size()[2];
         let cls = self.class_embedding.to_kind(patches.kind()).view([1, 1, d]).expand([n, 1, d], false);
         let x = Tensor::cat(&[cls, patches], 1) + &self.position_embedding; // (N, P+1, D)
@@ -99,4 +106,8 @@ impl ClipVision {
         }
         x.narrow(1, 1, x.size()[1] - 1) // drop CLS; no post_layernorm
     }
+}
+
+fn s_(t: &Tensor, dim: usize) -> i64 {
+    t.size()[dim]
 }

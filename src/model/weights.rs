@@ -300,6 +300,22 @@ impl Params {
         Self { tensors, trainable, _maps: Vec::new() }
     }
 
+    /// Bytes of parameters whose storage is the memory-mapped checkpoint itself
+    /// (zero-copy frozen weights).
+    pub fn mapped_bytes(&self) -> u64 {
+        let ranges: Vec<(usize, usize)> =
+            self._maps.iter().map(|m| (m.as_ptr() as usize, m.as_ptr() as usize + m.len())).collect();
+        self.tensors
+            .values()
+            .filter(|t| t.device() == Device::Cpu)
+            .filter(|t| {
+                let p = t.data_ptr() as usize;
+                ranges.iter().any(|&(lo, hi)| p >= lo && p < hi)
+            })
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum()
+    }
+
     pub fn get(&self, name: &str) -> Tensor {
         // Keys were checked against the schema when `Params` was built, and modules ask
         // only for schema keys: a miss here is a bug in this crate, not bad input.

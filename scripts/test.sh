@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: set-up (idempotent), then every test.
+# GPU checks live in scripts/gpu-check.sh; benchmarks have their own commands.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh
+# Control-plane code (config, schema; later the coordinator) must build without libtorch.
+cargo build --quiet --no-default-features --lib
+cargo test "$@"

@@ -1,0 +1,40 @@
+//! Shared helpers for integration tests: fixture paths and tolerance checks.
+//! Fixtures are copies of the upstream reference numbers (see tests/fixtures/PROVENANCE.md).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use tch::Tensor;
+
+/// `tests/fixtures` of this checkout; falls back to the working directory's copy when the
+/// test binary was built elsewhere (prebuilt GPU checks, see scripts/gpu-check.sh).
+pub fn fixtures() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from("tests/fixtures")
+    }
+}
+
+pub fn tiny_model() -> PathBuf {
+    fixtures().join("tiny_otter")
+}
+
+pub fn otter_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_otter"))
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shape mismatch");
+    (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double)).abs().max().double_value(&[])
+}
+
+pub fn max_abs(a: &Tensor) -> f64 {
+    a.abs().max().to_kind(tch::Kind::Double).double_value(&[])
+}
+
+/// Runs the `otter` binary; returns (success, stdout, stderr).
+pub fn run_otter(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(otter_bin()).args(args).output().expect("spawn otter");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
