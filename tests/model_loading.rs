@@ -112,3 +112,18 @@ fn model_info_prints_upstream_7b_counts() {
     assert_eq!(v["trainable"].as_i64().unwrap(), trainable);
     assert_eq!(v["total"].as_i64().unwrap(), file.tensors.values().map(|t| t.numel() as i64).sum::<i64>());
 }
+
+#[test]
+fn binaries_keep_libtorch_cuda_linked_when_libtorch_has_it() {
+    // Nothing references libtorch_cuda's symbols, so `--as-needed` would drop it and CUDA
+    // would silently be unavailable (build.rs forces it in). Checked on the otter binary.
+    let out = std::process::Command::new("ldd").arg(otter_bin()).output().expect("ldd");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cpu = text.lines().find(|l| l.contains("libtorch_cpu.so")).expect("links libtorch_cpu");
+    let path = cpu.split("=>").nth(1).unwrap().split_whitespace().next().unwrap();
+    let dir = std::path::Path::new(path).parent().unwrap();
+    if dir.join("libtorch_cuda.so").exists() {
+        assert!(text.contains("libtorch_cuda.so"), "otter does not link libtorch_cuda:\n{text}");
+    }
+    assert!(!text.contains("not found"), "unresolved libraries without LD_LIBRARY_PATH:\n{text}");
+}

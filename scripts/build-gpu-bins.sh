@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Builds the GPU test binaries for a machine that has a GPU and a PyTorch install but no
+# Rust toolchain or network: links them against the *target's* torch version (from PyPI,
+# cached in its own venv) and strips them. Run there with
+#   LD_LIBRARY_PATH=<its site-packages>/torch/lib OTTER_GPU_BINS=DIR scripts/gpu-check.sh
+#
+#   scripts/build-gpu-bins.sh 2.11.0 .gpu-bins
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+version="${1:?torch version of the target machine}"
+out="${2:?output dir}"
+CACHE="${OTTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/otter}"
+venv="$CACHE/venv-torch-$version"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "torch==$version"
+fi
+site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+# Each tch release binds exactly one libtorch version: build a scratch copy of the tree
+# with the tch matching the target's torch.
+case "$version" in
+  2.13.*) tch=0.26.0 ;;
+  2.12.*) tch=0.25.0 ;;
+  2.11.*) tch=0.24.0 ;;
+  2.10.*) tch=0.23.0 ;;
+  *) echo "no known tch release for torch $version" >&2; exit 2 ;;
+esac
+src="$CACHE/src-torch-$version"
+mkdir -p "$src"
+tar --exclude=./target --exclude=./.git --exclude=./.gpu-bins -cf - . | tar -xf - -C "$src"
+sed -i -E "s/^(tch|torch-sys) = \{ version = \"=[0-9.]+\"/\1 = { version = \"=$tch\"/" "$src/Cargo.toml"
+rm -f "$src/Cargo.lock"
+cd "$src"
+export LIBTORCH="$site/torch" CARGO_TARGET_DIR="$CACHE/target-torch-$version"
+export CARGO_PROFILE_DEV_DEBUG=0
+mkdir -p "$CARGO_TARGET_DIR"
+cargo test --no-run --test gpu --message-format=json \
+  | python3 -c 'import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="gpu": print(m["executable"])' \
+  > "$CARGO_TARGET_DIR/gpu-bins.txt"
+cd - >/dev/null
+mkdir -p "$out"
+while read -r exe; do
+  cp "$exe" "$out/"
+  strip "$out/$(basename "$exe")"
+done < "$CARGO_TARGET_DIR/gpu-bins.txt"
+ls -la "$out"
