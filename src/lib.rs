@@ -2,12 +2,14 @@
 //!
 //! * [`model`]: the Otter model (config and parameter schema always; tch modules with
 //!   the `torch` feature).
+//! * [`data`]: the MIMIC-IT data pipeline (no libtorch).
 //! * [`run_config`]: YAML run configs (`configs/*.yaml`).
 //! * [`cmd`]: the `otter` subcommands (with `torch`).
 //! * [`tensors`]: reading/writing named-tensor files (safetensors) for commands and tests.
 //!
 //! See `ARCHITECTURE.md` for the code map and invariants.
 
+pub mod data;
 pub mod model;
 pub mod run_config;
 

@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     pub model: ModelSection,
+    /// MIMIC-IT data (see `data::DataConfig`); paths relative to the YAML file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<crate::data::DataConfig>,
 }
 
 /// Which model to build: exactly one of a built-in preset or an HF model directory.
@@ -70,7 +73,16 @@ impl RunConfig {
             field: e.path().to_string(),
             message: e.inner().to_string(),
         })?;
+        let mut cfg = cfg;
         cfg.model_source(path)?;
+        if let Some(data) = &mut cfg.data {
+            let base = path.parent().unwrap_or(Path::new("."));
+            data.validate(base).map_err(|(field, message)| ConfigError::Invalid {
+                origin: path.display().to_string(),
+                field,
+                message,
+            })?;
+        }
         Ok(cfg)
     }
 

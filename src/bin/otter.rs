@@ -1,4 +1,4 @@
-//! `otter`: the single-machine tool (model info, eval; training and data tools follow).
+//! `otter`: the single-machine tool (model info, eval, data tools; training follows).
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -43,6 +43,52 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// MIMIC-IT data tools.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write a synthetic dataset in the MIMIC-IT layout.
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        samples: usize,
+        /// json (id -> base64 object) or parquet (index id, column base64).
+        #[arg(long, default_value = "json")]
+        images_format: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Side of the (noise) images in pixels.
+        #[arg(long, default_value_t = 64)]
+        image_px: usize,
+        /// Also write OUT/data.yaml using this tokenizer.json.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
+    /// Check a run config's datasets: counts, missing images, bad base64, token lengths.
+    Validate {
+        /// A run YAML with a `data:` section.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Write the samples of one dataset as tensors (<id>.input_ids, .labels, .vision_x).
+    Dump {
+        #[arg(long)]
+        instructions: PathBuf,
+        #[arg(long)]
+        images: PathBuf,
+        #[arg(long)]
+        train_config: PathBuf,
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long, default_value_t = 224)]
+        image_size: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -60,5 +106,21 @@ fn main() -> Result<()> {
             device: cmd::parse_device(&device)?,
             dtype: cmd::parse_dtype(&dtype)?,
         }),
+        Command::Data(d) => match d {
+            DataCommand::Synth { out, samples, images_format, seed, image_px, tokenizer } => {
+                cmd::data::run_synth(&out, samples, &images_format, seed, image_px, tokenizer.as_deref())
+            }
+            DataCommand::Validate { config } => cmd::data::run_validate(&config),
+            DataCommand::Dump { instructions, images, train_config, tokenizer, image_size, out } => {
+                cmd::data::run_dump(cmd::data::DumpArgs {
+                    instructions: &instructions,
+                    images: &images,
+                    train_config: &train_config,
+                    tokenizer: &tokenizer,
+                    image_size,
+                    out: &out,
+                })
+            }
+        },
     }
 }

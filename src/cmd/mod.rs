@@ -1,5 +1,6 @@
 //! `otter` subcommands. Each takes its parsed arguments and returns `anyhow::Result`.
 
+pub mod data;
 pub mod eval;
 pub mod model_info;
 

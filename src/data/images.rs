@@ -1,0 +1,454 @@
+//! Image stores: id -> encoded image bytes, looked up lazily.
+//!
+//! MIMIC-IT ships images as a JSON object `{id: base64}` (several GB) or, in newer
+//! releases, as parquet (index = id, column `base64`). Upstream `json.load`s the whole
+//! file, which is where users' host-RAM blow-ups come from. Here opening a store only
+//! builds an index (byte range per id for JSON, row group + row for parquet); an image is
+//! read and base64-decoded when asked for.
+
+use base64::Engine;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageStoreError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: malformed image file at byte {offset}: {message}")]
+    Malformed { path: PathBuf, offset: u64, message: String },
+    #[error("{path}: {message}")]
+    Parquet { path: PathBuf, message: String },
+    #[error("{path}: image id `{id}` not found")]
+    Missing { path: PathBuf, id: String },
+    #[error("{path}: image `{id}`: bad base64: {message}")]
+    Base64 { path: PathBuf, id: String, message: String },
+}
+
+/// A lazily read collection of encoded images.
+pub trait ImageStore: Send + Sync {
+    /// Where the images live (for error messages).
+    fn path(&self) -> &Path;
+    fn contains(&self, id: &str) -> bool;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The raw base64 text of `id`.
+    fn base64(&self, id: &str) -> Result<Vec<u8>, ImageStoreError>;
+    /// The decoded (PNG/JPEG) bytes of `id`.
+    fn get(&self, id: &str) -> Result<Vec<u8>, ImageStoreError> {
+        let text = self.base64(id)?;
+        decode_base64(&text).map_err(|message| ImageStoreError::Base64 {
+            path: self.path().to_path_buf(),
+            id: id.to_string(),
+            message,
+        })
+    }
+}
+
+/// Decodes base64 in either the standard or the URL-safe alphabet, padded or not,
+/// ignoring ASCII whitespace (as Python's lenient decoders do).
+pub fn decode_base64(text: &[u8]) -> Result<Vec<u8>, String> {
+    use base64::engine::{general_purpose::GeneralPurpose, DecodePaddingMode, GeneralPurposeConfig};
+    const ENGINE: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let mut norm = Vec::with_capacity(text.len());
+    for &b in text {
+        match b {
+            b'-' => norm.push(b'+'),
+            b'_' => norm.push(b'/'),
+            b' ' | b'\n' | b'\r' | b'\t' => {}
+            _ => norm.push(b),
+        }
+    }
+    ENGINE.decode(&norm).map_err(|e| e.to_string())
+}
+
+/// Opens a store by extension: `.json` or `.parquet`.
+pub fn open_store(path: &Path) -> Result<Arc<dyn ImageStore>, ImageStoreError> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("parquet") => Ok(Arc::new(ParquetImageStore::open(path)?)),
+        _ => Ok(Arc::new(JsonImageStore::open(path)?)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// JSON: one pass builds id -> byte range; lookups pread the range.
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    offset: u64,
+    len: u32,
+    /// The JSON string contains escapes and must be unescaped before decoding.
+    escaped: bool,
+}
+
+pub struct JsonImageStore {
+    path: PathBuf,
+    file: File,
+    index: HashMap<String, Range>,
+}
+
+/// A byte-at-a-time reader over a buffered file that tracks the offset.
+struct Scanner<R: Read> {
+    r: BufReader<R>,
+    buf: Vec<u8>,
+    pos: usize,
+    base: u64,
+}
+
+impl<R: Read> Scanner<R> {
+    fn offset(&self) -> u64 {
+        self.base + self.pos as u64
+    }
+
+    fn fill(&mut self) -> std::io::Result<bool> {
+        if self.pos < self.buf.len() {
+            return Ok(true);
+        }
+        self.base += self.buf.len() as u64;
+        self.buf.resize(1 << 20, 0);
+        let n = self.r.read(&mut self.buf)?;
+        self.buf.truncate(n);
+        self.pos = 0;
+        Ok(n > 0)
+    }
+
+    fn next(&mut self) -> std::io::Result<Option<u8>> {
+        if !self.fill()? {
+            return Ok(None);
+        }
+        let b = self.buf[self.pos];
+        self.pos += 1;
+        Ok(Some(b))
+    }
+
+    fn next_non_ws(&mut self) -> std::io::Result<Option<u8>> {
+        loop {
+            match self.next()? {
+                Some(b' ' | b'\n' | b'\r' | b'\t') => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// After an opening quote: scans to the closing quote. Returns (start offset, length,
+    /// has escapes); collects the bytes only when `keep`.
+    fn string(&mut self, keep: bool, out: &mut Vec<u8>) -> std::io::Result<Option<(u64, u64, bool)>> {
+        let start = self.offset();
+        let mut escaped = false;
+        loop {
+            if !self.fill()? {
+                return Ok(None);
+            }
+            let chunk = &self.buf[self.pos..];
+            match memchr::memchr2(b'"', b'\\', chunk) {
+                Some(i) => {
+                    if keep {
+                        out.extend_from_slice(&chunk[..i]);
+                    }
+                    let c = chunk[i];
+                    self.pos += i + 1;
+                    if c == b'"' {
+                        return Ok(Some((start, self.offset() - 1 - start, escaped)));
+                    }
+                    escaped = true;
+                    let Some(e) = self.next()? else { return Ok(None) };
+                    if keep {
+                        out.push(b'\\');
+                        out.push(e);
+                    }
+                }
+                None => {
+                    if keep {
+                        out.extend_from_slice(chunk);
+                    }
+                    self.pos = self.buf.len();
+                }
+            }
+        }
+    }
+}
+
+impl JsonImageStore {
+    pub fn open(path: &Path) -> Result<Self, ImageStoreError> {
+        let io = |source| ImageStoreError::Io { path: path.to_path_buf(), source };
+        let file = File::open(path).map_err(io)?;
+        let mut s = Scanner { r: BufReader::with_capacity(1 << 20, file.try_clone().map_err(io)?), buf: vec![], pos: 0, base: 0 };
+        let bad = |s: &Scanner<File>, message: &str| ImageStoreError::Malformed {
+            path: path.to_path_buf(),
+            offset: s.offset(),
+            message: message.to_string(),
+        };
+        let mut index = HashMap::new();
+        if s.next_non_ws().map_err(io)? != Some(b'{') {
+            return Err(bad(&s, "expected a JSON object `{\"id\": \"base64\", ...}`"));
+        }
+        let mut key = Vec::new();
+        let mut first = true;
+        loop {
+            let c = s.next_non_ws().map_err(io)?;
+            match c {
+                Some(b'}') if first => break,
+                Some(b'"') => {}
+                _ => return Err(bad(&s, "expected an image id string")),
+            }
+            first = false;
+            key.clear();
+            s.string(true, &mut key).map_err(io)?.ok_or_else(|| bad(&s, "unterminated id string"))?;
+            let id: String = serde_json::from_slice(&[b"\"".as_slice(), &key, b"\""].concat())
+                .map_err(|e| bad(&s, &format!("bad id string: {e}")))?;
+            if s.next_non_ws().map_err(io)? != Some(b':') {
+                return Err(bad(&s, &format!("expected `:` after id `{id}`")));
+            }
+            if s.next_non_ws().map_err(io)? != Some(b'"') {
+                return Err(bad(&s, &format!("value of `{id}` is not a base64 string")));
+            }
+            let (offset, len, escaped) =
+                s.string(false, &mut key).map_err(io)?.ok_or_else(|| bad(&s, &format!("unterminated value of `{id}`")))?;
+            let len = u32::try_from(len).map_err(|_| bad(&s, &format!("image `{id}` is larger than 4 GiB")))?;
+            index.insert(id, Range { offset, len, escaped });
+            match s.next_non_ws().map_err(io)? {
+                Some(b',') => continue,
+                Some(b'}') => break,
+                _ => return Err(bad(&s, "expected `,` or `}` after an image")),
+            }
+        }
+        if s.next_non_ws().map_err(io)?.is_some() {
+            return Err(bad(&s, "trailing data after the JSON object"));
+        }
+        Ok(Self { path: path.to_path_buf(), file, index })
+    }
+}
+
+impl ImageStore for JsonImageStore {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.index.contains_key(id)
+    }
+
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn base64(&self, id: &str) -> Result<Vec<u8>, ImageStoreError> {
+        let r = self
+            .index
+            .get(id)
+            .ok_or_else(|| ImageStoreError::Missing { path: self.path.clone(), id: id.to_string() })?;
+        let mut buf = vec![0u8; r.len as usize];
+        self.file
+            .read_exact_at(&mut buf, r.offset)
+            .map_err(|source| ImageStoreError::Io { path: self.path.clone(), source })?;
+        if r.escaped {
+            let quoted = [b"\"".as_slice(), &buf, b"\""].concat();
+            let s: String = serde_json::from_slice(&quoted).map_err(|e| ImageStoreError::Base64 {
+                path: self.path.clone(),
+                id: id.to_string(),
+                message: format!("bad JSON string: {e}"),
+            })?;
+            buf = s.into_bytes();
+        }
+        Ok(buf)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Parquet: the id column is read once into id -> (row group, row); lookups read one row
+// of the `base64` column of one row group.
+// ---------------------------------------------------------------------------------------
+
+pub struct ParquetImageStore {
+    path: PathBuf,
+    file: File,
+    meta: parquet::arrow::arrow_reader::ArrowReaderMetadata,
+    base64_leaf: usize,
+    index: HashMap<String, (usize, usize)>,
+}
+
+impl ParquetImageStore {
+    pub fn open(path: &Path) -> Result<Self, ImageStoreError> {
+        use arrow_array::{cast::AsArray, Array};
+        use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+        use parquet::arrow::ProjectionMask;
+        let pq = |message: String| ImageStoreError::Parquet { path: path.to_path_buf(), message };
+        let file = File::open(path).map_err(|source| ImageStoreError::Io { path: path.to_path_buf(), source })?;
+        let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| pq(e.to_string()))?;
+        let schema = meta.schema().clone();
+        // pandas writes the index as a column and names it in the "pandas" metadata.
+        let pandas_index = schema
+            .metadata()
+            .get("pandas")
+            .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+            .and_then(|v| v["index_columns"][0].as_str().map(str::to_string));
+        let id_col = pandas_index
+            .into_iter()
+            .chain(["id".to_string(), "__index_level_0__".to_string()])
+            .find(|c| schema.index_of(c).is_ok())
+            .ok_or_else(|| pq("no index column (pandas index, `id` or `__index_level_0__`)".into()))?;
+        let parquet_schema = meta.metadata().file_metadata().schema_descr_ptr();
+        let leaf = |name: &str| {
+            (0..parquet_schema.num_columns())
+                .find(|&i| parquet_schema.column(i).name() == name)
+                .ok_or_else(|| pq(format!("no column `{name}`")))
+        };
+        let id_leaf = leaf(&id_col)?;
+        let base64_leaf = leaf("base64")?;
+        let mut index = HashMap::new();
+        for rg in 0..meta.metadata().num_row_groups() {
+            let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(
+                file.try_clone().map_err(|source| ImageStoreError::Io { path: path.to_path_buf(), source })?,
+                meta.clone(),
+            )
+            .with_row_groups(vec![rg])
+            .with_projection(ProjectionMask::leaves(&parquet_schema, [id_leaf]))
+            .build()
+            .map_err(|e| pq(e.to_string()))?;
+            let mut row = 0;
+            for batch in reader {
+                let batch = batch.map_err(|e| pq(e.to_string()))?;
+                let col = batch.column(0);
+                let ids: Vec<String> = if let Some(a) = col.as_string_opt::<i32>() {
+                    (0..a.len()).map(|i| a.value(i).to_string()).collect()
+                } else if let Some(a) = col.as_string_opt::<i64>() {
+                    (0..a.len()).map(|i| a.value(i).to_string()).collect()
+                } else {
+                    return Err(pq(format!("index column `{id_col}` is not a string column")));
+                };
+                for id in ids {
+                    index.insert(id, (rg, row));
+                    row += 1;
+                }
+            }
+        }
+        Ok(Self { path: path.to_path_buf(), file, meta, base64_leaf, index })
+    }
+}
+
+impl ImageStore for ParquetImageStore {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.index.contains_key(id)
+    }
+
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn base64(&self, id: &str) -> Result<Vec<u8>, ImageStoreError> {
+        use arrow_array::{cast::AsArray, Array};
+        use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
+        use parquet::arrow::ProjectionMask;
+        let pq = |message: String| ImageStoreError::Parquet { path: self.path.clone(), message };
+        let &(rg, row) = self
+            .index
+            .get(id)
+            .ok_or_else(|| ImageStoreError::Missing { path: self.path.clone(), id: id.to_string() })?;
+        let file = self.file.try_clone().map_err(|source| ImageStoreError::Io { path: self.path.clone(), source })?;
+        let descr = self.meta.metadata().file_metadata().schema_descr_ptr();
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.meta.clone())
+            .with_row_groups(vec![rg])
+            .with_projection(ProjectionMask::leaves(&descr, [self.base64_leaf]))
+            .with_row_selection(RowSelection::from(vec![RowSelector::skip(row), RowSelector::select(1)]))
+            .with_batch_size(1)
+            .build()
+            .map_err(|e| pq(e.to_string()))?;
+        for batch in reader {
+            let batch = batch.map_err(|e| pq(e.to_string()))?;
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            let col = batch.column(0);
+            let bytes = if let Some(a) = col.as_string_opt::<i32>() {
+                a.value(0).as_bytes().to_vec()
+            } else if let Some(a) = col.as_string_opt::<i64>() {
+                a.value(0).as_bytes().to_vec()
+            } else if let Some(a) = col.as_binary_opt::<i32>() {
+                a.value(0).to_vec()
+            } else {
+                return Err(pq("column `base64` is neither string nor binary".into()));
+            };
+            if col.is_null(0) {
+                return Err(ImageStoreError::Base64 { path: self.path.clone(), id: id.into(), message: "null".into() });
+            }
+            return Ok(bytes);
+        }
+        Err(pq(format!("row {row} of row group {rg} (image `{id}`) could not be read")))
+    }
+}
+
+/// An in-memory store for tests.
+pub struct MemImageStore {
+    pub path: PathBuf,
+    pub images: HashMap<String, Vec<u8>>,
+}
+
+impl ImageStore for MemImageStore {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn contains(&self, id: &str) -> bool {
+        self.images.contains_key(id)
+    }
+    fn len(&self) -> usize {
+        self.images.len()
+    }
+    fn base64(&self, id: &str) -> Result<Vec<u8>, ImageStoreError> {
+        self.images
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ImageStoreError::Missing { path: self.path.clone(), id: id.to_string() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_base64_alphabets_decode_to_the_same_bytes() {
+        let bytes: Vec<u8> = (0..=255u8).collect();
+        let std = base64::engine::general_purpose::STANDARD.encode(&bytes);
+        let url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&bytes);
+        assert_ne!(std, url);
+        assert_eq!(decode_base64(std.as_bytes()).unwrap(), bytes);
+        assert_eq!(decode_base64(url.as_bytes()).unwrap(), bytes);
+        assert!(decode_base64(b"@@@@").is_err());
+    }
+
+    #[test]
+    fn json_store_indexes_ranges_and_reads_lazily() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("X.json");
+        std::fs::write(&p, r#" { "a" : "aGVsbG8=", "b\u0031":"d29y\/bGQ", "c": "" } "#).unwrap();
+        let s = JsonImageStore::open(&p).unwrap();
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.get("a").unwrap(), b"hello");
+        assert_eq!(s.base64("b1").unwrap(), b"d29y/bGQ");
+        assert!(matches!(s.get("zz"), Err(ImageStoreError::Missing { .. })));
+    }
+
+    #[test]
+    fn malformed_json_store_is_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("X.json");
+        for bad in [r#"["a"]"#, r#"{"a": 3}"#, r#"{"a": "x" "b": "y"}"#, r#"{"a": "x"#] {
+            std::fs::write(&p, bad).unwrap();
+            let e = JsonImageStore::open(&p).err().unwrap_or_else(|| panic!("{bad} accepted")).to_string();
+            assert!(e.contains("X.json") && e.contains("malformed"), "{e}");
+        }
+    }
+}
