@@ -16,4 +16,6 @@ pub mod run_config;
 #[cfg(feature = "torch")]
 pub mod cmd;
 #[cfg(feature = "torch")]
+pub mod cuda;
+#[cfg(feature = "torch")]
 pub mod tensors;

@@ -12,6 +12,7 @@ use otter::tensors::TensorFile;
 use tch::{Device, Kind};
 
 fn cuda() -> Device {
+    otter::cuda::load().expect("libtorch_cuda loads");
     assert!(tch::Cuda::is_available(), "no CUDA device visible (these checks need a GPU)");
     Device::Cuda(0)
 }

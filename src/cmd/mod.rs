@@ -27,7 +27,11 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
 }
 
 /// Fails clearly instead of letting libtorch abort when CUDA is asked for but absent.
+/// Loads CUDA first when a CUDA device is asked for (see `crate::cuda`).
 pub fn check_device(device: Device) -> Result<()> {
+    if device.is_cuda() {
+        crate::cuda::load().map_err(anyhow::Error::msg)?;
+    }
     if device.is_cuda() && !tch::Cuda::is_available() {
         bail!("--device {device:?}: CUDA is not available on this machine");
     }
