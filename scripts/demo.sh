@@ -12,6 +12,9 @@ mkdir -p "$out"
 echo "== model-info (7B preset, computed from the config alone)"
 $otter model-info --config otter_llama7b
 echo
+echo "== data: the tiny run config's MIMIC-IT samples (fixture dataset)"
+$otter data validate --config configs/tiny.yaml
+echo
 echo "== eval of the tiny model on an in-context batch (forward + backward)"
 $otter eval --model tests/fixtures/tiny_otter --inputs tests/fixtures/parity/incontext.safetensors \
   --out "$out/incontext.safetensors" --grads

@@ -5,6 +5,7 @@
 //! * [`data`]: the MIMIC-IT data pipeline (no libtorch).
 //! * [`run_config`]: YAML run configs (`configs/*.yaml`).
 //! * [`cmd`]: the `otter` subcommands (with `torch`).
+//! * [`train`]: config and schedule (always); optimizer, step, loop (with `torch`).
 //! * [`tensors`]: reading/writing named-tensor files (safetensors) for commands and tests.
 //!
 //! See `ARCHITECTURE.md` for the code map and invariants.
@@ -12,6 +13,7 @@
 pub mod data;
 pub mod model;
 pub mod run_config;
+pub mod train;
 
 #[cfg(feature = "torch")]
 pub mod cmd;

@@ -9,10 +9,15 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
+    /// Required by commands that build a model; data-only configs may omit it.
+    #[serde(default)]
     pub model: ModelSection,
     /// MIMIC-IT data (see `data::DataConfig`); paths relative to the YAML file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<crate::data::DataConfig>,
+    /// Optimization and run settings (see `train::config::TrainConfig`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<crate::train::config::TrainConfig>,
 }
 
 /// Which model to build: exactly one of a built-in preset or an HF model directory.
@@ -74,10 +79,20 @@ impl RunConfig {
             message: e.inner().to_string(),
         })?;
         let mut cfg = cfg;
-        cfg.model_source(path)?;
+        if cfg.model.preset.is_some() || cfg.model.dir.is_some() {
+            cfg.model_source(path)?;
+        }
         if let Some(data) = &mut cfg.data {
             let base = path.parent().unwrap_or(Path::new("."));
             data.validate(base).map_err(|(field, message)| ConfigError::Invalid {
+                origin: path.display().to_string(),
+                field,
+                message,
+            })?;
+        }
+        if let Some(train) = &mut cfg.train {
+            let base = path.parent().unwrap_or(Path::new("."));
+            train.validate(base).map_err(|(field, message)| ConfigError::Invalid {
                 origin: path.display().to_string(),
                 field,
                 message,
@@ -141,6 +156,7 @@ mod tests {
         let e = RunConfig::from_file(&p).unwrap_err().to_string();
         assert!(e.contains("model.preset") && e.contains("huge"), "{e}");
         let p = write(d.path(), "model: {}\n");
-        assert!(RunConfig::from_file(&p).unwrap_err().to_string().contains("`model`"));
+        let cfg = RunConfig::from_file(&p).unwrap();
+        assert!(cfg.model_source(&p).unwrap_err().to_string().contains("`model`"));
     }
 }

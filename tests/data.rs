@@ -127,6 +127,7 @@ mod pipeline {
             let mut seen = BTreeMap::new();
             for (i, b) in batches.iter().enumerate() {
                 assert_eq!(b.index, i, "delivered in cursor order");
+                assert!(b.dropped.is_empty(), "{format:?}: {:?}", b.dropped);
                 let direct = source.build_batch(&plan, i).unwrap();
                 assert_eq!((&b.input_ids, &b.labels, &b.pixels), (&direct.input_ids, &direct.labels, &direct.pixels));
                 assert_eq!(b.input_ids.len(), b.b * b.l);

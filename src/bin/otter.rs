@@ -43,9 +43,60 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Train on one fixed batch (sanity check); writes losses, lrs and final weights.
+    Overfit {
+        #[arg(long)]
+        model: PathBuf,
+        /// safetensors with vision_x, input_ids, attention_mask, labels.
+        #[arg(long)]
+        batch: PathBuf,
+        #[arg(long)]
+        steps: u64,
+        #[arg(long)]
+        lr: f64,
+        #[arg(long, default_value_t = 0)]
+        warmup_steps: u64,
+        #[arg(long, default_value_t = 0.1)]
+        weight_decay: f64,
+        /// Global-norm clip (0 disables).
+        #[arg(long, default_value_t = 1.0)]
+        clip: f64,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// The full single-process training run of a run config (model, data, train).
+    Train {
+        #[arg(long)]
+        config: PathBuf,
+        /// Continue from the run directory's latest saved state.
+        #[arg(long)]
+        resume: bool,
+        /// Save and stop once this many optimizer steps are done.
+        #[arg(long)]
+        stop_after: Option<u64>,
+    },
     /// MIMIC-IT data tools.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Benchmarks (run side by side with their peers by scripts/bench-*.sh).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Per-sample data pipeline throughput on one thread.
+    Data {
+        /// A run YAML with a `data:` section (first dataset is used).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 300)]
+        samples: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -106,6 +157,24 @@ fn main() -> Result<()> {
             device: cmd::parse_device(&device)?,
             dtype: cmd::parse_dtype(&dtype)?,
         }),
+        Command::Overfit { model, batch, steps, lr, warmup_steps, weight_decay, clip, out, device, dtype } => {
+            cmd::overfit::run(cmd::overfit::OverfitArgs {
+                model: &model,
+                batch: &batch,
+                steps,
+                lr,
+                warmup_steps,
+                weight_decay,
+                clip,
+                out: &out,
+                device: cmd::parse_device(&device)?,
+                dtype: cmd::parse_dtype(&dtype)?,
+            })
+        }
+        Command::Train { config, resume, stop_after } => {
+            otter::train::run::run(otter::train::run::TrainArgs { config: &config, resume, stop_after })
+        }
+        Command::Bench(BenchCommand::Data { config, samples }) => cmd::bench::data(&config, samples),
         Command::Data(d) => match d {
             DataCommand::Synth { out, samples, images_format, seed, image_px, tokenizer } => {
                 cmd::data::run_synth(&out, samples, &images_format, seed, image_px, tokenizer.as_deref())

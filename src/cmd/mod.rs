@@ -1,8 +1,10 @@
 //! `otter` subcommands. Each takes its parsed arguments and returns `anyhow::Result`.
 
+pub mod bench;
 pub mod data;
 pub mod eval;
 pub mod model_info;
+pub mod overfit;
 
 use anyhow::{bail, Result};
 use tch::{Device, Kind};

@@ -54,20 +54,27 @@ pub trait ImageStore: Send + Sync {
 /// ignoring ASCII whitespace (as Python's lenient decoders do).
 pub fn decode_base64(text: &[u8]) -> Result<Vec<u8>, String> {
     use base64::engine::{general_purpose::GeneralPurpose, DecodePaddingMode, GeneralPurposeConfig};
-    const ENGINE: GeneralPurpose = GeneralPurpose::new(
-        &base64::alphabet::STANDARD,
-        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-    );
-    let mut norm = Vec::with_capacity(text.len());
-    for &b in text {
-        match b {
-            b'-' => norm.push(b'+'),
-            b'_' => norm.push(b'/'),
-            b' ' | b'\n' | b'\r' | b'\t' => {}
-            _ => norm.push(b),
-        }
+    const CFG: GeneralPurposeConfig = GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    const STANDARD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, CFG);
+    const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, CFG);
+    let url = memchr::memchr2(b'-', b'_', text).is_some();
+    let std = memchr::memchr2(b'+', b'/', text).is_some();
+    let ws = memchr::memchr3(b'\n', b'\r', b' ', text).is_some() || memchr::memchr(b'\t', text).is_some();
+    if !ws && !(url && std) {
+        // The common case: one alphabet, no whitespace: decode in place, no copy.
+        let engine = if url { &URL_SAFE } else { &STANDARD };
+        return engine.decode(text).map_err(|e| e.to_string());
     }
-    ENGINE.decode(&norm).map_err(|e| e.to_string())
+    let norm: Vec<u8> = text
+        .iter()
+        .filter(|b| !b.is_ascii_whitespace())
+        .map(|&b| match b {
+            b'-' => b'+',
+            b'_' => b'/',
+            b => b,
+        })
+        .collect();
+    STANDARD.decode(&norm).map_err(|e| e.to_string())
 }
 
 /// Opens a store by extension: `.json` or `.parquet`.
@@ -283,7 +290,7 @@ impl ParquetImageStore {
         use parquet::arrow::ProjectionMask;
         let pq = |message: String| ImageStoreError::Parquet { path: path.to_path_buf(), message };
         let file = File::open(path).map_err(|source| ImageStoreError::Io { path: path.to_path_buf(), source })?;
-        let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| pq(e.to_string()))?;
+        let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new().with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Optional)).map_err(|e| pq(e.to_string()))?;
         let schema = meta.schema().clone();
         // pandas writes the index as a column and names it in the "pandas" metadata.
         let pandas_index = schema

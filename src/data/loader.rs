@@ -151,10 +151,6 @@ impl Loader {
     pub fn cursor(&self) -> &Cursor {
         &self.cursor
     }
-
-    pub fn remaining(&self) -> usize {
-        self.total - (self.cursor.done - (self.cursor.batches.len() - self.total))
-    }
 }
 
 impl Iterator for Loader {

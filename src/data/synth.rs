@@ -3,8 +3,8 @@
 //! Writes `SYN_instructions.json`, `SYN.json` (id -> base64, mostly URL-safe alphabet,
 //! every 7th standard) or `SYN.parquet` (pandas layout: index column `id`, column
 //! `base64`, small row groups), and `SYN_train.json` (each query gets 0-2 in-context
-//! examples, so batches of several (T, F) shapes occur). Images are PNG and JPEG noise
-//! of `image_px` pixels (a pool of distinct images reused across ids).
+//! examples, so batches of several (T, F) shapes occur). Images are photo-like PNGs and
+//! JPEGs of `image_px` pixels (a pool of distinct images reused across ids).
 
 use super::order::SplitMix64;
 use base64::Engine;
@@ -51,8 +51,35 @@ fn sentence(r: &mut SplitMix64, min: usize, max: usize) -> String {
     s.join(" ")
 }
 
-fn noise_image(r: &mut SplitMix64, px: usize, jpeg: bool) -> Vec<u8> {
-    let data: Vec<u8> = (0..px * px * 3).map(|_| r.next_u64() as u8).collect();
+/// A photo-like image: a smooth two-colour gradient, a few filled ellipses and mild
+/// per-pixel noise (so it compresses roughly like a natural photo, not like pure noise).
+fn synthetic_photo(r: &mut SplitMix64, px: usize, jpeg: bool) -> Vec<u8> {
+    let c = |r: &mut SplitMix64| [r.below(256) as f32, r.below(256) as f32, r.below(256) as f32];
+    let (a, b) = (c(r), c(r));
+    let blobs: Vec<(f32, f32, f32, f32, [f32; 3])> = (0..6)
+        .map(|_| {
+            let f = |r: &mut SplitMix64| r.below(1000) as f32 / 1000.0;
+            (f(r) * px as f32, f(r) * px as f32, (0.05 + 0.25 * f(r)) * px as f32, (0.05 + 0.25 * f(r)) * px as f32, c(r))
+        })
+        .collect();
+    let mut data = Vec::with_capacity(px * px * 3);
+    for y in 0..px {
+        for x in 0..px {
+            let t = (x + y) as f32 / (2 * px) as f32;
+            let mut p = [0f32; 3];
+            for k in 0..3 {
+                p[k] = a[k] * (1.0 - t) + b[k] * t;
+            }
+            for &(cx, cy, rx, ry, col) in &blobs {
+                let (dx, dy) = ((x as f32 - cx) / rx, (y as f32 - cy) / ry);
+                if dx * dx + dy * dy < 1.0 {
+                    p = col;
+                }
+            }
+            let noise = (r.below(17) as f32) - 8.0;
+            data.extend(p.iter().map(|v| (v + noise).clamp(0.0, 255.0) as u8));
+        }
+    }
     let img = image::RgbImage::from_raw(px as u32, px as u32, data).expect("sized buffer");
     let mut out = std::io::Cursor::new(Vec::new());
     let fmt = if jpeg { image::ImageFormat::Jpeg } else { image::ImageFormat::Png };
@@ -92,7 +119,7 @@ pub fn synth(dir: &Path, spec: &SynthSpec) -> std::io::Result<SynthFiles> {
     std::fs::write(&train_config, serde_json::to_vec(&serde_json::Value::Object(train))?)?;
 
     // Images.
-    let pool: Vec<Vec<u8>> = (0..spec.distinct_images.max(1)).map(|k| noise_image(&mut r, spec.image_px, k % 2 == 1)).collect();
+    let pool: Vec<Vec<u8>> = (0..spec.distinct_images.max(1)).map(|k| synthetic_photo(&mut r, spec.image_px, k % 2 == 1)).collect();
     let encode = |i: usize| {
         let bytes = &pool[i % pool.len()];
         if i % 7 == 3 {
@@ -144,10 +171,10 @@ fn write_parquet(
         {"name": "id", "field_name": "id", "pandas_type": "unicode", "numpy_type": "object", "metadata": null}]});
     let schema = Arc::new(
         Schema::new(vec![Field::new("base64", DataType::Utf8, false), Field::new("id", DataType::Utf8, false)])
-            .with_metadata([("pandas".to_string(), pandas.to_string())].into()),
+            .with_metadata(std::collections::HashMap::from([("pandas".to_string(), pandas.to_string())])),
     );
     let rows_per_group = 64;
-    let props = WriterProperties::builder().set_max_row_group_size(rows_per_group).build();
+    let props = WriterProperties::builder().set_max_row_group_row_count(Some(rows_per_group)).build();
     let mut w = ArrowWriter::try_new(std::fs::File::create(path)?, schema.clone(), Some(props)).map_err(io)?;
     for start in (0..n).step_by(rows_per_group) {
         let end = (start + rows_per_group).min(n);

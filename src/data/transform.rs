@@ -34,7 +34,7 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<Rgb8, ImageError> {
         return decode_jpeg(bytes);
     }
     let img = image::load_from_memory(bytes).map_err(|e| ImageError::Decode(e.to_string()))?;
-    let rgb = img.to_rgb8();
+    let rgb = img.into_rgb8(); // no copy when already RGB8
     let (w, h) = rgb.dimensions();
     if w == 0 || h == 0 {
         return Err(ImageError::Empty);
@@ -123,8 +123,8 @@ fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
 }
 
 #[inline]
-fn clip8(v: i64) -> u8 {
-    if v >= (1i64 << PRECISION_BITS << 8) {
+fn clip8(v: i32) -> u8 {
+    if v >= (1i32 << PRECISION_BITS << 8) {
         255
     } else if v <= 0 {
         0
@@ -134,76 +134,133 @@ fn clip8(v: i64) -> u8 {
 }
 
 /// PIL `Image.resize((out_w, out_h), Image.BICUBIC)` on an RGB image.
+///
+/// Same integer arithmetic as Pillow (i32 accumulators with a rounding bias, clip to u8
+/// after each pass, horizontal pass first). Integer sums do not depend on order, so both
+/// passes are written as "accumulate whole rows" (the horizontal one on the transposed
+/// image), which vectorizes; AVX2 is used when the CPU has it.
 pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
     let (in_w, in_h) = (img.width, img.height);
-    let need_h = out_w != in_w;
-    let need_v = out_h != in_h;
-    let ch = coeffs(in_w, out_w);
     let cv = coeffs(in_h, out_h);
     // Rows of the source that the vertical pass reads.
     let ybox_first = cv.bounds[0].0;
     let ybox_last = cv.bounds[out_h - 1].0 + cv.bounds[out_h - 1].1;
 
-    let (tmp, tmp_w, row0) = if need_h {
+    let (tmp, tmp_w, row0) = if out_w != in_w {
+        let ch = coeffs(in_w, out_w);
         let rows = ybox_last - ybox_first;
-        let mut out = vec![0u8; rows * out_w * 3];
-        for y in 0..rows {
-            let src = &img.data[(y + ybox_first) * in_w * 3..][..in_w * 3];
-            for xx in 0..out_w {
-                let (xmin, n) = ch.bounds[xx];
-                let k = &ch.weights[xx * ch.ksize..][..n];
-                let mut s = [1i64 << (PRECISION_BITS - 1); 3];
-                for (x, &w) in k.iter().enumerate() {
-                    let p = &src[(x + xmin) * 3..][..3];
-                    for c in 0..3 {
-                        s[c] += p[c] as i64 * w as i64;
-                    }
-                }
-                let o = &mut out[(y * out_w + xx) * 3..][..3];
-                for c in 0..3 {
-                    o[c] = clip8(s[c]);
-                }
-            }
-        }
-        (out, out_w, ybox_first)
+        // Transpose the used rows to (in_w, rows, 3), filter "rows" = source columns,
+        // transpose back to (rows, out_w, 3).
+        let band = &img.data[ybox_first * in_w * 3..ybox_last * in_w * 3];
+        let t = transpose3(band, rows, in_w);
+        let filtered = filter_rows(&t, rows * 3, &ch, 0);
+        (transpose3(&filtered, out_w, rows), out_w, ybox_first)
     } else {
         (img.data.clone(), in_w, 0)
     };
-    if !need_v {
-        let rows = tmp.len() / (tmp_w * 3);
-        debug_assert_eq!(rows, out_h);
+    if out_h == in_h {
         return Rgb8 { width: tmp_w, height: out_h, data: tmp };
     }
-    let mut out = vec![0u8; out_h * tmp_w * 3];
-    for yy in 0..out_h {
-        let (ymin, n) = cv.bounds[yy];
-        let ymin = ymin - row0; // bounds shifted to the rows kept by the horizontal pass
-        let k = &cv.weights[yy * cv.ksize..][..n];
-        for xx in 0..tmp_w {
-            let mut s = [1i64 << (PRECISION_BITS - 1); 3];
-            for (y, &w) in k.iter().enumerate() {
-                let p = &tmp[((y + ymin) * tmp_w + xx) * 3..][..3];
-                for c in 0..3 {
-                    s[c] += p[c] as i64 * w as i64;
+    let out = filter_rows(&tmp, tmp_w * 3, &cv, row0);
+    Rgb8 { width: tmp_w, height: out_h, data: out }
+}
+
+/// (h, w, 3) -> (w, h, 3), in 16 x 16 tiles.
+fn transpose3(src: &[u8], h: usize, w: usize) -> Vec<u8> {
+    let (src_px, _) = src.as_chunks::<3>();
+    let mut out = vec![0u8; src.len()];
+    let (out_px, _) = out.as_chunks_mut::<3>();
+    const T: usize = 16;
+    for y0 in (0..h).step_by(T) {
+        for x0 in (0..w).step_by(T) {
+            for y in y0..(y0 + T).min(h) {
+                for x in x0..(x0 + T).min(w) {
+                    out_px[x * h + y] = src_px[y * w + x];
                 }
-            }
-            let o = &mut out[(yy * tmp_w + xx) * 3..][..3];
-            for c in 0..3 {
-                o[c] = clip8(s[c]);
             }
         }
     }
-    Rgb8 { width: tmp_w, height: out_h, data: out }
+    out
+}
+
+/// Output row i = clip8(bias + sum_j w[i][j] * row[bounds[i].0 - shift + j]) over rows of
+/// `row_len` bytes.
+fn filter_rows(src: &[u8], row_len: usize, c: &Coeffs, shift: usize) -> Vec<u8> {
+    let n_out = c.bounds.len();
+    let mut out = vec![0u8; n_out * row_len];
+    let mut acc = vec![0i32; row_len];
+    for (i, orow) in out.chunks_exact_mut(row_len).enumerate() {
+        let (first, n) = c.bounds[i];
+        let k = &c.weights[i * c.ksize..][..n];
+        acc.fill(1i32 << (PRECISION_BITS - 1));
+        for (j, &w) in k.iter().enumerate() {
+            accumulate(&mut acc, &src[(first - shift + j) * row_len..][..row_len], w);
+        }
+        for (o, &a) in orow.iter_mut().zip(&acc) {
+            *o = clip8(a);
+        }
+    }
+    out
+}
+
+#[inline(always)]
+fn accumulate_generic(acc: &mut [i32], src: &[u8], w: i32) {
+    for (a, &p) in acc.iter_mut().zip(src) {
+        *a = a.wrapping_add(p as i32 * w);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn accumulate_avx2(acc: &mut [i32], src: &[u8], w: i32) {
+    accumulate_generic(acc, src, w)
+}
+
+fn accumulate(acc: &mut [i32], src: &[u8], w: i32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { accumulate_avx2(acc, src, w) };
+        }
+    }
+    accumulate_generic(acc, src, w)
+}
+
+fn normalize_lut() -> &'static [[f32; 256]; 3] {
+    static LUT: std::sync::OnceLock<[[f32; 256]; 3]> = std::sync::OnceLock::new();
+    LUT.get_or_init(|| {
+        let mut t = [[0f32; 256]; 3];
+        for (c, row) in t.iter_mut().enumerate() {
+            for (v, x) in row.iter_mut().enumerate() {
+                *x = (v as f32 / 255.0 - MEAN[c]) / STD[c];
+            }
+        }
+        t
+    })
 }
 
 /// (3, S, S) f32, channel-major: resize to S x S, /255, normalize. Appends to `out`.
 pub fn to_normalized_chw(img: &Rgb8, size: usize, out: &mut Vec<f32>) {
-    let r = if img.width == size && img.height == size { img.clone() } else { resize_bicubic(img, size, size) };
-    out.reserve(3 * size * size);
-    for c in 0..3 {
-        // torchvision: x.float().div(255), then (x - mean) / std, all in f32.
-        let (m, s) = (MEAN[c], STD[c]);
-        out.extend(r.data.iter().skip(c).step_by(3).map(|&v| (v as f32 / 255.0 - m) / s));
+    let resized;
+    let r = if img.width == size && img.height == size {
+        img
+    } else {
+        resized = resize_bicubic(img, size, size);
+        &resized
+    };
+    let plane = size * size;
+    let start = out.len();
+    out.resize(start + 3 * plane, 0.0);
+    let (p0, rest) = out[start..].split_at_mut(plane);
+    let (p1, p2) = rest.split_at_mut(plane);
+    // torchvision: x.float().div(255), then (x - mean) / std, all in f32; a value depends
+    // only on the byte, so a 256-entry table per channel gives the same floats.
+    let lut = normalize_lut();
+    for (i, px) in r.data.chunks_exact(3).enumerate() {
+        p0[i] = lut[0][px[0] as usize];
+        p1[i] = lut[1][px[1] as usize];
+        p2[i] = lut[2][px[2] as usize];
     }
 }
 

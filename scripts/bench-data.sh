@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Data pipeline benchmark: `otter bench data` (Rust, one thread) against upstream's way in
+# Python (PIL bicubic + numpy normalize + HF tokenizers, one thread) on the same synthetic
+# MIMIC-IT data at 224 px, in one run. Appends the result to BENCHMARKS.md.
+#   scripts/bench-data.sh [SAMPLES] [IMAGE_PX]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh
+samples="${1:-300}"; px="${2:-480}"
+CACHE="${OTTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/otter}"
+py="$CACHE/venv/bin/python"
+"$py" -m pip install -q --disable-pip-version-check pillow numpy tokenizers
+cargo build --quiet --release --bin otter
+work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
+tok="$PWD/tests/fixtures/tiny_otter/tokenizer.json"
+target/release/otter data synth --out "$work" --samples "$samples" --image-px "$px" --seed 5 --tokenizer "$tok" >/dev/null
+export RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
+rust=$(target/release/otter bench data --config "$work/data.yaml" --samples "$samples")
+python=$("$py" benches/data_pipeline.py "$work" "$tok" "$samples" 224)
+echo "$rust"; echo "$python"
+r=$(sed -E 's/.*samples_per_s=([0-9.]+).*/\1/' <<<"$rust")
+p=$(sed -E 's/.*samples_per_s=([0-9.]+).*/\1/' <<<"$python")
+ratio=$(python3 -c "print(f'{$r/$p:.2f}')")
+echo "ratio (Rust/Python samples per second, one core each): ${ratio}x"
+{
+  echo
+  echo "### Data pipeline, $(date -u +%Y-%m-%d), $(nproc) cores, ${samples} samples of ${px}px noise PNG/JPEG -> 224 px"
+  echo
+  echo "| side | samples/s (1 core) | images/s |"
+  echo "|---|---|---|"
+  echo "| otter (Rust) | $r | $(sed -E 's/.*images_per_s=([0-9.]+).*/\1/' <<<"$rust") |"
+  echo "| Python (PIL + numpy + HF tokenizers) | $p | $(sed -E 's/.*images_per_s=([0-9.]+).*/\1/' <<<"$python") |"
+  echo
+  echo "Ratio: **${ratio}x** per core (target: at least 3x). Command: \`scripts/bench-data.sh $samples $px\`."
+} >> BENCHMARKS.md

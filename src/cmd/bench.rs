@@ -1,0 +1,59 @@
+//! `otter bench ...`: measurements run side by side with a peer by the scripts in
+//! `scripts/bench-*.sh`; results go to BENCHMARKS.md. Never used as timed assertions.
+
+use crate::data::DataSource;
+use anyhow::{Context, Result};
+use std::path::Path;
+use std::time::Instant;
+
+/// Builds `samples` samples (prompt, tokenize, base64 + decode + resize + normalize every
+/// image) on the calling thread only, after one warm-up pass over the first few, and
+/// prints samples/s. Same work as the Python peer in benches/data_pipeline.py.
+pub fn data(config: &Path, samples: usize) -> Result<()> {
+    let cfg = super::data::load_data_config(config)?;
+    let source = DataSource::open(&cfg, None)?;
+    let ds = source.datasets.first().context("no dataset")?;
+    let n = samples.min(ds.queries.len());
+    for q in 0..n.min(4) {
+        source.builder.build(0, ds, q)?;
+    }
+    let start = Instant::now();
+    let mut images = 0;
+    let mut tokens = 0;
+    for q in 0..n {
+        let s = source.builder.build(0, ds, q)?;
+        images += s.t * s.f;
+        tokens += s.input_ids.len();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    // Where the time goes, stage by stage, over the same samples.
+    let (mut t_b64, mut t_tf, mut t_tok) = (0.0, 0.0, 0.0);
+    let (mut t_jpeg, mut t_png) = (0.0, 0.0);
+    let store = ds.images.as_ref().context("dataset has no images")?;
+    let mut px = Vec::new();
+    for q in 0..n {
+        let t = Instant::now();
+        let (text, ids) = source.builder.prompt(ds, q)?;
+        source.builder.tokenizer.sample_ids(&text)?;
+        t_tok += t.elapsed().as_secs_f64();
+        for id in ids {
+            let t = Instant::now();
+            let bytes = store.get(&id)?;
+            t_b64 += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let img = crate::data::transform::decode_rgb(&bytes)?;
+            if bytes.starts_with(&[0xFF, 0xD8]) { t_jpeg += t.elapsed().as_secs_f64() } else { t_png += t.elapsed().as_secs_f64() }
+            let t = Instant::now();
+            px.clear();
+            crate::data::transform::to_normalized_chw(&img, cfg.image_size, &mut px);
+            t_tf += t.elapsed().as_secs_f64();
+        }
+    }
+    eprintln!("breakdown (s): prompt+tokenize {t_tok:.3}, read+base64 {t_b64:.3}, decode jpeg {t_jpeg:.3} png {t_png:.3}, resize+normalize {t_tf:.3}");
+    println!(
+        "rust samples={n} images={images} tokens={tokens} seconds={secs:.3} samples_per_s={:.2} images_per_s={:.2}",
+        n as f64 / secs,
+        images as f64 / secs
+    );
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! One optimizer step: micro-batches, gradient accumulation, clip, AdamW.
+
+use crate::data::Batch;
+use crate::model::{causal_lm_loss, Otter};
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::schedule;
+use tch::{Device, Tensor};
+
+/// A batch as tensors on the model's device.
+pub struct TensorBatch {
+    /// (B, T, F, 3, S, S)
+    pub vision_x: Tensor,
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub labels: Tensor,
+}
+
+impl TensorBatch {
+    pub fn from_batch(b: &Batch, device: Device) -> Self {
+        let (bb, l) = (b.b as i64, b.l as i64);
+        let s = b.image_size as i64;
+        Self {
+            vision_x: Tensor::from_slice(&b.pixels).reshape([bb, b.t as i64, b.f as i64, 3, s, s]).to_device(device),
+            input_ids: Tensor::from_slice(&b.input_ids).reshape([bb, l]).to_device(device),
+            attention_mask: Tensor::from_slice(&b.attention_mask).reshape([bb, l]).to_device(device),
+            labels: Tensor::from_slice(&b.labels).reshape([bb, l]).to_device(device),
+        }
+    }
+
+    /// Tokens that carry a loss target (labels != -100 after the shift).
+    pub fn target_tokens(&self) -> i64 {
+        let l = self.labels.size()[1];
+        self.labels.narrow(1, 1, l - 1).ne(-100).sum(tch::Kind::Int64).int64_value(&[])
+    }
+}
+
+/// Optimization hyper-parameters of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct StepConfig {
+    pub lr: f64,
+    pub warmup_steps: u64,
+    pub total_steps: u64,
+    /// Global-norm clipping threshold (upstream: 1.0); `None` disables it.
+    pub clip: Option<f64>,
+    pub adamw: AdamWConfig,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// Mean of the micro-batch losses (before the update).
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+pub struct Trainer {
+    pub model: Otter,
+    pub opt: AdamW,
+    pub cfg: StepConfig,
+}
+
+impl Trainer {
+    pub fn new(model: Otter, cfg: StepConfig) -> Self {
+        let opt = AdamW::new(cfg.adamw, &model.trainable());
+        Self { model, opt, cfg }
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.opt.step
+    }
+
+    /// One optimizer step over `micro` micro-batches: each loss is scaled by 1/n and
+    /// back-propagated (gradients accumulate onto whatever the parameters hold, as in
+    /// upstream's `backward(); step(); zero_grad()` loop); then the single gradient sync
+    /// point (a no-op on one process), clipping, the AdamW update at the scheduled LR, and
+    /// the gradients are zeroed for the next step.
+    pub fn step(&mut self, micro: &[TensorBatch]) -> StepStats {
+        let params = self.model.trainable();
+        let n = micro.len().max(1) as f64;
+        let mut loss_sum = 0.0;
+        for mb in micro {
+            let logits = self.model.forward(&mb.vision_x, &mb.input_ids, &mb.attention_mask);
+            let loss = causal_lm_loss(&logits, &mb.labels);
+            loss_sum += loss.double_value(&[]);
+            (loss / n).backward();
+        }
+        // (gradient sync point: all-reduce of the trainable gradients goes here)
+        let grad_norm = match self.cfg.clip {
+            Some(c) => clip_grad_norm(&params, c),
+            None => f64::NAN,
+        };
+        let lr = schedule::cosine_with_warmup(self.cfg.lr, self.opt.step, self.cfg.warmup_steps, self.cfg.total_steps);
+        self.opt.step(&params, lr);
+        for (_, p) in &params {
+            let mut p = p.shallow_clone();
+            p.zero_grad();
+        }
+        StepStats { loss: loss_sum / n, lr, grad_norm }
+    }
+}
