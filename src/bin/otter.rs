@@ -79,6 +79,29 @@ enum Command {
         #[arg(long)]
         stop_after: Option<u64>,
     },
+    /// Greedy decoding with a KV cache from images and a prompt, until <|endofchunk|>.
+    Generate {
+        /// HF model directory with tokenizer.json.
+        #[arg(long)]
+        model: PathBuf,
+        /// Image files (PNG/JPEG), in the order of their <image> tokens.
+        #[arg(long = "image", required = true)]
+        images: Vec<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        /// Use --prompt verbatim instead of upstream's `<image>User:{prompt} GPT:<answer>`.
+        #[arg(long)]
+        raw: bool,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Re-run the whole sequence for each token instead of using the KV cache.
+        #[arg(long)]
+        no_cache: bool,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// MIMIC-IT data tools.
     #[command(subcommand)]
     Data(DataCommand),
@@ -173,6 +196,18 @@ fn main() -> Result<()> {
         }
         Command::Train { config, resume, stop_after } => {
             otter::train::run::run(otter::train::run::TrainArgs { config: &config, resume, stop_after })
+        }
+        Command::Generate { model, images, prompt, raw, max_new_tokens, no_cache, device, dtype } => {
+            cmd::generate::run(cmd::generate::GenerateArgs {
+                model: &model,
+                images: &images,
+                prompt: &prompt,
+                raw,
+                max_new_tokens,
+                no_cache,
+                device: cmd::parse_device(&device)?,
+                dtype: cmd::parse_dtype(&dtype)?,
+            })
         }
         Command::Bench(BenchCommand::Data { config, samples }) => cmd::bench::data(&config, samples),
         Command::Data(d) => match d {

@@ -75,6 +75,11 @@ impl TextTokenizer {
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
+    /// Text of `ids` (special tokens kept, so `<|endofchunk|>` stays visible).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.tok.decode(ids, false).map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
     /// `[<s>] + encode(prompt) + [</s>]` and its labels.
     pub fn sample_ids(&self, prompt: &str) -> Result<(Vec<i64>, Vec<i64>), TokenizerError> {
         let mut ids = Vec::with_capacity(prompt.len() / 2 + 2);

@@ -12,12 +12,15 @@
 //! | `xattn.rs`    | gated cross-attention + media mask (trainable)               |
 //! | `llama.rs`    | LLaMA decoder, RoPE, RMSNorm, KV cache, causal mask          |
 //! | `otter.rs`    | composition, input checks, causal-LM loss                    |
+//! | `generate.rs` | greedy decoding with a KV cache                              |
 
 pub mod config;
 pub mod spec;
 
 #[cfg(feature = "torch")]
 pub mod clip;
+#[cfg(feature = "torch")]
+pub mod generate;
 #[cfg(feature = "torch")]
 pub mod llama;
 #[cfg(feature = "torch")]
