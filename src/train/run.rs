@@ -117,6 +117,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .expect("static template"),
     );
     let mut last_loss = f64::NAN;
+    let (started, first_step) = (Instant::now(), state.step);
+    let (mut samples, mut bad) = (0usize, 0usize);
     'epochs: while state.step < total_steps {
         let plan = Arc::new(source.plan(state.epoch));
         if state.cursor.batches.is_empty() || state.cursor.epoch != state.epoch {
@@ -133,6 +135,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                     None => break,
                     Some(b) => {
                         let b = b?;
+                        samples += b.b;
                         if b.b > 0 {
                             tokens += b.tokens();
                             micro.push(TensorBatch::from_batch(&b, device));
@@ -174,6 +177,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 break 'epochs;
             }
         }
+        bad += loader.bad.total();
         if loader.bad.total() > 0 {
             eprintln!("epoch {}: {}", state.epoch, loader.bad.report());
         }
@@ -185,6 +189,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let final_path = tc.out_dir.join("final_weights.safetensors");
     let weights: Vec<(String, Tensor)> = trainer.model.trainable().into_iter().map(|(n, p)| (n.to_string(), p.detach())).collect();
     crate::tensors::write(&final_path, &weights)?;
+    println!(
+        "done: {} steps ({} this run) in {:.1}s, {samples} samples, {bad} bad samples skipped, final loss {last_loss:.4}",
+        state.step,
+        state.step - first_step,
+        started.elapsed().as_secs_f64()
+    );
     println!("wrote {} ({} trainable tensors)", final_path.display(), weights.len());
     Ok(())
 }
