@@ -9,7 +9,7 @@ use otter::cmd::eval::evaluate;
 use otter::model::weights::LoadOptions;
 use otter::model::Otter;
 use otter::tensors::TensorFile;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 fn cuda() -> Device {
     otter::cuda::load().expect("libtorch_cuda loads");
@@ -58,4 +58,93 @@ fn gpu_bf16_loss_tracks_upstream_f32() {
         println!("gpu bf16 {case}: loss {loss:.6} vs upstream f32 {expected:.6} (|diff| {:.3e}), logits max|diff| {dl:.3e}, grads finite: {finite}", (loss - expected).abs());
         assert!((loss - expected).abs() <= 2e-2 && finite, "{case}: bf16 loss off by {}", (loss - expected).abs());
     }
+}
+
+/// The fixture's AdamW + cosine trajectory (with the generator's leftover pretext grads,
+/// see tests/train.rs) on CUDA with bf16 frozen weights + autocast and f32 masters: every
+/// step's loss within 2e-2 of upstream's f32 numbers.
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-check.sh"]
+fn gpu_bf16_overfit_tracks_the_f32_fixture() {
+    use otter::model::causal_lm_loss;
+    use otter::train::optim::AdamWConfig;
+    use otter::train::{StepConfig, TensorBatch, Trainer};
+    let dev = cuda();
+    let model = Otter::load_dir(&tiny_model(), LoadOptions { device: dev, frozen_kind: Kind::BFloat16 }).unwrap();
+    let fixture = TensorFile::read(&fixtures().join("train/adamw_cosine.safetensors")).unwrap();
+    let pre = TensorFile::read(&fixtures().join("parity/pretext.safetensors")).unwrap();
+    let logits = model.forward(pre.get("vision_x").unwrap(), pre.get("input_ids").unwrap(), pre.get("attention_mask").unwrap());
+    causal_lm_loss(&logits, pre.get("labels").unwrap()).backward();
+    let cfg = StepConfig { lr: 1e-3, warmup_steps: 2, total_steps: 8, clip: Some(1.0), adamw: AdamWConfig::default() };
+    let mut trainer = Trainer::new(model, cfg);
+    let b = TensorBatch {
+        vision_x: fixture.get("vision_x").unwrap().to_device(dev),
+        input_ids: fixture.get("input_ids").unwrap().to_device(dev),
+        attention_mask: fixture.get("attention_mask").unwrap().to_device(dev),
+        labels: fixture.get("labels").unwrap().to_device(dev),
+    };
+    let want = Vec::<f64>::try_from(fixture.get("losses").unwrap()).unwrap();
+    let mut worst = 0f64;
+    for (step, w) in want.iter().enumerate() {
+        let s = trainer.step(std::slice::from_ref(&b));
+        worst = worst.max((s.loss - w).abs());
+        println!("gpu bf16 overfit step {step}: loss {:.6} vs upstream f32 {w:.6}", s.loss);
+        assert!((s.loss - w).abs() <= 2e-2, "step {step}");
+    }
+    println!("gpu bf16 overfit: worst |loss diff| {worst:.3e} over 8 steps");
+}
+
+/// Step time of a ~1B-parameter Otter-shaped model (bf16 frozen weights + autocast, f32
+/// trainable masters + AdamW), batch 4 x 512 tokens, one image each at 224 px. Reported,
+/// not asserted.
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-check.sh"]
+fn gpu_step_time_of_a_1b_config() {
+    use otter::model::config::HfOtterConfig;
+    use otter::model::spec::{count, parameter_specs};
+    use otter::model::weights::Params;
+    use otter::train::optim::AdamWConfig;
+    use otter::train::{StepConfig, TensorBatch, Trainer};
+    let dev = cuda();
+    let hf: HfOtterConfig = serde_json::from_str(
+        r#"{"cross_attn_every_n_layers": 4,
+        "text_config": {"vocab_size": 32004, "hidden_size": 2048, "intermediate_size": 5504,
+          "num_hidden_layers": 16, "num_attention_heads": 16},
+        "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+          "num_attention_heads": 16, "patch_size": 14, "image_size": 224}}"#,
+    )
+    .unwrap();
+    let cfg = hf.resolve("1B test config").unwrap();
+    let c = count(&parameter_specs(&cfg));
+    let opts = LoadOptions { device: dev, frozen_kind: Kind::BFloat16 };
+    let model = Otter::new(cfg.clone(), Params::random(&cfg, 0, opts), opts);
+    let step_cfg = StepConfig { lr: 1e-5, warmup_steps: 0, total_steps: 100, clip: Some(1.0), adamw: AdamWConfig::default() };
+    let mut trainer = Trainer::new(model, step_cfg);
+    let (b, l) = (4i64, 512i64);
+    let mut ids = Tensor::randint(32000, [b, l], (Kind::Int64, dev));
+    let _ = ids.narrow(1, 0, 1).fill_(cfg.tokens.media);
+    let batch = TensorBatch {
+        vision_x: Tensor::randn([b, 1, 1, 3, 224, 224], (Kind::Float, dev)),
+        attention_mask: ids.ones_like(),
+        labels: ids.copy(),
+        input_ids: ids,
+    };
+    for _ in 0..2 {
+        trainer.step(std::slice::from_ref(&batch));
+    }
+    tch::Cuda::synchronize(0);
+    let n = 5;
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        trainer.step(std::slice::from_ref(&batch));
+    }
+    tch::Cuda::synchronize(0);
+    let dt = t.elapsed().as_secs_f64() / n as f64;
+    println!(
+        "gpu 1B-shaped config: {:.3} B params ({:.3} B trainable), batch {b}x{l}: step {:.1} ms, {:.0} tokens/s",
+        c.total as f64 / 1e9,
+        c.trainable as f64 / 1e9,
+        dt * 1e3,
+        (b * l) as f64 / dt
+    );
 }
