@@ -121,7 +121,7 @@ fn gpu_step_time_of_a_1b_config() {
     let step_cfg = StepConfig { lr: 1e-5, warmup_steps: 0, total_steps: 100, clip: Some(1.0), adamw: AdamWConfig::default() };
     let mut trainer = Trainer::new(model, step_cfg);
     let (b, l) = (4i64, 512i64);
-    let mut ids = Tensor::randint(32000, [b, l], (Kind::Int64, dev));
+    let ids = Tensor::randint(32000, [b, l], (Kind::Int64, dev));
     let _ = ids.narrow(1, 0, 1).fill_(cfg.tokens.media);
     let batch = TensorBatch {
         vision_x: Tensor::randn([b, 1, 1, 3, 224, 224], (Kind::Float, dev)),
