@@ -14,6 +14,7 @@ cargo build --quiet --release --bin otter
 work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
 tok="$PWD/tests/fixtures/tiny_otter/tokenizer.json"
 target/release/otter data synth --out "$work" --samples "$samples" --image-px "$px" --seed 5 --tokenizer "$tok" >/dev/null
+cores=$(nproc)
 export RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 rust=$(target/release/otter bench data --config "$work/data.yaml" --samples "$samples")
 python=$("$py" benches/data_pipeline.py "$work" "$tok" "$samples" 224)
@@ -24,7 +25,7 @@ ratio=$(python3 -c "print(f'{$r/$p:.2f}')")
 echo "ratio (Rust/Python samples per second, one core each): ${ratio}x"
 {
   echo
-  echo "### Data pipeline, $(date -u +%Y-%m-%d), $(nproc) cores, ${samples} samples of ${px}px noise PNG/JPEG -> 224 px"
+  echo "### Data pipeline, $(date -u +%Y-%m-%d), ${cores} cores (one per side), ${samples} samples of ${px}px synthetic photo-like PNG/JPEG -> 224 px"
   echo
   echo "| side | samples/s (1 core) | images/s |"
   echo "|---|---|---|"
