@@ -7,9 +7,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 samples="${1:-300}"; px="${2:-480}"
-CACHE="${OTTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/otter}"
-py="$CACHE/venv/bin/python"
-"$py" -m pip install -q --disable-pip-version-check pillow numpy tokenizers
+py="$(bash scripts/bench-venv.sh)"
 cargo build --quiet --release --bin otter
 work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
 tok="$PWD/tests/fixtures/tiny_otter/tokenizer.json"

@@ -9,6 +9,8 @@
 #     `cargo build` / `cargo test` work afterwards without exported variables.
 #
 # Quiet when everything is already in place. Override the cache with OTTER_CACHE.
+# Benchmark peers (PIL, open-flamingo, ...) live in their own venvs (scripts/bench-*.sh)
+# so that nothing can move this venv's torch away from the version tch binds.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,7 +38,10 @@ fi
 # --- 2. Python venv with the torch wheel ---------------------------------------
 stamp="$VENV/.otter-stamp"
 want="$(printf '%s\n' "${PY_REQS[@]}")"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+torch_ok() {
+  "$VENV/bin/python" -c "import sys, importlib.metadata as m; sys.exit(m.version('torch').split('+')[0] != '$TORCH_VERSION')" 2>/dev/null
+}
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! torch_ok; then
   log "creating Python venv with torch ${TORCH_VERSION} in $VENV (about 5 GB, once)"
   mkdir -p "$CACHE"
   python3 -m venv "$VENV"

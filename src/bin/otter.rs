@@ -112,6 +112,20 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Mean training-step time of a random-weight model of the given config.json.
+    TrainStep {
+        /// HF-style Otter config.json (model dimensions).
+        #[arg(long)]
+        model_config: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        batch: i64,
+        #[arg(long, default_value_t = 64)]
+        seq: i64,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+    },
     /// Per-sample data pipeline throughput on one thread.
     Data {
         /// A run YAML with a `data:` section (first dataset is used).
@@ -210,6 +224,9 @@ fn main() -> Result<()> {
             })
         }
         Command::Bench(BenchCommand::Data { config, samples }) => cmd::bench::data(&config, samples),
+        Command::Bench(BenchCommand::TrainStep { model_config, batch, seq, steps, warmup }) => {
+            cmd::bench::train_step(&model_config, batch, seq, steps, warmup)
+        }
         Command::Data(d) => match d {
             DataCommand::Synth { out, samples, images_format, seed, image_px, tokenizer } => {
                 cmd::data::run_synth(&out, samples, &images_format, seed, image_px, tokenizer.as_deref())

@@ -57,3 +57,48 @@ pub fn data(config: &Path, samples: usize) -> Result<()> {
     );
     Ok(())
 }
+
+/// Mean optimizer-step time (forward + backward + clip + AdamW) of an Otter model with
+/// random weights built from an HF-style `config.json` (`model_config`), on a random
+/// batch of `batch` samples x `seq` tokens with one image each, after `warmup` steps.
+/// Same model dimensions, batch and sequence as the PyTorch peer (benches/train_step.py).
+pub fn train_step(model_config: &Path, batch: i64, seq: i64, steps: usize, warmup: usize) -> Result<()> {
+    use crate::model::config::HfOtterConfig;
+    use crate::model::spec::{count, parameter_specs};
+    use crate::model::weights::{LoadOptions, Params};
+    use crate::model::Otter;
+    use crate::train::optim::AdamWConfig;
+    use crate::train::{StepConfig, TensorBatch, Trainer};
+    use tch::{Kind, Tensor};
+    let cfg = HfOtterConfig::from_file(model_config)?.resolve(&model_config.display().to_string())?;
+    let opts = LoadOptions::default();
+    let model = Otter::new(cfg.clone(), Params::random(&cfg, 0, opts), opts);
+    let c = count(&parameter_specs(&cfg));
+    let step_cfg = StepConfig { lr: 1e-5, warmup_steps: 0, total_steps: 1000, clip: Some(1.0), adamw: AdamWConfig::default() };
+    let mut trainer = Trainer::new(model, step_cfg);
+    let s = cfg.vision.image_size as i64;
+    tch::manual_seed(1);
+    let ids = Tensor::randint(cfg.tokens.end_of_chunk, [batch, seq], (Kind::Int64, tch::Device::Cpu));
+    let _ = ids.narrow(1, 1, 1).fill_(cfg.tokens.media);
+    let b = TensorBatch {
+        vision_x: Tensor::randn([batch, 1, 1, 3, s, s], (Kind::Float, tch::Device::Cpu)),
+        attention_mask: ids.ones_like(),
+        labels: ids.copy(),
+        input_ids: ids,
+    };
+    for _ in 0..warmup {
+        trainer.step(std::slice::from_ref(&b));
+    }
+    let t = Instant::now();
+    for _ in 0..steps {
+        trainer.step(std::slice::from_ref(&b));
+    }
+    let dt = t.elapsed().as_secs_f64() / steps as f64;
+    println!(
+        "rust params={} trainable={} batch={batch} seq={seq} threads={} step_s={dt:.4}",
+        c.total,
+        c.trainable,
+        tch::get_num_threads()
+    );
+    Ok(())
+}
