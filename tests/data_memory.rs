@@ -22,7 +22,7 @@ fn status_kb(field: &str) -> u64 {
 fn sampling_from_a_1gb_image_json_keeps_peak_rss_under_10_percent() {
     let dir = tempfile::tempdir().unwrap();
     let (ok, _, err) = common::run_otter(&[
-        "data", "synth", "--out", dir.path().to_str().unwrap(), "--samples", "1450", "--image-px", "512", "--seed", "1",
+        "data", "synth", "--out", dir.path().to_str().unwrap(), "--samples", "3000", "--image-px", "512", "--seed", "1",
     ]);
     assert!(ok, "{err}");
     let images = dir.path().join("SYN.json");
@@ -33,11 +33,11 @@ fn sampling_from_a_1gb_image_json_keeps_peak_rss_under_10_percent() {
     let base_kb = status_kb("VmRSS:");
 
     let store = open_store(&images).unwrap();
-    assert_eq!(store.len(), 1450);
+    assert_eq!(store.len(), 3000);
     let mut rng = SplitMix64::new(7);
     let mut px = Vec::new();
     for _ in 0..300 {
-        let i = rng.below(1450) as usize;
+        let i = rng.below(3000) as usize;
         let bytes = store.get(&format!("SYN_IMG_{i:08}")).unwrap();
         px.clear();
         preprocess(&bytes, 224, &mut px).unwrap();
