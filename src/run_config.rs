@@ -82,21 +82,17 @@ impl RunConfig {
         if cfg.model.preset.is_some() || cfg.model.dir.is_some() {
             cfg.model_source(path)?;
         }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let invalid = |(field, message): (String, String)| ConfigError::Invalid {
+            origin: path.display().to_string(),
+            field,
+            message,
+        };
         if let Some(data) = &mut cfg.data {
-            let base = path.parent().unwrap_or(Path::new("."));
-            data.validate(base).map_err(|(field, message)| ConfigError::Invalid {
-                origin: path.display().to_string(),
-                field,
-                message,
-            })?;
+            data.validate(base).map_err(invalid)?;
         }
         if let Some(train) = &mut cfg.train {
-            let base = path.parent().unwrap_or(Path::new("."));
-            train.validate(base).map_err(|(field, message)| ConfigError::Invalid {
-                origin: path.display().to_string(),
-                field,
-                message,
-            })?;
+            train.validate(base).map_err(invalid)?;
         }
         Ok(cfg)
     }

@@ -379,6 +379,9 @@ impl ImageStore for ParquetImageStore {
                 continue;
             }
             let col = batch.column(0);
+            if col.is_null(0) {
+                return Err(ImageStoreError::Base64 { path: self.path.clone(), id: id.into(), message: "null".into() });
+            }
             let bytes = if let Some(a) = col.as_string_opt::<i32>() {
                 a.value(0).as_bytes().to_vec()
             } else if let Some(a) = col.as_string_opt::<i64>() {
@@ -388,9 +391,6 @@ impl ImageStore for ParquetImageStore {
             } else {
                 return Err(pq("column `base64` is neither string nor binary".into()));
             };
-            if col.is_null(0) {
-                return Err(ImageStoreError::Base64 { path: self.path.clone(), id: id.into(), message: "null".into() });
-            }
             return Ok(bytes);
         }
         Err(pq(format!("row {row} of row group {rg} (image `{id}`) could not be read")))
