@@ -2,6 +2,7 @@
 //!
 //! * [`model`]: the Otter model (config and parameter schema always; tch modules with
 //!   the `torch` feature).
+//! * [`comm`]: collectives: the `Collective` seam and our CPU ring over TCP (no libtorch).
 //! * [`data`]: the MIMIC-IT data pipeline (no libtorch).
 //! * [`run_config`]: YAML run configs (`configs/*.yaml`).
 //! * [`cmd`]: the `otter` subcommands (with `torch`).
@@ -10,6 +11,7 @@
 //!
 //! See `ARCHITECTURE.md` for the code map and invariants.
 
+pub mod comm;
 pub mod data;
 pub mod model;
 pub mod run_config;

@@ -1,0 +1,451 @@
+//! CPU ring collectives over TCP (Patarasuk & Yuan, 2009): all-reduce = reduce-scatter
+//! then all-gather around the ring, 2(n-1)/n of the data over each link. Each step sends
+//! one part to the next rank while receiving another from the previous one on a second
+//! thread, and the receiver reduces piece by piece as bytes arrive, so sending, receiving
+//! and reducing overlap. Every socket operation is bounded by the group's timeout, so a
+//! dead or stalled peer is an error on every rank, never a hang.
+
+use super::{split, CommError, Collective};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+const MAGIC: u64 = 0x4f54_5445_5252_494e; // "OTTERRIN"
+/// Bytes per pipelined piece.
+const PIECE: usize = 256 * 1024;
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("the ring's wire format is little-endian f32");
+
+pub struct RingGroup {
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    /// To rank + 1 and from rank - 1 (None when world == 1).
+    next: Option<(TcpStream, SocketAddr)>,
+    prev: Option<(TcpStream, SocketAddr)>,
+}
+
+fn as_bytes(x: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding or invalid bit patterns; the length is scaled by 4.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+}
+
+/// (&buf[a], &mut buf[b]) for disjoint ranges.
+fn two_parts(buf: &mut [f32], a: (usize, usize), b: (usize, usize)) -> (&[f32], &mut [f32]) {
+    if a.0 < b.0 {
+        let (lo, hi) = buf.split_at_mut(b.0);
+        (&lo[a.0..a.0 + a.1], &mut hi[..b.1])
+    } else {
+        let (lo, hi) = buf.split_at_mut(a.0);
+        (&hi[..a.1], &mut lo[b.0..b.0 + b.1])
+    }
+}
+
+impl RingGroup {
+    /// Joins the ring: `listener` is this rank's bound listener and `addrs[i]` every rank's
+    /// listener address (exchanged beforehand, e.g. through the coordinator). Connects to
+    /// rank + 1, accepts rank - 1, and checks both ends agree on (rank, world).
+    pub fn connect(rank: usize, addrs: &[SocketAddr], listener: &TcpListener, timeout: Duration) -> Result<Self, CommError> {
+        let world = addrs.len();
+        if world == 0 || rank >= world {
+            return Err(CommError::Invalid(format!("rank {rank} of a world of {world}")));
+        }
+        let mut g = Self { rank, world, timeout, next: None, prev: None };
+        if world == 1 {
+            return Ok(g);
+        }
+        let next_rank = (rank + 1) % world;
+        let prev_rank = (rank + world - 1) % world;
+        let deadline = Instant::now() + timeout;
+        // Connect to next on a thread (it may be accepting only after its own connect).
+        let next_addr = addrs[next_rank];
+        let connector = std::thread::spawn(move || -> std::io::Result<TcpStream> {
+            loop {
+                match TcpStream::connect_timeout(&next_addr, Duration::from_millis(200)) {
+                    Ok(s) => return Ok(s),
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        listener.set_nonblocking(true).map_err(|e| g.peer_err(prev_rank, addrs[prev_rank], "listen", e))?;
+        let prev = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(CommError::Timeout { rank, what: "accepting the previous rank", timeout });
+                }
+                Err(e) => return Err(g.peer_err(prev_rank, addrs[prev_rank], "accept", e)),
+            }
+        };
+        let next = connector
+            .join()
+            .map_err(|_| CommError::Protocol { rank, message: "connector thread panicked".into() })?
+            .map_err(|e| g.peer_err(next_rank, next_addr, "connect", e))?;
+        for s in [&prev, &next] {
+            s.set_nonblocking(false).and_then(|_| s.set_nodelay(true)).map_err(|e| g.peer_err(next_rank, next_addr, "configure", e))?;
+            s.set_read_timeout(Some(timeout)).and_then(|_| s.set_write_timeout(Some(timeout))).map_err(|e| g.peer_err(next_rank, next_addr, "configure", e))?;
+        }
+        g.next = Some((next, next_addr));
+        g.prev = Some((prev, addrs[prev_rank]));
+        // Handshake: tell next who we are; check prev is who we expect.
+        let hello = [MAGIC, rank as u64, world as u64];
+        let bytes: Vec<u8> = hello.iter().flat_map(|v| v.to_le_bytes()).collect();
+        g.send_raw(&bytes)?;
+        let mut got = [0u8; 24];
+        g.recv_raw(&mut got)?;
+        let v: Vec<u64> = got.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+        if v != [MAGIC, prev_rank as u64, world as u64] {
+            return Err(CommError::Protocol {
+                rank,
+                message: format!("expected rank {prev_rank} of {world} behind me, got {v:?}"),
+            });
+        }
+        Ok(g)
+    }
+
+    fn peer_err(&self, peer: usize, addr: SocketAddr, what: &'static str, e: std::io::Error) -> CommError {
+        if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+            return CommError::Timeout { rank: self.rank, what, timeout: self.timeout };
+        }
+        CommError::Peer { rank: self.rank, peer, addr: addr.to_string(), what, source: e }
+    }
+
+    fn next_rank(&self) -> usize {
+        (self.rank + 1) % self.world
+    }
+
+    fn prev_rank(&self) -> usize {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) -> Result<(), CommError> {
+        let peer = self.next_rank();
+        let (s, addr) = self.next.as_mut().expect("world > 1");
+        let addr = *addr;
+        s.write_all(bytes).map_err(|e| self.peer_err(peer, addr, "send", e))
+    }
+
+    fn recv_raw(&mut self, bytes: &mut [u8]) -> Result<(), CommError> {
+        let peer = self.prev_rank();
+        let (s, addr) = self.prev.as_mut().expect("world > 1");
+        let addr = *addr;
+        s.read_exact(bytes).map_err(|e| self.peer_err(peer, addr, "receive", e))
+    }
+
+    /// One ring step: send `buf[send]` to next while receiving `buf[recv]` from prev,
+    /// either adding (`reduce`) or overwriting, piece by piece.
+    fn step(&mut self, buf: &mut [f32], send: (usize, usize), recv: (usize, usize), reduce: bool) -> Result<(), CommError> {
+        let (src, dst) = two_parts(buf, send, recv);
+        let (next_rank, prev_rank, rank, timeout) = (self.next_rank(), self.prev_rank(), self.rank, self.timeout);
+        let (next, next_addr) = self.next.as_mut().expect("world > 1");
+        let (prev, prev_addr) = self.prev.as_mut().expect("world > 1");
+        let (next_addr, prev_addr) = (*next_addr, *prev_addr);
+        let err = |peer, addr: SocketAddr, what, e: std::io::Error| {
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+                CommError::Timeout { rank, what, timeout }
+            } else {
+                CommError::Peer { rank, peer, addr: addr.to_string(), what, source: e }
+            }
+        };
+        // A second handle on the outgoing socket, to unblock the sender if receiving fails.
+        let next_ctl = next.try_clone().map_err(|e| err(next_rank, next_addr, "clone socket", e))?;
+        std::thread::scope(|sc| {
+            let sender = sc.spawn(|| -> Result<(), CommError> {
+                for piece in as_bytes(src).chunks(PIECE) {
+                    next.write_all(piece).map_err(|e| err(next_rank, next_addr, "send", e))?;
+                }
+                Ok(())
+            });
+            let mut scratch = vec![0u8; PIECE];
+            let mut received: Result<(), CommError> = Ok(());
+            for out in dst.chunks_mut(PIECE / 4) {
+                let bytes = &mut scratch[..out.len() * 4];
+                if let Err(e) = prev.read_exact(bytes) {
+                    received = Err(err(prev_rank, prev_addr, "receive", e));
+                    // Unblock the sender too: a broken ring must fail everywhere.
+                    let _ = next_ctl.shutdown(std::net::Shutdown::Both);
+                    break;
+                }
+                let vals = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                if reduce {
+                    for (o, v) in out.iter_mut().zip(vals) {
+                        *o += v;
+                    }
+                } else {
+                    for (o, v) in out.iter_mut().zip(vals) {
+                        *o = v;
+                    }
+                }
+            }
+            let sent = sender.join().unwrap_or_else(|_| Err(CommError::Protocol { rank, message: "sender panicked".into() }));
+            received.and(sent)
+        })
+    }
+
+    /// Reduce-scatter phase: afterwards part `rank` holds the sum over ranks.
+    fn ring_reduce_scatter(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        let (n, r, len) = (self.world, self.rank, buf.len());
+        for s in 0..n - 1 {
+            let send = split(len, n, (r + 2 * n - 1 - s) % n);
+            let recv = split(len, n, (r + 2 * n - 2 - s) % n);
+            self.step(buf, send, recv, true)?;
+        }
+        Ok(())
+    }
+
+    /// All-gather phase: part `rank` is complete on entry; afterwards every part is.
+    fn ring_all_gather(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        let (n, r, len) = (self.world, self.rank, buf.len());
+        for s in 0..n - 1 {
+            let send = split(len, n, (r + n - s) % n);
+            let recv = split(len, n, (r + 2 * n - 1 - s) % n);
+            self.step(buf, send, recv, false)?;
+        }
+        Ok(())
+    }
+}
+
+impl Collective for RingGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_mean(&mut self, buffers: &mut [&mut [f32]]) -> Result<(), CommError> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let scale = 1.0 / self.world as f32;
+        for buf in buffers.iter_mut() {
+            self.ring_reduce_scatter(buf)?;
+            self.ring_all_gather(buf)?;
+            for v in buf.iter_mut() {
+                *v *= scale;
+            }
+        }
+        Ok(())
+    }
+
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        if root >= self.world {
+            return Err(CommError::Invalid(format!("broadcast root {root} in a world of {}", self.world)));
+        }
+        let forward = self.next_rank() != root;
+        if self.rank == root {
+            return self.send_raw(as_bytes(buf));
+        }
+        let mut scratch = vec![0u8; PIECE];
+        for out in buf.chunks_mut(PIECE / 4) {
+            let bytes = &mut scratch[..out.len() * 4];
+            self.recv_raw(bytes)?;
+            if forward {
+                self.send_raw(bytes)?;
+            }
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        Ok(())
+    }
+
+    fn barrier(&mut self) -> Result<(), CommError> {
+        let mut one = [0f32; 1];
+        self.all_reduce_mean(&mut [&mut one[..]])
+    }
+
+    fn reduce_scatter_sum(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+        let (start, n) = split(input.len(), self.world, self.rank);
+        if output.len() != n {
+            return Err(CommError::Invalid(format!("reduce_scatter output has {} elements, part {} has {n}", output.len(), self.rank)));
+        }
+        let mut work = input.to_vec();
+        if self.world > 1 {
+            self.ring_reduce_scatter(&mut work)?;
+        }
+        output.copy_from_slice(&work[start..start + n]);
+        Ok(())
+    }
+
+    fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+        let (start, n) = split(output.len(), self.world, self.rank);
+        if input.len() != n {
+            return Err(CommError::Invalid(format!("all_gather input has {} elements, part {} has {n}", input.len(), self.rank)));
+        }
+        output[start..start + n].copy_from_slice(input);
+        if self.world > 1 {
+            self.ring_all_gather(output)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::order::SplitMix64;
+
+    /// `world` ranks on threads over loopback TCP; `f(rank, group)` per rank.
+    fn run_ring<T: Send>(world: usize, f: impl Fn(usize, &mut RingGroup) -> T + Sync) -> Vec<T> {
+        let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = listeners
+                .iter()
+                .enumerate()
+                .map(|(r, l)| {
+                    let (addrs, f) = (&addrs, &f);
+                    s.spawn(move || {
+                        let mut g = RingGroup::connect(r, addrs, l, Duration::from_secs(5)).unwrap();
+                        f(r, &mut g)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn data(rank: usize, len: usize, seed: u64) -> Vec<f32> {
+        let mut r = SplitMix64::new(seed * 1000 + rank as u64);
+        (0..len).map(|_| (r.below(2001) as f32 - 1000.0) / 7.0).collect()
+    }
+
+    #[test]
+    fn all_reduce_equals_the_naive_mean_for_awkward_sizes() {
+        for world in [1, 2, 3, 4] {
+            for (k, len) in [0usize, 1, 2, 3, 5, 17, 1000, 65_537, 300_001].into_iter().enumerate() {
+                let out = run_ring(world, |r, g| {
+                    let mut a = data(r, len, k as u64);
+                    let mut b = data(r, 3, 99);
+                    g.all_reduce_mean(&mut [&mut a[..], &mut b[..]]).unwrap();
+                    (a, b)
+                });
+                let inputs: Vec<Vec<f32>> = (0..world).map(|r| data(r, len, k as u64)).collect();
+                let want: Vec<f32> = (0..len).map(|i| inputs.iter().map(|d| d[i]).sum::<f32>() / world as f32).collect();
+                for (a, _) in &out {
+                    for (x, y) in a.iter().zip(&want) {
+                        assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "world {world} len {len}: {x} vs {y}");
+                    }
+                }
+                assert!(out.windows(2).all(|w| w[0] == w[1]), "every rank ends with identical bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn broadcast_reduce_scatter_and_all_gather_match_their_definitions() {
+        for world in [2, 3, 4] {
+            for len in [0usize, 1, 7, 10_000, 200_003] {
+                for root in 0..world {
+                    let out = run_ring(world, |r, g| {
+                        let mut b = data(r, len, 5);
+                        g.broadcast(&mut b, root).unwrap();
+                        b
+                    });
+                    let want = data(root, len, 5);
+                    assert!(out.iter().all(|b| *b == want), "broadcast world {world} len {len} root {root}");
+                }
+                let out = run_ring(world, |r, g| {
+                    let (_, n) = split(len, world, r);
+                    let mut part = vec![0f32; n];
+                    g.reduce_scatter_sum(&data(r, len, 6), &mut part).unwrap();
+                    let mut all = vec![0f32; len];
+                    g.all_gather(&part, &mut all).unwrap();
+                    (part, all)
+                });
+                let inputs: Vec<Vec<f32>> = (0..world).map(|r| data(r, len, 6)).collect();
+                let sum: Vec<f32> = (0..len).map(|i| inputs.iter().map(|d| d[i]).sum()).collect();
+                for (r, (part, all)) in out.iter().enumerate() {
+                    let (s, n) = split(len, world, r);
+                    for (x, y) in part.iter().zip(&sum[s..s + n]) {
+                        assert!((x - y).abs() <= 1e-3 * y.abs().max(1.0));
+                    }
+                    assert_eq!(all, &out.iter().flat_map(|(p, _)| p.clone()).collect::<Vec<_>>());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_dead_peer_is_an_error_within_the_timeout_on_every_survivor() {
+        let listeners: Vec<TcpListener> = (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let timeout = Duration::from_secs(2);
+        let results: Vec<Option<(Duration, String)>> = std::thread::scope(|s| {
+            let hs: Vec<_> = listeners
+                .iter()
+                .enumerate()
+                .map(|(r, l)| {
+                    let addrs = &addrs;
+                    s.spawn(move || {
+                        let mut g = RingGroup::connect(r, addrs, l, timeout).unwrap();
+                        let mut big = vec![1f32; 8_000_000];
+                        if r == 2 {
+                            drop(g); // dies before the all-reduce: sockets close
+                            return None;
+                        }
+                        let t = Instant::now();
+                        let e = g.all_reduce_mean(&mut [&mut big[..]]).expect_err("a dead peer must fail the collective");
+                        Some((t.elapsed(), e.to_string()))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (elapsed, msg) in results.into_iter().flatten() {
+            assert!(elapsed <= timeout + Duration::from_millis(500), "took {elapsed:?}: {msg}");
+        }
+        // ... and the survivors can form a new, smaller group and all-reduce correctly.
+        let out = run_ring(2, |r, g| {
+            let mut v = vec![r as f32 * 2.0; 1001];
+            g.all_reduce_mean(&mut [&mut v[..]]).unwrap();
+            v
+        });
+        assert!(out.iter().all(|v| v.iter().all(|&x| x == 1.0)));
+    }
+
+    #[test]
+    fn a_stalled_peer_is_an_error_within_the_timeout() {
+        let listeners: Vec<TcpListener> = (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let timeout = Duration::from_secs(2);
+        let results: Vec<Option<Duration>> = std::thread::scope(|s| {
+            let hs: Vec<_> = listeners
+                .iter()
+                .enumerate()
+                .map(|(r, l)| {
+                    let addrs = &addrs;
+                    s.spawn(move || {
+                        let mut g = RingGroup::connect(r, addrs, l, timeout).unwrap();
+                        if r == 2 {
+                            std::thread::sleep(Duration::from_secs(4)); // alive, silent
+                            return None;
+                        }
+                        let mut big = vec![1f32; 8_000_000];
+                        let t = Instant::now();
+                        assert!(g.all_reduce_mean(&mut [&mut big[..]]).is_err());
+                        Some(t.elapsed())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for elapsed in results.into_iter().flatten() {
+            println!("stalled peer: error after {elapsed:?}");
+            assert!(elapsed <= timeout + Duration::from_millis(500), "a stalled peer held a rank for {elapsed:?}");
+        }
+    }
+}
