@@ -112,6 +112,28 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// CPU ring all-reduce bandwidth with N local rank processes (algbw/busbw in GB/s).
+    Allreduce {
+        #[arg(long, default_value_t = 2)]
+        world: usize,
+        /// Sizes in MB (1e6 bytes), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        size_mb: Vec<f64>,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
+    /// One rank of `bench allreduce` (spawned by it).
+    #[command(hide = true)]
+    AllreduceRank {
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        addrs: String,
+        #[arg(long, value_delimiter = ',')]
+        size_mb: Vec<f64>,
+        #[arg(long)]
+        iters: usize,
+    },
     /// Mean training-step time of a random-weight model of the given config.json.
     TrainStep {
         /// HF-style Otter config.json (model dimensions).
@@ -224,6 +246,10 @@ fn main() -> Result<()> {
             })
         }
         Command::Bench(BenchCommand::Data { config, samples }) => cmd::bench::data(&config, samples),
+        Command::Bench(BenchCommand::Allreduce { world, size_mb, iters }) => cmd::bench::allreduce(world, &size_mb, iters),
+        Command::Bench(BenchCommand::AllreduceRank { rank, addrs, size_mb, iters }) => {
+            cmd::bench::allreduce_rank(rank, &addrs, &size_mb, iters)
+        }
         Command::Bench(BenchCommand::TrainStep { model_config, batch, seq, steps, warmup }) => {
             cmd::bench::train_step(&model_config, batch, seq, steps, warmup)
         }

@@ -102,3 +102,60 @@ pub fn train_step(model_config: &Path, batch: i64, seq: i64, steps: usize, warmu
     );
     Ok(())
 }
+
+/// `otter bench allreduce`: spawns `world` local rank processes running the CPU ring and
+/// prints, per size, `algbw` and `busbw` in GB/s (nccl-tests definitions:
+/// algbw = bytes / time, busbw = algbw * 2(n-1)/n).
+pub fn allreduce(world: usize, sizes_mb: &[f64], iters: usize) -> Result<()> {
+    anyhow::ensure!(world >= 1, "--world must be positive");
+    let listeners: Vec<std::net::TcpListener> =
+        (0..world).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
+    let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<std::io::Result<_>>()?;
+    drop(listeners); // each rank re-binds its own address
+    let exe = std::env::current_exe()?;
+    let sizes: Vec<String> = sizes_mb.iter().map(|s| s.to_string()).collect();
+    let children: Vec<std::process::Child> = (0..world)
+        .map(|r| {
+            std::process::Command::new(&exe)
+                .args(["bench", "allreduce-rank", "--rank", &r.to_string(), "--addrs", &addrs.join(",")])
+                .args(["--iters", &iters.to_string(), "--size-mb", &sizes.join(",")])
+                .stdout(if r == 0 { std::process::Stdio::inherit() } else { std::process::Stdio::null() })
+                .spawn()
+        })
+        .collect::<std::io::Result<_>>()?;
+    let mut failed = 0;
+    for mut c in children {
+        if !c.wait()?.success() {
+            failed += 1;
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} rank(s) failed");
+    Ok(())
+}
+
+/// One rank of `otter bench allreduce`.
+pub fn allreduce_rank(rank: usize, addrs: &str, sizes_mb: &[f64], iters: usize) -> Result<()> {
+    use crate::comm::ring::RingGroup;
+    use crate::comm::Collective;
+    let addrs: Vec<std::net::SocketAddr> = addrs.split(',').map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let listener = std::net::TcpListener::bind(addrs[rank]).with_context(|| format!("rank {rank}: bind {}", addrs[rank]))?;
+    let mut g = RingGroup::connect(rank, &addrs, &listener, std::time::Duration::from_secs(30))?;
+    let n = g.world();
+    for &mb in sizes_mb {
+        let len = ((mb * 1e6) / 4.0).round() as usize;
+        let mut buf = vec![rank as f32; len];
+        g.all_reduce_mean(&mut [&mut buf[..]])?; // warm-up
+        g.barrier()?;
+        let t = Instant::now();
+        for _ in 0..iters {
+            g.all_reduce_mean(&mut [&mut buf[..]])?;
+        }
+        let secs = t.elapsed().as_secs_f64() / iters as f64;
+        let algbw = (len * 4) as f64 / secs / 1e9;
+        let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
+        if rank == 0 {
+            println!("world={n} size_mb={mb} time_ms={:.2} algbw={algbw:.3} busbw={busbw:.3}", secs * 1e3);
+        }
+    }
+    Ok(())
+}
