@@ -153,6 +153,28 @@ mod pipeline {
         }
     }
 
+    #[test]
+    fn parquet_and_json_stores_agree_under_concurrent_lookups() {
+        use otter::data::images::open_store;
+        let (dj, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let spec = |format| SynthSpec { samples: 150, format, seed: 9, image_px: 24, distinct_images: 150 };
+        let fj = synth(dj.path(), &spec(ImagesFormat::Json)).unwrap();
+        let fp = synth(dp.path(), &spec(ImagesFormat::Parquet)).unwrap();
+        let (json, parquet) = (open_store(&fj.images).unwrap(), open_store(&fp.images).unwrap());
+        assert_eq!(parquet.len(), 150);
+        std::thread::scope(|s| {
+            for t in 0..4usize {
+                let (json, parquet) = (&json, &parquet);
+                s.spawn(move || {
+                    for k in 0..150usize {
+                        let id = format!("SYN_IMG_{:08}", (k * 37 + t * 11) % 150);
+                        assert_eq!(parquet.get(&id).unwrap(), json.get(&id).unwrap(), "{id} (thread {t})");
+                    }
+                });
+            }
+        });
+    }
+
     /// A copy of the fixture dataset with one bad record of each kind added.
     fn corrupted(dir: &Path) -> otter::data::DataConfig {
         let m = fixtures().join("mimicit");

@@ -277,7 +277,6 @@ impl ImageStore for JsonImageStore {
 
 pub struct ParquetImageStore {
     path: PathBuf,
-    file: File,
     meta: parquet::arrow::arrow_reader::ArrowReaderMetadata,
     base64_leaf: usize,
     index: HashMap<String, (usize, usize)>,
@@ -338,7 +337,7 @@ impl ParquetImageStore {
                 }
             }
         }
-        Ok(Self { path: path.to_path_buf(), file, meta, base64_leaf, index })
+        Ok(Self { path: path.to_path_buf(), meta, base64_leaf, index })
     }
 }
 
@@ -364,7 +363,9 @@ impl ImageStore for ParquetImageStore {
             .index
             .get(id)
             .ok_or_else(|| ImageStoreError::Missing { path: self.path.clone(), id: id.to_string() })?;
-        let file = self.file.try_clone().map_err(|source| ImageStoreError::Io { path: self.path.clone(), source })?;
+        // A fresh descriptor per lookup: parquet's reader seeks and reads, and cloned
+        // descriptors share one file offset, so concurrent loader threads would race.
+        let file = File::open(&self.path).map_err(|source| ImageStoreError::Io { path: self.path.clone(), source })?;
         let descr = self.meta.metadata().file_metadata().schema_descr_ptr();
         let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.meta.clone())
             .with_row_groups(vec![rg])
