@@ -1,7 +1,6 @@
 //! `otter data synth | validate | dump`.
 
 use crate::data::config::TaskGroup;
-use crate::data::images::open_store;
 use crate::data::sample::{Dataset, SampleBuilder};
 use crate::data::synth::{synth, ImagesFormat, SynthSpec};
 use crate::data::tokenize::TextTokenizer;
@@ -136,7 +135,6 @@ pub fn run_dump(a: DumpArgs) -> Result<()> {
         train_config: Some(a.train_config.to_path_buf()),
         weight: 1.0,
     };
-    let _ = open_store(a.images)?; // a clear error before anything else
     let cfg = DataConfig {
         tokenizer: a.tokenizer.to_path_buf(),
         datasets: vec![ds_cfg],

@@ -31,6 +31,15 @@ fn as_bytes(x: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
 }
 
+/// A socket error as seen by `rank`: a timeout, or a named peer's failure.
+fn io_error(rank: usize, timeout: Duration, peer: usize, addr: SocketAddr, what: &'static str, e: std::io::Error) -> CommError {
+    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+        CommError::Timeout { rank, what, timeout }
+    } else {
+        CommError::Peer { rank, peer, addr: addr.to_string(), what, source: e }
+    }
+}
+
 /// (&buf[a], &mut buf[b]) for disjoint ranges.
 fn two_parts(buf: &mut [f32], a: (usize, usize), b: (usize, usize)) -> (&[f32], &mut [f32]) {
     if a.0 < b.0 {
@@ -112,10 +121,7 @@ impl RingGroup {
     }
 
     fn peer_err(&self, peer: usize, addr: SocketAddr, what: &'static str, e: std::io::Error) -> CommError {
-        if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
-            return CommError::Timeout { rank: self.rank, what, timeout: self.timeout };
-        }
-        CommError::Peer { rank: self.rank, peer, addr: addr.to_string(), what, source: e }
+        io_error(self.rank, self.timeout, peer, addr, what, e)
     }
 
     fn next_rank(&self) -> usize {
@@ -148,13 +154,7 @@ impl RingGroup {
         let (next, next_addr) = self.next.as_mut().expect("world > 1");
         let (prev, prev_addr) = self.prev.as_mut().expect("world > 1");
         let (next_addr, prev_addr) = (*next_addr, *prev_addr);
-        let err = |peer, addr: SocketAddr, what, e: std::io::Error| {
-            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
-                CommError::Timeout { rank, what, timeout }
-            } else {
-                CommError::Peer { rank, peer, addr: addr.to_string(), what, source: e }
-            }
-        };
+        let err = |peer, addr, what, e| io_error(rank, timeout, peer, addr, what, e);
         // A second handle on the outgoing socket, to unblock the sender if receiving fails.
         let next_ctl = next.try_clone().map_err(|e| err(next_rank, next_addr, "clone socket", e))?;
         std::thread::scope(|sc| {

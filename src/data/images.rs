@@ -9,7 +9,7 @@
 use base64::Engine;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -103,9 +103,10 @@ pub struct JsonImageStore {
     index: HashMap<String, Range>,
 }
 
-/// A byte-at-a-time reader over a buffered file that tracks the offset.
+/// A byte-at-a-time reader over a file, through its own 1 MiB buffer, that tracks the
+/// offset.
 struct Scanner<R: Read> {
-    r: BufReader<R>,
+    r: R,
     buf: Vec<u8>,
     pos: usize,
     base: u64,
@@ -188,7 +189,7 @@ impl JsonImageStore {
     pub fn open(path: &Path) -> Result<Self, ImageStoreError> {
         let io = |source| ImageStoreError::Io { path: path.to_path_buf(), source };
         let file = File::open(path).map_err(io)?;
-        let mut s = Scanner { r: BufReader::with_capacity(1 << 20, file.try_clone().map_err(io)?), buf: vec![], pos: 0, base: 0 };
+        let mut s = Scanner { r: file.try_clone().map_err(io)?, buf: vec![], pos: 0, base: 0 };
         let bad = |s: &Scanner<File>, message: &str| ImageStoreError::Malformed {
             path: path.to_path_buf(),
             offset: s.offset(),
