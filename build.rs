@@ -3,13 +3,56 @@
 //! `links = "tch"`, exports it as DEP_TCH_LIBTORCH_LIB), and passes it to the code as
 //! OTTER_LIBTORCH_LIB so `cuda::load` can find libtorch_cuda.
 //!
-//! libtorch_cuda itself is *not* linked: nothing references its symbols, and loading it
-//! costs ~0.4 GB of RSS and ~0.5 s at every start, CPU-only runs included. It is
-//! dlopen'ed when a CUDA device is asked for (src/cuda.rs).
+//! libtorch_cuda itself is *not* linked by default: nothing references its symbols, and
+//! loading it costs ~0.4 GB of RSS and ~0.5 s at every start, CPU-only runs included. It
+//! is dlopen'ed when a CUDA device is asked for (src/cuda.rs).
+//!
+//! Feature `nccl`: compiles `src/comm/nccl_shim.cpp` against the torch wheel's c10d
+//! headers (plus the wheel's NCCL and CUDA headers, see ../shared/docs/toolchain.md) and
+//! links libtorch_cuda, which then *is* referenced.
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").ok();
+    if let Some(dir) = &lib {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
         println!("cargo:rustc-env=OTTER_LIBTORCH_LIB={dir}");
+    }
+    #[cfg(feature = "nccl")]
+    nccl(lib.as_deref());
+}
+
+#[cfg(feature = "nccl")]
+fn nccl(lib: Option<&str>) {
+    use std::path::PathBuf;
+    println!("cargo:rerun-if-changed=src/comm/nccl_shim.cpp");
+    println!("cargo:rerun-if-env-changed=OTTER_TORCH_SITE");
+    let lib = PathBuf::from(lib.expect("feature nccl: torch-sys did not report libtorch's lib dir"));
+    // <site>/torch/lib -> <site>
+    let site = std::env::var("OTTER_TORCH_SITE").map(PathBuf::from).unwrap_or_else(|_| lib.join("../..").canonicalize().expect("torch site dir"));
+    let torch = site.join("torch");
+    let nccl = site.join("nvidia/nccl/include");
+    assert!(nccl.exists(), "feature nccl: NCCL headers (nvidia-nccl wheel) not found at {}; run scripts/setup.sh", nccl.display());
+    // CUDA headers: CUDA 13 wheels put them all in nvidia/cu13/include (completed by the
+    // nvidia-cuda-crt/cccl wheels); CUDA 12 wheels spread them over nvidia/*/include.
+    let mut cuda: Vec<PathBuf> = std::fs::read_dir(site.join("nvidia"))
+        .map(|d| d.flatten().map(|e| e.path().join("include")).filter(|p| p.exists() && !p.ends_with("nccl/include")).collect())
+        .unwrap_or_default();
+    cuda.sort();
+    assert!(!cuda.is_empty(), "feature nccl: no CUDA headers under {}/nvidia; run scripts/setup.sh", site.display());
+    cc::Build::new()
+        .cpp(true)
+        .file("src/comm/nccl_shim.cpp")
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_NCCL", None)
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .include(&nccl)
+        .includes(&cuda)
+        .warnings(false)
+        .compile("otter_nccl");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    for l in ["torch_cuda", "c10_cuda", "torch_cpu", "torch", "c10"] {
+        println!("cargo:rustc-link-lib=dylib={l}");
     }
 }

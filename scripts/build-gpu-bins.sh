@@ -15,6 +15,11 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch" 2>/dev/
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check "torch==$version"
 fi
+site0="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if [ -d "$site0/nvidia/cu13" ] && [ ! -e "$site0/nvidia/cu13/include/crt" ]; then
+  # CUDA 13 wheels lack crt/ and cccl headers that c10d's NCCL headers include.
+  "$venv/bin/pip" install -q --disable-pip-version-check "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*" || true
+fi
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 # Each tch release binds exactly one libtorch version: build a scratch copy of the tree
 # with the tch matching the target's torch.
@@ -31,10 +36,17 @@ tar --exclude=./target --exclude=./.git --exclude=./.gpu-bins -cf - . | tar -xf 
 sed -i -E "s/^(tch|torch-sys) = \{ version = \"=[0-9.]+\"/\1 = { version = \"=$tch\"/" "$src/Cargo.toml"
 rm -f "$src/Cargo.lock"
 cd "$src"
-export LIBTORCH="$site/torch" CARGO_TARGET_DIR="$CACHE/target-torch-$version"
+export LIBTORCH="$site/torch" OTTER_TORCH_SITE="$site" CARGO_TARGET_DIR="$CACHE/target-torch-$version"
 export CARGO_PROFILE_DEV_DEBUG=0
 mkdir -p "$CARGO_TARGET_DIR"
-cargo test --no-run --test gpu --message-format=json \
+# With the NCCL backend when the target wheel's NCCL/CUDA headers are there (CUDA 13
+# wheels need nvidia-cuda-crt/cccl too); otherwise without it, said out loud.
+features=--features=nccl
+if ! cargo test --no-run $features --test gpu --quiet >/dev/null 2>&1; then
+  echo "WARNING: the nccl feature does not build against torch $version's wheel; GPU binaries without NCCL" >&2
+  features=
+fi
+cargo test --no-run $features --test gpu --message-format=json \
   | python3 -c 'import sys,json
 for l in sys.stdin:
     m=json.loads(l)

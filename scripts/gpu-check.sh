@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks: everything in tests/gpu.rs (CUDA parity in f32 and bf16; later issues add
-# their own), run with --ignored so that a missing GPU is a failure, not a skip.
+# their own; with feature nccl the NCCL world-1 check), run with --ignored so that a missing GPU is a failure, not a skip.
 #
 #   scripts/gpu-check.sh                 # on a GPU machine: set up, build, run
 #   OTTER_GPU_BINS=DIR scripts/gpu-check.sh
@@ -18,4 +18,4 @@ if [ -n "${OTTER_GPU_BINS:-}" ]; then
   exit $status
 fi
 bash scripts/setup.sh
-cargo test --test gpu -- --ignored --nocapture --test-threads=1
+cargo test --features nccl --test gpu -- --ignored --nocapture --test-threads=1

@@ -6,4 +6,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 # Control-plane code (config, schema; later the coordinator) must build without libtorch.
 cargo build --quiet --no-default-features --lib
+# The NCCL backend (C++ shim over libtorch's c10d) must compile and link even without a GPU.
+cargo build --quiet --features nccl
 cargo test "$@"

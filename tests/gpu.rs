@@ -148,3 +148,13 @@ fn gpu_step_time_of_a_1b_config() {
         (b * l) as f64 / dt
     );
 }
+
+/// Issue 5: the NCCL backend (libtorch's c10d through our shim) at world size 1 on the
+/// GPU: TCPStore init, all-reduce of a bucket list, gradient buckets (an undefined grad
+/// synced as zeros), broadcast, barrier, abort.
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-check.sh"]
+fn gpu_nccl_world_1_end_to_end() {
+    otter::cmd::bench::nccl_check().unwrap();
+}

@@ -105,6 +105,11 @@ enum Command {
     /// MIMIC-IT data tools.
     #[command(subcommand)]
     Data(DataCommand),
+    /// NCCL backend, world size 1, end to end on the first GPU: init through a TCPStore,
+    /// all-reduce of a bucket list, gradient buckets, broadcast, barrier, abort.
+    #[cfg(feature = "nccl")]
+    #[command(hide = true)]
+    NcclCheck,
     /// Benchmarks (run side by side with their peers by scripts/bench-*.sh).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -245,6 +250,8 @@ fn main() -> Result<()> {
                 dtype: cmd::parse_dtype(&dtype)?,
             })
         }
+        #[cfg(feature = "nccl")]
+        Command::NcclCheck => cmd::bench::nccl_check(),
         Command::Bench(BenchCommand::Data { config, samples }) => cmd::bench::data(&config, samples),
         Command::Bench(BenchCommand::Allreduce { world, size_mb, iters }) => cmd::bench::allreduce(world, &size_mb, iters),
         Command::Bench(BenchCommand::AllreduceRank { rank, addrs, size_mb, iters }) => {

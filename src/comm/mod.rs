@@ -6,9 +6,15 @@
 //! * [`ring::RingGroup`]: our CPU ring over TCP (reduce-scatter then all-gather, chunked
 //!   and pipelined so sending, receiving and reducing overlap). No libtorch.
 //!
+//! * `nccl::NcclGroup` (feature `nccl`): NCCL through libtorch's c10d, on device tensors.
+//! * [`shm`]: the ring's same-host all-reduce through shared memory.
+//!
 //! Buffers are plain `f32` slices here; the training side flattens gradients into buckets.
 
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod ring;
+pub mod shm;
 
 use std::time::Duration;
 

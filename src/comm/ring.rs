@@ -5,6 +5,7 @@
 //! and reducing overlap. Every socket operation is bounded by the group's timeout, so a
 //! dead or stalled peer is an error on every rank, never a hang.
 
+use super::shm::ShmSegment;
 use super::{split, CommError, Collective};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -24,6 +25,8 @@ pub struct RingGroup {
     /// To rank + 1 and from rank - 1 (None when world == 1).
     next: Option<(TcpStream, SocketAddr)>,
     prev: Option<(TcpStream, SocketAddr)>,
+    /// Same-host fast path for all-reduce, when every rank could map rank 0's segment.
+    shm: Option<ShmSegment>,
 }
 
 fn as_bytes(x: &[f32]) -> &[u8] {
@@ -35,6 +38,9 @@ fn as_bytes(x: &[f32]) -> &[u8] {
 fn io_error(rank: usize, timeout: Duration, peer: usize, addr: SocketAddr, what: &'static str, e: std::io::Error) -> CommError {
     if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
         CommError::Timeout { rank, what, timeout }
+    } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        let source = std::io::Error::new(e.kind(), "connection closed by the peer (it exited or died)");
+        CommError::Peer { rank, peer, addr: addr.to_string(), what, source }
     } else {
         CommError::Peer { rank, peer, addr: addr.to_string(), what, source: e }
     }
@@ -60,7 +66,7 @@ impl RingGroup {
         if world == 0 || rank >= world {
             return Err(CommError::Invalid(format!("rank {rank} of a world of {world}")));
         }
-        let mut g = Self { rank, world, timeout, next: None, prev: None };
+        let mut g = Self { rank, world, timeout, next: None, prev: None, shm: None };
         if world == 1 {
             return Ok(g);
         }
@@ -117,7 +123,66 @@ impl RingGroup {
                 message: format!("expected rank {prev_rank} of {world} behind me, got {v:?}"),
             });
         }
+        if std::env::var("OTTER_RING_SHM").map_or(true, |v| v != "0") {
+            g.shm = g.try_shared_memory()?;
+        }
         Ok(g)
+    }
+
+    /// Whether all-reduce goes through shared memory (every rank on this host).
+    pub fn uses_shared_memory(&self) -> bool {
+        self.shm.is_some()
+    }
+
+    /// Rank 0 creates a segment in /dev/shm and passes (path, nonce) around the ring; each
+    /// rank maps it if it can and sees the same nonce; the group uses it only if all did.
+    fn try_shared_memory(&mut self) -> Result<Option<ShmSegment>, CommError> {
+        let (rank, world) = (self.rank, self.world);
+        let mut seg = None;
+        let msg: Vec<u8> = if rank == 0 {
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+            let nonce = crate::data::order::SplitMix64::new(nanos ^ (u64::from(std::process::id()) << 32)).next_u64();
+            let path = std::path::PathBuf::from(format!("/dev/shm/otter-ring-{}-{nonce:016x}", std::process::id()));
+            match ShmSegment::create(&path, world, nonce) {
+                Ok(s) => {
+                    seg = Some((s, path.clone()));
+                    let mut m = nonce.to_le_bytes().to_vec();
+                    m.extend_from_slice(path.to_string_lossy().as_bytes());
+                    m
+                }
+                Err(e) => {
+                    tracing::debug!("ring: no shared memory ({e}); all-reduce stays on TCP");
+                    Vec::new()
+                }
+            }
+        } else {
+            let mut len = [0u8; 8];
+            self.recv_raw(&mut len)?;
+            let mut m = vec![0u8; u64::from_le_bytes(len) as usize];
+            self.recv_raw(&mut m)?;
+            m
+        };
+        if self.next_rank() != 0 {
+            self.send_raw(&(msg.len() as u64).to_le_bytes())?;
+            self.send_raw(&msg)?;
+        }
+        let mut mine = seg.is_some();
+        let mut opened = None;
+        if rank != 0 && msg.len() > 8 {
+            let nonce = u64::from_le_bytes(msg[..8].try_into().expect("8 bytes"));
+            let path = std::path::PathBuf::from(String::from_utf8_lossy(&msg[8..]).into_owned());
+            opened = ShmSegment::open(&path, rank, world, nonce).unwrap_or(None);
+            mine = opened.is_some();
+        }
+        let mut flag = [f32::from(u8::from(mine))];
+        self.all_reduce_mean(&mut [&mut flag[..]])?;
+        let all = flag[0] == 1.0;
+        if let Some((s, path)) = seg {
+            // Everyone who could map it has; the mappings outlive the name.
+            let _ = std::fs::remove_file(path);
+            opened = Some(s);
+        }
+        Ok(if all { opened } else { None })
     }
 
     fn peer_err(&self, peer: usize, addr: SocketAddr, what: &'static str, e: std::io::Error) -> CommError {
@@ -225,6 +290,38 @@ impl Collective for RingGroup {
     fn all_reduce_mean(&mut self, buffers: &mut [&mut [f32]]) -> Result<(), CommError> {
         if self.world == 1 {
             return Ok(());
+        }
+        if let Some(mut shm) = self.shm.take() {
+            let (timeout, rank) = (self.timeout, self.rank);
+            let (prev, next) = (self.prev.as_ref().map(|p| (p.0.try_clone(), p.1)), self.next.as_ref().map(|p| (p.0.try_clone(), p.1)));
+            let mut alive = || -> Result<(), CommError> {
+                for (peer, s) in [(self.prev_rank(), &prev), ((self.rank + 1) % self.world, &next)] {
+                    if let Some((Ok(s), addr)) = s {
+                        if super::shm::peer_closed(s) {
+                            return Err(CommError::Peer {
+                                rank,
+                                peer,
+                                addr: addr.to_string(),
+                                what: "shared-memory all-reduce",
+                                source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, "peer closed its connection (died)"),
+                            });
+                        }
+                    }
+                }
+                Ok(())
+            };
+            let mut result = Ok(());
+            for buf in buffers.iter_mut() {
+                result = shm.all_reduce_mean(buf, timeout, &mut alive);
+                if result.is_err() {
+                    break;
+                }
+            }
+            // After a failure the segment's barrier count is out of step: never reuse it.
+            if result.is_ok() {
+                self.shm = Some(shm);
+            }
+            return result;
         }
         let scale = 1.0 / self.world as f32;
         for buf in buffers.iter_mut() {

@@ -8,11 +8,14 @@
 //! | `schedule.rs` | cosine-with-warmup LR as a pure function  [no torch]  |
 //! | `optim.rs`    | AdamW on tensors (state exposed), clip_grad_norm      |
 //! | `step.rs`     | `TensorBatch`, `Trainer::step`                        |
+//! | `grad_sync.rs`| gradient buckets, all-reduce of trainable grads only  |
 //! | `run.rs`      | `otter train`: the loop, metrics, resumable state     |
 
 pub mod config;
 pub mod schedule;
 
+#[cfg(feature = "torch")]
+pub mod grad_sync;
 #[cfg(feature = "torch")]
 pub mod optim;
 #[cfg(feature = "torch")]

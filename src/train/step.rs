@@ -3,7 +3,9 @@
 use crate::data::Batch;
 use crate::model::{causal_lm_loss, Otter};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::grad_sync::{GradBuckets, TensorCollective};
 use super::schedule;
+use crate::comm::CommError;
 use tch::{Device, Tensor};
 
 /// A batch as tensors on the model's device.
@@ -77,6 +79,13 @@ impl Trainer {
     /// point (a no-op on one process), clipping, the AdamW update at the scheduled LR, and
     /// the gradients are zeroed for the next step.
     pub fn step(&mut self, micro: &[TensorBatch]) -> StepStats {
+        self.step_synced(micro, None).expect("no collective, no communication error")
+    }
+
+    /// [`Trainer::step`] with data parallelism: the sync point averages the trainable
+    /// gradients over the group. On a communication error the update is *not* applied (the
+    /// gradients are zeroed), so the model still holds the previous step's state.
+    pub fn step_synced(&mut self, micro: &[TensorBatch], sync: Option<(&GradBuckets, &mut dyn TensorCollective)>) -> Result<StepStats, CommError> {
         let params = self.model.trainable();
         let n = micro.len().max(1) as f64;
         let mut loss_sum = 0.0;
@@ -86,7 +95,15 @@ impl Trainer {
             loss_sum += loss.double_value(&[]);
             (loss / n).backward();
         }
-        // (gradient sync point: all-reduce of the trainable gradients goes here)
+        if let Some((buckets, comm)) = sync {
+            if let Err(e) = buckets.all_reduce_mean(&params, comm) {
+                for (_, p) in &params {
+                    let mut p = p.shallow_clone();
+                    p.zero_grad();
+                }
+                return Err(e);
+            }
+        }
         let grad_norm = match self.cfg.clip {
             Some(c) => clip_grad_norm(&params, c),
             None => f64::NAN,
@@ -97,6 +114,6 @@ impl Trainer {
             let mut p = p.shallow_clone();
             p.zero_grad();
         }
-        StepStats { loss: loss_sum / n, lr, grad_norm }
+        Ok(StepStats { loss: loss_sum / n, lr, grad_norm })
     }
 }

@@ -1,0 +1,127 @@
+// C ABI over libtorch's own c10d (feature `nccl`): a TCPStore rendezvous and a
+// ProcessGroupNCCL, so the Rust side gets NCCL without a separate binding crate.
+// Tensors arrive as `at::Tensor*` (tch's `Tensor::as_ptr`). Every entry point catches
+// C++ exceptions and returns them as a message; a failed or timed-out collective aborts
+// the communicator so no rank is left hanging inside NCCL.
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroupNCCL> pg;
+  std::chrono::milliseconds timeout;
+};
+
+void set_err(char* err, size_t len, const char* msg) {
+  if (err && len) {
+    std::strncpy(err, msg, len - 1);
+    err[len - 1] = 0;
+  }
+}
+
+template <class F>
+int guarded(Group* g, char* err, size_t len, F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    set_err(err, len, e.what());
+  } catch (...) {
+    set_err(err, len, "unknown C++ exception");
+  }
+  if (g && g->pg) {
+    try {
+      g->pg->abort();
+    } catch (...) {
+    }
+  }
+  return 1;
+}
+
+void wait(Group* g, const c10::intrusive_ptr<c10d::Work>& w) {
+  if (!w->wait(g->timeout)) {
+    throw std::runtime_error("NCCL collective timed out");
+  }
+}
+}  // namespace
+
+extern "C" {
+
+void* otter_nccl_new(const char* host, uint16_t port, int rank, int world, int64_t timeout_ms, char* err, size_t len) {
+  auto* g = new Group();
+  g->timeout = std::chrono::milliseconds(timeout_ms);
+  int rc = guarded(nullptr, err, len, [&] {
+    c10d::TCPStoreOptions o;
+    o.port = port;
+    o.isServer = rank == 0;
+    o.numWorkers = world;
+    o.waitWorkers = true;
+    o.timeout = g->timeout;
+    g->store = c10::make_intrusive<c10d::TCPStore>(std::string(host), o);
+    auto opts = c10d::ProcessGroupNCCL::Options::create();
+    opts->timeout = g->timeout;
+    g->pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(g->store, rank, world, opts);
+  });
+  if (rc != 0) {
+    delete g;
+    return nullptr;
+  }
+  return g;
+}
+
+int otter_nccl_all_reduce_mean(void* h, at::Tensor** ts, size_t n, char* err, size_t len) {
+  auto* g = static_cast<Group*>(h);
+  return guarded(g, err, len, [&] {
+    c10d::AllreduceOptions o;
+    o.reduceOp = c10d::ReduceOp(c10d::ReduceOp::AVG);
+    o.timeout = g->timeout;
+    for (size_t i = 0; i < n; i++) {
+      std::vector<at::Tensor> v{*ts[i]};
+      wait(g, g->pg->allreduce(v, o));
+    }
+  });
+}
+
+int otter_nccl_broadcast(void* h, at::Tensor* t, int root, char* err, size_t len) {
+  auto* g = static_cast<Group*>(h);
+  return guarded(g, err, len, [&] {
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    o.timeout = g->timeout;
+    std::vector<at::Tensor> v{*t};
+    wait(g, g->pg->broadcast(v, o));
+  });
+}
+
+int otter_nccl_barrier(void* h, char* err, size_t len) {
+  auto* g = static_cast<Group*>(h);
+  return guarded(g, err, len, [&] {
+    c10d::BarrierOptions o;
+    o.timeout = g->timeout;
+    wait(g, g->pg->barrier(o));
+  });
+}
+
+void otter_nccl_abort(void* h) {
+  auto* g = static_cast<Group*>(h);
+  try {
+    g->pg->abort();
+  } catch (...) {
+  }
+}
+
+void otter_nccl_free(void* h) {
+  auto* g = static_cast<Group*>(h);
+  try {
+    g->pg->shutdown();
+  } catch (...) {
+  }
+  delete g;
+}
+}
