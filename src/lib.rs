@@ -2,6 +2,8 @@
 //!
 //! * [`model`]: the Otter model (config and parameter schema always; tch modules with
 //!   the `torch` feature).
+//! * [`coord`]: the coordinator's pure state machine: membership, rendezvous, exactly-once
+//!   data leases and step commit (no libtorch, no async, no I/O).
 //! * [`comm`]: collectives: the `Collective` seam and our CPU ring over TCP (no libtorch).
 //! * [`data`]: the MIMIC-IT data pipeline (no libtorch).
 //! * [`run_config`]: YAML run configs (`configs/*.yaml`).
@@ -12,6 +14,7 @@
 //! See `ARCHITECTURE.md` for the code map and invariants.
 
 pub mod comm;
+pub mod coord;
 pub mod data;
 pub mod model;
 pub mod run_config;

@@ -1,0 +1,477 @@
+//! The data ledger: the one record of which batches were leased to which step and rank,
+//! and which are committed (trained into the model state the job continues from).
+//!
+//! The stream is every `(epoch, batch)` of every epoch in order. Its state is kept small
+//! enough to persist after every event: a position `next` in the stream (everything before
+//! it was leased at some time), the batches that were leased and given back (`returned`,
+//! always consumed first), the outstanding leases by step, and the committed steps.
+//! Invariant: committed ++ leased ++ returned ++ stream[next..] is the stream itself, in
+//! order ([`Ledger::check_exactly_once`] verifies it).
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// One data batch: batch `batch` of the epoch plan of epoch `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BatchRef {
+    pub epoch: u64,
+    pub batch: u64,
+}
+
+impl std::fmt::Display for BatchRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "(epoch {}, batch {})", self.epoch, self.batch)
+    }
+}
+
+/// The batches one rank trains in one step (its `k` micro-batches, in order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepLease {
+    pub step: u64,
+    pub items: Vec<BatchRef>,
+}
+
+/// A step leased by a generation and not yet settled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeasedStep {
+    pub generation: u64,
+    /// By rank of `generation`.
+    pub per_rank: Vec<Vec<BatchRef>>,
+    /// Loss each rank reported for this step, if it did (non-finite losses are not kept).
+    pub losses: Vec<Option<f64>>,
+}
+
+/// A step whose batches are trained into the job's model state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommittedStep {
+    pub step: u64,
+    /// The generation that leased (and ran) it.
+    pub generation: u64,
+    /// By rank of `generation`, dead ranks included.
+    pub per_rank: Vec<Vec<BatchRef>>,
+    /// Mean of the losses its ranks reported (ranks that died before reporting are
+    /// missing from it).
+    pub mean_loss: Option<f64>,
+}
+
+/// How the job's data use ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LedgerEnd {
+    /// `max_steps` reached; the rest of the stream was never needed.
+    MaxSteps,
+    /// The last epoch ran out: what is still pending is the dropped tail, smaller than
+    /// one step of `step_batches`.
+    DataExhausted { step_batches: u64 },
+}
+
+/// What [`Ledger::check_exactly_once`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coverage {
+    pub committed_batches: u64,
+    pub leased_batches: u64,
+    pub pending_batches: u64,
+    /// `Some` once the data ran out: the batches of the last epoch's tail not trained.
+    pub dropped_tail: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    #[error("committed steps are not numbered 0, 1, 2, ...: position {index} holds step {step}")]
+    StepGap { index: usize, step: u64 },
+    #[error("{batch} committed twice: by step {first_step} and by step {second_step}")]
+    DuplicateCommit { batch: BatchRef, first_step: u64, second_step: u64 },
+    #[error("stream position {position}: expected {expected}, the ledger has {found}")]
+    OutOfOrder { position: u64, expected: BatchRef, found: BatchRef },
+    #[error("stream position {position}: the ledger holds a batch beyond the end of the data: {found}")]
+    BeyondEnd { position: u64, found: BatchRef },
+    #[error("batches lost: the ledger accounts for {accounted} of the {leased} batches leased so far")]
+    Lost { accounted: u64, leased: u64 },
+    #[error("the job ended with steps still leased: {steps:?}")]
+    OpenLeasesAtEnd { steps: Vec<u64> },
+    #[error("the data ran out with {pending} batches pending, but a step takes only {step_batches}")]
+    TailTooLarge { pending: u64, step_batches: u64 },
+}
+
+/// What settling a generation did (for the event log).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Settlement {
+    pub committed: Vec<u64>,
+    pub returned: Vec<u64>,
+    pub rolled_back: Vec<u64>,
+    pub batches_back: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ledger {
+    epoch_batches: Vec<u64>,
+    /// Stream position of the first batch never leased.
+    next: u64,
+    /// Leased once, given back; all precede `next` in stream order and go out first.
+    returned: VecDeque<BatchRef>,
+    leased: BTreeMap<u64, LeasedStep>,
+    committed: Vec<CommittedStep>,
+    end: Option<LedgerEnd>,
+}
+
+/// The stream from a position: epochs in order, batches in order, empty epochs skipped.
+struct Stream<'a> {
+    epoch_batches: &'a [u64],
+    epoch: usize,
+    batch: u64,
+}
+
+impl Iterator for Stream<'_> {
+    type Item = BatchRef;
+    fn next(&mut self) -> Option<BatchRef> {
+        while self.epoch < self.epoch_batches.len() && self.batch >= self.epoch_batches[self.epoch] {
+            self.epoch += 1;
+            self.batch = 0;
+        }
+        let e = *self.epoch_batches.get(self.epoch)?;
+        debug_assert!(self.batch < e);
+        let item = BatchRef { epoch: self.epoch as u64, batch: self.batch };
+        self.batch += 1;
+        Some(item)
+    }
+}
+
+impl Ledger {
+    /// `epoch_batches[e]`: the number of batches in epoch `e`.
+    pub fn new(epoch_batches: Vec<u64>) -> Self {
+        Self {
+            epoch_batches,
+            next: 0,
+            returned: VecDeque::new(),
+            leased: BTreeMap::new(),
+            committed: Vec::new(),
+            end: None,
+        }
+    }
+
+    /// Batches in all epochs.
+    pub fn total(&self) -> u64 {
+        self.epoch_batches.iter().fold(0u64, |a, &b| a.saturating_add(b))
+    }
+
+    pub fn epoch_batches(&self) -> &[u64] {
+        &self.epoch_batches
+    }
+
+    fn stream_from(&self, position: u64) -> Stream<'_> {
+        let mut left = position;
+        for (e, &n) in self.epoch_batches.iter().enumerate() {
+            if left < n {
+                return Stream { epoch_batches: &self.epoch_batches, epoch: e, batch: left };
+            }
+            left -= n;
+        }
+        Stream { epoch_batches: &self.epoch_batches, epoch: self.epoch_batches.len(), batch: 0 }
+    }
+
+    /// Committed steps, numbered 0, 1, 2, ... in order.
+    pub fn committed(&self) -> &[CommittedStep] {
+        &self.committed
+    }
+
+    /// Outstanding leases by step.
+    pub fn leased(&self) -> &BTreeMap<u64, LeasedStep> {
+        &self.leased
+    }
+
+    pub fn committed_through(&self) -> Option<u64> {
+        (self.committed.len() as u64).checked_sub(1)
+    }
+
+    pub fn committed_batches(&self) -> u64 {
+        self.committed.iter().flat_map(|c| &c.per_rank).map(|r| r.len() as u64).sum()
+    }
+
+    /// The last step leased or committed: the furthest any model state can be.
+    pub fn last_step(&self) -> Option<u64> {
+        self.leased.last_key_value().map(|(&s, _)| s).or(self.committed_through())
+    }
+
+    /// Batches not leased now (returned ones and the rest of the stream).
+    pub fn pending_batches(&self) -> u64 {
+        self.returned.len() as u64 + self.total().saturating_sub(self.next)
+    }
+
+    pub fn end(&self) -> Option<LedgerEnd> {
+        self.end
+    }
+
+    /// Rank `rank`'s lease of `step`, whether still outstanding or committed.
+    pub fn lease_of(&self, step: u64, rank: usize) -> Option<StepLease> {
+        let per_rank = match self.leased.get(&step) {
+            Some(l) => &l.per_rank,
+            None => &self.committed.get(usize::try_from(step).ok()?)?.per_rank,
+        };
+        Some(StepLease { step, items: per_rank.get(rank)?.clone() })
+    }
+
+    /// Leases `step` to `world` ranks of `generation`, `k` batches each, from the front of
+    /// the pending pool. False (and nothing changes) if fewer than `world * k` batches are
+    /// left: the data is exhausted for this world size.
+    pub(crate) fn lease(&mut self, step: u64, generation: u64, world: usize, k: u64) -> bool {
+        debug_assert!(self.leased.last_key_value().map_or(true, |(&s, _)| s < step));
+        let Some(n) = (world as u64).checked_mul(k) else { return false };
+        if world == 0 || k == 0 || self.pending_batches() < n {
+            return false;
+        }
+        let from_returned = (self.returned.len() as u64).min(n) as usize;
+        let mut items: Vec<BatchRef> = self.returned.drain(..from_returned).collect();
+        let fresh = n - from_returned as u64;
+        items.extend(self.stream_from(self.next).take(fresh as usize));
+        self.next += fresh;
+        let per_rank = items.chunks(k as usize).map(<[BatchRef]>::to_vec).collect();
+        self.leased.insert(step, LeasedStep { generation, per_rank, losses: vec![None; world] });
+        true
+    }
+
+    pub(crate) fn record_loss(&mut self, step: u64, rank: usize, loss: f64) {
+        if let Some(slot) = self.leased.get_mut(&step).and_then(|l| l.losses.get_mut(rank)) {
+            *slot = loss.is_finite().then_some(loss);
+        }
+    }
+
+    /// Commits outstanding `step` if it is the next one; false otherwise.
+    pub(crate) fn commit(&mut self, step: u64) -> bool {
+        if step != self.committed.len() as u64 {
+            return false;
+        }
+        let Some(l) = self.leased.remove(&step) else { return false };
+        let losses: Vec<f64> = l.losses.iter().flatten().copied().collect();
+        let mean_loss = (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64);
+        self.committed.push(CommittedStep { step, generation: l.generation, per_rank: l.per_rank, mean_loss });
+        true
+    }
+
+    /// The commit rule at a rendezvous, given `applied` = the highest step the continuing
+    /// model state holds (`None`: a fresh state). Steps `<= applied` become committed;
+    /// every other leased or committed step goes back to the front of the pool, in order.
+    pub(crate) fn settle(&mut self, applied: Option<u64>) -> Settlement {
+        let keep = applied.map_or(0, |a| a.saturating_add(1));
+        let mut s = Settlement::default();
+        while let Some((&step, _)) = self.leased.first_key_value() {
+            if step >= keep || !self.commit(step) {
+                break;
+            }
+            s.committed.push(step);
+        }
+        let mut back: Vec<BatchRef> = Vec::new();
+        if (self.committed.len() as u64) > keep {
+            for c in self.committed.split_off(keep as usize) {
+                s.rolled_back.push(c.step);
+                back.extend(c.per_rank.into_iter().flatten());
+            }
+        }
+        for (step, l) in std::mem::take(&mut self.leased) {
+            s.returned.push(step);
+            back.extend(l.per_rank.into_iter().flatten());
+        }
+        s.batches_back = back.len() as u64;
+        for item in back.into_iter().rev() {
+            self.returned.push_front(item);
+        }
+        s
+    }
+
+    pub(crate) fn close(&mut self, end: LedgerEnd) {
+        self.end = Some(end);
+    }
+
+    /// Proves the exactly-once property: committed steps are numbered without gaps, no
+    /// batch is committed twice, and committed ++ leased ++ pending is the data stream in
+    /// order (so nothing is lost, repeated or reordered). Once the job has ended, also that
+    /// no lease is left open and, if the data ran out, that only a tail smaller than one
+    /// step is left untrained.
+    pub fn check_exactly_once(&self) -> Result<Coverage, LedgerError> {
+        for (index, c) in self.committed.iter().enumerate() {
+            if c.step != index as u64 {
+                return Err(LedgerError::StepGap { index, step: c.step });
+            }
+        }
+        let mut first: HashMap<BatchRef, u64> = HashMap::new();
+        for c in &self.committed {
+            for &batch in c.per_rank.iter().flatten() {
+                if let Some(first_step) = first.insert(batch, c.step) {
+                    return Err(LedgerError::DuplicateCommit { batch, first_step, second_step: c.step });
+                }
+            }
+        }
+        let committed = self.committed.iter().flat_map(|c| c.per_rank.iter().flatten());
+        let leased = self.leased.values().flat_map(|l| l.per_rank.iter().flatten());
+        let mut stream = self.stream_from(0);
+        let mut position = 0u64;
+        for &found in committed.chain(leased).chain(self.returned.iter()) {
+            match stream.next() {
+                Some(expected) if expected == found => {}
+                Some(expected) => return Err(LedgerError::OutOfOrder { position, expected, found }),
+                None => return Err(LedgerError::BeyondEnd { position, found }),
+            }
+            position += 1;
+        }
+        if position != self.next {
+            return Err(LedgerError::Lost { accounted: position, leased: self.next });
+        }
+        let pending = self.pending_batches();
+        let mut dropped_tail = None;
+        if let Some(end) = self.end {
+            if !self.leased.is_empty() {
+                return Err(LedgerError::OpenLeasesAtEnd { steps: self.leased.keys().copied().collect() });
+            }
+            if let LedgerEnd::DataExhausted { step_batches } = end {
+                if pending >= step_batches {
+                    return Err(LedgerError::TailTooLarge { pending, step_batches });
+                }
+                dropped_tail = Some(pending);
+            }
+        }
+        Ok(Coverage {
+            committed_batches: self.committed_batches(),
+            leased_batches: self.leased.values().flat_map(|l| &l.per_rank).map(|r| r.len() as u64).sum(),
+            pending_batches: pending,
+            dropped_tail,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(epoch: u64, batch: u64) -> BatchRef {
+        BatchRef { epoch, batch }
+    }
+
+    fn flat(l: &LeasedStep) -> Vec<BatchRef> {
+        l.per_rank.concat()
+    }
+
+    #[test]
+    fn steps_take_consecutive_runs_and_span_epochs_and_skip_empty_ones() {
+        let mut l = Ledger::new(vec![3, 0, 4]);
+        assert_eq!(l.total(), 7);
+        assert!(l.lease(0, 1, 2, 1));
+        assert!(l.lease(1, 1, 2, 1));
+        assert_eq!(l.leased[&0].per_rank, vec![vec![b(0, 0)], vec![b(0, 1)]]);
+        assert_eq!(l.leased[&1].per_rank, vec![vec![b(0, 2)], vec![b(2, 0)]], "a step spans the boundary");
+        assert!(l.lease(2, 1, 1, 3));
+        assert_eq!(flat(&l.leased[&2]), vec![b(2, 1), b(2, 2), b(2, 3)]);
+        assert!(!l.lease(3, 1, 1, 1), "nothing left");
+        assert_eq!(l.check_exactly_once().unwrap().leased_batches, 7);
+    }
+
+    #[test]
+    fn w_ranks_with_k_see_what_one_rank_with_w_times_k_sees() {
+        for (world, k) in [(1, 1), (2, 1), (3, 2), (4, 3), (8, 1)] {
+            let batches = 100;
+            let (mut many, mut one) = (Ledger::new(vec![batches, batches]), Ledger::new(vec![batches, batches]));
+            let mut step = 0;
+            while many.lease(step, 1, world, k) {
+                assert!(one.lease(step, 1, 1, world as u64 * k));
+                assert_eq!(flat(&many.leased[&step]), flat(&one.leased[&step]), "step {step}, W={world}, k={k}");
+                let r = world - 1;
+                let pos = step * world as u64 * k + r as u64 * k;
+                assert_eq!(many.leased[&step].per_rank[r][0], many.stream_from(pos).next().unwrap());
+                step += 1;
+            }
+            assert!(!one.lease(step, 1, 1, world as u64 * k));
+            assert_eq!(step, 2 * batches / (world as u64 * k));
+        }
+    }
+
+    #[test]
+    fn settle_commits_up_to_the_applied_step_and_returns_the_rest_in_order() {
+        let mut l = Ledger::new(vec![20]);
+        for s in 0..4 {
+            assert!(l.lease(s, 1, 2, 2));
+        }
+        assert!(l.commit(0));
+        assert!(!l.commit(2), "commits go in order");
+        let s = l.settle(Some(1));
+        assert_eq!((s.committed, s.returned, s.batches_back), (vec![1], vec![2, 3], 8));
+        assert_eq!(l.committed_through(), Some(1));
+        // Returned batches go out first, in their old order, cut to the new world's size.
+        assert!(l.lease(2, 2, 3, 1));
+        assert_eq!(flat(&l.leased[&2]), vec![b(0, 8), b(0, 9), b(0, 10)]);
+        assert!(l.lease(3, 2, 3, 2));
+        assert_eq!(flat(&l.leased[&3]), (11..17).map(|i| b(0, i)).collect::<Vec<_>>());
+        l.check_exactly_once().unwrap();
+    }
+
+    #[test]
+    fn batches_returned_twice_keep_their_order_ahead_of_older_returns() {
+        let mut l = Ledger::new(vec![12]);
+        for s in 0..3 {
+            assert!(l.lease(s, 1, 2, 2));
+        }
+        assert!(l.commit(0));
+        l.settle(Some(0)); // steps 1, 2 (batches 4..12) go back
+        assert!(l.lease(1, 2, 1, 3)); // a smaller world takes 4..7; 7..12 stay returned
+        l.settle(Some(0)); // 4..7 go back again, in front of 7..12
+        assert!(l.lease(1, 3, 1, 8));
+        assert_eq!(flat(&l.leased[&1]), (4..12).map(|i| b(0, i)).collect::<Vec<_>>());
+        l.check_exactly_once().unwrap();
+    }
+
+    #[test]
+    fn settling_below_the_committed_steps_rolls_them_back() {
+        let mut l = Ledger::new(vec![10]);
+        for s in 0..3 {
+            assert!(l.lease(s, 1, 1, 2));
+        }
+        assert!(l.commit(0) && l.commit(1));
+        let s = l.settle(None);
+        assert_eq!((s.rolled_back, s.returned), (vec![0, 1], vec![2]));
+        assert_eq!((l.committed_through(), l.pending_batches()), (None, 10));
+        assert!(l.lease(0, 2, 1, 4));
+        assert_eq!(flat(&l.leased[&0]), (0..4).map(|i| b(0, i)).collect::<Vec<_>>());
+        l.check_exactly_once().unwrap();
+    }
+
+    #[test]
+    fn the_check_catches_what_it_claims_to() {
+        let mut good = Ledger::new(vec![10]);
+        for s in 0..3 {
+            assert!(good.lease(s, 1, 2, 1));
+            assert!(good.commit(s));
+        }
+        good.close(LedgerEnd::DataExhausted { step_batches: 2 });
+        assert!(matches!(good.check_exactly_once(), Err(LedgerError::TailTooLarge { pending: 4, .. })));
+        good.end = None;
+        assert_eq!(good.check_exactly_once().unwrap().committed_batches, 6);
+
+        let mut dup = good.clone();
+        dup.committed[2].per_rank[1] = vec![b(0, 1)];
+        assert!(matches!(
+            dup.check_exactly_once(),
+            Err(LedgerError::DuplicateCommit { first_step: 0, second_step: 2, .. })
+        ));
+        let mut swapped = good.clone();
+        swapped.committed[1].per_rank.swap(0, 1);
+        assert!(matches!(swapped.check_exactly_once(), Err(LedgerError::OutOfOrder { position: 2, .. })));
+        let mut lost = good.clone();
+        lost.committed[2].per_rank[1].clear();
+        assert!(matches!(lost.check_exactly_once(), Err(LedgerError::Lost { accounted: 5, leased: 6 })));
+        let mut gap = good.clone();
+        gap.committed.remove(1);
+        assert!(matches!(gap.check_exactly_once(), Err(LedgerError::StepGap { index: 1, step: 2 })));
+        let mut open = good.clone();
+        assert!(open.lease(3, 1, 2, 1));
+        open.close(LedgerEnd::MaxSteps);
+        assert!(matches!(open.check_exactly_once(), Err(LedgerError::OpenLeasesAtEnd { .. })));
+    }
+
+    #[test]
+    fn losses_average_over_the_ranks_that_reported_finite_ones() {
+        let mut l = Ledger::new(vec![8]);
+        assert!(l.lease(0, 1, 3, 1));
+        l.record_loss(0, 0, 1.0);
+        l.record_loss(0, 1, f64::NAN);
+        l.record_loss(0, 2, 3.0);
+        l.record_loss(0, 7, 3.0);
+        assert!(l.commit(0));
+        assert_eq!(l.committed[0].mean_loss, Some(2.0));
+    }
+}

@@ -1,0 +1,1228 @@
+//! Membership, generations, rendezvous and step commit: [`Machine`].
+//!
+//! Each public method is one event from the shell, `(now, args) -> Result<Reply, Refusal>`.
+//! A refusal changes nothing; an accepted event may change the state, and every decision
+//! appends an [`Event`] with a readable reason to a bounded log. See the module docs of
+//! [`crate::coord`] for the commit rule and the contracts.
+
+use super::ledger::{Ledger, LedgerEnd, StepLease};
+use super::{ConfigError, CoordConfig, Millis};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+
+/// The event log keeps this many of the latest events.
+pub const EVENT_LOG_LEN: usize = 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Before the first generation: nodes are joining.
+    WaitingForNodes,
+    /// Waiting for every rank of every member node to check in.
+    Rendezvous {
+        generation: u64,
+    },
+    Running {
+        generation: u64,
+    },
+    Finished,
+    Failed {
+        reason: String,
+    },
+}
+
+impl Phase {
+    pub fn is_over(&self) -> bool {
+        matches!(self, Phase::Finished | Phase::Failed { .. })
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Phase::WaitingForNodes => write!(f, "waiting for nodes"),
+            Phase::Rendezvous { generation } => write!(f, "rendezvous of generation {generation}"),
+            Phase::Running { generation } => write!(f, "running generation {generation}"),
+            Phase::Finished => write!(f, "finished"),
+            Phase::Failed { reason } => write!(f, "failed: {reason}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeStatus {
+    /// Joined, not in a generation yet: admitted at the next rendezvous.
+    Pending,
+    Member,
+    /// A member that asked to leave: goes at the next step boundary.
+    Leaving,
+}
+
+/// A member node of the current generation and its global ranks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub node_id: String,
+    pub local_ranks: u32,
+    /// Its ranks are `first_rank .. first_rank + local_ranks`.
+    pub first_rank: usize,
+}
+
+/// One training process, named by its node and local rank (stable across generations,
+/// unlike its global rank).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Slot {
+    pub node_id: String,
+    pub local_rank: u32,
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.node_id, self.local_rank)
+    }
+}
+
+/// A process's check-in to a rendezvous.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkin {
+    pub slot: Slot,
+    /// The last optimizer step whose update its model state holds; `None`: fresh.
+    pub applied_step: Option<u64>,
+    /// Where its collective listens.
+    pub comm_addr: String,
+    pub at: Millis,
+}
+
+/// What one rank does in a generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub generation: u64,
+    pub rank: usize,
+    pub world: usize,
+    /// By rank.
+    pub comm_addrs: Vec<String>,
+    /// The first step this generation runs; every rank's state must hold `start_step - 1`
+    /// (or be fresh when it is 0) before it begins.
+    pub start_step: u64,
+    /// The rank whose model and optimizer state every rank loads by broadcast first;
+    /// `None` when all already hold the same state.
+    pub sync_from: Option<usize>,
+    /// This rank's data for the first `lease_ahead_steps` steps.
+    pub leases: Vec<StepLease>,
+}
+
+/// Reply to `join`, `heartbeat`: where the job is and what this node is in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReply {
+    pub generation: u64,
+    pub phase: Phase,
+    pub status: NodeStatus,
+}
+
+/// Reply to `leave`, `rank_failed`, `node_lost`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseReply {
+    pub generation: u64,
+    pub phase: Phase,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RendezvousReply {
+    pub generation: u64,
+    pub phase: Phase,
+    /// Present once the rendezvous this check-in counts for is complete.
+    pub assignment: Option<Assignment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepReply {
+    pub committed_through: Option<u64>,
+    /// This rank's leases for the next `lease_ahead_steps` steps (the whole window, not a
+    /// delta, so a retried call gets the same answer); none beyond `stop_after`.
+    pub leases: Vec<StepLease>,
+    /// Run through this step, then stop: call `rendezvous` (or exit if `job_ends`).
+    pub stop_after: Option<u64>,
+    /// `stop_after` is the job's last step.
+    pub job_ends: bool,
+}
+
+/// Why the job finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Finish {
+    MaxSteps {
+        steps: u64,
+    },
+    /// Every epoch was consumed; `dropped_tail` batches at the end of the last one were
+    /// fewer than one step and not trained.
+    DataExhausted {
+        dropped_tail: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    NodeJoined,
+    NodeLeaving,
+    NodeLeft,
+    NodeLost,
+    RankFailed,
+    StopScheduled,
+    GenerationFormed,
+    RendezvousComplete,
+    RolledBack,
+    NonFiniteLoss,
+    Finished,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub at: Millis,
+    /// The generation current when it happened (for `GenerationFormed`: the new one).
+    pub generation: u64,
+    pub kind: EventKind,
+    pub reason: String,
+}
+
+/// Counts for status pages and tests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub phase: Phase,
+    pub generation: u64,
+    pub world: usize,
+    pub nodes: usize,
+    pub pending_nodes: usize,
+    pub steps_committed: u64,
+    pub batches_committed: u64,
+    /// Batches neither leased nor committed.
+    pub batches_pending: u64,
+    /// Set when the data ran out: batches of the last epoch's tail not trained.
+    pub dropped_tail: Option<u64>,
+    /// Generations formed because something failed (lost node, failed rank, timeout).
+    pub recoveries: u64,
+    /// Rendezvous that had to give committed steps back (every holder of their state gone).
+    pub rollbacks: u64,
+    pub last_loss: Option<f64>,
+    pub finish: Option<Finish>,
+}
+
+/// Why a call was not accepted. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("stale generation {got}: the current generation is {current} (re-enter through rendezvous)")]
+    StaleGeneration { got: u64, current: u64 },
+    #[error("generation {got} is ahead of the coordinator's {current}: was the coordinator's state lost?")]
+    FutureGeneration { got: u64, current: u64 },
+    #[error("the job is over ({phase})")]
+    JobOver { phase: Phase },
+    #[error("not running ({phase})")]
+    NotRunning { phase: Phase },
+    #[error("node {node_id:?} is not registered (join first)")]
+    UnknownNode { node_id: String },
+    #[error("node {node_id:?} is not a member of generation {generation}")]
+    NotAMember { node_id: String, generation: u64 },
+    #[error("the job is full: {max_nodes} nodes (max_nodes)")]
+    Full { max_nodes: usize },
+    #[error("node {node_id:?} must have at least one local rank")]
+    NoLocalRanks { node_id: String },
+    #[error("node {node_id:?} is registered with {registered} local ranks, not {got} (leave first)")]
+    LocalRanksChanged { node_id: String, registered: u32, got: u32 },
+    #[error("node {node_id:?} has {local_ranks} local ranks; there is no local rank {local_rank}")]
+    UnknownLocalRank { node_id: String, local_rank: u32, local_ranks: u32 },
+    #[error("generation {generation} has {world} ranks; there is no rank {rank}")]
+    UnknownRank { rank: usize, world: usize, generation: u64 },
+    #[error("rank {rank} reported step {got}, expected step {expected}")]
+    UnexpectedStep { rank: usize, expected: u64, got: u64 },
+    #[error("rank {rank} reported step {step}, past its stop after step {stop_after}")]
+    PastStop { rank: usize, step: u64, stop_after: u64 },
+    #[error("step {step} is not leased")]
+    NotLeased { step: u64 },
+    #[error("applied step {applied_step} was never leased (last step: {last_step:?})")]
+    UnknownAppliedStep { applied_step: u64, last_step: Option<u64> },
+    #[error(
+        "{node_id}/{local_rank} reports a state at step {applied_step}, but it was not a rank of the last generation \
+         that trained, so that state may belong to batches that were given back: restart it fresh (it will be synced)"
+    )]
+    UntrackedState { node_id: String, local_rank: u32, applied_step: u64 },
+    #[error("node {node_id:?} cannot leave: {remaining} nodes would remain, below min_nodes {min_nodes}")]
+    WouldGoBelowMin { node_id: String, remaining: usize, min_nodes: usize },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Node {
+    local_ranks: u32,
+    last_seen: Millis,
+    status: NodeStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct RendezvousState {
+    started_at: Millis,
+    checkins: Vec<Checkin>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct RunState {
+    start_step: u64,
+    /// By rank: the check-ins the generation was formed from.
+    checkins: Vec<Checkin>,
+    sync_from: Option<usize>,
+    /// By rank: the last step it reported done in this generation.
+    reported: Vec<Option<u64>>,
+    /// Chosen once, when a membership change became pending.
+    membership_stop: Option<u64>,
+    /// The first step the data cannot fill at this world size, once leasing found it.
+    data_end: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct EventLog {
+    events: VecDeque<Event>,
+    /// Events ever appended (the log drops the oldest).
+    appended: u64,
+}
+
+impl EventLog {
+    fn push(&mut self, e: Event) {
+        if self.events.len() >= EVENT_LOG_LEN {
+            self.events.pop_front();
+        }
+        self.events.push_back(e);
+        self.appended += 1;
+    }
+
+    fn since(&self, mark: u64) -> Vec<Event> {
+        let n = (self.appended.saturating_sub(mark) as usize).min(self.events.len());
+        self.events.iter().skip(self.events.len() - n).cloned().collect()
+    }
+}
+
+/// The coordinator's whole state. Serialize it after every event; deserialize to resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    config: CoordConfig,
+    phase: Phase,
+    generation: u64,
+    nodes: BTreeMap<String, Node>,
+    /// The current generation's members, by node id.
+    layout: Vec<Member>,
+    world: usize,
+    first_join_at: Option<Millis>,
+    last_join_at: Option<Millis>,
+    /// Check-ins for the next rendezvous that arrived before it was formed (ranks at a
+    /// step boundary, processes of nodes waiting to be admitted).
+    early: Vec<Checkin>,
+    rendezvous: Option<RendezvousState>,
+    run: Option<RunState>,
+    /// Ranks of the last generation that completed its rendezvous: only their states are
+    /// of the live model lineage (`None`: nothing ran yet, everyone is fresh).
+    voters: Option<BTreeSet<Slot>>,
+    ledger: Ledger,
+    finish: Option<Finish>,
+    recoveries: u64,
+    rollbacks: u64,
+    log: EventLog,
+}
+
+fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn steps(list: &[u64]) -> String {
+    match list {
+        [] => "none".into(),
+        [one] => format!("{one}"),
+        [first, .., last] => format!("{first}..={last}"),
+    }
+}
+
+fn opt_step(s: Option<u64>) -> String {
+    s.map_or("none (fresh)".into(), |s| s.to_string())
+}
+
+impl Machine {
+    /// `epoch_batches[e]`: the number of data batches in epoch `e` (one per epoch).
+    pub fn new(config: CoordConfig, epoch_batches: Vec<u64>) -> Result<Self, ConfigError> {
+        config.validate()?;
+        if epoch_batches.len() as u64 != config.epochs {
+            return Err(ConfigError {
+                field: "epochs",
+                message: format!(
+                    "{} epochs, but batch counts for {} epochs were given",
+                    config.epochs,
+                    epoch_batches.len()
+                ),
+            });
+        }
+        if epoch_batches.iter().try_fold(0u64, |a, &b| a.checked_add(b)).is_none() {
+            return Err(ConfigError { field: "epochs", message: "the batch count overflows".into() });
+        }
+        Ok(Self {
+            config,
+            phase: Phase::WaitingForNodes,
+            generation: 0,
+            nodes: BTreeMap::new(),
+            layout: Vec::new(),
+            world: 0,
+            first_join_at: None,
+            last_join_at: None,
+            early: Vec::new(),
+            rendezvous: None,
+            run: None,
+            voters: None,
+            ledger: Ledger::new(epoch_batches),
+            finish: None,
+            recoveries: 0,
+            rollbacks: 0,
+            log: EventLog::default(),
+        })
+    }
+
+    // ----------------------------------------------------------------------------------
+    // Queries
+    // ----------------------------------------------------------------------------------
+
+    pub fn config(&self) -> &CoordConfig {
+        &self.config
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// 0 before the first generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The current (or last) generation's member nodes, by node id.
+    pub fn members(&self) -> &[Member] {
+        &self.layout
+    }
+
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// A rank's assignment, once its generation's rendezvous is complete (while it runs).
+    pub fn assignment(&self, node_id: &str, local_rank: u32) -> Option<Assignment> {
+        let Phase::Running { generation } = self.phase else { return None };
+        let run = self.run.as_ref()?;
+        let rank = self.rank_of(&Slot { node_id: node_id.to_string(), local_rank })?;
+        let window = run.start_step..run.start_step.saturating_add(self.config.lease_ahead_steps);
+        Some(Assignment {
+            generation,
+            rank,
+            world: self.world,
+            comm_addrs: run.checkins.iter().map(|c| c.comm_addr.clone()).collect(),
+            start_step: run.start_step,
+            sync_from: run.sync_from,
+            leases: window.filter_map(|s| self.ledger.lease_of(s, rank)).collect(),
+        })
+    }
+
+    /// Whether this process's check-in counts for the open (or next) rendezvous. A process
+    /// polling [`Machine::assignment`] that sees `None` here must call `rendezvous` again
+    /// (its check-in was for a generation that is gone).
+    pub fn checked_in(&self, node_id: &str, local_rank: u32) -> bool {
+        let is = |c: &Checkin| c.slot.node_id == node_id && c.slot.local_rank == local_rank;
+        self.early.iter().any(is) || self.rendezvous.as_ref().is_some_and(|r| r.checkins.iter().any(is))
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The latest events, oldest first (at most [`EVENT_LOG_LEN`]).
+    pub fn events(&self) -> &VecDeque<Event> {
+        &self.log.events
+    }
+
+    pub fn summary(&self) -> Summary {
+        let committed = self.ledger.committed();
+        Summary {
+            phase: self.phase.clone(),
+            generation: self.generation,
+            world: self.world,
+            nodes: self.nodes.len(),
+            pending_nodes: self.nodes.values().filter(|n| n.status == NodeStatus::Pending).count(),
+            steps_committed: committed.len() as u64,
+            batches_committed: self.ledger.committed_batches(),
+            batches_pending: self.ledger.pending_batches(),
+            dropped_tail: match self.finish {
+                Some(Finish::DataExhausted { dropped_tail }) => Some(dropped_tail),
+                _ => None,
+            },
+            recoveries: self.recoveries,
+            rollbacks: self.rollbacks,
+            last_loss: committed.last().and_then(|c| c.mean_loss),
+            finish: self.finish,
+        }
+    }
+
+    // ----------------------------------------------------------------------------------
+    // Events
+    // ----------------------------------------------------------------------------------
+
+    /// Registers a node, or re-registers it (idempotent; also withdraws a pending leave).
+    /// Before the first generation it counts towards the initial rendezvous; during a
+    /// rendezvous it re-forms it at once; while running it is admitted at the next step
+    /// boundary.
+    pub fn join(&mut self, now: Millis, node_id: &str, local_ranks: u32) -> Result<NodeReply, Refusal> {
+        self.refuse_if_over()?;
+        if local_ranks == 0 {
+            return Err(Refusal::NoLocalRanks { node_id: node_id.into() });
+        }
+        if let Some(node) = self.nodes.get_mut(node_id) {
+            if node.local_ranks != local_ranks {
+                return Err(Refusal::LocalRanksChanged {
+                    node_id: node_id.into(),
+                    registered: node.local_ranks,
+                    got: local_ranks,
+                });
+            }
+            node.last_seen = now;
+            if node.status == NodeStatus::Leaving {
+                node.status = NodeStatus::Member;
+                let g = self.generation;
+                self.log(now, EventKind::NodeJoined, format!("generation {g}: node {node_id} joined again and stays"));
+            }
+            return Ok(self.node_reply(node_id));
+        }
+        let active = self.active_nodes();
+        if active >= self.config.max_nodes {
+            return Err(Refusal::Full { max_nodes: self.config.max_nodes });
+        }
+        self.nodes.insert(node_id.into(), Node { local_ranks, last_seen: now, status: NodeStatus::Pending });
+        let (g, n, min, max) = (self.generation, active + 1, self.config.min_nodes, self.config.max_nodes);
+        let joined = format!("node {node_id} joined with {local_ranks} local ranks");
+        match self.phase {
+            Phase::WaitingForNodes => {
+                self.first_join_at.get_or_insert(now);
+                self.last_join_at = Some(now);
+                self.log(now, EventKind::NodeJoined, format!("{joined}; {n} nodes (min {min}, max {max})"));
+                if n == max {
+                    self.form_generation(now, &format!("{n} nodes joined, max_nodes reached"), false);
+                }
+            }
+            Phase::Rendezvous { .. } => {
+                self.log(now, EventKind::NodeJoined, format!("generation {g}: {joined} during the rendezvous"));
+                self.form_generation(now, &joined, false);
+            }
+            Phase::Running { .. } => {
+                self.log(
+                    now,
+                    EventKind::NodeJoined,
+                    format!("generation {g}: {joined}; admitted at the next step boundary"),
+                );
+                self.schedule_membership_stop(now, &joined);
+            }
+            Phase::Finished | Phase::Failed { .. } => {}
+        }
+        Ok(self.node_reply(node_id))
+    }
+
+    /// Liveness. Accepted from any generation up to the current one: a node that has not
+    /// noticed a change yet is still alive, and the reply is how it notices.
+    pub fn heartbeat(&mut self, now: Millis, node_id: &str, generation: u64) -> Result<NodeReply, Refusal> {
+        if generation > self.generation {
+            return Err(Refusal::FutureGeneration { got: generation, current: self.generation });
+        }
+        let node = self.nodes.get_mut(node_id).ok_or_else(|| Refusal::UnknownNode { node_id: node_id.into() })?;
+        node.last_seen = now;
+        Ok(self.node_reply(node_id))
+    }
+
+    /// Time-driven decisions: lost nodes (heartbeat timeout), the initial rendezvous's
+    /// last call and join timeout, ranks that miss a rendezvous. Returns the events it
+    /// appended.
+    pub fn tick(&mut self, now: Millis) -> Vec<Event> {
+        let mark = self.log.appended;
+        if !self.phase.is_over() {
+            self.expire_heartbeats(now);
+            match self.phase {
+                Phase::WaitingForNodes => self.check_initial(now),
+                Phase::Rendezvous { .. } => self.check_rendezvous_timeout(now),
+                _ => {}
+            }
+        }
+        self.log.since(mark)
+    }
+
+    /// A training process checks in for the current (or next) generation. Call it once and
+    /// poll [`Machine::assignment`], or call it again with the same arguments (idempotent).
+    ///
+    /// While a generation runs, a check-in from one of its ranks is expected only at the
+    /// scheduled stop, with `applied_step == stop_after` (it also counts as that step's
+    /// report); any other means the process left the collective, and the generation is
+    /// re-formed with the same members.
+    pub fn rendezvous(
+        &mut self,
+        now: Millis,
+        node_id: &str,
+        local_rank: u32,
+        applied_step: Option<u64>,
+        comm_addr: &str,
+    ) -> Result<RendezvousReply, Refusal> {
+        self.refuse_if_over()?;
+        let node = self.nodes.get(node_id).ok_or_else(|| Refusal::UnknownNode { node_id: node_id.into() })?;
+        if local_rank >= node.local_ranks {
+            return Err(Refusal::UnknownLocalRank {
+                node_id: node_id.into(),
+                local_rank,
+                local_ranks: node.local_ranks,
+            });
+        }
+        let slot = Slot { node_id: node_id.into(), local_rank };
+        self.validate_state(&slot, applied_step)?;
+        if let Some(node) = self.nodes.get_mut(node_id) {
+            node.last_seen = now;
+        }
+        let checkin = Checkin { slot: slot.clone(), applied_step, comm_addr: comm_addr.into(), at: now };
+        match self.phase {
+            Phase::WaitingForNodes => upsert(&mut self.early, checkin),
+            Phase::Rendezvous { generation } => {
+                if self.rank_of(&slot).is_none() {
+                    return Err(Refusal::NotAMember { node_id: node_id.into(), generation });
+                }
+                if let Some(r) = self.rendezvous.as_mut() {
+                    upsert(&mut r.checkins, checkin);
+                }
+                self.try_complete_rendezvous(now);
+            }
+            Phase::Running { generation } => match (self.rank_of(&slot), self.run.as_ref()) {
+                (Some(rank), Some(run)) => {
+                    let formed = &run.checkins[rank];
+                    let repeat = run.reported[rank].is_none()
+                        && formed.applied_step == applied_step
+                        && formed.comm_addr == comm_addr;
+                    if !repeat {
+                        let reported = run.reported[rank];
+                        let expected = reported.map_or(run.start_step, |s| s + 1);
+                        let stop = self.stop_after();
+                        upsert(&mut self.early, checkin);
+                        match stop {
+                            Some(b) if applied_step == Some(b) && reported == Some(b) => {}
+                            Some(b) if applied_step == Some(b) && expected == b => {
+                                drop(self.record_step(now, rank, b, None))
+                            }
+                            _ => {
+                                let why = format!(
+                                    "rank {rank} ({slot}) re-entered the rendezvous with applied step {} while generation \
+                                     {generation} runs (stop: {}): it left the collective",
+                                    opt_step(applied_step),
+                                    stop.map_or("none".into(), |b| format!("after step {b}")),
+                                );
+                                self.log(now, EventKind::RankFailed, format!("generation {generation}: {why}"));
+                                self.form_generation(now, &why, true);
+                            }
+                        }
+                    }
+                }
+                // A node waiting to be admitted: counts for the next rendezvous.
+                _ => upsert(&mut self.early, checkin),
+            },
+            Phase::Finished | Phase::Failed { .. } => {}
+        }
+        Ok(RendezvousReply {
+            generation: self.generation,
+            phase: self.phase.clone(),
+            assignment: self.assignment(node_id, local_rank),
+        })
+    }
+
+    /// Rank `rank` finished the optimizer update of `step`. When every rank has, the step
+    /// is committed. The reply carries the rank's lease window and the stop, if any.
+    pub fn step_done(
+        &mut self,
+        now: Millis,
+        generation: u64,
+        rank: usize,
+        step: u64,
+        loss: f64,
+    ) -> Result<StepReply, Refusal> {
+        self.check_generation(generation)?;
+        let (Phase::Running { .. }, Some(run)) = (&self.phase, self.run.as_ref()) else {
+            return Err(Refusal::NotRunning { phase: self.phase.clone() });
+        };
+        if rank >= self.world {
+            return Err(Refusal::UnknownRank { rank, world: self.world, generation });
+        }
+        let reported = run.reported[rank];
+        if reported == Some(step) {
+            self.touch_rank(now, rank);
+            return Ok(self.step_reply(rank, step));
+        }
+        let expected = reported.map_or(run.start_step, |s| s + 1);
+        if step != expected {
+            return Err(Refusal::UnexpectedStep { rank, expected, got: step });
+        }
+        if let Some(stop_after) = self.stop_after().filter(|&b| step > b) {
+            return Err(Refusal::PastStop { rank, step, stop_after });
+        }
+        if !self.ledger.leased().contains_key(&step) {
+            return Err(Refusal::NotLeased { step });
+        }
+        self.touch_rank(now, rank);
+        if !loss.is_finite() {
+            self.log(
+                now,
+                EventKind::NonFiniteLoss,
+                format!("generation {generation}: rank {rank} reported loss {loss} at step {step}"),
+            );
+        }
+        let reply_before_boundary = self.record_step(now, rank, step, Some(loss));
+        Ok(reply_before_boundary)
+    }
+
+    /// A rank's collective failed (a peer died or stalled). The reporter is alive and the
+    /// culprit unknown, so nobody is dropped here: the same members re-form, and whoever
+    /// does not check in within `join_timeout` is dropped then.
+    pub fn rank_failed(
+        &mut self,
+        now: Millis,
+        generation: u64,
+        rank: usize,
+        reason: &str,
+    ) -> Result<PhaseReply, Refusal> {
+        self.check_generation(generation)?;
+        if !matches!(self.phase, Phase::Running { .. }) {
+            return Err(Refusal::NotRunning { phase: self.phase.clone() });
+        }
+        let slot = self.slot_of(rank).ok_or(Refusal::UnknownRank { rank, world: self.world, generation })?;
+        self.touch_rank(now, rank);
+        let why = format!("rank {rank} ({slot}) reported a collective failure: {reason}");
+        self.log(now, EventKind::RankFailed, format!("generation {generation}: {why}"));
+        self.form_generation(now, &why, true);
+        Ok(self.phase_reply())
+    }
+
+    /// The shell knows a node is gone (its agent saw a training process exit, or the node
+    /// shut down): drop it now rather than after a heartbeat timeout.
+    pub fn node_lost(&mut self, now: Millis, node_id: &str, reason: &str) -> Result<PhaseReply, Refusal> {
+        self.refuse_if_over()?;
+        if !self.nodes.contains_key(node_id) {
+            return Err(Refusal::UnknownNode { node_id: node_id.into() });
+        }
+        self.drop_nodes(now, vec![(node_id.to_string(), reason.to_string())]);
+        Ok(self.phase_reply())
+    }
+
+    /// Graceful leave: a member goes at the next step boundary (at once if no generation
+    /// is running); a node not yet admitted goes at once. Refused if the members would fall
+    /// below `min_nodes`.
+    pub fn leave(&mut self, now: Millis, node_id: &str) -> Result<PhaseReply, Refusal> {
+        self.refuse_if_over()?;
+        let status = self.nodes.get(node_id).ok_or_else(|| Refusal::UnknownNode { node_id: node_id.into() })?.status;
+        let g = self.generation;
+        match status {
+            NodeStatus::Leaving => {}
+            NodeStatus::Pending => {
+                self.nodes.remove(node_id);
+                self.early.retain(|c| c.slot.node_id != node_id);
+                self.log(
+                    now,
+                    EventKind::NodeLeft,
+                    format!("generation {g}: node {node_id} left before it was admitted"),
+                );
+            }
+            NodeStatus::Member => {
+                let remaining = self.active_nodes() - 1;
+                if remaining < self.config.min_nodes {
+                    return Err(Refusal::WouldGoBelowMin {
+                        node_id: node_id.into(),
+                        remaining,
+                        min_nodes: self.config.min_nodes,
+                    });
+                }
+                if let Some(node) = self.nodes.get_mut(node_id) {
+                    node.status = NodeStatus::Leaving;
+                }
+                let why = format!("node {node_id} asked to leave");
+                self.log(now, EventKind::NodeLeaving, format!("generation {g}: {why}"));
+                if matches!(self.phase, Phase::Running { .. }) {
+                    self.schedule_membership_stop(now, &why);
+                } else {
+                    self.form_generation(now, &why, false);
+                }
+            }
+        }
+        Ok(self.phase_reply())
+    }
+
+    /// The exactly-once proof over the ledger (see [`Ledger::check_exactly_once`]).
+    pub fn check_exactly_once(&self) -> Result<super::Coverage, super::LedgerError> {
+        self.ledger.check_exactly_once()
+    }
+
+    // ----------------------------------------------------------------------------------
+    // Decisions
+    // ----------------------------------------------------------------------------------
+
+    /// Starts a new generation from the nodes still here (leavers go now), or fails the
+    /// job if they are too few. Check-ins carry over only where they prove a live process
+    /// that is waiting: those of the open rendezvous and the early ones. The running
+    /// generation's are not carried: its processes may have died since.
+    fn form_generation(&mut self, now: Millis, cause: &str, recovery: bool) {
+        let g = self.generation;
+        let leaving: Vec<String> =
+            self.nodes.iter().filter(|(_, n)| n.status == NodeStatus::Leaving).map(|(id, _)| id.clone()).collect();
+        for id in leaving {
+            self.nodes.remove(&id);
+            self.log(now, EventKind::NodeLeft, format!("generation {g}: node {id} left"));
+        }
+        let mut carried = std::mem::take(&mut self.early);
+        if let Some(r) = self.rendezvous.take() {
+            for c in r.checkins {
+                if !carried.iter().any(|e| e.slot == c.slot) {
+                    carried.push(c);
+                }
+            }
+        }
+        self.run = None;
+        let n = self.nodes.len();
+        if n < self.config.min_nodes {
+            self.fail(
+                now,
+                format!("generation {g}: {cause}; {n} nodes remain, below min_nodes {}", self.config.min_nodes),
+            );
+            return;
+        }
+        self.generation += 1;
+        let mut first_rank = 0;
+        self.layout = self
+            .nodes
+            .iter_mut()
+            .map(|(id, node)| {
+                node.status = NodeStatus::Member;
+                let m = Member { node_id: id.clone(), local_ranks: node.local_ranks, first_rank };
+                first_rank += node.local_ranks as usize;
+                m
+            })
+            .collect();
+        self.world = first_rank;
+        carried.retain(|c| self.rank_of(&c.slot).is_some());
+        let checked = carried.len();
+        self.rendezvous = Some(RendezvousState { started_at: now, checkins: carried });
+        self.phase = Phase::Rendezvous { generation: self.generation };
+        if recovery {
+            self.recoveries += 1;
+        }
+        let names: Vec<&str> = self.layout.iter().map(|m| m.node_id.as_str()).collect();
+        let (g, world) = (self.generation, self.world);
+        self.log(
+            now,
+            EventKind::GenerationFormed,
+            format!(
+                "generation {g} formed ({cause}): nodes {}, world {world}; {checked} of {world} ranks checked in",
+                names.join(", ")
+            ),
+        );
+        self.try_complete_rendezvous(now);
+    }
+
+    /// Completes the rendezvous once every rank checked in: applies the commit rule (see
+    /// the module docs), picks the state to sync from, and leases the first steps.
+    fn try_complete_rendezvous(&mut self, now: Millis) {
+        let Some(r) = &self.rendezvous else { return };
+        let mut by_rank: Vec<Option<&Checkin>> = vec![None; self.world];
+        for c in &r.checkins {
+            if let Some(rank) = self.rank_of(&c.slot) {
+                by_rank[rank] = Some(c);
+            }
+        }
+        if by_rank.iter().any(Option::is_none) {
+            return;
+        }
+        let checkins: Vec<Checkin> = by_rank.into_iter().flatten().cloned().collect();
+        self.rendezvous = None;
+        let (g, world) = (self.generation, self.world);
+        let is_voter = |slot: &Slot| self.voters.as_ref().map_or(true, |v| v.contains(slot));
+        let applied = checkins.iter().filter(|c| is_voter(&c.slot)).filter_map(|c| c.applied_step).max();
+        // Non-voters are fresh (enforced at check-in), so with `applied == None` they hold
+        // the state too.
+        let holders: Vec<usize> = (0..world)
+            .filter(|&r| checkins[r].applied_step == applied && (applied.is_none() || is_voter(&checkins[r].slot)))
+            .collect();
+        let sync_from = if holders.len() == world { None } else { holders.first().copied() };
+        let settled = self.ledger.settle(applied);
+        let start_step = applied.map_or(0, |a| a + 1);
+        self.voters = Some(checkins.iter().map(|c| c.slot.clone()).collect());
+        self.run = Some(RunState {
+            start_step,
+            checkins,
+            sync_from,
+            reported: vec![None; world],
+            membership_stop: None,
+            data_end: None,
+        });
+        self.phase = Phase::Running { generation: g };
+        if !settled.rolled_back.is_empty() {
+            self.rollbacks += 1;
+            self.log(
+                now,
+                EventKind::RolledBack,
+                format!(
+                    "generation {g}: no rank holds the state of committed steps {} any more (highest applied step: {}); \
+                     their batches go back to the pool and are trained again",
+                    steps(&settled.rolled_back),
+                    opt_step(applied)
+                ),
+            );
+        }
+        let sync = match sync_from {
+            Some(r) => format!("ranks sync from rank {r}"),
+            None => "all ranks hold the same state".into(),
+        };
+        self.log(
+            now,
+            EventKind::RendezvousComplete,
+            format!(
+                "generation {g}: all {world} ranks checked in; highest applied step {}: committed steps {}, returned steps {} \
+                 ({} batches) to the pool front; starting at step {start_step}, {sync}",
+                opt_step(applied),
+                steps(&settled.committed),
+                steps(&settled.returned),
+                settled.batches_back,
+            ),
+        );
+        self.extend_leases(now, (start_step + self.config.lease_ahead_steps).saturating_sub(1));
+        if self.end_excl().is_some_and(|e| e <= start_step) {
+            self.finish(now);
+        }
+    }
+
+    /// Records that `rank` applied `step`, commits what every rank has reported, extends
+    /// the leases, and at the stop step (once all ranks reached it) ends the job or forms
+    /// the next generation. Returns the rank's reply as of before that transition.
+    fn record_step(&mut self, now: Millis, rank: usize, step: u64, loss: Option<f64>) -> StepReply {
+        let Some(run) = self.run.as_mut() else { return self.step_reply(rank, step) };
+        run.reported[rank] = Some(step);
+        let all_through = run.reported.iter().min().copied().flatten();
+        let highest = run.reported.iter().flatten().max().copied().unwrap_or(step);
+        if let Some(loss) = loss {
+            self.ledger.record_loss(step, rank, loss);
+        }
+        if let Some(m) = all_through {
+            while let Some(next) = self.ledger.committed_through().map_or(Some(0), |c| c.checked_add(1)) {
+                if next > m || !self.ledger.commit(next) {
+                    break;
+                }
+            }
+        }
+        self.extend_leases(now, highest.saturating_add(self.config.lease_ahead_steps));
+        let reply = self.step_reply(rank, step);
+        if let (Some(stop), Some(run)) = (self.stop_after(), self.run.as_ref()) {
+            if run.reported.iter().all(|&r| r == Some(stop)) {
+                if self.job_ends_at_stop() {
+                    self.finish(now);
+                } else {
+                    let b = stop;
+                    self.form_generation(now, &format!("membership change at the step boundary after step {b}"), false);
+                }
+            }
+        }
+        reply
+    }
+
+    fn step_reply(&self, rank: usize, step: u64) -> StepReply {
+        let stop_after = self.stop_after();
+        let through = step.saturating_add(self.config.lease_ahead_steps);
+        let last = stop_after.map_or(through, |b| b.min(through));
+        StepReply {
+            committed_through: self.ledger.committed_through(),
+            leases: (step + 1..=last).filter_map(|s| self.ledger.lease_of(s, rank)).collect(),
+            stop_after,
+            job_ends: stop_after.is_some() && self.job_ends_at_stop(),
+        }
+    }
+
+    /// Leases steps through `through` (never past the stop) for the running generation;
+    /// finding the data exhausted fixes the job's last step.
+    fn extend_leases(&mut self, now: Millis, through: u64) {
+        let limit = self.stop_after().map_or(through, |b| b.min(through));
+        let (g, world, k) = (self.generation, self.world, self.config.batches_per_rank_step);
+        let Some(run) = self.run.as_mut() else { return };
+        let mut step = self.ledger.last_step().map_or(0, |s| s + 1).max(run.start_step);
+        while step <= limit {
+            if !self.ledger.lease(step, g, world, k) {
+                run.data_end = Some(step);
+                let left = self.ledger.pending_batches();
+                let last = step.checked_sub(1).filter(|&l| l >= run.start_step);
+                self.log(
+                    now,
+                    EventKind::StopScheduled,
+                    format!(
+                        "generation {g}: the data is exhausted: {left} batches left, a step of {world} ranks takes {}; {}",
+                        world as u64 * k,
+                        last.map_or("no step left to run".into(), |l| format!("step {l} is the last")),
+                    ),
+                );
+                break;
+            }
+            step += 1;
+        }
+    }
+
+    /// A join or leave is pending: every rank runs through step B = (highest step any rank
+    /// reported in this generation) + 1, then re-forms. Chosen once; see contract 2 in the
+    /// module docs for why every rank can stop there and none is past it.
+    fn schedule_membership_stop(&mut self, now: Millis, why: &str) {
+        let g = self.generation;
+        let Some(run) = self.run.as_mut() else { return };
+        if let Some(b) = run.membership_stop {
+            self.log(
+                now,
+                EventKind::StopScheduled,
+                format!("generation {g}: {why}; joins the stop already scheduled after step {b}"),
+            );
+            return;
+        }
+        let b = run.reported.iter().flatten().max().map_or(run.start_step, |m| m + 1);
+        run.membership_stop = Some(b);
+        let mut reason =
+            format!("generation {g}: {why}; every rank stops after step {b} (highest reported step + 1) to re-form");
+        if self.job_ends_at_stop() {
+            reason += &format!(" (but the job ends after step {} first)", self.stop_after().unwrap_or(b));
+        }
+        self.log(now, EventKind::StopScheduled, reason);
+    }
+
+    fn finish(&mut self, now: Millis) {
+        let g = self.generation;
+        let run = self.run.take();
+        let data_end = run.as_ref().and_then(|r| r.data_end);
+        let data_bound = data_end.is_some_and(|d| self.config.max_steps.map_or(true, |m| d <= m));
+        let steps = self.ledger.committed().len() as u64;
+        let (finish, end, why) = if data_bound {
+            let dropped_tail = self.ledger.pending_batches();
+            let step_batches = self.world as u64 * self.config.batches_per_rank_step;
+            (
+                Finish::DataExhausted { dropped_tail },
+                LedgerEnd::DataExhausted { step_batches },
+                format!("all {} epochs consumed; {dropped_tail} batches of the last epoch's tail dropped (a step takes {step_batches})", self.config.epochs),
+            )
+        } else {
+            (
+                Finish::MaxSteps { steps },
+                LedgerEnd::MaxSteps,
+                format!("max_steps {} reached", self.config.max_steps.unwrap_or(steps)),
+            )
+        };
+        self.ledger.close(end);
+        self.finish = Some(finish);
+        self.phase = Phase::Finished;
+        self.rendezvous = None;
+        self.early.clear();
+        self.log(
+            now,
+            EventKind::Finished,
+            format!(
+                "generation {g}: finished: {why}; {steps} steps, {} batches committed",
+                self.ledger.committed_batches()
+            ),
+        );
+    }
+
+    fn fail(&mut self, now: Millis, reason: String) {
+        self.phase = Phase::Failed { reason: reason.clone() };
+        self.rendezvous = None;
+        self.run = None;
+        self.early.clear();
+        self.log(now, EventKind::Failed, reason);
+    }
+
+    /// Removes nodes; if any was a member of the current generation, re-forms.
+    fn drop_nodes(&mut self, now: Millis, lost: Vec<(String, String)>) {
+        let g = self.generation;
+        let mut members_lost = Vec::new();
+        for (id, why) in lost {
+            let Some(node) = self.nodes.remove(&id) else { continue };
+            self.early.retain(|c| c.slot.node_id != id);
+            let member = node.status != NodeStatus::Pending && self.layout.iter().any(|m| m.node_id == id);
+            let reason = if member {
+                members_lost.push(id.clone());
+                let remain = self.layout.iter().filter(|m| self.nodes.contains_key(&m.node_id)).count();
+                format!(
+                    "generation {g}: node {id} lost ({why}); {remain} of {} nodes remain (min {})",
+                    self.layout.len(),
+                    self.config.min_nodes
+                )
+            } else if self.phase == Phase::WaitingForNodes {
+                format!("node {id} lost before the first rendezvous ({why}); {} nodes joined", self.nodes.len())
+            } else {
+                format!("generation {g}: node {id}, not yet admitted, lost ({why})")
+            };
+            self.log(now, EventKind::NodeLost, reason);
+        }
+        if !members_lost.is_empty() && matches!(self.phase, Phase::Rendezvous { .. } | Phase::Running { .. }) {
+            self.form_generation(now, &format!("lost node {}", members_lost.join(", ")), true);
+        }
+    }
+
+    fn expire_heartbeats(&mut self, now: Millis) {
+        let timeout = self.config.heartbeat_timeout;
+        let lost: Vec<(String, String)> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| now.since(n.last_seen) >= timeout)
+            .map(|(id, n)| (id.clone(), format!("no heartbeat for {:.1} s", now.since(n.last_seen).as_secs_f64())))
+            .collect();
+        if !lost.is_empty() {
+            self.drop_nodes(now, lost);
+        }
+    }
+
+    fn check_initial(&mut self, now: Millis) {
+        let (n, min) = (self.nodes.len(), self.config.min_nodes);
+        let quiet = self.last_join_at.map(|t| now.since(t));
+        if n >= min && quiet.is_some_and(|q| q >= self.config.last_call) {
+            let why = format!(
+                "last call: {n} nodes joined (min {min}), none in the last {:.1} s",
+                self.config.last_call.as_secs_f64()
+            );
+            self.form_generation(now, &why, false);
+        } else if n < min && self.first_join_at.is_some_and(|t| now.since(t) >= self.config.join_timeout) {
+            let t = self.config.join_timeout.as_secs_f64();
+            self.fail(now, format!("only {n} of min_nodes {min} nodes joined within join_timeout ({t:.1} s)"));
+        }
+    }
+
+    fn check_rendezvous_timeout(&mut self, now: Millis) {
+        let Some(r) = &self.rendezvous else { return };
+        let timeout = self.config.join_timeout;
+        if now.since(r.started_at) < timeout {
+            return;
+        }
+        let g = self.generation;
+        let missing: Vec<(String, String)> = self
+            .layout
+            .iter()
+            .filter_map(|m| {
+                let absent: Vec<u32> = (0..m.local_ranks)
+                    .filter(|&lr| !r.checkins.iter().any(|c| c.slot.node_id == m.node_id && c.slot.local_rank == lr))
+                    .collect();
+                (!absent.is_empty()).then(|| {
+                    let why = format!(
+                        "local ranks {absent:?} did not check in to the rendezvous of generation {g} within {:.1} s",
+                        timeout.as_secs_f64()
+                    );
+                    (m.node_id.clone(), why)
+                })
+            })
+            .collect();
+        self.drop_nodes(now, missing);
+    }
+
+    // ----------------------------------------------------------------------------------
+    // Helpers
+    // ----------------------------------------------------------------------------------
+
+    /// The running generation's stop: the membership stop or the job's last step,
+    /// whichever is first.
+    fn stop_after(&self) -> Option<u64> {
+        let run = self.run.as_ref()?;
+        min_some(run.membership_stop, self.end_excl().map(|e| e.saturating_sub(1)))
+    }
+
+    /// The first step the job will not run (from `max_steps` and the data), once known.
+    fn end_excl(&self) -> Option<u64> {
+        min_some(self.config.max_steps, self.run.as_ref().and_then(|r| r.data_end))
+    }
+
+    fn job_ends_at_stop(&self) -> bool {
+        let last = self.end_excl().map(|e| e.saturating_sub(1));
+        match (last, self.run.as_ref().and_then(|r| r.membership_stop)) {
+            (Some(last), Some(b)) => last <= b,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
+    /// A reported state must be of the live lineage: from a rank of the last generation
+    /// that trained, at a step that was leased.
+    fn validate_state(&self, slot: &Slot, applied: Option<u64>) -> Result<(), Refusal> {
+        let Some(applied_step) = applied else { return Ok(()) };
+        if self.voters.as_ref().is_some_and(|v| !v.contains(slot)) {
+            return Err(Refusal::UntrackedState {
+                node_id: slot.node_id.clone(),
+                local_rank: slot.local_rank,
+                applied_step,
+            });
+        }
+        match self.ledger.last_step() {
+            Some(last) if applied_step <= last => Ok(()),
+            last_step => Err(Refusal::UnknownAppliedStep { applied_step, last_step }),
+        }
+    }
+
+    fn rank_of(&self, slot: &Slot) -> Option<usize> {
+        let m = self.layout.iter().find(|m| m.node_id == slot.node_id)?;
+        (slot.local_rank < m.local_ranks).then(|| m.first_rank + slot.local_rank as usize)
+    }
+
+    fn slot_of(&self, rank: usize) -> Option<Slot> {
+        let m = self.layout.iter().find(|m| rank >= m.first_rank && rank < m.first_rank + m.local_ranks as usize)?;
+        Some(Slot { node_id: m.node_id.clone(), local_rank: (rank - m.first_rank) as u32 })
+    }
+
+    fn touch_rank(&mut self, now: Millis, rank: usize) {
+        if let Some(slot) = self.slot_of(rank) {
+            if let Some(node) = self.nodes.get_mut(&slot.node_id) {
+                node.last_seen = now;
+            }
+        }
+    }
+
+    fn active_nodes(&self) -> usize {
+        self.nodes.values().filter(|n| n.status != NodeStatus::Leaving).count()
+    }
+
+    fn refuse_if_over(&self) -> Result<(), Refusal> {
+        if self.phase.is_over() {
+            return Err(Refusal::JobOver { phase: self.phase.clone() });
+        }
+        Ok(())
+    }
+
+    fn check_generation(&self, got: u64) -> Result<(), Refusal> {
+        self.refuse_if_over()?;
+        let current = self.generation;
+        if got < current {
+            return Err(Refusal::StaleGeneration { got, current });
+        }
+        if got > current {
+            return Err(Refusal::FutureGeneration { got, current });
+        }
+        Ok(())
+    }
+
+    fn node_reply(&self, node_id: &str) -> NodeReply {
+        NodeReply {
+            generation: self.generation,
+            phase: self.phase.clone(),
+            status: self.nodes.get(node_id).map_or(NodeStatus::Pending, |n| n.status),
+        }
+    }
+
+    fn phase_reply(&self) -> PhaseReply {
+        PhaseReply { generation: self.generation, phase: self.phase.clone() }
+    }
+
+    fn log(&mut self, at: Millis, kind: EventKind, reason: String) {
+        self.log.push(Event { at, generation: self.generation, kind, reason });
+    }
+}
+
+/// Replaces the check-in of the same process, or adds it.
+fn upsert(list: &mut Vec<Checkin>, c: Checkin) {
+    match list.iter_mut().find(|e| e.slot == c.slot) {
+        Some(e) => *e = c,
+        None => list.push(c),
+    }
+}
+
+#[cfg(test)]
+mod tests;

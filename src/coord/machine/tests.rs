@@ -1,0 +1,738 @@
+//! Scenario tests: a simulated cluster drives the machine with time passed in.
+
+use super::*;
+use crate::coord::ledger::BatchRef;
+use std::time::Duration;
+
+const SEC: u64 = 1000;
+
+fn cfg(min: usize, max: usize) -> CoordConfig {
+    CoordConfig {
+        min_nodes: min,
+        max_nodes: max,
+        join_timeout: Duration::from_secs(60),
+        last_call: Duration::from_secs(5),
+        heartbeat_timeout: Duration::from_secs(10),
+        batches_per_rank_step: 1,
+        lease_ahead_steps: 2,
+        max_steps: None,
+        epochs: 1,
+    }
+}
+
+fn slot(node: &str, local_rank: u32) -> Slot {
+    Slot { node_id: node.into(), local_rank }
+}
+
+/// Batches at stream positions `range` of a single-epoch stream.
+fn positions(range: std::ops::Range<u64>) -> Vec<BatchRef> {
+    range.map(|batch| BatchRef { epoch: 0, batch }).collect()
+}
+
+/// A simulated training process.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Proc {
+    applied: Option<u64>,
+    generation: u64,
+    rank: usize,
+    next: u64,
+    running: bool,
+    leases: BTreeMap<u64, Vec<BatchRef>>,
+}
+
+/// A simulated cluster: the machine, the clock, the processes, and what they trained.
+#[derive(Debug, Clone)]
+struct Sim {
+    m: Machine,
+    now: u64,
+    procs: BTreeMap<Slot, Proc>,
+    /// (generation, step, rank, batches) for every step a process ran.
+    trained: Vec<(u64, u64, usize, Vec<BatchRef>)>,
+    /// Persist and reload the machine after every event (a coordinator restart each time).
+    restart_every_event: bool,
+}
+
+fn round_trip(m: &Machine) -> Machine {
+    serde_json::from_str(&serde_json::to_string(m).unwrap()).unwrap()
+}
+
+impl Sim {
+    fn new(cfg: CoordConfig, epoch_batches: Vec<u64>) -> Self {
+        Self {
+            m: Machine::new(cfg, epoch_batches).unwrap(),
+            now: 0,
+            procs: BTreeMap::new(),
+            trained: Vec::new(),
+            restart_every_event: false,
+        }
+    }
+
+    fn t(&self) -> Millis {
+        Millis(self.now)
+    }
+
+    fn after_event(&mut self) {
+        if self.restart_every_event {
+            self.m = round_trip(&self.m);
+        }
+    }
+
+    fn join(&mut self, node: &str, local_ranks: u32) -> NodeReply {
+        let r = self.m.join(self.t(), node, local_ranks).unwrap();
+        for lr in 0..local_ranks {
+            self.procs.entry(slot(node, lr)).or_default();
+        }
+        self.after_event();
+        r
+    }
+
+    /// Member processes in rank order.
+    fn slots(&self) -> Vec<Slot> {
+        self.m.members().iter().flat_map(|m| (0..m.local_ranks).map(|lr| slot(&m.node_id, lr))).collect()
+    }
+
+    fn check_in(&mut self, s: &Slot) -> RendezvousReply {
+        let applied = self.procs[s].applied;
+        let r = self.m.rendezvous(self.t(), &s.node_id, s.local_rank, applied, &s.to_string()).unwrap();
+        self.procs.get_mut(s).unwrap().running = false;
+        self.after_event();
+        r
+    }
+
+    /// Processes not running in the current generation check in (once), then every
+    /// process adopts its assignment.
+    fn check_in_all(&mut self) {
+        for s in self.slots() {
+            let p = &self.procs[&s];
+            let current = p.running && p.generation == self.m.generation();
+            if !current && !self.m.checked_in(&s.node_id, s.local_rank) {
+                self.check_in(&s);
+            }
+        }
+        self.adopt();
+    }
+
+    fn adopt(&mut self) {
+        for s in self.slots() {
+            let Some(a) = self.m.assignment(&s.node_id, s.local_rank) else { continue };
+            let p = self.procs.get_mut(&s).unwrap();
+            if p.running && p.generation == a.generation {
+                continue;
+            }
+            if a.sync_from.is_some() {
+                p.applied = a.start_step.checked_sub(1);
+            } else {
+                assert_eq!(p.applied, a.start_step.checked_sub(1), "{s} was not told to sync but holds another state");
+            }
+            *p = Proc {
+                applied: p.applied,
+                generation: a.generation,
+                rank: a.rank,
+                next: a.start_step,
+                running: true,
+                leases: a.leases.into_iter().map(|l| (l.step, l.items)).collect(),
+            };
+        }
+    }
+
+    /// Process `s` runs its next step (it must hold the lease) and reports it.
+    fn step(&mut self, s: &Slot) -> StepReply {
+        let p = &self.procs[s];
+        let (step, rank, generation) = (p.next, p.rank, p.generation);
+        let items = p.leases.get(&step).cloned().unwrap_or_else(|| panic!("{s} holds no lease for step {step}"));
+        let reply = self.m.step_done(self.t(), generation, rank, step, step as f64).unwrap();
+        let p = self.procs.get_mut(s).unwrap();
+        p.applied = Some(step);
+        p.next = step + 1;
+        p.leases.remove(&step);
+        for l in &reply.leases {
+            assert!(l.step > step);
+            p.leases.insert(l.step, l.items.clone());
+        }
+        if reply.stop_after == Some(step) {
+            p.running = false;
+        }
+        self.trained.push((generation, step, rank, items));
+        self.after_event();
+        reply
+    }
+
+    fn step_all(&mut self) -> Vec<StepReply> {
+        self.slots().iter().map(|s| self.step(s)).collect()
+    }
+
+    fn run_to_end(&mut self) {
+        for _ in 0..10_000 {
+            match self.m.phase().clone() {
+                Phase::Running { .. } => {
+                    self.step_all();
+                }
+                Phase::Rendezvous { .. } => self.check_in_all(),
+                Phase::Finished => return,
+                other => panic!("unexpected phase {other}"),
+            }
+        }
+        panic!("did not finish");
+    }
+
+    fn assignment(&self, node: &str, local_rank: u32) -> Assignment {
+        self.m.assignment(node, local_rank).unwrap_or_else(|| panic!("no assignment for {node}/{local_rank}"))
+    }
+
+    fn last_event(&self, kind: EventKind) -> &Event {
+        self.m.events().iter().rev().find(|e| e.kind == kind).unwrap_or_else(|| panic!("no {kind:?} event"))
+    }
+}
+
+/// Nodes `names` (one rank each) join a job with max = their count and all check in.
+fn running(cfg: CoordConfig, epoch_batches: Vec<u64>, names: &[&str]) -> Sim {
+    let mut sim = Sim::new(cfg, epoch_batches);
+    for n in names {
+        sim.join(n, 1);
+    }
+    if sim.m.phase() == &Phase::WaitingForNodes {
+        sim.now += sim.m.config().last_call.as_millis() as u64;
+        sim.m.tick(sim.t());
+    }
+    assert_eq!(sim.m.phase(), &Phase::Rendezvous { generation: 1 });
+    sim.check_in_all();
+    assert_eq!(sim.m.phase(), &Phase::Running { generation: 1 });
+    sim
+}
+
+#[test]
+fn the_first_rendezvous_starts_at_max_nodes_or_after_last_call_and_fails_below_min() {
+    enum Op {
+        Join(u64, &'static str),
+        Tick(u64),
+    }
+    use Op::*;
+    #[derive(Debug)]
+    enum Want {
+        Waiting,
+        Rendezvous { world: usize },
+        Failed(&'static str),
+    }
+    let cases: Vec<(&str, usize, usize, Vec<Op>, Want)> = vec![
+        (
+            "max nodes start at once",
+            2,
+            3,
+            vec![Join(0, "a"), Join(100, "b"), Join(200, "c")],
+            Want::Rendezvous { world: 3 },
+        ),
+        ("min nodes wait for last call", 2, 4, vec![Join(0, "a"), Join(SEC, "b"), Tick(6 * SEC - 1)], Want::Waiting),
+        ("last call expires", 2, 4, vec![Join(0, "a"), Join(SEC, "b"), Tick(6 * SEC)], Want::Rendezvous { world: 2 }),
+        (
+            "a later join restarts last call",
+            2,
+            4,
+            vec![Join(0, "a"), Join(SEC, "b"), Join(5 * SEC, "c"), Tick(6 * SEC)],
+            Want::Waiting,
+        ),
+        (
+            "... until it expires",
+            2,
+            4,
+            vec![Join(0, "a"), Join(SEC, "b"), Join(5 * SEC, "c"), Tick(10 * SEC)],
+            Want::Rendezvous { world: 3 },
+        ),
+        ("below min before join timeout", 3, 4, vec![Join(0, "a"), Join(10, "b"), Tick(60 * SEC - 1)], Want::Waiting),
+        (
+            "below min at join timeout",
+            3,
+            4,
+            vec![Join(0, "a"), Join(10, "b"), Tick(60 * SEC)],
+            Want::Failed("only 2 of min_nodes 3 nodes joined within join_timeout (60.0 s)"),
+        ),
+        (
+            "min reached late still starts",
+            2,
+            4,
+            vec![Join(0, "a"), Join(58 * SEC, "b"), Tick(63 * SEC)],
+            Want::Rendezvous { world: 2 },
+        ),
+        ("no nodes, no timeout", 1, 1, vec![Tick(1000 * SEC)], Want::Waiting),
+    ];
+    for (name, min, max, ops, want) in cases {
+        let mut c = cfg(min, max);
+        c.heartbeat_timeout = Duration::from_secs(1000);
+        let mut m = Machine::new(c, vec![10]).unwrap();
+        for op in ops {
+            match op {
+                Join(t, id) => drop(m.join(Millis(t), id, 1).unwrap()),
+                Tick(t) => drop(m.tick(Millis(t))),
+            }
+        }
+        match (&want, m.phase()) {
+            (Want::Waiting, Phase::WaitingForNodes) => {}
+            (Want::Rendezvous { world }, Phase::Rendezvous { generation: 1 }) => {
+                assert_eq!(m.world(), *world, "{name}")
+            }
+            (Want::Failed(why), Phase::Failed { reason }) => {
+                assert!(reason.contains(why), "{name}: {reason}");
+                assert!(matches!(m.join(Millis(0), "z", 1), Err(Refusal::JobOver { .. })), "{name}");
+            }
+            (want, got) => panic!("{name}: want {want:?}, got {got}"),
+        }
+    }
+}
+
+#[test]
+fn ranks_are_stable_whatever_the_join_order() {
+    let nodes = [("c", 3), ("a", 2), ("b", 1)];
+    for order in [[0, 1, 2], [2, 0, 1], [1, 2, 0]] {
+        let mut sim = Sim::new(cfg(3, 3), vec![100]);
+        for i in order {
+            sim.join(nodes[i].0, nodes[i].1);
+        }
+        sim.check_in_all();
+        let want = ["a/0", "a/1", "b/0", "c/0", "c/1", "c/2"];
+        for (rank, s) in sim.slots().iter().enumerate() {
+            let a = sim.assignment(&s.node_id, s.local_rank);
+            assert_eq!((a.rank, a.world, s.to_string()), (rank, 6, want[rank].to_string()), "order {order:?}");
+            assert_eq!(a.comm_addrs, want, "addresses in rank order");
+            assert_eq!((a.start_step, a.sync_from), (0, None), "fresh processes need no sync");
+        }
+    }
+}
+
+#[test]
+fn refusals_name_the_problem_and_change_nothing() {
+    type Call = fn(&mut Machine) -> Result<(), Refusal>;
+    let t = Millis(SEC);
+    let cases: Vec<(&str, Call, Refusal)> = vec![
+        ("join beyond max", |m| m.join(Millis(SEC), "c", 1).map(drop), Refusal::Full { max_nodes: 2 }),
+        ("no local ranks", |m| m.join(Millis(SEC), "c", 0).map(drop), Refusal::NoLocalRanks { node_id: "c".into() }),
+        (
+            "local ranks changed",
+            |m| m.join(Millis(SEC), "a", 4).map(drop),
+            Refusal::LocalRanksChanged { node_id: "a".into(), registered: 1, got: 4 },
+        ),
+        (
+            "stale generation",
+            |m| m.step_done(Millis(SEC), 0, 0, 0, 1.0).map(drop),
+            Refusal::StaleGeneration { got: 0, current: 1 },
+        ),
+        (
+            "future generation",
+            |m| m.step_done(Millis(SEC), 2, 0, 0, 1.0).map(drop),
+            Refusal::FutureGeneration { got: 2, current: 1 },
+        ),
+        (
+            "future heartbeat",
+            |m| m.heartbeat(Millis(SEC), "a", 7).map(drop),
+            Refusal::FutureGeneration { got: 7, current: 1 },
+        ),
+        (
+            "stale failure report",
+            |m| m.rank_failed(Millis(SEC), 0, 0, "x").map(drop),
+            Refusal::StaleGeneration { got: 0, current: 1 },
+        ),
+        (
+            "no such rank",
+            |m| m.step_done(Millis(SEC), 1, 2, 0, 1.0).map(drop),
+            Refusal::UnknownRank { rank: 2, world: 2, generation: 1 },
+        ),
+        (
+            "skipped step",
+            |m| m.step_done(Millis(SEC), 1, 0, 1, 1.0).map(drop),
+            Refusal::UnexpectedStep { rank: 0, expected: 0, got: 1 },
+        ),
+        (
+            "unknown node",
+            |m| m.heartbeat(Millis(SEC), "zz", 1).map(drop),
+            Refusal::UnknownNode { node_id: "zz".into() },
+        ),
+        (
+            "unknown local rank",
+            |m| m.rendezvous(Millis(SEC), "a", 1, None, "x").map(drop),
+            Refusal::UnknownLocalRank { node_id: "a".into(), local_rank: 1, local_ranks: 1 },
+        ),
+        (
+            "leave below min",
+            |m| m.leave(Millis(SEC), "b").map(drop),
+            Refusal::WouldGoBelowMin { node_id: "b".into(), remaining: 1, min_nodes: 2 },
+        ),
+        (
+            "state from beyond the leases",
+            |m| m.rendezvous(Millis(SEC), "a", 0, Some(9), "x").map(drop),
+            Refusal::UnknownAppliedStep { applied_step: 9, last_step: Some(1) },
+        ),
+    ];
+    for (name, call, want) in cases {
+        let mut sim = running(cfg(2, 2), vec![20], &["a", "b"]);
+        sim.now = t.0;
+        let before = sim.m.clone();
+        assert_eq!(call(&mut sim.m), Err(want), "{name}");
+        assert_eq!(sim.m, before, "{name}: a refusal must not change the state");
+    }
+
+    // After a re-form, the old generation's reports are stale.
+    let mut sim = running(cfg(2, 2), vec![20], &["a", "b"]);
+    sim.m.rank_failed(t, 1, 1, "peer closed").unwrap();
+    assert_eq!(sim.m.step_done(t, 1, 0, 0, 1.0), Err(Refusal::StaleGeneration { got: 1, current: 2 }));
+    assert_eq!(
+        sim.m.step_done(t, 2, 0, 0, 1.0),
+        Err(Refusal::NotRunning { phase: Phase::Rendezvous { generation: 2 } })
+    );
+    // Before anything ran, no process can hold a trained state.
+    let mut m = Machine::new(cfg(1, 2), vec![5]).unwrap();
+    m.join(t, "a", 1).unwrap();
+    assert_eq!(
+        m.rendezvous(t, "a", 0, Some(0), "x"),
+        Err(Refusal::UnknownAppliedStep { applied_step: 0, last_step: None })
+    );
+}
+
+#[test]
+fn w_ranks_with_k_batches_train_what_one_process_with_w_times_k_trains() {
+    for (ranks, k) in [(3u32, 2u64), (4, 1), (2, 3)] {
+        let run = |local_ranks: u32, k: u64| {
+            let mut c = cfg(1, 1);
+            c.batches_per_rank_step = k;
+            c.epochs = 2;
+            let mut sim = Sim::new(c, vec![50, 47]);
+            sim.join("n", local_ranks);
+            sim.check_in_all();
+            sim.run_to_end();
+            sim
+        };
+        let (many, one) = (run(ranks, k), run(1, ranks as u64 * k));
+        let (a, b) = (many.m.ledger().committed(), one.m.ledger().committed());
+        assert_eq!(a.len(), b.len());
+        assert!(a.len() > 10);
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(x.per_rank.len(), ranks as usize);
+            assert_eq!(x.per_rank.concat(), y.per_rank.concat(), "step {}", x.step);
+        }
+        // What the processes trained is what the ledger committed.
+        let mut trained = many.trained.clone();
+        trained.sort_by_key(|&(_, step, rank, _)| (step, rank));
+        let committed: Vec<_> = a.iter().flat_map(|c| c.per_rank.iter().cloned()).collect();
+        assert_eq!(trained.into_iter().map(|t| t.3).collect::<Vec<_>>(), committed);
+        assert_eq!(many.m.summary().dropped_tail, Some(97 % (ranks as u64 * k)));
+        many.m.check_exactly_once().unwrap();
+    }
+}
+
+/// 3 nodes run steps 0 and 1; node c dies during step 2, when a may or may not have
+/// applied step 2 (and b too, without having reported it).
+fn kill_during_step_2(a_applied: bool, b_applied: bool) -> Sim {
+    let mut c = cfg(2, 3);
+    c.batches_per_rank_step = 2;
+    let mut sim = running(c, vec![40], &["a", "b", "c"]);
+    sim.step_all();
+    sim.step_all();
+    if a_applied {
+        let r = sim.step(&slot("a", 0));
+        assert_eq!(r.committed_through, Some(1), "b and c have not reported step 2");
+    }
+    if b_applied {
+        sim.procs.get_mut(&slot("b", 0)).unwrap().applied = Some(2);
+    }
+    sim.now += SEC;
+    sim.m.node_lost(sim.t(), "c", "training process exited with signal 9").unwrap();
+    sim.procs.remove(&slot("c", 0));
+    sim
+}
+
+#[test]
+fn a_node_killed_mid_step_commits_exactly_what_the_survivors_applied() {
+    // (a applied 2, b applied 2, start step, sync from, committed through, dropped tail)
+    let cases = [
+        (true, false, 3, Some(0), Some(2), 2),
+        (true, true, 3, None, Some(2), 2),
+        (false, true, 3, Some(1), Some(2), 2),
+        (false, false, 2, None, Some(1), 0),
+    ];
+    for (a_applied, b_applied, start, sync, through, tail) in cases {
+        let name = format!("a applied 2: {a_applied}, b applied 2: {b_applied}");
+        let mut sim = kill_during_step_2(a_applied, b_applied);
+        assert_eq!(sim.m.phase(), &Phase::Rendezvous { generation: 2 }, "{name}");
+        assert!(sim
+            .last_event(EventKind::NodeLost)
+            .reason
+            .contains("generation 1: node c lost (training process exited"));
+        assert!(sim.last_event(EventKind::NodeLost).reason.contains("2 of 3 nodes remain (min 2)"));
+        if b_applied {
+            let refused = sim.m.step_done(sim.t(), 1, 1, 2, 0.5);
+            assert_eq!(refused, Err(Refusal::StaleGeneration { got: 1, current: 2 }), "{name}");
+        }
+        sim.check_in_all();
+        let a = sim.assignment("a", 0);
+        assert_eq!((a.generation, a.world, a.start_step, a.sync_from), (2, 2, start, sync), "{name}");
+        assert_eq!(sim.m.ledger().committed_through(), through, "{name}");
+        if start == 3 {
+            let step2 = &sim.m.ledger().committed()[2];
+            assert_eq!(step2.generation, 1);
+            assert_eq!(step2.per_rank.len(), 3, "{name}: the dead rank's lease is committed too");
+            assert_eq!(step2.per_rank.concat(), positions(12..18));
+            assert_eq!(a.leases[0].items, positions(18..20), "{name}: the next batches follow on");
+        } else {
+            assert_eq!(
+                a.leases[0],
+                StepLease { step: 2, items: positions(12..14) },
+                "{name}: step 2 is leased again first"
+            );
+            assert_eq!(sim.assignment("b", 0).leases[0].items, positions(14..16));
+        }
+        sim.run_to_end();
+        let cover = sim.m.check_exactly_once().unwrap();
+        assert_eq!(cover.dropped_tail, Some(tail), "{name}");
+        assert_eq!(cover.committed_batches + tail, 40);
+        let s = sim.m.summary();
+        assert_eq!((s.recoveries, s.rollbacks, s.dropped_tail), (1, 0, Some(tail)), "{name}");
+    }
+}
+
+#[test]
+fn a_coordinator_restart_mid_run_continues_identically() {
+    let mut sim = kill_during_step_2(true, false);
+    let json = serde_json::to_string(&sim.m).unwrap();
+    let restored: Machine = serde_json::from_str(&json).unwrap();
+    assert_eq!(restored, sim.m);
+    let mut twin = sim.clone();
+    twin.m = restored;
+    // And one that restarts after every single event from here on.
+    let mut flaky = sim.clone();
+    flaky.restart_every_event = true;
+    for s in [&mut sim, &mut twin, &mut flaky] {
+        s.check_in_all();
+        s.now += SEC;
+        s.join("d", 2);
+        s.run_to_end();
+    }
+    assert_eq!(twin.m, sim.m);
+    assert_eq!(flaky.m, sim.m);
+    assert_eq!(twin.trained, sim.trained);
+    assert_eq!(flaky.trained, sim.trained);
+    assert_eq!(sim.m.summary().generation, 3, "d was admitted");
+    sim.m.check_exactly_once().unwrap();
+}
+
+#[test]
+fn a_silent_node_is_lost_and_below_min_nodes_the_job_fails() {
+    let mut sim = running(cfg(2, 3), vec![100], &["a", "b", "c"]);
+    sim.step_all();
+    sim.now = 5 * SEC;
+    for n in ["a", "b"] {
+        sim.m.heartbeat(sim.t(), n, 1).unwrap();
+    }
+    assert!(sim.m.tick(Millis(10 * SEC - 1)).is_empty());
+    let events = sim.m.tick(Millis(10 * SEC));
+    assert_eq!(events[0].kind, EventKind::NodeLost);
+    assert_eq!(events[0].reason, "generation 1: node c lost (no heartbeat for 10.0 s); 2 of 3 nodes remain (min 2)");
+    assert_eq!(events[1].kind, EventKind::GenerationFormed);
+    assert_eq!(sim.m.phase(), &Phase::Rendezvous { generation: 2 });
+    let hb = sim.m.heartbeat(Millis(11 * SEC), "a", 1).unwrap();
+    assert_eq!(
+        (hb.generation, hb.status),
+        (2, NodeStatus::Member),
+        "a stale heartbeat is answered, so the node notices"
+    );
+    assert_eq!(sim.m.heartbeat(Millis(11 * SEC), "c", 1), Err(Refusal::UnknownNode { node_id: "c".into() }));
+    let events = sim.m.tick(Millis(15 * SEC + 1));
+    assert_eq!(events.iter().map(|e| e.kind).collect::<Vec<_>>(), vec![EventKind::NodeLost, EventKind::Failed]);
+    assert!(matches!(sim.m.phase(), Phase::Failed { reason } if reason.contains("1 nodes remain, below min_nodes 2")));
+    assert_eq!(sim.m.summary().steps_committed, 1);
+}
+
+#[test]
+fn a_node_joining_a_running_job_is_admitted_at_one_step_boundary_for_all_ranks() {
+    let mut sim = Sim::new(cfg(2, 3), vec![100]);
+    sim.join("a", 1);
+    sim.join("b", 1);
+    sim.now = 5 * SEC;
+    sim.m.tick(sim.t());
+    sim.check_in_all();
+    sim.step_all();
+    sim.step_all();
+    let (a, b, c) = (slot("a", 0), slot("b", 0), slot("c", 0));
+    assert_eq!(sim.step(&a).stop_after, None);
+    sim.join("c", 1);
+    assert!(sim.last_event(EventKind::StopScheduled).reason.contains("every rank stops after step 3"));
+    assert_eq!(sim.m.phase(), &Phase::Running { generation: 1 });
+    // b reports step 2 later than a, yet gets the same stop.
+    assert_eq!(sim.step(&b).stop_after, Some(3));
+    // c's process checks in early: it waits for the boundary.
+    assert_eq!(sim.check_in(&c).assignment, None);
+    let ra = sim.step(&a);
+    assert_eq!((ra.stop_after, ra.job_ends), (Some(3), false));
+    assert!(ra.leases.is_empty(), "no leases past the stop");
+    sim.check_in(&a);
+    assert_eq!(sim.m.phase(), &Phase::Running { generation: 1 }, "b has not reached the boundary");
+    assert_eq!(sim.step(&b).stop_after, Some(3));
+    assert_eq!(sim.m.phase(), &Phase::Rendezvous { generation: 2 });
+    assert_eq!(sim.m.ledger().committed_through(), Some(3));
+    sim.check_in_all();
+    let (aa, ac) = (sim.assignment("a", 0), sim.assignment("c", 0));
+    assert_eq!((aa.world, aa.start_step, aa.sync_from), (3, 4, Some(0)), "c is fresh and copies rank 0's state");
+    assert_eq!((ac.rank, ac.leases[0].clone()), (2, StepLease { step: 4, items: positions(10..11) }));
+    assert_eq!(sim.m.summary().recoveries, 0, "a join is not a failure");
+    sim.run_to_end();
+    assert_eq!(sim.m.check_exactly_once().unwrap().dropped_tail, Some(2), "8 batches at world 2, then 30 steps of 3");
+}
+
+#[test]
+fn a_graceful_leave_takes_effect_at_the_boundary() {
+    let mut sim = running(cfg(2, 3), vec![60], &["a", "b", "c"]);
+    sim.step_all();
+    sim.m.leave(sim.t(), "c").unwrap();
+    assert_eq!(
+        sim.m.leave(sim.t(), "b"),
+        Err(Refusal::WouldGoBelowMin { node_id: "b".into(), remaining: 1, min_nodes: 2 })
+    );
+    let replies = sim.step_all();
+    assert!(replies.iter().all(|r| r.stop_after == Some(1)));
+    assert_eq!(sim.m.phase(), &Phase::Rendezvous { generation: 2 });
+    assert!(sim.m.events().iter().any(|e| e.kind == EventKind::NodeLeft && e.reason.contains("node c left")));
+    sim.check_in_all();
+    assert_eq!((sim.m.world(), sim.assignment("b", 0).sync_from), (2, None));
+    sim.run_to_end();
+    sim.m.check_exactly_once().unwrap();
+}
+
+#[test]
+fn a_boundary_check_in_counts_as_the_missing_step_report() {
+    let mut sim = running(cfg(2, 3), vec![60], &["a", "b"]);
+    sim.step_all();
+    sim.join("c", 1);
+    sim.step(&slot("a", 0));
+    // b applied step 1 but its report was lost; it goes straight to the rendezvous.
+    sim.procs.get_mut(&slot("b", 0)).unwrap().applied = Some(1);
+    sim.check_in(&slot("b", 0));
+    assert_eq!(sim.m.phase(), &Phase::Rendezvous { generation: 2 });
+    assert_eq!(sim.m.ledger().committed_through(), Some(1));
+    sim.check_in_all();
+    assert_eq!(sim.assignment("c", 0).start_step, 2);
+}
+
+#[test]
+fn a_failure_report_re_forms_and_a_rank_that_never_checks_in_loses_its_node() {
+    let mut sim = running(cfg(2, 3), vec![60], &["a", "b", "c"]);
+    sim.step_all();
+    sim.now = SEC;
+    sim.m.rank_failed(sim.t(), 1, 0, "recv from rank 2: connection reset").unwrap();
+    assert_eq!(sim.m.phase(), &Phase::Rendezvous { generation: 2 });
+    assert_eq!(sim.m.world(), 3, "nobody is dropped on a report");
+    sim.check_in(&slot("a", 0));
+    sim.check_in(&slot("b", 0));
+    for n in ["a", "b"] {
+        sim.m.heartbeat(Millis(55 * SEC), n, 2).unwrap();
+    }
+    // c's node keeps heartbeating, but its process never checks in.
+    sim.m.heartbeat(Millis(55 * SEC), "c", 2).unwrap();
+    assert!(sim.m.tick(Millis(61 * SEC - 1)).is_empty());
+    sim.now = 61 * SEC;
+    sim.m.tick(sim.t());
+    assert!(sim.last_event(EventKind::NodeLost).reason.contains("node c lost (local ranks [0] did not check in"));
+    assert_eq!(sim.m.phase(), &Phase::Running { generation: 3 }, "a and b's check-ins carry over");
+    sim.adopt();
+    assert_eq!((sim.assignment("a", 0).start_step, sim.m.summary().recoveries), (1, 2));
+    sim.run_to_end();
+    sim.m.check_exactly_once().unwrap();
+}
+
+#[test]
+fn a_rank_re_entering_without_a_stop_re_forms_the_generation() {
+    let mut sim = running(cfg(1, 2), vec![30], &["a", "b"]);
+    sim.step_all();
+    let a = slot("a", 0);
+    // Repeating a check-in before any step is idempotent...
+    let mut sim2 = running(cfg(1, 2), vec![30], &["a", "b"]);
+    let before = sim2.m.clone();
+    assert_eq!(sim2.check_in(&a).assignment.map(|x| x.rank), Some(0));
+    assert_eq!(sim2.m, before);
+    // ...but after steps, it means the process left the collective.
+    sim.check_in(&a);
+    assert_eq!(sim.m.phase(), &Phase::Rendezvous { generation: 2 });
+    assert!(sim.m.checked_in("a", 0) && !sim.m.checked_in("b", 0));
+    sim.check_in_all();
+    assert_eq!(sim.assignment("b", 0).start_step, 1);
+}
+
+#[test]
+fn retried_reports_are_answered_again_without_counting_twice() {
+    let mut sim = running(cfg(2, 2), vec![30], &["a", "b"]);
+    let first = sim.step(&slot("a", 0));
+    let again = sim.m.step_done(sim.t(), 1, 0, 0, 9.0).unwrap();
+    assert_eq!(again, first);
+    sim.step(&slot("b", 0));
+    assert_eq!(sim.m.ledger().committed()[0].mean_loss, Some(0.0), "the retried loss did not count");
+}
+
+#[test]
+fn when_every_holder_of_the_state_is_gone_committed_steps_roll_back() {
+    let mut sim = running(cfg(2, 3), vec![30], &["a", "b"]);
+    sim.step_all();
+    sim.step_all();
+    sim.m.rank_failed(sim.t(), 1, 0, "both processes crashed").unwrap();
+    for p in sim.procs.values_mut() {
+        *p = Proc::default();
+    }
+    sim.check_in_all();
+    assert_eq!(sim.assignment("a", 0).start_step, 0);
+    assert_eq!(sim.m.ledger().committed_through(), None);
+    assert!(sim.last_event(EventKind::RolledBack).reason.contains("committed steps 0..=1"));
+    // A node that was not in the last running generation cannot bring in a state.
+    sim.join("c", 1);
+    let refused = sim.m.rendezvous(sim.t(), "c", 0, Some(0), "c/0");
+    assert!(matches!(refused, Err(Refusal::UntrackedState { applied_step: 0, .. })), "{refused:?}");
+    sim.run_to_end();
+    assert_eq!(sim.m.summary().rollbacks, 1);
+    sim.m.check_exactly_once().unwrap();
+}
+
+#[test]
+fn the_job_ends_at_max_steps() {
+    let mut c = cfg(2, 2);
+    c.max_steps = Some(3);
+    let mut sim = running(c, vec![100], &["a", "b"]);
+    for _ in 0..3 {
+        let replies = sim.step_all();
+        assert!(replies.iter().all(|r| r.stop_after == Some(2) && r.job_ends), "{replies:?}");
+    }
+    assert_eq!(sim.m.phase(), &Phase::Finished);
+    let s = sim.m.summary();
+    assert_eq!((s.steps_committed, s.finish, s.dropped_tail), (3, Some(Finish::MaxSteps { steps: 3 }), None));
+    assert_eq!(sim.m.check_exactly_once().unwrap().pending_batches, 94);
+    assert!(matches!(sim.m.step_done(sim.t(), 1, 0, 3, 1.0), Err(Refusal::JobOver { .. })));
+    assert_eq!(sim.m.heartbeat(sim.t(), "a", 1).unwrap().phase, Phase::Finished, "agents learn the end");
+}
+
+#[test]
+fn the_job_ends_when_the_epochs_run_out_and_counts_the_dropped_tail() {
+    let mut c = cfg(2, 2);
+    c.epochs = 2;
+    c.batches_per_rank_step = 2;
+    let mut sim = running(c, vec![5, 4], &["a", "b"]);
+    sim.run_to_end();
+    let committed = sim.m.ledger().committed();
+    let b = |epoch, batch| BatchRef { epoch, batch };
+    assert_eq!(committed.len(), 2);
+    assert_eq!(
+        committed[1].per_rank,
+        vec![vec![b(0, 4), b(1, 0)], vec![b(1, 1), b(1, 2)]],
+        "a step spans the epoch boundary"
+    );
+    assert_eq!(sim.m.summary().finish, Some(Finish::DataExhausted { dropped_tail: 1 }));
+    assert_eq!(sim.m.check_exactly_once().unwrap().dropped_tail, Some(1));
+    assert!(sim.last_event(EventKind::Finished).reason.contains("1 batches of the last epoch's tail dropped"));
+    assert!(sim
+        .m
+        .events()
+        .iter()
+        .any(|e| e.kind == EventKind::StopScheduled && e.reason.contains("step 1 is the last")));
+}
+
+#[test]
+fn the_event_log_keeps_the_latest_events() {
+    let mut log = EventLog::default();
+    for i in 0..EVENT_LOG_LEN as u64 + 5 {
+        log.push(Event { at: Millis(i), generation: 0, kind: EventKind::NodeJoined, reason: String::new() });
+    }
+    assert_eq!(log.events.len(), EVENT_LOG_LEN);
+    assert_eq!(log.events.front().unwrap().at, Millis(5));
+    assert_eq!(log.since(log.appended - 2).iter().map(|e| e.at.0).collect::<Vec<_>>(), vec![1003, 1004]);
+}

@@ -1,0 +1,323 @@
+//! The coordinator's core: a pure, synchronous state machine for elastic data-parallel
+//! training. No tokio, no clock, no I/O: a thin gRPC shell feeds it events with the time
+//! (`now`), carries out its replies, and persists the whole state (it is serde) after
+//! every event so that a restarted coordinator resumes where it stopped.
+//!
+//! * [`machine`]: membership, generations, rendezvous, step commit ([`Machine`]).
+//! * [`ledger`]: which data batches each step leased and committed ([`Ledger`]).
+//! * here: [`Millis`] and the `coord:` config section ([`CoordConfig`]).
+//!
+//! # Model
+//!
+//! A *node* (one per machine) joins with `local_ranks` training processes. A *generation*
+//! is one fixed membership: global ranks are the nodes sorted by id, ranks contiguous per
+//! node in local-rank order, so the same membership always gives the same ranks. Every
+//! membership change (and every recovery) starts a new generation with a *rendezvous*:
+//! each rank of each member checks in with the last optimizer step its model state
+//! contains, and once all have, the generation gets its ranks, the ring addresses, the step
+//! to start at, the rank to copy state from, and its first data leases. Calls carry the
+//! generation they believe in; calls from an older one are refused
+//! ([`Refusal::StaleGeneration`]) except `join` and `rendezvous`, which are how a process
+//! re-enters.
+//!
+//! # Data: leases, and the commit rule (exactly once)
+//!
+//! The data is one ordered stream of batches `(epoch, batch)` over all epochs. Step `s` of
+//! a generation of `W` ranks leases the next `W * k` batches from the front of the pending
+//! pool (`k` = `batches_per_rank_step`, the gradient accumulation): rank `r` gets the
+//! `r`-th run of `k`. Without failures step `s` rank `r` trains stream positions
+//! `s*W*k + r*k ..+k`, so `W` ranks with accumulation `k` see, step by step, exactly the
+//! batches one process with accumulation `W*k` would. Leases are handed out
+//! `lease_ahead_steps` ahead so a rank never waits for the coordinator.
+//!
+//! A step is *committed* (its batches count as trained) when every rank of its generation
+//! reported it done. When a generation breaks, the next rendezvous settles the rest with
+//! one rule: let `A` be the highest `applied_step` among the checked-in ranks that hold the
+//! live model lineage (ranks of the last generation that trained). A rank that applied
+//! step `s` finished the all-reduce of `s`, which needed the gradients of *every* rank of
+//! that generation, dead ones included; so every lease of every step `<= A` is committed,
+//! and the leases of steps `> A` go back to the *front* of the pending pool in their
+//! original order, to be leased again first. The new generation starts at `A + 1` from the
+//! state of the lowest rank holding `A` (`sync_from`), or without a copy when every rank
+//! already holds it. If no rank holds the state of steps already committed (every holder
+//! is gone), those steps are rolled back to the pool too: the ledger always describes the
+//! model state the job continues from. Consequently the committed batches are always a
+//! prefix of the stream, in order, and [`Ledger::check_exactly_once`] proves it.
+//!
+//! # Epoch tail policy
+//!
+//! Epochs are concatenated: a step may take the last batches of epoch `e` and the first of
+//! `e + 1`, so every batch of every epoch is trained exactly once. Only at the end of the
+//! *last* epoch can a remainder smaller than one step (`W * k` batches) be left; it is not
+//! trained and is reported as `dropped_tail` (never silently lost).
+//!
+//! # Contracts the shell and the workers keep
+//!
+//! 1. `now` never goes backwards, also across coordinator restarts (persisted times are
+//!    compared with it): use wall-clock milliseconds or a persisted offset.
+//! 2. A rank reads the reply to `step_done(s)` before it enters the all-reduce of step
+//!    `s + 1`. This is what makes a stop step chosen as "highest reported step + 1"
+//!    reachable by every rank and passed by none.
+//! 3. `applied_step` is the truth: the last step whose update the process's state holds,
+//!    reached in this job, or `None` for a fresh process (which initialises from the seed).
+//!    A process of a node that was dropped must restart fresh before it checks in again.
+//! 4. The shell persists the state after every call that changed it, before acting on the
+//!    reply; calls may be retried (`step_done`, `rendezvous`, `join` are idempotent).
+
+pub mod ledger;
+pub mod machine;
+
+pub use ledger::{BatchRef, CommittedStep, Coverage, LeasedStep, Ledger, LedgerEnd, LedgerError, StepLease};
+pub use machine::{
+    Assignment, Checkin, Event, EventKind, Finish, Machine, Member, NodeReply, NodeStatus, Phase, PhaseReply, Refusal,
+    RendezvousReply, Slot, StepReply, Summary,
+};
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// A point in time, in milliseconds, as given by the shell (see contract 1 above).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    /// Time from `earlier` to `self`; zero if `earlier` is later (a clock that stepped
+    /// back must not make anything expire early or panic).
+    pub fn since(self, earlier: Millis) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0))
+    }
+}
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.3} s", self.0 as f64 / 1000.0)
+    }
+}
+
+/// The `coord:` section of a run config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordConfig {
+    /// Fewest nodes the job runs with: the first rendezvous waits for them, and losing
+    /// nodes below it fails the job.
+    pub min_nodes: usize,
+    /// Most nodes: the first rendezvous starts at once when this many joined; more joins
+    /// are refused.
+    pub max_nodes: usize,
+    /// How long the first nodes may take to reach `min_nodes` (from the first join), and
+    /// how long a member rank may take to check in to a rendezvous before its node is
+    /// dropped.
+    #[serde(with = "duration", default = "default_join_timeout")]
+    pub join_timeout: Duration,
+    /// With `min_nodes` joined, the first rendezvous waits this long after the last join
+    /// for more nodes.
+    #[serde(with = "duration", default = "default_last_call")]
+    pub last_call: Duration,
+    /// A node not heard from for this long is lost.
+    #[serde(with = "duration", default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout: Duration,
+    /// Data batches each rank consumes per optimizer step (its gradient accumulation).
+    #[serde(default = "one")]
+    pub batches_per_rank_step: u64,
+    /// How many steps of data leases each rank holds beyond the step it finished.
+    #[serde(default = "default_lease_ahead")]
+    pub lease_ahead_steps: u64,
+    /// Stop after this many optimizer steps, if the data lasts that long.
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// Passes over the data.
+    #[serde(default = "one")]
+    pub epochs: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+fn default_join_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_last_call() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_heartbeat_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_lease_ahead() -> u64 {
+    4
+}
+
+/// A config value that cannot work, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("coord.{field}: {message}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl CoordConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field, message: &str| Err(ConfigError { field, message: message.to_string() });
+        if self.min_nodes == 0 {
+            return err("min_nodes", "must be at least 1");
+        }
+        if self.max_nodes < self.min_nodes {
+            return err("max_nodes", &format!("must be at least min_nodes ({})", self.min_nodes));
+        }
+        for (field, d) in [
+            ("join_timeout", self.join_timeout),
+            ("last_call", self.last_call),
+            ("heartbeat_timeout", self.heartbeat_timeout),
+        ] {
+            if d.is_zero() {
+                return err(field, "must be positive");
+            }
+        }
+        if self.batches_per_rank_step == 0 {
+            return err("batches_per_rank_step", "must be at least 1");
+        }
+        if self.lease_ahead_steps == 0 {
+            return err("lease_ahead_steps", "must be at least 1 (a rank needs its next step's data)");
+        }
+        if self.max_steps == Some(0) {
+            return err("max_steps", "must be positive when given");
+        }
+        if self.epochs == 0 {
+            return err("epochs", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Serde for `Duration` as a human string (`"10s"`, `"1500ms"`, `"2m"`, `"1h"`, also
+/// `us` and `ns`) or a plain number of seconds. Serializes to the largest exact unit.
+pub mod duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Seconds(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Seconds(x) => {
+                Duration::try_from_secs_f64(x).map_err(|e| serde::de::Error::custom(format!("{x}: {e}")))
+            }
+            Raw::Text(t) => parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+
+    pub fn format(d: Duration) -> String {
+        let ns = d.as_nanos();
+        for (unit, per) in [
+            ("h", 3_600_000_000_000u128),
+            ("m", 60_000_000_000),
+            ("s", 1_000_000_000),
+            ("ms", 1_000_000),
+            ("us", 1_000),
+        ] {
+            if ns % per == 0 && ns > 0 {
+                return format!("{}{unit}", ns / per);
+            }
+        }
+        format!("{ns}ns")
+    }
+
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let (num, unit) = (&t[..split], t[split..].trim());
+        let nanos_per: u64 = match unit {
+            "h" => 3_600_000_000_000,
+            "m" | "min" => 60_000_000_000,
+            "s" | "" => 1_000_000_000,
+            "ms" => 1_000_000,
+            "us" => 1_000,
+            "ns" => 1,
+            _ => return Err(format!("{text:?}: unknown unit {unit:?} (use h, m, s, ms, us, ns)")),
+        };
+        if let Ok(n) = num.parse::<u64>() {
+            return n.checked_mul(nanos_per).map(Duration::from_nanos).ok_or_else(|| format!("{text:?}: too long"));
+        }
+        let x: f64 = num.parse().map_err(|_| format!("{text:?}: expected a number and a unit, like 10s"))?;
+        Duration::try_from_secs_f64(x * nanos_per as f64 / 1e9).map_err(|e| format!("{text:?}: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> CoordConfig {
+        serde_yaml_ng::from_str("min_nodes: 2\nmax_nodes: 4\n").unwrap()
+    }
+
+    #[test]
+    fn defaults_fill_in_and_validate() {
+        let c = base();
+        assert_eq!(c.heartbeat_timeout, Duration::from_secs(10));
+        assert_eq!(c.lease_ahead_steps, 4);
+        assert_eq!((c.batches_per_rank_step, c.epochs, c.max_steps), (1, 1, None));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        type Break = fn(&mut CoordConfig);
+        let cases: [(&str, Break); 9] = [
+            ("min_nodes", |c| c.min_nodes = 0),
+            ("max_nodes", |c| c.max_nodes = 1),
+            ("join_timeout", |c| c.join_timeout = Duration::ZERO),
+            ("last_call", |c| c.last_call = Duration::ZERO),
+            ("heartbeat_timeout", |c| c.heartbeat_timeout = Duration::ZERO),
+            ("batches_per_rank_step", |c| c.batches_per_rank_step = 0),
+            ("lease_ahead_steps", |c| c.lease_ahead_steps = 0),
+            ("max_steps", |c| c.max_steps = Some(0)),
+            ("epochs", |c| c.epochs = 0),
+        ];
+        for (field, break_it) in cases {
+            let mut c = base();
+            break_it(&mut c);
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.field, field);
+            assert!(e.to_string().starts_with(&format!("coord.{field}: ")), "{e}");
+        }
+    }
+
+    #[test]
+    fn durations_read_as_text_or_seconds_and_round_trip() {
+        for (text, want) in [
+            ("10s", Duration::from_secs(10)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("1500ms", Duration::from_millis(1500)),
+            ("2m", Duration::from_secs(120)),
+            ("1h", Duration::from_secs(3600)),
+            ("250us", Duration::from_micros(250)),
+            ("3", Duration::from_secs(3)),
+        ] {
+            assert_eq!(duration::parse(text), Ok(want), "{text}");
+            assert_eq!(duration::parse(&duration::format(want)), Ok(want));
+        }
+        assert!(duration::parse("10 parsecs").is_err());
+        assert!(duration::parse("s").is_err());
+        let c: CoordConfig =
+            serde_yaml_ng::from_str("min_nodes: 1\nmax_nodes: 1\njoin_timeout: 2.5\nlast_call: 90s\n").unwrap();
+        assert_eq!((c.join_timeout, c.last_call), (Duration::from_millis(2500), Duration::from_secs(90)));
+        let back: CoordConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        assert!(serde_yaml_ng::from_str::<CoordConfig>("min_nodes: 1\nmax_nodes: 1\nlast_call: -1\n").is_err());
+    }
+
+    #[test]
+    fn time_never_runs_backwards() {
+        assert_eq!(Millis(5).since(Millis(9)), Duration::ZERO);
+        assert_eq!(Millis(1500).since(Millis(500)), Duration::from_secs(1));
+    }
+}
