@@ -1,5 +1,5 @@
-//! Link-time set-up for libtorch (feature `torch`): bakes libtorch's directory into the
-//! rpath of every binary and test, so nothing needs LD_LIBRARY_PATH (torch-sys,
+//! Build-time steps: generates the gRPC code of proto/otter/v1 (tonic/prost); and, for
+//! libtorch (feature `torch`), bakes libtorch's directory into the rpath of every binary and test, so nothing needs LD_LIBRARY_PATH (torch-sys,
 //! `links = "tch"`, exports it as DEP_TCH_LIBTORCH_LIB), and passes it to the code as
 //! OTTER_LIBTORCH_LIB so `cuda::load` can find libtorch_cuda.
 //!
@@ -12,6 +12,11 @@
 //! links libtorch_cuda, which then *is* referenced.
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    // The coordinator API (proto/otter/v1); protoc comes from scripts/setup.sh.
+    println!("cargo:rerun-if-changed=proto");
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/otter/v1/coordinator.proto"], &["proto"])
+        .unwrap_or_else(|e| panic!("compiling proto/otter/v1/coordinator.proto (is protoc installed? scripts/setup.sh): {e}"));
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").ok();
     if let Some(dir) = &lib {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");

@@ -2,8 +2,9 @@
 //!
 //! * [`model`]: the Otter model (config and parameter schema always; tch modules with
 //!   the `torch` feature).
-//! * [`coord`]: the coordinator's pure state machine: membership, rendezvous, exactly-once
-//!   data leases and step commit (no libtorch, no async, no I/O).
+//! * [`coord`]: the coordinator: a pure state machine (membership, rendezvous,
+//!   exactly-once data leases, step commit) and its gRPC/storage shell (no libtorch).
+//! * [`worker`]: the node agent and the per-rank training process (with `torch`).
 //! * [`comm`]: collectives: the `Collective` seam and our CPU ring over TCP (no libtorch).
 //! * [`data`]: the MIMIC-IT data pipeline (no libtorch).
 //! * [`run_config`]: YAML run configs (`configs/*.yaml`).
@@ -26,3 +27,5 @@ pub mod cmd;
 pub mod cuda;
 #[cfg(feature = "torch")]
 pub mod tensors;
+#[cfg(feature = "torch")]
+pub mod worker;

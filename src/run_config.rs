@@ -18,6 +18,93 @@ pub struct RunConfig {
     /// Optimization and run settings (see `train::config::TrainConfig`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train: Option<crate::train::config::TrainConfig>,
+    /// Distributed jobs: rendezvous and liveness settings (`otter-coord start`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coord: Option<CoordSection>,
+    /// Collective settings of distributed jobs.
+    #[serde(default)]
+    pub comm: CommSection,
+}
+
+/// The `coord:` section. The data-related limits of the coordinator (epochs, max_steps,
+/// gradient accumulation) come from `train:`, never from here.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordSection {
+    /// Fewest nodes the job runs with (first rendezvous waits for them; fewer fails the job).
+    pub min_nodes: usize,
+    /// Most nodes: the first rendezvous completes at once when this many have joined.
+    pub max_nodes: usize,
+    /// How long the first nodes may take to reach min_nodes, and a member rank to check in.
+    #[serde(with = "crate::coord::duration", default = "d300")]
+    pub join_timeout: std::time::Duration,
+    /// With min_nodes joined, wait this long after the last join for more.
+    #[serde(with = "crate::coord::duration", default = "d1")]
+    pub last_call: std::time::Duration,
+    /// Workers send a heartbeat this often.
+    #[serde(with = "crate::coord::duration", default = "d1")]
+    pub heartbeat_interval: std::time::Duration,
+    /// A node not heard from for this long is lost (a worker process that dies is noticed
+    /// at once through its closed watch stream; this covers hangs and partitions).
+    #[serde(with = "crate::coord::duration", default = "d10")]
+    pub heartbeat_timeout: std::time::Duration,
+    /// Steps of data leases a rank holds ahead.
+    #[serde(default = "four")]
+    pub lease_ahead_steps: u64,
+}
+
+fn d300() -> std::time::Duration {
+    std::time::Duration::from_secs(300)
+}
+fn d1() -> std::time::Duration {
+    std::time::Duration::from_secs(1)
+}
+fn d10() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+fn four() -> u64 {
+    4
+}
+fn d30() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+fn bucket_mb() -> f64 {
+    25.0
+}
+
+/// The `comm:` section.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommSection {
+    /// Every collective fails (instead of hanging) after this long without progress.
+    #[serde(with = "crate::coord::duration", default = "d30")]
+    pub timeout: std::time::Duration,
+    /// Gradient bucket size in MiB (DDP's default: 25).
+    #[serde(default = "bucket_mb")]
+    pub bucket_mb: f64,
+}
+
+impl Default for CommSection {
+    fn default() -> Self {
+        Self { timeout: d30(), bucket_mb: bucket_mb() }
+    }
+}
+
+impl CoordSection {
+    /// The coordinator state machine's config: this section plus `train:`'s limits.
+    pub fn machine_config(&self, train: &crate::train::config::TrainConfig) -> crate::coord::CoordConfig {
+        crate::coord::CoordConfig {
+            min_nodes: self.min_nodes,
+            max_nodes: self.max_nodes,
+            join_timeout: self.join_timeout,
+            last_call: self.last_call,
+            heartbeat_timeout: self.heartbeat_timeout,
+            batches_per_rank_step: train.grad_accum,
+            lease_ahead_steps: self.lease_ahead_steps,
+            max_steps: train.max_steps,
+            epochs: train.epochs,
+        }
+    }
 }
 
 /// Which model to build: exactly one of a built-in preset or an HF model directory.
@@ -83,6 +170,10 @@ impl RunConfig {
             cfg.model_source(path)?;
         }
         let base = path.parent().unwrap_or(Path::new("."));
+        // Absolute, so the resolved config means the same from any working directory
+        // (the coordinator ships it to workers as text).
+        let base_abs = std::path::absolute(if base.as_os_str().is_empty() { Path::new(".") } else { base }).unwrap_or_else(|_| base.to_path_buf());
+        let base = base_abs.as_path();
         let invalid = |(field, message): (String, String)| ConfigError::Invalid {
             origin: path.display().to_string(),
             field,
@@ -94,7 +185,37 @@ impl RunConfig {
         if let Some(train) = &mut cfg.train {
             train.validate(base).map_err(invalid)?;
         }
+        if let Some(coord) = &cfg.coord {
+            let train = cfg.train.as_ref().ok_or_else(|| invalid(("train".into(), "a job with `coord:` needs a `train:` section".into())))?;
+            coord.machine_config(train).validate().map_err(|e| invalid((format!("coord.{}", e.field), e.message)))?;
+            if coord.heartbeat_interval >= coord.heartbeat_timeout {
+                return Err(invalid(("coord.heartbeat_interval".into(), "must be shorter than coord.heartbeat_timeout".into())));
+            }
+        }
+        if !(cfg.comm.bucket_mb > 0.0) {
+            return Err(invalid(("comm.bucket_mb".into(), format!("must be positive, got {}", cfg.comm.bucket_mb))));
+        }
+        if cfg.comm.timeout.is_zero() {
+            return Err(invalid(("comm.timeout".into(), "must be positive".into())));
+        }
+        // Ship-ready: every path absolute, so the YAML text means the same on any worker.
+        if let Some(dir) = &cfg.model.dir {
+            if dir.is_relative() {
+                cfg.model.dir = Some(base.join(dir));
+            }
+        }
         Ok(cfg)
+    }
+
+    /// Parses a YAML text whose paths are absolute (what the coordinator ships to workers).
+    pub fn from_shipped(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("otter-job-{}-{}", std::process::id(), origin.len()));
+        std::fs::create_dir_all(&dir).map_err(|source| ConfigError::Io { path: dir.clone(), source })?;
+        let path = dir.join("job.yaml");
+        std::fs::write(&path, text).map_err(|source| ConfigError::Io { path: path.clone(), source })?;
+        let r = Self::from_file(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        r
     }
 
     /// Validates the `model` section; relative dirs are taken from `yaml_path`'s folder.

@@ -5,6 +5,8 @@
 //!
 //! * [`machine`]: membership, generations, rendezvous, step commit ([`Machine`]).
 //! * [`ledger`]: which data batches each step leased and committed ([`Ledger`]).
+//! * [`server`]: the async shell: tonic service, ticker, persistence; [`rpc`]: generated
+//!   types and conversions; [`store`]: the state store seam (memory, embedded file, etcd).
 //! * here: [`Millis`] and the `coord:` config section ([`CoordConfig`]).
 //!
 //! # Model
@@ -64,8 +66,14 @@
 //! 4. The shell persists the state after every call that changed it, before acting on the
 //!    reply; calls may be retried (`step_done`, `rendezvous`, `join` are idempotent).
 
+pub mod client;
+pub mod etcd;
+pub mod job;
 pub mod ledger;
 pub mod machine;
+pub mod rpc;
+pub mod server;
+pub mod store;
 
 pub use ledger::{BatchRef, CommittedStep, Coverage, LeasedStep, Ledger, LedgerEnd, LedgerError, StepLease};
 pub use machine::{

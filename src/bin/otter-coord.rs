@@ -1,0 +1,73 @@
+//! `otter-coord`: the job coordinator (no libtorch).
+//!
+//!   otter-coord start --config job.yaml [--listen ADDR] [--state-dir D | --etcd URLS]
+//!   otter-coord status --coord ADDR
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "otter-coord", version, about = "Otter training coordinator: rendezvous, ranks, data ledger, recovery")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator of the job in --config until the job is over.
+    Start {
+        /// Job YAML: model, data, train, coord (rendezvous), comm.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:50051")]
+        listen: String,
+        /// Embedded state store directory (default: <train.out_dir>/coord). A coordinator
+        /// restarted on the same directory resumes the job.
+        #[arg(long, conflicts_with = "etcd")]
+        state_dir: Option<PathBuf>,
+        /// etcd endpoints (comma-separated): state in etcd, one active replica elected.
+        #[arg(long, value_delimiter = ',')]
+        etcd: Option<Vec<String>>,
+        /// File holding the join token (else $OTTER_JOIN_TOKEN, else generated into the
+        /// state dir).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// Print the job's status as JSON.
+    Status {
+        #[arg(long, value_delimiter = ',')]
+        coord: Vec<String>,
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+}
+
+fn token(file: Option<PathBuf>) -> Result<Option<String>> {
+    Ok(match file {
+        Some(f) => Some(std::fs::read_to_string(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?.trim().to_string()),
+        None => std::env::var("OTTER_JOIN_TOKEN").ok(),
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Start { config, listen, state_dir, etcd, token_file } => {
+            let ok = otter::coord::job::start(otter::coord::job::StartArgs { config, listen, state_dir, etcd, token: token(token_file)? }).await?;
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+        Command::Status { coord, token_file } => {
+            let token = token(token_file)?.unwrap_or_default();
+            let mut c = otter::coord::client::connect(&coord, std::time::Duration::from_secs(5)).await?;
+            let r = c.status(otter::coord::rpc::with_token(otter::coord::rpc::pb::StatusRequest {}, &token)).await?;
+            println!("{}", r.into_inner().json);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! Client side of the coordinator API: connect to the first reachable replica and retry
+//! calls across coordinator restarts and failovers.
+
+use crate::coord::rpc::pb;
+use anyhow::{bail, Result};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+pub type Client = pb::coordinator_client::CoordinatorClient<Channel>;
+
+/// Connects to the first coordinator address that answers (HA: several replicas, one
+/// active), retrying for up to `patience`.
+pub async fn connect(addrs: &[String], patience: Duration) -> Result<Client> {
+    let until = Instant::now() + patience;
+    loop {
+        for a in addrs {
+            let url = if a.starts_with("http") { a.clone() } else { format!("http://{a}") };
+            let ep = Channel::from_shared(url.clone())?.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true);
+            if let Ok(ch) = ep.connect().await {
+                return Ok(pb::coordinator_client::CoordinatorClient::new(ch));
+            }
+        }
+        if Instant::now() > until {
+            bail!("no coordinator reachable at {} for {patience:?}", addrs.join(","));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Calls `f` until it succeeds, reconnecting while the coordinator is unreachable or
+/// restarting (UNAVAILABLE / connection errors); other refusals are returned.
+pub async fn call<T, F, Fut>(client: &mut Client, addrs: &[String], mut f: F) -> Result<T, tonic::Status>
+where
+    F: FnMut(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        match f(client.clone()).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) && Instant::now() < until => {
+                if s.message().contains("rendezvous not complete") {
+                    continue;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Ok(c) = connect(addrs, Duration::from_secs(5)).await {
+                    *client = c;
+                }
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+

@@ -1,0 +1,101 @@
+//! `otter-coord start`: load and validate the job YAML, size the data, open the state
+//! store, serve until the job is over.
+
+use super::machine::{Machine, Phase};
+use super::server::{serve, Coordinator};
+use super::store::{FileStore, StateStore};
+use crate::data::DataSource;
+use crate::run_config::RunConfig;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub struct StartArgs {
+    pub config: PathBuf,
+    pub listen: String,
+    pub state_dir: Option<PathBuf>,
+    pub etcd: Option<Vec<String>>,
+    pub token: Option<String>,
+}
+
+/// The job's join token: given (flag/env), else the one saved in the state dir, else a new
+/// random one saved there (0600) for workers started on this machine.
+pub fn resolve_token(given: Option<String>, state_dir: &Path) -> Result<String> {
+    if let Some(t) = given.filter(|t| !t.is_empty()) {
+        return Ok(t);
+    }
+    let path = state_dir.join("join-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        return Ok(t.trim().to_string());
+    }
+    let mut seed = [0u8; 16];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed)).context("reading /dev/urandom")?;
+    let token: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::create_dir_all(state_dir)?;
+    std::fs::write(&path, &token).with_context(|| path.display().to_string())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    eprintln!("otter-coord: generated a join token in {}", path.display());
+    Ok(token)
+}
+
+/// Loads the job: the validated config, its shippable YAML text, and a fresh machine.
+pub fn load_job(config: &Path) -> Result<(RunConfig, String, Machine, Duration)> {
+    let cfg = RunConfig::from_file(config)?;
+    let origin = config.display();
+    let coord = cfg.coord.as_ref().with_context(|| format!("{origin}: field `coord`: a distributed job needs a `coord:` section"))?;
+    let train = cfg.train.as_ref().with_context(|| format!("{origin}: field `train`: missing"))?;
+    let data = cfg.data.as_ref().with_context(|| format!("{origin}: field `data`: missing"))?;
+    let model = cfg.model_source(config)?.config()?;
+    let source = DataSource::open(data, Some(model.text.vocab_size)).with_context(|| format!("{origin}: opening the data"))?;
+    let epoch_batches: Vec<u64> = (0..train.epochs).map(|e| source.plan(e).batches.len() as u64).collect();
+    let machine = Machine::new(coord.machine_config(train), epoch_batches).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    let yaml = serde_yaml_ng::to_string(&cfg)?;
+    Ok((cfg.clone(), yaml, machine, coord.heartbeat_interval))
+}
+
+pub async fn start(args: StartArgs) -> Result<bool> {
+    let (cfg, yaml, machine, hb) = load_job(&args.config)?;
+    let train = cfg.train.as_ref().expect("validated");
+    let state_dir = args.state_dir.clone().unwrap_or_else(|| train.out_dir.join("coord"));
+    let token = resolve_token(args.token.clone(), &state_dir)?;
+    let store: Box<dyn StateStore> = match &args.etcd {
+        Some(urls) => Box::new(super::etcd::EtcdStore::connect(urls, "otter").await?),
+        None => Box::new(FileStore::open(&state_dir)?),
+    };
+    let where_ = store.describe();
+    let coord = Coordinator::open(machine, store, yaml, hb).await?;
+    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
+    println!("otter-coord listening on {} (state: {where_})", listener.local_addr()?);
+    let over = {
+        let coord = coord.clone();
+        async move {
+            loop {
+                if coord.phase().await.is_over() {
+                    // Let workers read their last replies before the server goes away.
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let shutdown = async move {
+        tokio::select! {
+            _ = over => {}
+            _ = tokio::signal::ctrl_c() => eprintln!("otter-coord: interrupted; state is saved, restart to resume"),
+        }
+    };
+    serve(coord.clone(), token, listener, shutdown).await?;
+    let status = coord.status_json().await;
+    let _ = std::fs::write(state_dir.join("status.json"), serde_json::to_vec_pretty(&status)?);
+    let s = &status["summary"];
+    println!(
+        "job {}: {} steps committed, {} batches, {} recoveries, final loss {}, exactly-once check: {}",
+        s["phase"], s["steps_committed"], s["batches_committed"], s["recoveries"], s["last_loss"], status["exactly_once"]
+    );
+    Ok(matches!(coord.phase().await, Phase::Finished))
+}

@@ -1,0 +1,39 @@
+//! The generated gRPC types (proto/otter/v1) and their conversions to domain types. The
+//! generated code stays at this edge.
+
+pub mod pb {
+    tonic::include_proto!("otter.v1");
+}
+
+use super::ledger::{BatchRef, StepLease};
+use super::machine::Assignment;
+
+pub fn lease_to_pb(l: StepLease) -> pb::StepLease {
+    pb::StepLease { step: l.step, items: l.items.into_iter().map(|b| pb::Item { epoch: b.epoch, batch: b.batch }).collect() }
+}
+
+pub fn lease_from_pb(l: pb::StepLease) -> StepLease {
+    StepLease { step: l.step, items: l.items.into_iter().map(|i| BatchRef { epoch: i.epoch, batch: i.batch }).collect() }
+}
+
+pub fn assignment_to_pb(a: Assignment, total_steps: u64) -> pb::Assignment {
+    pb::Assignment {
+        generation: a.generation,
+        rank: a.rank as u32,
+        world: a.world as u32,
+        comm_addrs: a.comm_addrs,
+        start_step: a.start_step,
+        sync_from: a.sync_from.map(|r| r as u32),
+        leases: a.leases.into_iter().map(lease_to_pb).collect(),
+        total_steps,
+    }
+}
+
+/// A client request with the join token attached.
+pub fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Ok(v) = token.parse() {
+        r.metadata_mut().insert(super::server::TOKEN_HEADER, v);
+    }
+    r
+}

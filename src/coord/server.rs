@@ -1,0 +1,374 @@
+//! The coordinator's async shell: a tonic service that feeds RPCs and clock ticks to the
+//! pure [`Machine`], persists its state (through a [`StateStore`]) before answering, and
+//! carries out its replies. No decision is made here.
+//!
+//! * `Rendezvous` long-polls: the check-in goes to the machine, then the call waits (on a
+//!   notification after every state change) until the assignment exists, or answers
+//!   UNAVAILABLE after [`RENDEZVOUS_POLL`] so the caller retries.
+//! * `Watch` is held open by each worker agent; when it closes (the agent died: the kernel
+//!   closes its socket) the node is reported lost at once.
+//! * A ticker feeds `tick(now)` for heartbeat, last-call and rendezvous timeouts.
+//! * Every RPC must carry the job's join token in `x-otter-token`.
+
+use super::machine::{Machine, Phase, Refusal};
+use super::rpc::pb;
+use super::store::{StateStore, StoreError};
+use super::Millis;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Mutex, Notify};
+use tonic::{Request, Response, Status};
+
+/// How long one `Rendezvous` call waits before answering UNAVAILABLE (the caller retries).
+pub const RENDEZVOUS_POLL: Duration = Duration::from_secs(10);
+pub const TOKEN_HEADER: &str = "x-otter-token";
+
+/// Wall-clock milliseconds: comparable across coordinator restarts (contract 1).
+pub fn wall_now() -> Millis {
+    Millis(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+}
+
+/// What the store holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Persisted {
+    pub machine: Machine,
+    /// Optimizer steps of the whole job (LR schedule length), fixed when the first
+    /// generation forms.
+    pub total_steps: Option<u64>,
+}
+
+pub struct Coordinator {
+    state: Mutex<Persisted>,
+    store: Box<dyn StateStore>,
+    changed: Notify,
+    updates: watch::Sender<pb::JobUpdate>,
+    job_yaml: String,
+    heartbeat_interval: Duration,
+    clock: Box<dyn Fn() -> Millis + Send + Sync>,
+}
+
+fn update_of(m: &Machine, message: String) -> pb::JobUpdate {
+    let phase = match m.phase() {
+        Phase::WaitingForNodes => "waiting",
+        Phase::Rendezvous { .. } => "rendezvous",
+        Phase::Running { .. } => "running",
+        Phase::Finished => "finished",
+        Phase::Failed { .. } => "failed",
+    };
+    pb::JobUpdate { generation: m.generation(), phase: phase.into(), message }
+}
+
+fn refused(r: Refusal) -> Status {
+    match r {
+        Refusal::StaleGeneration { .. } | Refusal::FutureGeneration { .. } => Status::failed_precondition(format!("stale generation: {r}")),
+        Refusal::JobOver { .. } => Status::failed_precondition(format!("job over: {r}")),
+        Refusal::Full { .. } => Status::resource_exhausted(r.to_string()),
+        _ => Status::failed_precondition(r.to_string()),
+    }
+}
+
+fn store_failed(e: StoreError) -> Status {
+    Status::unavailable(format!("coordinator could not persist its state: {e}"))
+}
+
+impl Coordinator {
+    /// Resumes from `store` if it holds a state, else starts `fresh`.
+    pub async fn open(
+        fresh: Machine,
+        store: Box<dyn StateStore>,
+        job_yaml: String,
+        heartbeat_interval: Duration,
+    ) -> Result<Arc<Self>, StoreError> {
+        Self::open_with_clock(fresh, store, job_yaml, heartbeat_interval, Box::new(wall_now)).await
+    }
+
+    pub async fn open_with_clock(
+        fresh: Machine,
+        store: Box<dyn StateStore>,
+        job_yaml: String,
+        heartbeat_interval: Duration,
+        clock: Box<dyn Fn() -> Millis + Send + Sync>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let state = match store.load().await? {
+            Some(bytes) => serde_json::from_slice::<Persisted>(&bytes)
+                .map_err(|e| StoreError::Etcd(format!("{}: unreadable state: {e}", store.describe())))?,
+            None => Persisted { machine: fresh, total_steps: None },
+        };
+        let (updates, _) = watch::channel(update_of(&state.machine, "coordinator started".into()));
+        let c = Arc::new(Self { state: Mutex::new(state), store, changed: Notify::new(), updates, job_yaml, heartbeat_interval, clock });
+        c.persist(&*c.state.lock().await).await?;
+        Ok(c)
+    }
+
+    pub fn now(&self) -> Millis {
+        (self.clock)()
+    }
+
+    async fn persist(&self, s: &Persisted) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(s).expect("state serializes");
+        self.store.save(bytes).await
+    }
+
+    /// After an accepted event: fix total_steps once, persist, wake waiters, tell agents.
+    async fn commit(&self, s: &mut Persisted, message: String) -> Result<(), Status> {
+        if s.total_steps.is_none() && matches!(s.machine.phase(), Phase::Running { .. }) {
+            let cfg = s.machine.config();
+            let per_step = s.machine.world() as u64 * cfg.batches_per_rank_step;
+            let by_data = s.machine.ledger().total() / per_step.max(1);
+            s.total_steps = Some(cfg.max_steps.map_or(by_data, |m| m.min(by_data)).max(1));
+        }
+        self.persist(s).await.map_err(store_failed)?;
+        self.changed.notify_waiters();
+        self.updates.send_replace(update_of(&s.machine, message));
+        Ok(())
+    }
+
+    /// Feeds the clock to the machine (timeouts); call periodically.
+    pub async fn tick(&self) -> Result<(), StoreError> {
+        let mut s = self.state.lock().await;
+        let events = s.machine.tick(self.now());
+        if let Some(last) = events.last() {
+            for e in &events {
+                tracing::info!(generation = e.generation, "{:?}: {}", e.kind, e.reason);
+            }
+            let msg = last.reason.clone();
+            self.commit(&mut s, msg).await.map_err(|st| StoreError::Etcd(st.message().to_string()))?;
+        }
+        Ok(())
+    }
+
+    pub async fn node_lost(&self, node_id: &str, reason: &str) {
+        let mut s = self.state.lock().await;
+        let now = self.now();
+        if s.machine.node_lost(now, node_id, reason).is_ok() {
+            tracing::warn!("node {node_id} lost: {reason}");
+            let _ = self.commit(&mut s, format!("node {node_id} lost: {reason}")).await;
+        }
+    }
+
+    pub async fn phase(&self) -> Phase {
+        self.state.lock().await.machine.phase().clone()
+    }
+
+    /// The whole job state as JSON (status RPC, tests, the status page).
+    pub async fn status_json(&self) -> serde_json::Value {
+        let s = self.state.lock().await;
+        let m = &s.machine;
+        let steps: Vec<serde_json::Value> = m
+            .ledger()
+            .committed()
+            .iter()
+            .map(|c| serde_json::json!({"step": c.step, "generation": c.generation, "loss": c.mean_loss, "per_rank": c.per_rank}))
+            .collect();
+        serde_json::json!({
+            "summary": m.summary(),
+            "members": m.members(),
+            "total_steps": s.total_steps,
+            "exactly_once": m.check_exactly_once().map(|c| format!("{c:?}")).map_err(|e| e.to_string()),
+            "steps": steps,
+            "events": m.events().iter().rev().take(200).collect::<Vec<_>>(),
+        })
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<pb::JobUpdate> {
+        self.updates.subscribe()
+    }
+}
+
+/// The tonic service over a shared [`Coordinator`].
+#[derive(Clone)]
+pub struct Service(pub Arc<Coordinator>);
+
+/// Marks a node lost when its watch stream is dropped (its connection closed).
+struct LostOnDrop {
+    coord: Arc<Coordinator>,
+    node_id: String,
+}
+
+impl Drop for LostOnDrop {
+    fn drop(&mut self) {
+        let (coord, node) = (self.coord.clone(), std::mem::take(&mut self.node_id));
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move { coord.node_lost(&node, "its watch stream closed (the worker exited or its connection broke)").await });
+        }
+    }
+}
+
+/// The `Watch` response stream: job updates, and the node marked lost when it is dropped.
+pub struct WatchStream {
+    inner: tokio_stream::wrappers::WatchStream<pb::JobUpdate>,
+    _guard: LostOnDrop,
+}
+
+impl tokio_stream::Stream for WatchStream {
+    type Item = Result<pb::JobUpdate, Status>;
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.inner).poll_next(cx).map(|o| o.map(Ok))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for Service {
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let r = req.into_inner();
+        let c = &self.0;
+        let mut s = c.state.lock().await;
+        let reply = s.machine.join(c.now(), &r.node_id, r.local_ranks).map_err(refused)?;
+        tracing::info!("node {} joined with {} local ranks", r.node_id, r.local_ranks);
+        c.commit(&mut s, format!("node {} joined", r.node_id)).await?;
+        Ok(Response::new(pb::JoinReply {
+            job_yaml: c.job_yaml.clone(),
+            generation: reply.generation,
+            heartbeat_interval_ms: c.heartbeat_interval.as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let r = req.into_inner();
+        let c = &self.0;
+        let mut s = c.state.lock().await;
+        s.machine.heartbeat(c.now(), &r.node_id, r.generation).map_err(refused)?;
+        // Heartbeats only refresh liveness: not persisted (a restarted coordinator gives
+        // every node a fresh heartbeat_timeout anyway).
+        Ok(Response::new(pb::HeartbeatReply { update: Some(update_of(&s.machine, String::new())) }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let node_id = req.into_inner().node_id;
+        let rx = self.0.subscribe();
+        Ok(Response::new(WatchStream {
+            inner: tokio_stream::wrappers::WatchStream::new(rx),
+            _guard: LostOnDrop { coord: self.0.clone(), node_id },
+        }))
+    }
+
+    async fn rendezvous(&self, req: Request<pb::RendezvousRequest>) -> Result<Response<pb::Assignment>, Status> {
+        let r = req.into_inner();
+        let c = &self.0;
+        {
+            let mut s = c.state.lock().await;
+            // An assignment newer than the caller's last one (a retried call) is returned as is.
+            let current = s.machine.assignment(&r.node_id, r.local_rank).is_some_and(|a| r.last_generation.is_none_or(|g| a.generation > g));
+            if !current {
+                s.machine.rendezvous(c.now(), &r.node_id, r.local_rank, r.applied_step, &r.comm_addr).map_err(refused)?;
+                c.commit(&mut s, format!("{}/{} checked in", r.node_id, r.local_rank)).await?;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + RENDEZVOUS_POLL;
+        loop {
+            let changed = c.changed.notified();
+            {
+                let mut s = c.state.lock().await;
+                if let Some(a) = s.machine.assignment(&r.node_id, r.local_rank) {
+                    let total = s.total_steps.unwrap_or(0);
+                    return Ok(Response::new(super::rpc::assignment_to_pb(a, total)));
+                }
+                if s.machine.phase().is_over() {
+                    return Err(refused(Refusal::JobOver { phase: s.machine.phase().clone() }));
+                }
+                if !s.machine.checked_in(&r.node_id, r.local_rank) {
+                    // The generation this check-in was for is gone: check in again.
+                    s.machine.rendezvous(c.now(), &r.node_id, r.local_rank, r.applied_step, &r.comm_addr).map_err(refused)?;
+                    c.commit(&mut s, format!("{}/{} checked in again", r.node_id, r.local_rank)).await?;
+                    continue;
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(Status::unavailable("rendezvous not complete yet: call again"));
+            }
+        }
+    }
+
+    async fn step_done(&self, req: Request<pb::StepDoneRequest>) -> Result<Response<pb::StepReply>, Status> {
+        let r = req.into_inner();
+        let c = &self.0;
+        let mut s = c.state.lock().await;
+        let reply = s.machine.step_done(c.now(), r.generation, r.rank as usize, r.step, r.loss).map_err(refused)?;
+        c.commit(&mut s, String::new()).await?;
+        Ok(Response::new(pb::StepReply {
+            committed_through: reply.committed_through,
+            leases: reply.leases.into_iter().map(super::rpc::lease_to_pb).collect(),
+            stop_after: reply.stop_after,
+            finished: reply.job_ends,
+        }))
+    }
+
+    async fn report_failure(&self, req: Request<pb::FailureRequest>) -> Result<Response<pb::FailureReply>, Status> {
+        let r = req.into_inner();
+        let c = &self.0;
+        let mut s = c.state.lock().await;
+        match s.machine.rank_failed(c.now(), r.generation, r.rank as usize, &r.reason) {
+            Ok(_) => {
+                tracing::warn!("rank {} of generation {} failed: {}", r.rank, r.generation, r.reason);
+                c.commit(&mut s, format!("rank {} failed: {}", r.rank, r.reason)).await?;
+            }
+            // A second report of the same failure arrives after the generation moved on.
+            Err(Refusal::StaleGeneration { .. }) => {}
+            Err(e) => return Err(refused(e)),
+        }
+        Ok(Response::new(pb::FailureReply {}))
+    }
+
+    async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveReply>, Status> {
+        let r = req.into_inner();
+        let c = &self.0;
+        let mut s = c.state.lock().await;
+        s.machine.leave(c.now(), &r.node_id).map_err(refused)?;
+        c.commit(&mut s, format!("node {} leaving", r.node_id)).await?;
+        Ok(Response::new(pb::LeaveReply {}))
+    }
+
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        Ok(Response::new(pb::StatusReply { json: self.0.status_json().await.to_string() }))
+    }
+}
+
+/// Checks the join token on every call (constant-time comparison).
+pub fn auth(token: String) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let got = req.metadata().get(TOKEN_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+        let ok = got.len() == token.len() && got.iter().zip(token.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if ok {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated(format!("wrong or missing join token ({TOKEN_HEADER})")))
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves: the coordinator API (token-checked), the gRPC health
+/// service (Kubernetes probes), and the ticker.
+pub async fn serve(
+    coord: Arc<Coordinator>,
+    token: String,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<pb::coordinator_server::CoordinatorServer<Service>>().await;
+    let ticker = {
+        let coord = coord.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                every.tick().await;
+                if let Err(e) = coord.tick().await {
+                    tracing::error!("tick: {e}");
+                }
+            }
+        })
+    };
+    let svc = pb::coordinator_server::CoordinatorServer::with_interceptor(Service(coord), auth(token));
+    let r = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(2)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(health_service)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await;
+    ticker.abort();
+    r
+}

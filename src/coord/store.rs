@@ -1,0 +1,116 @@
+//! Where the coordinator keeps its state (the serialized [`super::Machine`] plus the
+//! shell's few fields): behind [`StateStore`], with an in-memory store for tests, an
+//! embedded file store (`--state-dir`, the default) and etcd (`--etcd`, see `etcd.rs`).
+//!
+//! The file store writes a whole snapshot per change: temp file, fsync, rename, fsync of
+//! the directory, so a crash leaves either the old or the new state, never a torn one.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("etcd: {0}")]
+    Etcd(String),
+    #[error("lost leadership: another coordinator is active ({0})")]
+    Fenced(String),
+}
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+pub trait StateStore: Send + Sync {
+    /// The last saved state, if any.
+    fn load(&self) -> StoreFuture<'_, Option<Vec<u8>>>;
+    /// Replaces the saved state; returns once it is durable.
+    fn save(&self, bytes: Vec<u8>) -> StoreFuture<'_, ()>;
+    /// Human-readable location, for logs.
+    fn describe(&self) -> String;
+}
+
+#[derive(Default)]
+pub struct MemStore(std::sync::Mutex<Option<Vec<u8>>>);
+
+impl StateStore for MemStore {
+    fn load(&self) -> StoreFuture<'_, Option<Vec<u8>>> {
+        let v = self.0.lock().expect("not poisoned").clone();
+        Box::pin(async move { Ok(v) })
+    }
+
+    fn save(&self, bytes: Vec<u8>) -> StoreFuture<'_, ()> {
+        *self.0.lock().expect("not poisoned") = Some(bytes);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+}
+
+/// The embedded store: `DIR/state.json`.
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+impl FileStore {
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir.display().to_string(), source })?;
+        Ok(Self { dir })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = self.dir.join("state.json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.path())?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+}
+
+impl StateStore for FileStore {
+    fn load(&self) -> StoreFuture<'_, Option<Vec<u8>>> {
+        let path = self.path();
+        Box::pin(async move {
+            match std::fs::read(&path) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(StoreError::Io { path: path.display().to_string(), source }),
+            }
+        })
+    }
+
+    fn save(&self, bytes: Vec<u8>) -> StoreFuture<'_, ()> {
+        let r = self.write(&bytes).map_err(|source| StoreError::Io { path: self.path().display().to_string(), source });
+        Box::pin(async move { r })
+    }
+
+    fn describe(&self) -> String {
+        self.path().display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn file_store_round_trips_and_survives_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let s = FileStore::open(d.path()).unwrap();
+        assert_eq!(s.load().await.unwrap(), None);
+        s.save(b"one".to_vec()).await.unwrap();
+        s.save(b"two".to_vec()).await.unwrap();
+        let again = FileStore::open(d.path()).unwrap();
+        assert_eq!(again.load().await.unwrap().as_deref(), Some(&b"two"[..]));
+        assert!(!d.path().join("state.json.tmp").exists());
+    }
+}

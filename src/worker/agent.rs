@@ -1,0 +1,141 @@
+//! `otter-worker join`: the per-node agent. Registers the node, keeps a watch stream and
+//! heartbeats open to the coordinator, starts one training process per local rank
+//! (`otter-worker rank`, which dies with the agent: PR_SET_PDEATHSIG), and supervises
+//! them. A rank process that fails takes the node down (the coordinator sees the watch
+//! stream close and re-forms the job without it); when every rank finishes, the node
+//! leaves cleanly.
+
+use crate::coord::client::connect;
+use crate::coord::rpc::{pb, with_token};
+use anyhow::{bail, Context, Result};
+use std::time::Duration;
+
+pub struct JoinArgs {
+    pub coord: Vec<String>,
+    pub node_id: String,
+    pub local_ranks: u32,
+    /// `Some(n)`: ranks are GPUs 0..n (CUDA_VISIBLE_DEVICES per process).
+    pub gpus: bool,
+    pub token: String,
+    pub advertise_host: Option<String>,
+}
+
+/// The local address this machine uses to reach `coord` (what peers can reach us at).
+fn route_to(coord: &str) -> Option<String> {
+    let hostport = coord.trim_start_matches("http://").trim_start_matches("https://");
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport).ok()?.next()?;
+    let s = std::net::UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
+    s.connect(addr).ok()?;
+    Some(s.local_addr().ok()?.ip().to_string())
+}
+
+pub async fn join(args: JoinArgs) -> Result<()> {
+    let JoinArgs { coord, node_id, local_ranks, gpus, token, advertise_host } = args;
+    let host = advertise_host.or_else(|| route_to(&coord[0])).unwrap_or_else(|| "127.0.0.1".into());
+    let mut client = connect(&coord, Duration::from_secs(60)).await?;
+    let reply = client
+        .join(with_token(pb::JoinRequest { node_id: node_id.clone(), local_ranks }, &token))
+        .await
+        .map_err(|s| anyhow::anyhow!("join refused by the coordinator: {}", s.message()))?
+        .into_inner();
+    println!("node {node_id}: joined (generation {}), starting {local_ranks} rank process(es)", reply.generation);
+    let dir = std::env::temp_dir().join(format!("otter-worker-{node_id}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let job_file = dir.join("job.yaml");
+    std::fs::write(&job_file, &reply.job_yaml)?;
+    let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(100));
+
+    // Watch stream: held open for the node's lifetime (its closing tells the coordinator
+    // this node is gone); reopened if the coordinator restarts.
+    let watcher = {
+        let (coord, node_id, token) = (coord.clone(), node_id.clone(), token.clone());
+        tokio::spawn(async move {
+            let mut last = String::new();
+            loop {
+                if let Ok(mut c) = connect(&coord, Duration::from_secs(5)).await {
+                    if let Ok(stream) = c.watch(with_token(pb::WatchRequest { node_id: node_id.clone() }, &token)).await {
+                        let mut stream = stream.into_inner();
+                        while let Ok(Some(u)) = stream.message().await {
+                            let line = format!("generation {} {}", u.generation, u.phase);
+                            if line != last {
+                                println!("node {node_id}: job {line}{}", if u.message.is_empty() { String::new() } else { format!(": {}", u.message) });
+                                last = line;
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let heart = {
+        let (coord, node_id, token) = (coord.clone(), node_id.clone(), token.clone());
+        tokio::spawn(async move {
+            let mut generation = 0;
+            let mut client = None;
+            loop {
+                tokio::time::sleep(interval).await;
+                if client.is_none() {
+                    client = connect(&coord, Duration::from_secs(1)).await.ok();
+                }
+                if let Some(c) = client.as_mut() {
+                    match c.heartbeat(with_token(pb::HeartbeatRequest { node_id: node_id.clone(), generation }, &token)).await {
+                        Ok(r) => generation = r.into_inner().update.map_or(generation, |u| u.generation),
+                        Err(_) => client = None,
+                    }
+                }
+            }
+        })
+    };
+
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for i in 0..local_ranks {
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args(["rank", "--coord", &coord.join(","), "--node-id", &node_id, "--local-rank", &i.to_string()])
+            .arg("--job-file")
+            .arg(&job_file)
+            .args(["--advertise-host", &host])
+            .env("OTTER_JOIN_TOKEN", &token)
+            .kill_on_drop(true);
+        if gpus {
+            cmd.env("CUDA_VISIBLE_DEVICES", i.to_string());
+        }
+        // SAFETY: prctl in the child between fork and exec only sets a process attribute.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        children.push(cmd.spawn().with_context(|| format!("starting rank process {i}"))?);
+    }
+    // Supervise: the first failing rank process takes the node down; aborting the other
+    // wait tasks drops their children, which kills them (kill_on_drop).
+    let mut waits = tokio::task::JoinSet::new();
+    for (i, mut c) in children.into_iter().enumerate() {
+        waits.spawn(async move { (i, c.wait().await) });
+    }
+    let mut failed = None;
+    while let Some(done) = waits.join_next().await {
+        match done {
+            Ok((_, Ok(s))) if s.success() => {}
+            Ok((i, Ok(s))) => failed = Some(format!("rank process {i} exited with {s}")),
+            Ok((i, Err(e))) => failed = Some(format!("rank process {i}: {e}")),
+            Err(e) => failed = Some(format!("supervisor task: {e}")),
+        }
+        if failed.is_some() {
+            waits.abort_all();
+            break;
+        }
+    }
+    watcher.abort();
+    heart.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(f) = failed {
+        bail!("node {node_id}: {f}; leaving the job (the coordinator re-forms it without this node)");
+    }
+    println!("node {node_id}: all ranks finished");
+    Ok(())
+}
+

@@ -1,0 +1,253 @@
+//! One training process of a distributed job (`otter-worker rank`, started by the node
+//! agent). Reads top to bottom:
+//!
+//! 1. build the model (same seed on every rank), the data source and the trainer;
+//! 2. loop over generations: rendezvous with the coordinator (reporting the last step
+//!    whose update our state holds), join the collective group, copy state from
+//!    `sync_from` if the coordinator says ranks differ;
+//! 3. per step: build this rank's leased batches (the next step's are prepared on a
+//!    background thread meanwhile), forward/backward, all-reduce of trainable gradients,
+//!    clip, AdamW; then `StepDone` (read before the next all-reduce, contract 2) which
+//!    returns more leases and possibly a stop step;
+//! 4. a collective error means a peer is gone: report it, keep the state (the update of
+//!    the failed step was not applied) and rendezvous again. No restart, no reload.
+
+use crate::comm::ring::RingGroup;
+use crate::coord::ledger::BatchRef;
+use crate::coord::rpc::{lease_from_pb, pb, with_token};
+use crate::data::order::EpochPlan;
+use crate::data::{Batch, DataSource};
+use crate::model::weights::{LoadOptions, Params};
+use crate::model::Otter;
+use crate::run_config::{ModelSource, RunConfig};
+use crate::train::grad_sync::{GradBuckets, TensorCollective};
+use crate::train::optim::AdamWConfig;
+use crate::train::schedule::warmup_steps;
+use crate::train::{StepConfig, TensorBatch, Trainer};
+use anyhow::{bail, Context, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct RankArgs {
+    pub coord: Vec<String>,
+    pub node_id: String,
+    pub local_rank: u32,
+    pub job_file: PathBuf,
+    pub token: String,
+    pub advertise_host: String,
+}
+
+use crate::coord::client::{call, connect, Client};
+
+fn is_over(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::FailedPrecondition && s.message().starts_with("job over")
+}
+
+fn is_stale(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::FailedPrecondition && s.message().starts_with("stale generation")
+}
+
+/// Batches of one step, built on a background thread.
+struct Prepared {
+    step: u64,
+    handle: std::thread::JoinHandle<Result<Vec<Batch>>>,
+}
+
+struct Data {
+    source: Arc<DataSource>,
+    plans: HashMap<u64, Arc<EpochPlan>>,
+}
+
+impl Data {
+    fn plan(&mut self, epoch: u64) -> Arc<EpochPlan> {
+        let source = self.source.clone();
+        self.plans.entry(epoch).or_insert_with(|| Arc::new(source.plan(epoch))).clone()
+    }
+
+    fn prepare(&mut self, step: u64, items: &[BatchRef]) -> Prepared {
+        let jobs: Vec<(Arc<EpochPlan>, usize)> = items.iter().map(|b| (self.plan(b.epoch), b.batch as usize)).collect();
+        let source = self.source.clone();
+        let handle = std::thread::spawn(move || {
+            jobs.iter().map(|(plan, i)| source.build_batch(plan, *i).map_err(anyhow::Error::from)).collect::<Result<Vec<_>>>()
+        });
+        Prepared { step, handle }
+    }
+}
+
+/// Copies every trainable parameter and the AdamW moments from `root` (sorted by name).
+fn sync_state(trainer: &mut Trainer, comm: &mut dyn TensorCollective, root: usize) -> Result<(), crate::comm::CommError> {
+    let _g = tch::no_grad_guard();
+    let mut params: Vec<(String, tch::Tensor)> = trainer.model.trainable().into_iter().map(|(n, p)| (n.to_string(), p.shallow_clone())).collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, p) in params.iter_mut() {
+        comm.broadcast_tensor(p, root)?;
+    }
+    for m in trainer.opt.state.values_mut() {
+        comm.broadcast_tensor(&mut m.exp_avg, root)?;
+        comm.broadcast_tensor(&mut m.exp_avg_sq, root)?;
+    }
+    Ok(())
+}
+
+pub fn run(args: RankArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let text = std::fs::read_to_string(&args.job_file).with_context(|| args.job_file.display().to_string())?;
+    let cfg = RunConfig::from_shipped(&text, "job")?;
+    let tc = cfg.train.clone().context("job: no `train` section")?;
+    let data_cfg = cfg.data.clone().context("job: no `data` section")?;
+    let device = crate::cmd::parse_device(&tc.device)?;
+    crate::cmd::check_device(device)?;
+    let opts = LoadOptions { device, frozen_kind: crate::cmd::parse_dtype(&tc.dtype)? };
+    let me = format!("{}/{}", args.node_id, args.local_rank);
+
+    // --- model, data, trainer (identical on every rank: same seed) --------------------
+    let model = match cfg.model_source(&args.job_file)? {
+        ModelSource::Dir(dir) => Otter::load_dir(&dir, opts)?,
+        src @ ModelSource::Preset(_) => {
+            let mcfg = src.config()?;
+            let params = Params::random(&mcfg, tc.seed as i64, opts);
+            Otter::new(mcfg, params, opts)
+        }
+    };
+    let source = Arc::new(DataSource::open(&data_cfg, Some(model.cfg.text.vocab_size))?);
+    let step_cfg = StepConfig {
+        lr: tc.lr,
+        warmup_steps: 0,
+        total_steps: 1, // set from the coordinator's assignment
+        clip: (tc.clip > 0.0).then_some(tc.clip),
+        adamw: AdamWConfig { weight_decay: tc.weight_decay, ..Default::default() },
+    };
+    let mut trainer = Trainer::new(model, step_cfg);
+    let buckets = GradBuckets::new(&trainer.model.trainable(), (cfg.comm.bucket_mb * (1 << 20) as f64) as usize);
+    let mut data = Data { source, plans: HashMap::new() };
+    let listener = TcpListener::bind((args.advertise_host.as_str(), 0)).with_context(|| format!("binding a collective listener on {}", args.advertise_host))?;
+    let comm_addr = listener.local_addr()?.to_string();
+    let mut client = rt.block_on(connect(&args.coord, Duration::from_secs(60)))?;
+    let token = args.token.clone();
+
+    let mut applied: Option<u64> = None;
+    let mut last_generation: Option<u64> = None;
+    'generations: loop {
+        // --- rendezvous -----------------------------------------------------------------
+        let req = pb::RendezvousRequest {
+            node_id: args.node_id.clone(),
+            local_rank: args.local_rank,
+            applied_step: applied,
+            comm_addr: comm_addr.clone(),
+            last_generation,
+        };
+        let t_rdzv = Instant::now();
+        let a = match rt.block_on(call(&mut client, &args.coord, |mut c| {
+            let r = with_token(req.clone(), &token);
+            async move { c.rendezvous(r).await }
+        })) {
+            Ok(a) => a,
+            Err(s) if is_over(&s) => {
+                println!("{me}: job over ({})", s.message());
+                return Ok(());
+            }
+            Err(s) => bail!("{me}: rendezvous refused: {}", s.message()),
+        };
+        last_generation = Some(a.generation);
+        let (rank, world) = (a.rank as usize, a.world as usize);
+        trainer.cfg.total_steps = a.total_steps.max(1);
+        trainer.cfg.warmup_steps = warmup_steps(tc.warmup_ratio, trainer.cfg.total_steps);
+        let addrs: Vec<SocketAddr> = a.comm_addrs.iter().map(|s| s.parse()).collect::<Result<_, _>>().context("comm addresses")?;
+        let report = |client: &mut Client, reason: String| {
+            let req = pb::FailureRequest { generation: a.generation, rank: a.rank, reason };
+            let _ = rt.block_on(call(client, &args.coord, |mut c| {
+                let r = with_token(req.clone(), &token);
+                async move { c.report_failure(r).await }
+            }));
+        };
+        let mut group = match RingGroup::connect(rank, &addrs, &listener, cfg.comm.timeout) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("{me}: generation {}: forming the group failed: {e}", a.generation);
+                report(&mut client, e.to_string());
+                continue 'generations;
+            }
+        };
+        if let Some(root) = a.sync_from {
+            if let Err(e) = sync_state(&mut trainer, &mut group, root as usize) {
+                report(&mut client, format!("state sync: {e}"));
+                continue 'generations;
+            }
+        }
+        trainer.opt.step = a.start_step;
+        println!(
+            "{me}: generation {} rank {rank}/{world} from step {}{} (rendezvous {:.2} s)",
+            a.generation,
+            a.start_step,
+            a.sync_from.map_or(String::new(), |r| format!(", state copied from rank {r}")),
+            t_rdzv.elapsed().as_secs_f64()
+        );
+
+        // --- steps ------------------------------------------------------------------------
+        let mut leases: BTreeMap<u64, Vec<BatchRef>> = a.leases.into_iter().map(lease_from_pb).map(|l| (l.step, l.items)).collect();
+        let mut step = a.start_step;
+        let mut next: Option<Prepared> = leases.get(&step).map(|items| data.prepare(step, items));
+        loop {
+            let Some(p) = next.take().filter(|p| p.step == step) else { bail!("{me}: no data lease for step {step}") };
+            let t0 = Instant::now();
+            let batches = p.handle.join().map_err(|_| anyhow::anyhow!("data thread panicked"))??;
+            let data_wait = t0.elapsed();
+            next = leases.get(&(step + 1)).map(|items| data.prepare(step + 1, items));
+            let micro: Vec<TensorBatch> = batches.iter().filter(|b| b.b > 0).map(|b| TensorBatch::from_batch(b, device)).collect();
+            let stats = match trainer.step_synced(&micro, Some((&buckets, &mut group))) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{me}: step {step}: collective failed: {e}");
+                    report(&mut client, e.to_string());
+                    continue 'generations;
+                }
+            };
+            applied = Some(step);
+            let req = pb::StepDoneRequest { generation: a.generation, rank: a.rank, step, loss: stats.loss };
+            let reply = match rt.block_on(call(&mut client, &args.coord, |mut c| {
+                let r = with_token(req.clone(), &token);
+                async move { c.step_done(r).await }
+            })) {
+                Ok(r) => r,
+                Err(s) if is_stale(&s) => continue 'generations,
+                Err(s) if is_over(&s) => return Ok(()),
+                Err(s) => bail!("{me}: step {step} refused: {}", s.message()),
+            };
+            if rank == 0 {
+                println!(
+                    "step {step:>5}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  step {:.3} s  data wait {:.3} s",
+                    stats.loss,
+                    stats.lr,
+                    stats.grad_norm,
+                    t0.elapsed().as_secs_f64(),
+                    data_wait.as_secs_f64()
+                );
+            }
+            for l in reply.leases.into_iter().map(lease_from_pb) {
+                leases.insert(l.step, l.items);
+            }
+            leases.retain(|&s, _| s > step);
+            if reply.stop_after == Some(step) {
+                if reply.finished {
+                    if rank == 0 {
+                        let path = tc.out_dir.join("final_weights.safetensors");
+                        std::fs::create_dir_all(&tc.out_dir)?;
+                        let w: Vec<(String, tch::Tensor)> = trainer.model.trainable().into_iter().map(|(n, p)| (n.to_string(), p.detach())).collect();
+                        crate::tensors::write(&path, &w)?;
+                        println!("{me}: wrote {}", path.display());
+                    }
+                    println!("{me}: done after step {step}");
+                    return Ok(());
+                }
+                continue 'generations;
+            }
+            step += 1;
+            if next.is_none() {
+                next = leases.get(&step).map(|items| data.prepare(step, items));
+            }
+        }
+    }
+}
