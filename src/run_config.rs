@@ -65,8 +65,8 @@ fn d10() -> std::time::Duration {
 fn four() -> u64 {
     4
 }
-fn d30() -> std::time::Duration {
-    std::time::Duration::from_secs(30)
+fn d60() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
 }
 fn bucket_mb() -> f64 {
     25.0
@@ -76,8 +76,10 @@ fn bucket_mb() -> f64 {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommSection {
-    /// Every collective fails (instead of hanging) after this long without progress.
-    #[serde(with = "crate::coord::duration", default = "d30")]
+    /// A collective fails (instead of hanging) after waiting this long for a peer. It must
+    /// exceed the step-time skew between ranks (a slow peer is not a dead one); a peer that
+    /// dies is noticed at once through its closed connections, not through this timeout.
+    #[serde(with = "crate::coord::duration", default = "d60")]
     pub timeout: std::time::Duration,
     /// Gradient bucket size in MiB (DDP's default: 25).
     #[serde(default = "bucket_mb")]
@@ -86,7 +88,7 @@ pub struct CommSection {
 
 impl Default for CommSection {
     fn default() -> Self {
-        Self { timeout: d30(), bucket_mb: bucket_mb() }
+        Self { timeout: d60(), bucket_mb: bucket_mb() }
     }
 }
 

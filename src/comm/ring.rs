@@ -29,6 +29,16 @@ pub struct RingGroup {
     shm: Option<ShmSegment>,
 }
 
+impl Drop for RingGroup {
+    /// Leaving a group wakes any peer still waiting in a shared-memory barrier (it gets an
+    /// error at once instead of at its timeout).
+    fn drop(&mut self) {
+        if let Some(s) = &self.shm {
+            s.abort();
+        }
+    }
+}
+
 fn as_bytes(x: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding or invalid bit patterns; the length is scaled by 4.
     unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
@@ -62,6 +72,15 @@ impl RingGroup {
     /// listener address (exchanged beforehand, e.g. through the coordinator). Connects to
     /// rank + 1, accepts rank - 1, and checks both ends agree on (rank, world).
     pub fn connect(rank: usize, addrs: &[SocketAddr], listener: &TcpListener, timeout: Duration) -> Result<Self, CommError> {
+        Self::connect_tagged(rank, addrs, listener, timeout, 0)
+    }
+
+    /// [`RingGroup::connect`] for one incarnation of a group (`tag`: e.g. the job's
+    /// generation). A listener outlives groups, so its backlog can hold connections from
+    /// an earlier incarnation (or a peer's earlier attempt): every connection opens with a
+    /// hello `(magic, tag, rank, world)` and the acceptor drops any that is not the
+    /// expected previous rank of this incarnation, and keeps waiting.
+    pub fn connect_tagged(rank: usize, addrs: &[SocketAddr], listener: &TcpListener, timeout: Duration, tag: u64) -> Result<Self, CommError> {
         let world = addrs.len();
         if world == 0 || rank >= world {
             return Err(CommError::Invalid(format!("rank {rank} of a world of {world}")));
@@ -73,12 +92,19 @@ impl RingGroup {
         let next_rank = (rank + 1) % world;
         let prev_rank = (rank + world - 1) % world;
         let deadline = Instant::now() + timeout;
-        // Connect to next on a thread (it may be accepting only after its own connect).
+        let hello = |r: usize| -> Vec<u8> { [MAGIC, tag, r as u64, world as u64].iter().flat_map(|v| v.to_le_bytes()).collect() };
+        // Connect to next on a thread (it may be accepting only after its own connect),
+        // and introduce ourselves at once.
         let next_addr = addrs[next_rank];
+        let my_hello = hello(rank);
         let connector = std::thread::spawn(move || -> std::io::Result<TcpStream> {
             loop {
                 match TcpStream::connect_timeout(&next_addr, Duration::from_millis(200)) {
-                    Ok(s) => return Ok(s),
+                    Ok(mut s) => {
+                        s.set_write_timeout(Some(Duration::from_secs(5)))?;
+                        s.write_all(&my_hello)?;
+                        return Ok(s);
+                    }
                     Err(e) if Instant::now() < deadline => {
                         let _ = e;
                         std::thread::sleep(Duration::from_millis(20));
@@ -88,9 +114,20 @@ impl RingGroup {
             }
         });
         listener.set_nonblocking(true).map_err(|e| g.peer_err(prev_rank, addrs[prev_rank], "listen", e))?;
+        let want = hello(prev_rank);
         let prev = loop {
             match listener.accept() {
-                Ok((s, _)) => break s,
+                Ok((mut s, from)) => {
+                    let mut got = [0u8; 32];
+                    let ok = s.set_nonblocking(false).is_ok()
+                        && s.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50)))).is_ok()
+                        && s.read_exact(&mut got).is_ok()
+                        && got[..] == want[..];
+                    if ok {
+                        break s;
+                    }
+                    tracing::debug!("rank {rank}: dropped a stale or foreign connection from {from}");
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -110,19 +147,6 @@ impl RingGroup {
         }
         g.next = Some((next, next_addr));
         g.prev = Some((prev, addrs[prev_rank]));
-        // Handshake: tell next who we are; check prev is who we expect.
-        let hello = [MAGIC, rank as u64, world as u64];
-        let bytes: Vec<u8> = hello.iter().flat_map(|v| v.to_le_bytes()).collect();
-        g.send_raw(&bytes)?;
-        let mut got = [0u8; 24];
-        g.recv_raw(&mut got)?;
-        let v: Vec<u64> = got.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
-        if v != [MAGIC, prev_rank as u64, world as u64] {
-            return Err(CommError::Protocol {
-                rank,
-                message: format!("expected rank {prev_rank} of {world} behind me, got {v:?}"),
-            });
-        }
         if std::env::var("OTTER_RING_SHM").map_or(true, |v| v != "0") {
             g.shm = g.try_shared_memory()?;
         }

@@ -57,6 +57,13 @@ pub fn load_job(config: &Path) -> Result<(RunConfig, String, Machine, Duration)>
     Ok((cfg.clone(), yaml, machine, coord.heartbeat_interval))
 }
 
+/// A line on stdout; a closed stdout (the launcher went away) must not stop the job.
+fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+}
+
 pub async fn start(args: StartArgs) -> Result<bool> {
     let (cfg, yaml, machine, hb) = load_job(&args.config)?;
     let train = cfg.train.as_ref().expect("validated");
@@ -69,7 +76,7 @@ pub async fn start(args: StartArgs) -> Result<bool> {
     let where_ = store.describe();
     let coord = Coordinator::open(machine, store, yaml, hb).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
-    println!("otter-coord listening on {} (state: {where_})", listener.local_addr()?);
+    say(&format!("otter-coord listening on {} (state: {where_})", listener.local_addr()?));
     let over = {
         let coord = coord.clone();
         async move {
@@ -93,9 +100,9 @@ pub async fn start(args: StartArgs) -> Result<bool> {
     let status = coord.status_json().await;
     let _ = std::fs::write(state_dir.join("status.json"), serde_json::to_vec_pretty(&status)?);
     let s = &status["summary"];
-    println!(
+    say(&format!(
         "job {}: {} steps committed, {} batches, {} recoveries, final loss {}, exactly-once check: {}",
         s["phase"], s["steps_committed"], s["batches_committed"], s["recoveries"], s["last_loss"], status["exactly_once"]
-    );
+    ));
     Ok(matches!(coord.phase().await, Phase::Finished))
 }

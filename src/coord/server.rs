@@ -248,10 +248,13 @@ impl pb::coordinator_server::Coordinator for Service {
     async fn rendezvous(&self, req: Request<pb::RendezvousRequest>) -> Result<Response<pb::Assignment>, Status> {
         let r = req.into_inner();
         let c = &self.0;
+        // Only an assignment newer than the one the caller last acted on answers it (the
+        // old generation may still be running while the caller waits at its stop step).
+        let fresh = |a: &super::machine::Assignment| r.last_generation.is_none_or(|g| a.generation > g);
         {
             let mut s = c.state.lock().await;
-            // An assignment newer than the caller's last one (a retried call) is returned as is.
-            let current = s.machine.assignment(&r.node_id, r.local_rank).is_some_and(|a| r.last_generation.is_none_or(|g| a.generation > g));
+            // A retried call finds its assignment already made.
+            let current = s.machine.assignment(&r.node_id, r.local_rank).is_some_and(|a| fresh(&a));
             if !current {
                 s.machine.rendezvous(c.now(), &r.node_id, r.local_rank, r.applied_step, &r.comm_addr).map_err(refused)?;
                 c.commit(&mut s, format!("{}/{} checked in", r.node_id, r.local_rank)).await?;
@@ -262,7 +265,7 @@ impl pb::coordinator_server::Coordinator for Service {
             let changed = c.changed.notified();
             {
                 let mut s = c.state.lock().await;
-                if let Some(a) = s.machine.assignment(&r.node_id, r.local_rank) {
+                if let Some(a) = s.machine.assignment(&r.node_id, r.local_rank).filter(|a| fresh(a)) {
                     let total = s.total_steps.unwrap_or(0);
                     return Ok(Response::new(super::rpc::assignment_to_pb(a, total)));
                 }

@@ -47,6 +47,7 @@ pub async fn join(args: JoinArgs) -> Result<()> {
 
     // Watch stream: held open for the node's lifetime (its closing tells the coordinator
     // this node is gone); reopened if the coordinator restarts.
+    let (phase_tx, mut phase_rx) = tokio::sync::watch::channel(String::new());
     let watcher = {
         let (coord, node_id, token) = (coord.clone(), node_id.clone(), token.clone());
         tokio::spawn(async move {
@@ -56,6 +57,7 @@ pub async fn join(args: JoinArgs) -> Result<()> {
                     if let Ok(stream) = c.watch(with_token(pb::WatchRequest { node_id: node_id.clone() }, &token)).await {
                         let mut stream = stream.into_inner();
                         while let Ok(Some(u)) = stream.message().await {
+                            phase_tx.send_replace(u.phase.clone());
                             let line = format!("generation {} {}", u.generation, u.phase);
                             if line != last {
                                 println!("node {node_id}: job {line}{}", if u.message.is_empty() { String::new() } else { format!(": {}", u.message) });
@@ -127,6 +129,14 @@ pub async fn join(args: JoinArgs) -> Result<()> {
         if failed.is_some() {
             waits.abort_all();
             break;
+        }
+    }
+    if failed.is_none() {
+        // Our ranks are done; the others may still be reporting the last step. Closing the
+        // watch stream now would look like a lost node: stay until the job is over.
+        let over = phase_rx.wait_for(|p| p == "finished" || p == "failed");
+        if tokio::time::timeout(Duration::from_secs(60), over).await.is_err() {
+            eprintln!("node {node_id}: ranks finished but the job did not end within 60 s; leaving");
         }
     }
     watcher.abort();

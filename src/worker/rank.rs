@@ -92,6 +92,21 @@ fn sync_state(trainer: &mut Trainer, comm: &mut dyn TensorCollective, root: usiz
     Ok(())
 }
 
+/// FNV-1a over the bytes of every trainable parameter, by name: equal on all ranks iff
+/// they hold bit-identical models.
+pub fn param_checksum(trainer: &Trainer) -> u64 {
+    let mut params: Vec<(&str, &tch::Tensor)> = trainer.model.trainable();
+    params.sort_by(|a, b| a.0.cmp(b.0));
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (name, p) in params {
+        let v = Vec::<f32>::try_from(p.detach().to_kind(tch::Kind::Float).reshape([-1])).unwrap_or_default();
+        for b in name.bytes().chain(v.iter().flat_map(|x| x.to_le_bytes())) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
 pub fn run(args: RankArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let text = std::fs::read_to_string(&args.job_file).with_context(|| args.job_file.display().to_string())?;
@@ -163,7 +178,7 @@ pub fn run(args: RankArgs) -> Result<()> {
                 async move { c.report_failure(r).await }
             }));
         };
-        let mut group = match RingGroup::connect(rank, &addrs, &listener, cfg.comm.timeout) {
+        let mut group = match RingGroup::connect_tagged(rank, &addrs, &listener, cfg.comm.timeout, a.generation) {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("{me}: generation {}: forming the group failed: {e}", a.generation);
@@ -179,11 +194,12 @@ pub fn run(args: RankArgs) -> Result<()> {
         }
         trainer.opt.step = a.start_step;
         println!(
-            "{me}: generation {} rank {rank}/{world} from step {}{} (rendezvous {:.2} s)",
+            "{me}: generation {} rank {rank}/{world} from step {}{} (rendezvous {:.2} s) checksum {:016x}",
             a.generation,
             a.start_step,
             a.sync_from.map_or(String::new(), |r| format!(", state copied from rank {r}")),
-            t_rdzv.elapsed().as_secs_f64()
+            t_rdzv.elapsed().as_secs_f64(),
+            param_checksum(&trainer)
         );
 
         // --- steps ------------------------------------------------------------------------
@@ -239,7 +255,7 @@ pub fn run(args: RankArgs) -> Result<()> {
                         crate::tensors::write(&path, &w)?;
                         println!("{me}: wrote {}", path.display());
                     }
-                    println!("{me}: done after step {step}");
+                    println!("{me}: done after step {step} checksum {:016x}", param_checksum(&trainer));
                     return Ok(());
                 }
                 continue 'generations;
