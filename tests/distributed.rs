@@ -282,7 +282,7 @@ fn a_worker_added_mid_run_gets_identical_state_and_training_continues() {
 fn the_job_survives_a_coordinator_restart_on_its_state_dir() {
     let _serial = serial();
     let d = tempfile::tempdir().unwrap();
-    let data = synth(d.path(), 64);
+    let data = synth(d.path(), 160);
     let out = d.path().join("out");
     let job = job_yaml(d.path(), &data, &Job { max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -292,6 +292,7 @@ fn the_job_survives_a_coordinator_restart_on_its_state_dir() {
     let _a = start_worker(&c.addr, "a", d.path());
     let _b = start_worker(&c.addr, "b", d.path());
     let before = steps_committed(&wait_for(&c.addr, "training", Duration::from_secs(60), |s| steps_committed(s) >= 3));
+    assert!(status(&c.addr).is_some_and(|s| s["summary"]["phase"].get("Running").is_some()), "the job must still be running when the coordinator is killed");
     drop(c); // SIGKILL
     let c = start_coord(&job, &state, &listen);
     let after = wait_for(&c.addr, "training to continue", Duration::from_secs(30), |s| steps_committed(s) > before + 2);
@@ -325,4 +326,88 @@ fn wrong_token_and_malformed_job_are_refused_clearly() {
     let o = Command::new(COORD).args(["start", "--config", typo.to_str().unwrap(), "--listen", "127.0.0.1:0"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("last_cal"), "{err}");
+}
+
+/// A real etcd server on free loopback ports, data in `dir`; killed on drop.
+struct Etcd(Child, String);
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_etcd(dir: &Path) -> Etcd {
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (client, peer) = (free(), free());
+    let url = format!("http://127.0.0.1:{client}");
+    let child = Command::new("etcd")
+        .args(["--data-dir", dir.join("etcd").to_str().unwrap(), "--listen-client-urls", &url, "--advertise-client-urls", &url])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}"), "--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer}")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
+        .spawn()
+        .expect("etcd-server (scripts/setup.sh installs it)");
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20), "etcd did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Etcd(child, url)
+}
+
+fn start_coord_etcd(config: &Path, etcd: &str, listen: &str, status_dir: &Path, log: &Path) -> Child {
+    Command::new(COORD)
+        .args(["start", "--config", config.to_str().unwrap(), "--listen", listen, "--etcd", etcd])
+        .env("OTTER_JOIN_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .map(|c| {
+            let _ = status_dir;
+            c
+        })
+        .unwrap()
+}
+
+#[test]
+fn two_coordinators_on_etcd_survive_killing_the_active_one() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let etcd = start_etcd(d.path());
+    let data = synth(d.path(), 192);
+    let out = d.path().join("out");
+    let job = job_yaml(d.path(), &data, &Job { max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let (addr_a, addr_b) = (free(), free());
+    let mut active = start_coord_etcd(&job, &etcd.1, &addr_a, &out, &d.path().join("coord-a.log"));
+    wait_for(&addr_a, "coordinator a elected", Duration::from_secs(30), |_| true);
+    let mut standby = start_coord_etcd(&job, &etcd.1, &addr_b, &out, &d.path().join("coord-b.log"));
+    let both = format!("{addr_a},{addr_b}");
+    let _w1 = start_worker(&both, "a", d.path());
+    let _w2 = start_worker(&both, "b", d.path());
+    let before = steps_committed(&wait_for(&addr_a, "training", Duration::from_secs(60), |s| steps_committed(s) >= 3));
+    assert!(status(&addr_b).is_none(), "the standby must not serve while the active one lives");
+    assert!(active.try_wait().unwrap().is_none(), "the active coordinator is alive until killed ({:?}): {}", active.try_wait(), std::fs::read_to_string(d.path().join("coord-a.log")).unwrap());
+    active.kill().unwrap();
+    let killed = Instant::now();
+    let after = wait_for(&addr_b, "the standby to take over and training to continue", Duration::from_secs(60), |s| steps_committed(s) > before + 1);
+    let log_a = std::fs::read_to_string(d.path().join("coord-a.log")).unwrap();
+    assert!(!log_a.contains("another coordinator is active"), "a was fenced before the kill: {log_a}");
+    println!("failover: the standby took over and training continued {:.2} s after the kill (lease TTL 3 s)", killed.elapsed().as_secs_f64());
+    let _ = after;
+    let t = Instant::now();
+    let code = loop {
+        if let Some(c) = standby.try_wait().unwrap() {
+            break c;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "job did not finish\n{}", logs(d.path()));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(code.success(), "standby exited with {code}\n{}", logs(d.path()));
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("coord/status.json")).unwrap()).unwrap();
+    assert_exactly_once(&s);
+    assert_eq!(s["summary"]["phase"], "Finished");
 }

@@ -35,6 +35,12 @@ enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
+    /// Rendezvous and recovery time against N simulated nodes (in-process clients over
+    /// loopback gRPC), with the in-memory and the embedded file store.
+    Bench {
+        #[arg(long, default_value_t = 256)]
+        nodes: usize,
+    },
     /// Print the job's status as JSON.
     Status {
         #[arg(long, value_delimiter = ',')]
@@ -51,16 +57,40 @@ fn token(file: Option<PathBuf>) -> Result<Option<String>> {
     })
 }
 
+fn tempfile_dir() -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("otter-coord-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Start { .. }) { "info" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Start { config, listen, state_dir, etcd, token_file } => {
             let ok = otter::coord::job::start(otter::coord::job::StartArgs { config, listen, state_dir, etcd, token: token(token_file)? }).await?;
             std::process::exit(if ok { 0 } else { 1 });
+        }
+        Command::Bench { nodes } => {
+            let dir = tempfile_dir()?;
+            for store in [None, Some(dir.as_path())] {
+                let r = otter::coord::bench::rendezvous(nodes, store).await?;
+                println!(
+                    "nodes={} store={} rendezvous_s={:.3} recovery_s={:.3}",
+                    r.nodes,
+                    if store.is_some() { "file" } else { "memory" },
+                    r.rendezvous.as_secs_f64(),
+                    r.recovery.as_secs_f64()
+                );
+                let _ = r.store;
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(())
         }
         Command::Status { coord, token_file } => {
             let token = token(token_file)?.unwrap_or_default();

@@ -98,7 +98,10 @@ pub async fn start(args: StartArgs) -> Result<bool> {
     };
     serve(coord.clone(), token, listener, shutdown).await?;
     let status = coord.status_json().await;
-    let _ = std::fs::write(state_dir.join("status.json"), serde_json::to_vec_pretty(&status)?);
+    let _ = std::fs::create_dir_all(&state_dir);
+    if let Err(e) = std::fs::write(state_dir.join("status.json"), serde_json::to_vec_pretty(&status)?) {
+        eprintln!("otter-coord: could not write {}: {e}", state_dir.join("status.json").display());
+    }
     let s = &status["summary"];
     say(&format!(
         "job {}: {} steps committed, {} batches, {} recoveries, final loss {}, exactly-once check: {}",

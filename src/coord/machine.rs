@@ -160,6 +160,7 @@ pub enum Finish {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventKind {
+    Resumed,
     NodeJoined,
     NodeLeaving,
     NodeLeft,
@@ -713,6 +714,17 @@ impl Machine {
     /// Graceful leave: a member goes at the next step boundary (at once if no generation
     /// is running); a node not yet admitted goes at once. Refused if the members would fall
     /// below `min_nodes`.
+    /// A coordinator resumed this state (restart, or failover to another replica). It
+    /// cannot know which nodes stayed alive while it was away, so every node gets a full
+    /// heartbeat timeout from `now` instead of being judged on times from before.
+    pub fn resume(&mut self, now: Millis) {
+        for node in self.nodes.values_mut() {
+            node.last_seen = node.last_seen.max(now);
+        }
+        let reason = format!("coordinator resumed with {} nodes in {}; heartbeat clocks restarted", self.nodes.len(), self.phase);
+        self.log(now, EventKind::Resumed, reason);
+    }
+
     pub fn leave(&mut self, now: Millis, node_id: &str) -> Result<PhaseReply, Refusal> {
         self.refuse_if_over()?;
         let status = self.nodes.get(node_id).ok_or_else(|| Refusal::UnknownNode { node_id: node_id.into() })?.status;

@@ -66,6 +66,7 @@
 //! 4. The shell persists the state after every call that changed it, before acting on the
 //!    reply; calls may be retried (`step_done`, `rendezvous`, `join` are idempotent).
 
+pub mod bench;
 pub mod client;
 pub mod etcd;
 pub mod job;

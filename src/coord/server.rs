@@ -91,8 +91,12 @@ impl Coordinator {
         clock: Box<dyn Fn() -> Millis + Send + Sync>,
     ) -> Result<Arc<Self>, StoreError> {
         let state = match store.load().await? {
-            Some(bytes) => serde_json::from_slice::<Persisted>(&bytes)
-                .map_err(|e| StoreError::Etcd(format!("{}: unreadable state: {e}", store.describe())))?,
+            Some(bytes) => {
+                let mut s = serde_json::from_slice::<Persisted>(&bytes)
+                    .map_err(|e| StoreError::Etcd(format!("{}: unreadable state: {e}", store.describe())))?;
+                s.machine.resume(clock());
+                s
+            }
             None => Persisted { machine: fresh, total_steps: None },
         };
         let (updates, _) = watch::channel(update_of(&state.machine, "coordinator started".into()));
@@ -118,7 +122,14 @@ impl Coordinator {
             let by_data = s.machine.ledger().total() / per_step.max(1);
             s.total_steps = Some(cfg.max_steps.map_or(by_data, |m| m.min(by_data)).max(1));
         }
-        self.persist(s).await.map_err(store_failed)?;
+        if let Err(e) = self.persist(s).await {
+            if matches!(e, StoreError::Fenced(_)) {
+                // Another replica is active: acting on anything now could fork the job.
+                eprintln!("otter-coord: {e}; exiting");
+                std::process::exit(3);
+            }
+            return Err(store_failed(e));
+        }
         self.changed.notify_waiters();
         self.updates.send_replace(update_of(&s.machine, message));
         Ok(())
@@ -374,4 +385,74 @@ pub async fn serve(
         .await;
     ticker.abort();
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coord::rpc::with_token;
+    use crate::coord::store::MemStore;
+    use crate::coord::CoordConfig;
+    use pb::coordinator_server::Coordinator as _;
+
+    fn config() -> CoordConfig {
+        CoordConfig {
+            min_nodes: 1,
+            max_nodes: 1,
+            join_timeout: Duration::from_secs(60),
+            last_call: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(10),
+            batches_per_rank_step: 1,
+            lease_ahead_steps: 2,
+            max_steps: None,
+            epochs: 1,
+        }
+    }
+
+    async fn running() -> (Service, pb::Assignment) {
+        let m = Machine::new(config(), vec![10]).unwrap();
+        let c = Coordinator::open(m, Box::new(MemStore::default()), "job".into(), Duration::from_secs(1)).await.unwrap();
+        let s = Service(c);
+        s.join(Request::new(pb::JoinRequest { node_id: "a".into(), local_ranks: 1 })).await.unwrap();
+        let req = pb::RendezvousRequest { node_id: "a".into(), local_rank: 0, applied_step: None, comm_addr: "127.0.0.1:1".into(), last_generation: None };
+        let a = s.rendezvous(Request::new(req)).await.unwrap().into_inner();
+        (s, a)
+    }
+
+    #[tokio::test]
+    async fn a_stale_generation_is_refused_and_changes_nothing() {
+        let (s, a) = running().await;
+        assert_eq!((a.world, a.rank, a.start_step, a.leases.len()), (1, 0, 0, 2));
+        let stale = pb::StepDoneRequest { generation: a.generation - 1, rank: 0, step: 0, loss: 1.0 };
+        let e = s.step_done(Request::new(stale)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().starts_with("stale generation"), "{}", e.message());
+        let status = s.0.status_json().await;
+        assert_eq!(status["summary"]["steps_committed"], 0);
+        // The current generation is accepted.
+        let ok = pb::StepDoneRequest { generation: a.generation, rank: 0, step: 0, loss: 1.0 };
+        let r = s.step_done(Request::new(ok)).await.unwrap().into_inner();
+        assert_eq!(r.committed_through, Some(0));
+    }
+
+    #[tokio::test]
+    async fn every_rpc_needs_the_join_token() {
+        let m = Machine::new(config(), vec![10]).unwrap();
+        let c = Coordinator::open(m, Box::new(MemStore::default()), "job".into(), Duration::from_secs(1)).await.unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(c, "sesame".into(), l, async {
+            let _ = rx.await;
+        }));
+        let mut client = pb::coordinator_client::CoordinatorClient::connect(format!("http://{addr}")).await.unwrap();
+        for token in ["", "wrong"] {
+            let e = client.join(with_token(pb::JoinRequest { node_id: "x".into(), local_ranks: 1 }, token)).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "token {token:?}");
+        }
+        let r = client.join(with_token(pb::JoinRequest { node_id: "x".into(), local_ranks: 1 }, "sesame")).await.unwrap();
+        assert_eq!(r.into_inner().job_yaml, "job");
+        let _ = tx.send(());
+        server.await.unwrap().unwrap();
+    }
 }
