@@ -103,9 +103,18 @@ pub async fn start(args: StartArgs) -> Result<bool> {
         eprintln!("otter-coord: could not write {}: {e}", state_dir.join("status.json").display());
     }
     let s = &status["summary"];
+    let phase = coord.phase().await;
+    let exactly_once = match &status["exactly_once"] {
+        v if v.get("Ok").is_some() => "ok (every committed batch exactly once, committed batches a prefix of the data stream)".to_string(),
+        v => format!("FAILED: {v}"),
+    };
     say(&format!(
-        "job {}: {} steps committed, {} batches, {} recoveries, final loss {}, exactly-once check: {}",
-        s["phase"], s["steps_committed"], s["batches_committed"], s["recoveries"], s["last_loss"], status["exactly_once"]
+        "job {phase}: {} steps, {} batches committed, {} left as the final tail, {} recoveries, final loss {}; exactly-once check: {exactly_once}",
+        s["steps_committed"],
+        s["batches_committed"],
+        s["dropped_tail"].as_u64().unwrap_or(0),
+        s["recoveries"],
+        s["last_loss"].as_f64().map_or("n/a".into(), |l| format!("{l:.4}")),
     ));
-    Ok(matches!(coord.phase().await, Phase::Finished))
+    Ok(matches!(phase, Phase::Finished))
 }
