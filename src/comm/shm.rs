@@ -163,11 +163,13 @@ impl ShmSegment {
         let mut last_check = start;
         let mut seq = seq;
         loop {
-            if h.abort.load(Ordering::SeqCst) != 0 {
-                return Err(CommError::Protocol { rank, message: "collective aborted by a peer (a rank failed)".into() });
-            }
+            // Arrival first: a peer that completed and left (its drop raises the abort
+            // flag) must not fail a barrier everyone already reached.
             if h.arrived.load(Ordering::SeqCst) >= target {
                 return Ok(());
+            }
+            if h.abort.load(Ordering::SeqCst) != 0 {
+                return Err(CommError::Protocol { rank, message: "collective aborted by a peer (a rank failed)".into() });
             }
             if spins < 2000 {
                 spins += 1;
