@@ -5,6 +5,8 @@
 //! * [`coord`]: the coordinator: a pure state machine (membership, rendezvous,
 //!   exactly-once data leases, step commit) and its gRPC/storage shell (no libtorch).
 //! * [`worker`]: the node agent and the per-rank training process (with `torch`).
+//! * [`ckpt`]: sharded, asynchronous, resumable checkpoints (manifest and layout without
+//!   libtorch; tensors with `torch`).
 //! * [`comm`]: collectives: the `Collective` seam and our CPU ring over TCP (no libtorch).
 //! * [`data`]: the MIMIC-IT data pipeline (no libtorch).
 //! * [`run_config`]: YAML run configs (`configs/*.yaml`).
@@ -14,6 +16,7 @@
 //!
 //! See `ARCHITECTURE.md` for the code map and invariants.
 
+pub mod ckpt;
 pub mod comm;
 pub mod coord;
 pub mod data;

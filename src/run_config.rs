@@ -51,6 +51,12 @@ pub struct CoordSection {
     /// Steps of data leases a rank holds ahead.
     #[serde(default = "four")]
     pub lease_ahead_steps: u64,
+    /// Serve the API over TLS (rustls) with this PEM certificate chain and key. Workers
+    /// then need `OTTER_TLS_CA` (the CA's PEM) to verify it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
 }
 
 fn d300() -> std::time::Duration {
@@ -190,6 +196,17 @@ impl RunConfig {
         if let Some(coord) = &cfg.coord {
             let train = cfg.train.as_ref().ok_or_else(|| invalid(("train".into(), "a job with `coord:` needs a `train:` section".into())))?;
             coord.machine_config(train).validate().map_err(|e| invalid((format!("coord.{}", e.field), e.message)))?;
+            if coord.tls_cert.is_some() != coord.tls_key.is_some() {
+                return Err(invalid(("coord.tls_key".into(), "give both tls_cert and tls_key, or neither".into())));
+            }
+            for (field, p) in [("coord.tls_cert", &coord.tls_cert), ("coord.tls_key", &coord.tls_key)] {
+                if let Some(p) = p {
+                    let abs = if p.is_absolute() { p.clone() } else { base.join(p) };
+                    if !abs.is_file() {
+                        return Err(invalid((field.into(), format!("{} is not a file", abs.display()))));
+                    }
+                }
+            }
             if coord.heartbeat_interval >= coord.heartbeat_timeout {
                 return Err(invalid(("coord.heartbeat_interval".into(), "must be shorter than coord.heartbeat_timeout".into())));
             }

@@ -411,3 +411,52 @@ fn two_coordinators_on_etcd_survive_killing_the_active_one() {
     assert_exactly_once(&s);
     assert_eq!(s["summary"]["phase"], "Finished");
 }
+
+/// A throwaway CA and a `localhost` certificate signed by it (openssl CLI).
+fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let o = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+        assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=otter-test-ca"]);
+    run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "csr.pem", "-subj", "/CN=localhost"]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n").unwrap();
+    run(&["x509", "-req", "-in", "csr.pem", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "cert.pem", "-days", "2", "-extfile", "ext.cnf"]);
+    (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"))
+}
+
+#[test]
+fn with_tls_configured_the_job_runs_over_tls_and_plaintext_clients_are_refused() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_pki(d.path());
+    let data = synth(d.path(), 24);
+    let out = d.path().join("out");
+    let job = job_yaml(d.path(), &data, &Job { max_steps: Some(3), epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
+    let text = std::fs::read_to_string(&job).unwrap().replace("coord:\n", &format!("coord:\n  tls_cert: {}\n  tls_key: {}\n", cert.display(), key.display()));
+    std::fs::write(&job, text).unwrap();
+    let c = start_coord(&job, &d.path().join("coord"), "127.0.0.1:0");
+    let addr = c.addr.replace("127.0.0.1", "localhost");
+    let plain = Command::new(COORD).args(["status", "--coord", &addr]).env("OTTER_JOIN_TOKEN", TOKEN).env_remove("OTTER_TLS_CA").output().unwrap();
+    assert!(!plain.status.success(), "a plaintext client must not get through");
+    let tls_status = Command::new(COORD).args(["status", "--coord", &addr]).env("OTTER_JOIN_TOKEN", TOKEN).env("OTTER_TLS_CA", &ca).output().unwrap();
+    assert!(tls_status.status.success(), "{}", String::from_utf8_lossy(&tls_status.stderr));
+    let workers: Vec<Worker> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            let log = d.path().join(format!("worker-{n}.log"));
+            let child = Command::new(WORKER)
+                .args(["join", "--coord", &addr, "--node-id", n, "--cpu-ranks", "1", "--advertise-host", "127.0.0.1"])
+                .env("OTTER_JOIN_TOKEN", TOKEN)
+                .env("OTTER_TLS_CA", &ca)
+                .stdout(std::fs::File::create(&log).unwrap())
+                .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+                .spawn()
+                .unwrap();
+            Worker { child, log }
+        })
+        .collect();
+    let s = finish(c, Duration::from_secs(90));
+    assert_eq!(s["summary"]["steps_committed"], 3);
+    drop(workers);
+}

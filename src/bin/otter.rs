@@ -78,6 +78,21 @@ enum Command {
         /// Save and stop once this many optimizer steps are done.
         #[arg(long)]
         stop_after: Option<u64>,
+        /// With --resume: resume from this committed step instead of the newest one.
+        #[arg(long, requires = "resume")]
+        resume_step: Option<u64>,
+    },
+    /// Export a committed checkpoint step: trainable weights under upstream names, or a
+    /// full Hugging Face model directory.
+    Export {
+        /// A committed checkpoint step directory (DIR/step-N).
+        #[arg(long)]
+        ckpt: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// final-weights | hf
+        #[arg(long, default_value = "final-weights")]
+        format: String,
     },
     /// Greedy decoding with a KV cache from images and a prompt, until <|endofchunk|>.
     Generate {
@@ -235,9 +250,10 @@ fn main() -> Result<()> {
                 dtype: cmd::parse_dtype(&dtype)?,
             })
         }
-        Command::Train { config, resume, stop_after } => {
-            otter::train::run::run(otter::train::run::TrainArgs { config: &config, resume, stop_after })
+        Command::Train { config, resume, stop_after, resume_step } => {
+            otter::train::run::run(otter::train::run::TrainArgs { config: &config, resume, stop_after, resume_step })
         }
+        Command::Export { ckpt, out, format } => cmd::export::run(&ckpt, &out, &format),
         Command::Generate { model, images, prompt, raw, max_new_tokens, no_cache, device, dtype } => {
             cmd::generate::run(cmd::generate::GenerateArgs {
                 model: &model,

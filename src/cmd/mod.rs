@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod model_info;
 pub mod overfit;

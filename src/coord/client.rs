@@ -8,14 +8,31 @@ use tonic::transport::Channel;
 
 pub type Client = pb::coordinator_client::CoordinatorClient<Channel>;
 
+/// TLS towards the coordinator: `OTTER_TLS_CA` names the PEM file of the CA that signed
+/// the coordinator's certificate (its presence turns TLS on); `OTTER_TLS_DOMAIN` the name
+/// to verify (default: the host part of the address). Environment, so the agent's rank
+/// processes inherit it.
+fn tls_for(host: &str) -> Result<Option<tonic::transport::ClientTlsConfig>> {
+    let Ok(ca) = std::env::var("OTTER_TLS_CA") else { return Ok(None) };
+    let pem = std::fs::read(&ca).map_err(|e| anyhow::anyhow!("OTTER_TLS_CA={ca}: {e}"))?;
+    let domain = std::env::var("OTTER_TLS_DOMAIN").unwrap_or_else(|_| host.to_string());
+    Ok(Some(tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem)).domain_name(domain)))
+}
+
 /// Connects to the first coordinator address that answers (HA: several replicas, one
 /// active), retrying for up to `patience`.
 pub async fn connect(addrs: &[String], patience: Duration) -> Result<Client> {
     let until = Instant::now() + patience;
     loop {
         for a in addrs {
-            let url = if a.starts_with("http") { a.clone() } else { format!("http://{a}") };
-            let ep = Channel::from_shared(url.clone())?.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true);
+            let hostport = a.trim_start_matches("http://").trim_start_matches("https://");
+            let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
+            let tls = tls_for(host)?;
+            let url = format!("{}://{hostport}", if tls.is_some() { "https" } else { "http" });
+            let mut ep = Channel::from_shared(url.clone())?.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true);
+            if let Some(t) = tls {
+                ep = ep.tls_config(t)?;
+            }
             if let Ok(ch) = ep.connect().await {
                 return Ok(pb::coordinator_client::CoordinatorClient::new(ch));
             }

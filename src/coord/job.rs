@@ -2,7 +2,7 @@
 //! store, serve until the job is over.
 
 use super::machine::{Machine, Phase};
-use super::server::{serve, Coordinator};
+use super::server::Coordinator;
 use super::store::{FileStore, StateStore};
 use crate::data::DataSource;
 use crate::run_config::RunConfig;
@@ -76,7 +76,20 @@ pub async fn start(args: StartArgs) -> Result<bool> {
     let where_ = store.describe();
     let coord = Coordinator::open(machine, store, yaml, hb).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
-    say(&format!("otter-coord listening on {} (state: {where_})", listener.local_addr()?));
+    let coord_cfg = cfg.coord.as_ref().expect("validated");
+    let tls = match (&coord_cfg.tls_cert, &coord_cfg.tls_key) {
+        (Some(c), Some(k)) => {
+            let base = args.config.parent().unwrap_or(Path::new("."));
+            let read = |p: &PathBuf| std::fs::read(base.join(p)).with_context(|| format!("coord.tls: {}", base.join(p).display()));
+            Some(tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(read(c)?, read(k)?)))
+        }
+        _ => None,
+    };
+    say(&format!(
+        "otter-coord listening on {} ({}; state: {where_})",
+        listener.local_addr()?,
+        if tls.is_some() { "TLS" } else { "plaintext" }
+    ));
     let over = {
         let coord = coord.clone();
         async move {
@@ -96,7 +109,7 @@ pub async fn start(args: StartArgs) -> Result<bool> {
             _ = tokio::signal::ctrl_c() => eprintln!("otter-coord: interrupted; state is saved, restart to resume"),
         }
     };
-    serve(coord.clone(), token, listener, shutdown).await?;
+    super::server::serve_tls(coord.clone(), token, listener, tls, shutdown).await?;
     let status = coord.status_json().await;
     let _ = std::fs::create_dir_all(&state_dir);
     if let Err(e) = std::fs::write(state_dir.join("status.json"), serde_json::to_vec_pretty(&status)?) {

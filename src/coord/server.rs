@@ -361,6 +361,17 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    serve_tls(coord, token, listener, None, shutdown).await
+}
+
+/// [`serve`], over TLS (rustls) when `tls` is given.
+pub async fn serve_tls(
+    coord: Arc<Coordinator>,
+    token: String,
+    listener: tokio::net::TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::coordinator_server::CoordinatorServer<Service>>().await;
     let ticker = {
@@ -376,7 +387,11 @@ pub async fn serve(
         })
     };
     let svc = pb::coordinator_server::CoordinatorServer::with_interceptor(Service(coord), auth(token));
-    let r = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = tls {
+        builder = builder.tls_config(t)?;
+    }
+    let r = builder
         .http2_keepalive_interval(Some(Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health_service)

@@ -40,9 +40,17 @@ pub struct TrainConfig {
     /// Run directory: metrics.jsonl, state/, final_weights.safetensors. Relative to the
     /// YAML file.
     pub out_dir: PathBuf,
-    /// Save a resumable state every this many optimizer steps (and at the end).
+    /// Save a checkpoint every this many optimizer steps (and at the end).
     #[serde(default = "default_save")]
     pub save_every: u64,
+    /// Committed checkpoints kept (older ones are deleted in the background; the step being
+    /// resumed from is never deleted).
+    #[serde(default = "default_keep")]
+    pub keep_last: usize,
+}
+
+fn default_keep() -> usize {
+    2
 }
 
 fn one() -> u64 {

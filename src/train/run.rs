@@ -2,14 +2,16 @@
 //!
 //! Reads top to bottom: build model and data, then for each optimizer step take
 //! `grad_accum` batches from the loader, step, log, and every `save_every` steps save a
-//! resumable state (trainable weights, AdamW moments and step, data cursor) under
-//! `out_dir/state/`. At the end, `final_weights.safetensors` holds the trainable weights
+//! checkpoint (`crate::ckpt`: trainable weights, AdamW moments and step, data cursor,
+//! schedule, config, frozen-weight checksums) under `out_dir/checkpoints/step-N/`,
+//! asynchronously: the loop only waits while the state is copied to host memory. At the end, `final_weights.safetensors` holds the trainable weights
 //! under upstream names (what upstream's `load_state_dict(strict=False)` takes).
 
 use super::config::TrainConfig;
 use super::optim::AdamWConfig;
 use super::schedule::warmup_steps;
 use super::{StepConfig, TensorBatch, Trainer};
+use crate::ckpt;
 use crate::data::order::Cursor;
 use crate::data::{DataSource, Loader};
 use crate::model::weights::{LoadOptions, Params};
@@ -51,6 +53,8 @@ pub struct TrainArgs<'a> {
     /// Stop (after saving) once this many optimizer steps are done: for tests and for
     /// splitting a run across allocations.
     pub stop_after: Option<u64>,
+    /// With `resume`: this committed step instead of the newest.
+    pub resume_step: Option<u64>,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -95,19 +99,54 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     // --- resume ---------------------------------------------------------------------
     std::fs::create_dir_all(&tc.out_dir).with_context(|| tc.out_dir.display().to_string())?;
-    let state_dir = tc.out_dir.join("state");
+    let ckpt_dir = tc.out_dir.join("checkpoints");
     let mut state = RunState { step: 0, epoch: 0, cursor: Cursor::default(), total_steps };
+    let frozen = frozen_files(&source_kind)?;
     if args.resume {
-        match load_state(&state_dir, &mut trainer)? {
-            Some(s) => {
-                println!("resuming from step {} (epoch {})", s.step, s.epoch);
-                state = s;
+        let step = match args.resume_step {
+            Some(s) => Some(s),
+            None => ckpt::latest_committed(&ckpt_dir),
+        };
+        match step {
+            Some(step) => {
+                let m = ckpt::load(&ckpt::step_dir(&ckpt_dir, step), &mut trainer)?;
+                for f in &m.frozen {
+                    let now = ckpt::file_crc(&f.path)?;
+                    if now.crc32 != f.crc32 {
+                        bail!("{}: frozen weights changed since the checkpoint (crc32 {:08x}, was {:08x})", f.path.display(), now.crc32, f.crc32);
+                    }
+                }
+                state = serde_json::from_value(m.data.clone()).with_context(|| format!("{}: field `data`", ckpt::step_dir(&ckpt_dir, step).join(ckpt::MANIFEST).display()))?;
+                println!("resuming from step {} (epoch {}) of {}", state.step, state.epoch, ckpt::step_dir(&ckpt_dir, step).display());
             }
-            None => println!("no saved state in {}: starting fresh", state_dir.display()),
+            None => println!("no committed checkpoint in {}: starting fresh", ckpt_dir.display()),
         }
-    } else if state_dir.join("latest").exists() {
+    } else if ckpt::latest_committed(&ckpt_dir).is_some() {
         bail!("{} already holds a run; pass --resume to continue it or choose another train.out_dir", tc.out_dir.display());
     }
+    let mut saver = ckpt::AsyncSaver::default();
+    let config_json = serde_json::to_value(&run_cfg)?;
+    let save = |saver: &mut ckpt::AsyncSaver, trainer: &Trainer, state: &RunState| -> Result<()> {
+        let m = ckpt::Manifest {
+            format_version: ckpt::FORMAT_VERSION,
+            step: state.step,
+            epoch: state.epoch,
+            world_size: 1,
+            partition: Vec::new(),
+            shards: Vec::new(),
+            lr: trainer.cfg.lr,
+            warmup_steps: trainer.cfg.warmup_steps,
+            total_steps: trainer.cfg.total_steps,
+            model_seed: tc.seed,
+            data_seed: data_cfg.seed,
+            data: serde_json::to_value(state)?,
+            config: config_json.clone(),
+            frozen: frozen.clone(),
+            generation: None,
+        };
+        saver.save(trainer, &ckpt_dir, m, tc.keep_last)?;
+        Ok(())
+    };
     let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(tc.out_dir.join("metrics.jsonl"))?;
 
     // --- the loop -------------------------------------------------------------------
@@ -167,9 +206,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
             bar.set_position(state.step);
             let stop = args.stop_after.is_some_and(|n| state.step >= n);
             if state.step % tc.save_every == 0 || state.step >= total_steps || stop {
-                save_state(&state_dir, &trainer, &state)?;
+                save(&mut saver, &trainer, &state)?;
             }
             if stop {
+                saver.wait()?;
                 bar.abandon_with_message(format!("stopped after step {} (resume with --resume)", state.step));
                 return Ok(());
             }
@@ -185,7 +225,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         state.cursor = Cursor::default();
     }
     bar.finish_with_message(format!("done: {} steps, final loss {last_loss:.4}", state.step));
-    save_state(&state_dir, &trainer, &state)?;
+    if ckpt::latest_committed(&ckpt_dir) != Some(state.step) {
+        save(&mut saver, &trainer, &state)?;
+    }
+    saver.wait()?;
     let final_path = tc.out_dir.join("final_weights.safetensors");
     let weights: Vec<(String, Tensor)> = trainer.model.trainable().into_iter().map(|(n, p)| (n.to_string(), p.detach())).collect();
     crate::tensors::write(&final_path, &weights)?;
@@ -199,65 +242,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes `state/step-N/{tensors.safetensors, state.json}` then points `state/latest` at
-/// it (atomic rename), so a crash mid-save leaves the previous state in force.
-fn save_state(dir: &Path, trainer: &Trainer, state: &RunState) -> Result<()> {
-    let step_dir = dir.join(format!("step-{}", state.step));
-    std::fs::create_dir_all(&step_dir)?;
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for (name, p) in trainer.model.trainable() {
-        tensors.push((format!("param.{name}"), p.detach()));
-    }
-    for (name, m) in &trainer.opt.state {
-        tensors.push((format!("exp_avg.{name}"), m.exp_avg.shallow_clone()));
-        tensors.push((format!("exp_avg_sq.{name}"), m.exp_avg_sq.shallow_clone()));
-    }
-    crate::tensors::write(&step_dir.join("tensors.safetensors"), &tensors)?;
-    std::fs::write(step_dir.join("state.json"), serde_json::to_vec_pretty(state)?)?;
-    let tmp = dir.join("latest.tmp");
-    std::fs::write(&tmp, format!("step-{}", state.step))?;
-    std::fs::rename(&tmp, dir.join("latest"))?;
-    // Keep the newest two states.
-    let keep = [format!("step-{}", state.step)];
-    let mut old: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let s = n.strip_prefix("step-")?.parse().ok()?;
-            (!keep.contains(&n)).then_some((s, e.path()))
-        })
+/// Frozen weight files of the model (checked on resume, never copied into checkpoints).
+fn frozen_files(source: &ModelSource) -> Result<Vec<ckpt::FrozenFile>> {
+    let ModelSource::Dir(dir) = source else { return Ok(Vec::new()) };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
-    old.sort();
-    while old.len() > 1 {
-        let (_, p) = old.remove(0);
-        std::fs::remove_dir_all(p)?;
-    }
-    Ok(())
-}
-
-fn load_state(dir: &Path, trainer: &mut Trainer) -> Result<Option<RunState>> {
-    let latest = dir.join("latest");
-    if !latest.exists() {
-        return Ok(None);
-    }
-    let name = std::fs::read_to_string(&latest)?;
-    let step_dir = dir.join(name.trim());
-    let state: RunState = serde_json::from_slice(&std::fs::read(step_dir.join("state.json"))?)
-        .with_context(|| step_dir.join("state.json").display().to_string())?;
-    let file = step_dir.join("tensors.safetensors");
-    let all = crate::tensors::TensorFile::read(&file)?.tensors;
-    let get = |key: String| all.get(&key).with_context(|| format!("{}: missing `{key}`", file.display()));
-    tch::no_grad(|| -> Result<()> {
-        for (name, p) in trainer.model.trainable() {
-            let mut p = p.shallow_clone();
-            p.copy_(get(format!("param.{name}"))?);
-        }
-        for (name, m) in trainer.opt.state.iter_mut() {
-            m.exp_avg.copy_(get(format!("exp_avg.{name}"))?);
-            m.exp_avg_sq.copy_(get(format!("exp_avg_sq.{name}"))?);
-        }
-        Ok(())
-    })?;
-    trainer.opt.step = state.step;
-    Ok(Some(state))
+    files.sort();
+    Ok(files.iter().map(|p| ckpt::file_crc(p)).collect::<Result<_, _>>()?)
 }

@@ -1,0 +1,247 @@
+//! Sharded, asynchronous, exactly-resumable checkpoints.
+//!
+//! ```text
+//! ckpt_dir/step-N/
+//!   shard-00000-of-00002.safetensors   rank 0's share: param.<name>, exp_avg.<name>, exp_avg_sq.<name>
+//!   shard-00001-of-00002.safetensors
+//!   manifest.json                      written LAST (temp file, fsync, rename, fsync dir)
+//! ```
+//!
+//! * A `step-N` without `manifest.json` does not exist: [`latest_committed`] skips it.
+//! * The partition is a pure function of the parameter names and sizes and the world size
+//!   ([`partition`]): names sorted, each given to the rank with the fewest bytes so far.
+//! * Saving is asynchronous ([`AsyncSaver`]): the training thread only stages its share
+//!   to host memory; serializing, checksumming (CRC-32 per shard), writing and fsync run on
+//!   a background thread, and a new save first waits for the previous one.
+//! * Loading reads whatever shards hold the names it needs, so any world size can resume
+//!   from any other (resharding); every shard read is checked against its checksum and a
+//!   mismatch names the file.
+//! * Frozen weights are never copied: the manifest records their files, sizes and
+//!   checksums.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST: &str = "manifest.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CkptError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: checksum mismatch (expected crc32 {expected:08x}, found {found:08x}): the shard is corrupt or truncated")]
+    Checksum { path: PathBuf, expected: u32, found: u32 },
+    #[error("{path}: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("{dir}: no committed checkpoint (no step-N/manifest.json)")]
+    NoCheckpoint { dir: PathBuf },
+    #[error("checkpoint write failed: {0}")]
+    Background(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CkptError + '_ {
+    move |source| CkptError::Io { path: path.to_path_buf(), source }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub file: String,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrozenFile {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// Optimizer steps contained (the next step to run has this index).
+    pub step: u64,
+    pub epoch: u64,
+    pub world_size: usize,
+    /// By rank: the parameter names whose weights and AdamW moments its shard holds.
+    pub partition: Vec<Vec<String>>,
+    /// By rank.
+    pub shards: Vec<ShardInfo>,
+    /// LR schedule position: `lr(step)` with this peak, warmup and length.
+    pub lr: f64,
+    pub warmup_steps: u64,
+    pub total_steps: u64,
+    /// Seeds of everything random (model init, data order).
+    pub model_seed: u64,
+    pub data_seed: u64,
+    /// Where the data is: the loader cursor (single process) or the ledger position.
+    pub data: serde_json::Value,
+    /// The resolved run config.
+    pub config: serde_json::Value,
+    /// Frozen weights by path and checksum (never copied into checkpoints).
+    pub frozen: Vec<FrozenFile>,
+    /// Coordinator generation that committed it (distributed jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+/// Rank `r`'s parameter names: names sorted, each to the rank with the fewest bytes so
+/// far (ties: lowest rank). Deterministic and balanced.
+pub fn partition(sizes: &[(String, u64)], world: usize) -> Vec<Vec<String>> {
+    let mut named: Vec<&(String, u64)> = sizes.iter().collect();
+    named.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut parts = vec![Vec::new(); world.max(1)];
+    let mut load = vec![0u64; world.max(1)];
+    for (name, bytes) in named {
+        let r = (0..load.len()).min_by_key(|&r| (load[r], r)).expect("world >= 1");
+        load[r] += bytes;
+        parts[r].push(name.clone());
+    }
+    for p in &mut parts {
+        p.sort();
+    }
+    parts
+}
+
+pub fn shard_file(rank: usize, world: usize) -> String {
+    format!("shard-{rank:05}-of-{world:05}.safetensors")
+}
+
+pub fn step_dir(ckpt_dir: &Path, step: u64) -> PathBuf {
+    ckpt_dir.join(format!("step-{step}"))
+}
+
+/// Writes `bytes` to `path` durably: temp file, fsync, rename.
+pub fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), CkptError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    }
+    Ok(())
+}
+
+/// Commits a step: the manifest, written last.
+pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), CkptError> {
+    write_durable(&dir.join(MANIFEST), &serde_json::to_vec_pretty(m).expect("manifest serializes"))
+}
+
+pub fn read_manifest(dir: &Path) -> Result<Manifest, CkptError> {
+    let path = dir.join(MANIFEST);
+    let bytes = std::fs::read(&path).map_err(io(&path))?;
+    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| CkptError::Format { path: path.clone(), message: e.to_string() })?;
+    if m.format_version != FORMAT_VERSION {
+        return Err(CkptError::Format { path, message: format!("format version {} (this build reads {FORMAT_VERSION})", m.format_version) });
+    }
+    Ok(m)
+}
+
+/// Committed steps in `ckpt_dir`, oldest first.
+pub fn committed_steps(ckpt_dir: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(ckpt_dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+                .filter(|s| step_dir(ckpt_dir, *s).join(MANIFEST).is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    steps.sort_unstable();
+    steps
+}
+
+pub fn latest_committed(ckpt_dir: &Path) -> Option<u64> {
+    committed_steps(ckpt_dir).pop()
+}
+
+/// Keeps the newest `keep_last` committed steps (and `protect`, the one being resumed
+/// from); removes older committed steps and uncommitted leftovers older than the newest
+/// committed one.
+pub fn retain(ckpt_dir: &Path, keep_last: usize, protect: Option<u64>) -> Result<Vec<u64>, CkptError> {
+    let committed = committed_steps(ckpt_dir);
+    let keep: Vec<u64> = committed.iter().rev().take(keep_last.max(1)).copied().chain(protect).collect();
+    let newest = committed.last().copied();
+    let mut removed = Vec::new();
+    let entries = std::fs::read_dir(ckpt_dir).map_err(io(ckpt_dir))?;
+    for e in entries.flatten() {
+        let Some(step) = e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse::<u64>().ok()) else { continue };
+        let is_committed = committed.contains(&step);
+        let stale_partial = !is_committed && newest.is_some_and(|n| step < n);
+        if (is_committed && !keep.contains(&step)) || stale_partial {
+            std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
+            removed.push(step);
+        }
+    }
+    removed.sort_unstable();
+    Ok(removed)
+}
+
+/// Size and CRC-32 of a file (frozen weights in the manifest).
+pub fn file_crc(path: &Path) -> Result<FrozenFile, CkptError> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(FrozenFile { path: path.to_path_buf(), bytes, crc32: h.finalize() })
+}
+
+#[cfg(feature = "torch")]
+mod tensors;
+#[cfg(feature = "torch")]
+pub use tensors::*;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_is_balanced_deterministic_and_complete() {
+        let sizes: Vec<(String, u64)> = (0..37).map(|i| (format!("p{i:02}"), (i * 7919 % 101 + 1) as u64)).collect();
+        for world in 1..6 {
+            let a = partition(&sizes, world);
+            let mut shuffled = sizes.clone();
+            shuffled.reverse();
+            assert_eq!(a, partition(&shuffled, world), "independent of input order");
+            let mut all: Vec<&String> = a.iter().flatten().collect();
+            all.sort();
+            assert_eq!(all.len(), sizes.len());
+            all.dedup();
+            assert_eq!(all.len(), sizes.len(), "each name exactly once");
+            let loads: Vec<u64> = a.iter().map(|p| p.iter().map(|n| sizes.iter().find(|s| &s.0 == n).unwrap().1).sum()).collect();
+            let (min, max) = (*loads.iter().min().unwrap(), *loads.iter().max().unwrap());
+            assert!(max - min <= 101, "world {world}: loads {loads:?}");
+        }
+    }
+
+    #[test]
+    fn only_steps_with_a_manifest_exist_and_retention_keeps_k() {
+        let d = tempfile::tempdir().unwrap();
+        for s in [2u64, 4, 6, 8] {
+            std::fs::create_dir_all(step_dir(d.path(), s)).unwrap();
+            if s != 8 {
+                std::fs::write(step_dir(d.path(), s).join(MANIFEST), "{}").unwrap();
+            }
+        }
+        assert_eq!(committed_steps(d.path()), vec![2, 4, 6]);
+        assert_eq!(latest_committed(d.path()), Some(6), "step-8 has no manifest: it does not exist");
+        let removed = retain(d.path(), 2, Some(2)).unwrap();
+        assert_eq!(removed, Vec::<u64>::new(), "keeps 4 and 6, and 2 which is being resumed from");
+        let removed = retain(d.path(), 2, None).unwrap();
+        assert_eq!(removed, vec![2]);
+        assert!(step_dir(d.path(), 8).exists(), "an in-progress newer step is left alone");
+    }
+}

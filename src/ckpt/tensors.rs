@@ -1,0 +1,164 @@
+//! The tensor side of checkpoints: staging a rank's share to host memory, writing shards
+//! in the background, loading (with resharding) into a [`Trainer`].
+
+use super::*;
+use crate::train::Trainer;
+use safetensors::tensor::{Dtype, TensorView};
+use std::collections::BTreeMap;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+/// One rank's share in host memory: (key, shape, little-endian f32 bytes).
+pub struct Staged {
+    pub rank: usize,
+    pub world: usize,
+    pub items: Vec<(String, Vec<usize>, Vec<u8>)>,
+}
+
+fn host_bytes(t: &Tensor) -> (Vec<usize>, Vec<u8>) {
+    let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+    let shape = t.size().iter().map(|&d| d as usize).collect();
+    let v = Vec::<f32>::try_from(t.reshape([-1])).expect("f32 tensor");
+    (shape, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
+/// Bytes of each trainable parameter (the partition's weights).
+pub fn param_sizes(trainer: &Trainer) -> Vec<(String, u64)> {
+    trainer.model.trainable().iter().map(|(n, t)| (n.to_string(), t.numel() as u64 * 4)).collect()
+}
+
+/// Copies this rank's share (weights and AdamW moments of `names`) to host memory. This
+/// is the only part of a save the training loop waits for.
+pub fn stage(trainer: &Trainer, names: &[String], rank: usize, world: usize) -> Staged {
+    let params: BTreeMap<&str, &Tensor> = trainer.model.trainable().into_iter().collect();
+    let mut items = Vec::with_capacity(names.len() * 3);
+    for n in names {
+        let (shape, bytes) = host_bytes(params[n.as_str()]);
+        items.push((format!("param.{n}"), shape, bytes));
+        let m = &trainer.opt.state[n];
+        let (shape, bytes) = host_bytes(&m.exp_avg);
+        items.push((format!("exp_avg.{n}"), shape, bytes));
+        let (shape, bytes) = host_bytes(&m.exp_avg_sq);
+        items.push((format!("exp_avg_sq.{n}"), shape, bytes));
+    }
+    Staged { rank, world, items }
+}
+
+/// Serializes, checksums and durably writes a staged shard into `dir`.
+pub fn write_shard(dir: &Path, staged: &Staged) -> Result<ShardInfo, CkptError> {
+    let file = shard_file(staged.rank, staged.world);
+    let path = dir.join(&file);
+    let views: Vec<(String, TensorView)> = staged
+        .items
+        .iter()
+        .map(|(k, shape, bytes)| (k.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).expect("shape matches bytes")))
+        .collect();
+    let bytes = safetensors::tensor::serialize(views, None).map_err(|e| CkptError::Format { path: path.clone(), message: e.to_string() })?;
+    let crc32 = crc32fast::hash(&bytes);
+    std::fs::create_dir_all(dir).map_err(|source| CkptError::Io { path: dir.to_path_buf(), source })?;
+    write_durable(&path, &bytes)?;
+    Ok(ShardInfo { file, bytes: bytes.len() as u64, crc32 })
+}
+
+/// Background writer: at most one save in flight; a new save waits for the previous.
+#[derive(Default)]
+pub struct AsyncSaver {
+    pending: Option<JoinHandle<Result<u64, CkptError>>>,
+}
+
+impl AsyncSaver {
+    /// Waits for the save in flight, if any; returns the step it committed.
+    pub fn wait(&mut self) -> Result<Option<u64>, CkptError> {
+        match self.pending.take() {
+            None => Ok(None),
+            Some(h) => h.join().map_err(|_| CkptError::Background("writer thread panicked".into()))?.map(Some),
+        }
+    }
+
+    /// Single-process save of the whole trainable state as one shard: stages it (the
+    /// returned blocking time), then writes the shard, the manifest (last) and applies
+    /// retention in the background. `manifest` supplies everything but the partition and
+    /// shards.
+    pub fn save(&mut self, trainer: &Trainer, ckpt_dir: &Path, manifest: Manifest, keep_last: usize) -> Result<Duration, CkptError> {
+        self.wait()?;
+        let t = Instant::now();
+        let mut names: Vec<String> = param_sizes(trainer).into_iter().map(|(n, _)| n).collect();
+        names.sort();
+        let staged = stage(trainer, &names, 0, 1);
+        let blocked = t.elapsed();
+        let dir = step_dir(ckpt_dir, manifest.step);
+        let ckpt_dir = ckpt_dir.to_path_buf();
+        self.pending = Some(std::thread::spawn(move || {
+            let shard = write_shard(&dir, &staged)?;
+            let m = Manifest { world_size: 1, partition: vec![names], shards: vec![shard], ..manifest };
+            write_manifest(&dir, &m)?;
+            retain(&ckpt_dir, keep_last, None)?;
+            Ok(m.step)
+        }));
+        Ok(blocked)
+    }
+}
+
+impl Drop for AsyncSaver {
+    fn drop(&mut self) {
+        if let Err(e) = self.wait() {
+            eprintln!("checkpoint: {e}");
+        }
+    }
+}
+
+/// Reads and checks one shard file.
+fn read_shard(dir: &Path, info: &ShardInfo) -> Result<Vec<u8>, CkptError> {
+    let path = dir.join(&info.file);
+    let bytes = std::fs::read(&path).map_err(|source| CkptError::Io { path: path.clone(), source })?;
+    let found = crc32fast::hash(&bytes);
+    if found != info.crc32 || bytes.len() as u64 != info.bytes {
+        return Err(CkptError::Checksum { path, expected: info.crc32, found });
+    }
+    Ok(bytes)
+}
+
+/// Loads a committed step into `trainer`, whatever world size wrote it: every shard that
+/// holds a trainable parameter is read (and checked). Sets the optimizer step.
+pub fn load(dir: &Path, trainer: &mut Trainer) -> Result<Manifest, CkptError> {
+    let m = read_manifest(dir)?;
+    let params: BTreeMap<String, Tensor> = trainer.model.trainable().into_iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
+    let _g = tch::no_grad_guard();
+    let mut seen = 0usize;
+    for (rank, (names, info)) in m.partition.iter().zip(&m.shards).enumerate() {
+        if names.is_empty() {
+            continue;
+        }
+        let bytes = read_shard(dir, info)?;
+        let path = dir.join(&info.file);
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| CkptError::Format { path: path.clone(), message: e.to_string() })?;
+        let get = |key: String, like: &Tensor| -> Result<Tensor, CkptError> {
+            let v = st.tensor(&key).map_err(|_| CkptError::Format { path: path.clone(), message: format!("rank {rank}'s shard lacks `{key}`") })?;
+            let want: Vec<usize> = like.size().iter().map(|&d| d as usize).collect();
+            if v.dtype() != Dtype::F32 || v.shape() != want.as_slice() {
+                return Err(CkptError::Format { path: path.clone(), message: format!("`{key}`: {:?} {:?}, expected F32 {want:?}", v.dtype(), v.shape()) });
+            }
+            let data: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            Ok(Tensor::from_slice(&data).reshape(like.size()))
+        };
+        for n in names {
+            let Some(p) = params.get(n) else {
+                return Err(CkptError::Format { path: path.clone(), message: format!("parameter `{n}` is not trainable in this model") });
+            };
+            let mut p = p.shallow_clone();
+            p.copy_(&get(format!("param.{n}"), &p)?);
+            let st_m = trainer.opt.state.get_mut(n).expect("every trainable parameter has moments");
+            let ea = get(format!("exp_avg.{n}"), &st_m.exp_avg)?;
+            st_m.exp_avg.copy_(&ea);
+            let es = get(format!("exp_avg_sq.{n}"), &st_m.exp_avg_sq)?;
+            st_m.exp_avg_sq.copy_(&es);
+            seen += 1;
+        }
+    }
+    if seen != params.len() {
+        return Err(CkptError::Format { path: dir.join(MANIFEST), message: format!("holds {seen} of the model's {} trainable parameters", params.len()) });
+    }
+    trainer.opt.step = m.step;
+    Ok(m)
+}
