@@ -132,6 +132,17 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Checkpoint save/load of `--mb` MB of trainable state as `--world` ranks.
+    Ckpt {
+        #[arg(long, default_value_t = 600.0)]
+        mb: f64,
+        #[arg(long, default_value_t = 64)]
+        params: usize,
+        #[arg(long, default_value_t = 2)]
+        world: usize,
+        #[arg(long, default_value = "out/bench-ckpt")]
+        dir: PathBuf,
+    },
     /// CPU ring all-reduce bandwidth with N local rank processes (algbw/busbw in GB/s).
     Allreduce {
         #[arg(long, default_value_t = 2)]
@@ -268,6 +279,7 @@ fn main() -> Result<()> {
         }
         #[cfg(feature = "nccl")]
         Command::NcclCheck => cmd::bench::nccl_check(),
+        Command::Bench(BenchCommand::Ckpt { mb, params, world, dir }) => cmd::bench::ckpt(mb, params, world, &dir),
         Command::Bench(BenchCommand::Data { config, samples }) => cmd::bench::data(&config, samples),
         Command::Bench(BenchCommand::Allreduce { world, size_mb, iters }) => cmd::bench::allreduce(world, &size_mb, iters),
         Command::Bench(BenchCommand::AllreduceRank { rank, addrs, size_mb, iters }) => {

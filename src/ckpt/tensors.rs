@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::train::Trainer;
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use std::collections::BTreeMap;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,8 +19,12 @@ pub struct Staged {
 fn host_bytes(t: &Tensor) -> (Vec<usize>, Vec<u8>) {
     let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
     let shape = t.size().iter().map(|&d| d as usize).collect();
-    let v = Vec::<f32>::try_from(t.reshape([-1])).expect("f32 tensor");
-    (shape, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    let n = t.numel() * 4;
+    let mut bytes = vec![0u8; n];
+    // SAFETY: `t` is a contiguous f32 CPU tensor of exactly `n` bytes (little-endian host,
+    // as safetensors wants), alive for the copy.
+    unsafe { std::ptr::copy_nonoverlapping(t.data_ptr() as *const u8, bytes.as_mut_ptr(), n) };
+    (shape, bytes)
 }
 
 /// Bytes of each trainable parameter (the partition's weights).
@@ -32,33 +36,72 @@ pub fn param_sizes(trainer: &Trainer) -> Vec<(String, u64)> {
 /// is the only part of a save the training loop waits for.
 pub fn stage(trainer: &Trainer, names: &[String], rank: usize, world: usize) -> Staged {
     let params: BTreeMap<&str, &Tensor> = trainer.model.trainable().into_iter().collect();
-    let mut items = Vec::with_capacity(names.len() * 3);
+    let mut items: Vec<(String, &Tensor)> = Vec::with_capacity(names.len() * 3);
     for n in names {
-        let (shape, bytes) = host_bytes(params[n.as_str()]);
-        items.push((format!("param.{n}"), shape, bytes));
         let m = &trainer.opt.state[n];
-        let (shape, bytes) = host_bytes(&m.exp_avg);
-        items.push((format!("exp_avg.{n}"), shape, bytes));
-        let (shape, bytes) = host_bytes(&m.exp_avg_sq);
-        items.push((format!("exp_avg_sq.{n}"), shape, bytes));
+        items.push((format!("param.{n}"), params[n.as_str()]));
+        items.push((format!("exp_avg.{n}"), &m.exp_avg));
+        items.push((format!("exp_avg_sq.{n}"), &m.exp_avg_sq));
     }
-    Staged { rank, world, items }
+    stage_tensors(&items, rank, world)
 }
 
-/// Serializes, checksums and durably writes a staged shard into `dir`.
+/// [`stage`] for named tensors (keys as they go into the shard).
+pub fn stage_tensors(items: &[(String, &Tensor)], rank: usize, world: usize) -> Staged {
+    Staged {
+        rank,
+        world,
+        items: items
+            .iter()
+            .map(|(k, t)| {
+                let (shape, bytes) = host_bytes(t);
+                (k.clone(), shape, bytes)
+            })
+            .collect(),
+    }
+}
+
+/// The safetensors header of a staged shard (tensors laid out in order, F32).
+fn header(staged: &Staged) -> Vec<u8> {
+    let mut meta = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (k, shape, bytes) in &staged.items {
+        meta.insert(k.clone(), serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes.len()]}));
+        offset += bytes.len();
+    }
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(meta)).expect("header serializes");
+    while h.len() % 8 != 0 {
+        h.push(b' '); // safetensors pads the header with spaces to 8-byte alignment
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out
+}
+
+/// Checksums and durably writes a staged shard into `dir` as safetensors, streaming the
+/// staged buffers straight to the file (no second in-memory copy).
 pub fn write_shard(dir: &Path, staged: &Staged) -> Result<ShardInfo, CkptError> {
+    use std::io::Write;
     let file = shard_file(staged.rank, staged.world);
     let path = dir.join(&file);
-    let views: Vec<(String, TensorView)> = staged
-        .items
-        .iter()
-        .map(|(k, shape, bytes)| (k.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).expect("shape matches bytes")))
-        .collect();
-    let bytes = safetensors::tensor::serialize(views, None).map_err(|e| CkptError::Format { path: path.clone(), message: e.to_string() })?;
-    let crc32 = crc32fast::hash(&bytes);
     std::fs::create_dir_all(dir).map_err(|source| CkptError::Io { path: dir.to_path_buf(), source })?;
-    write_durable(&path, &bytes)?;
-    Ok(ShardInfo { file, bytes: bytes.len() as u64, crc32 })
+    let tmp = path.with_extension("tmp");
+    let err = |source| CkptError::Io { path: tmp.clone(), source };
+    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    let head = header(staged);
+    let mut crc = crc32fast::Hasher::new();
+    let mut total = head.len() as u64;
+    crc.update(&head);
+    f.write_all(&head).map_err(err)?;
+    for (_, _, bytes) in &staged.items {
+        crc.update(bytes);
+        f.write_all(bytes).map_err(err)?;
+        total += bytes.len() as u64;
+    }
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(|source| CkptError::Io { path: path.clone(), source })?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|source| CkptError::Io { path: dir.to_path_buf(), source })?;
+    Ok(ShardInfo { file, bytes: total, crc32: crc.finalize() })
 }
 
 /// Background writer: at most one save in flight; a new save waits for the previous.
@@ -109,7 +152,7 @@ impl Drop for AsyncSaver {
 }
 
 /// Reads and checks one shard file.
-fn read_shard(dir: &Path, info: &ShardInfo) -> Result<Vec<u8>, CkptError> {
+pub fn read_shard(dir: &Path, info: &ShardInfo) -> Result<Vec<u8>, CkptError> {
     let path = dir.join(&info.file);
     let bytes = std::fs::read(&path).map_err(|source| CkptError::Io { path: path.clone(), source })?;
     let found = crc32fast::hash(&bytes);
@@ -139,8 +182,7 @@ pub fn load(dir: &Path, trainer: &mut Trainer) -> Result<Manifest, CkptError> {
             if v.dtype() != Dtype::F32 || v.shape() != want.as_slice() {
                 return Err(CkptError::Format { path: path.clone(), message: format!("`{key}`: {:?} {:?}, expected F32 {want:?}", v.dtype(), v.shape()) });
             }
-            let data: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            Ok(Tensor::from_slice(&data).reshape(like.size()))
+            Tensor::f_from_data_size(v.data(), &like.size(), Kind::Float).map_err(|e| CkptError::Format { path: path.clone(), message: e.to_string() })
         };
         for n in names {
             let Some(p) = params.get(n) else {

@@ -199,3 +199,65 @@ pub fn nccl_check() -> Result<()> {
     println!("after abort, all-reduce: {}", after.map_or_else(|e| format!("error (as expected): {e}"), |_| "no error".into()));
     Ok(())
 }
+
+/// `otter bench ckpt`: saves and loads `mb` MB of trainable state (weights + AdamW
+/// moments: `params` tensors of each kind) as `world` ranks writing their shards in
+/// parallel, synchronously; then the blocking (staging) part of an async save; then a
+/// load with checksum verification. Prints one line (scripts/bench-ckpt.sh).
+pub fn ckpt(mb: f64, params: usize, world: usize, dir: &std::path::Path) -> Result<()> {
+    use crate::ckpt;
+    use tch::{Kind, Tensor};
+    let per = ((mb * 1e6) / (12.0 * params as f64)).ceil() as i64;
+    tch::manual_seed(0);
+    let names: Vec<String> = (0..params).map(|i| format!("p{i:03}")).collect();
+    let tensors: Vec<[Tensor; 3]> = names.iter().map(|_| [0, 1, 2].map(|_| Tensor::randn([per], (Kind::Float, tch::Device::Cpu)))).collect();
+    let sizes: Vec<(String, u64)> = names.iter().map(|n| (n.clone(), per as u64 * 4)).collect();
+    let part = ckpt::partition(&sizes, world);
+    let share = |r: usize| -> Vec<(String, &Tensor)> {
+        let mut v = Vec::new();
+        for n in &part[r] {
+            let i = names.iter().position(|x| x == n).expect("name");
+            for (k, t) in ["param", "exp_avg", "exp_avg_sq"].iter().zip(&tensors[i]) {
+                v.push((format!("{k}.{n}"), t));
+            }
+        }
+        v
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    // Synchronous sharded save: every rank stages and writes its shard, in parallel.
+    let t = Instant::now();
+    let infos: Vec<ckpt::ShardInfo> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..world).map(|r| {
+            let owned: Vec<(String, Tensor)> = share(r).into_iter().map(|(k, t)| (k, t.shallow_clone())).collect();
+            s.spawn(move || {
+                let items: Vec<(String, &Tensor)> = owned.iter().map(|(k, t)| (k.clone(), t)).collect();
+                ckpt::write_shard(dir, &ckpt::stage_tensors(&items, r, world))
+            })
+        }).collect();
+        hs.into_iter().map(|h| h.join().expect("writer")).collect::<Result<_, _>>()
+    })?;
+    let save_s = t.elapsed().as_secs_f64();
+    let bytes: u64 = infos.iter().map(|i| i.bytes).sum();
+    // The async save's blocking part: staging rank 0's share to host memory.
+    let t = Instant::now();
+    let staged = ckpt::stage_tensors(&share(0), 0, world);
+    let blocked_s = t.elapsed().as_secs_f64();
+    drop(staged);
+    // Load: read and verify every shard, rebuild the tensors.
+    let t = Instant::now();
+    let mut loaded = 0usize;
+    for info in &infos {
+        let b = ckpt::read_shard(dir, info)?;
+        let st = safetensors::SafeTensors::deserialize(&b)?;
+        for (_, v) in st.tensors() {
+            let shape: Vec<i64> = v.shape().iter().map(|&d| d as i64).collect();
+            loaded += Tensor::f_from_data_size(v.data(), &shape, Kind::Float)?.numel();
+        }
+    }
+    let load_s = t.elapsed().as_secs_f64();
+    anyhow::ensure!(loaded as i64 == per * 3 * params as i64, "loaded {loaded} elements");
+    println!("otter world={world} bytes={bytes} save_s={save_s:.3} blocked_s={blocked_s:.3} load_s={load_s:.3}");
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
