@@ -226,17 +226,6 @@ impl RunConfig {
         Ok(cfg)
     }
 
-    /// Parses a YAML text whose paths are absolute (what the coordinator ships to workers).
-    pub fn from_shipped(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let dir = std::env::temp_dir().join(format!("otter-job-{}-{}", std::process::id(), origin.len()));
-        std::fs::create_dir_all(&dir).map_err(|source| ConfigError::Io { path: dir.clone(), source })?;
-        let path = dir.join("job.yaml");
-        std::fs::write(&path, text).map_err(|source| ConfigError::Io { path: path.clone(), source })?;
-        let r = Self::from_file(&path);
-        let _ = std::fs::remove_dir_all(&dir);
-        r
-    }
-
     /// Validates the `model` section; relative dirs are taken from `yaml_path`'s folder.
     pub fn model_source(&self, yaml_path: &Path) -> Result<ModelSource, ConfigError> {
         let invalid = |message: &str| ConfigError::Invalid {

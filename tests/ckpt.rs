@@ -114,17 +114,6 @@ fn write_run(dir: &std::path::Path) -> std::path::PathBuf {
     p
 }
 
-fn losses(run_dir: &std::path::Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
-}
-
 #[test]
 fn an_uncommitted_step_does_not_exist_and_a_corrupt_one_falls_back_explicitly() {
     let d = tempfile::tempdir().unwrap();

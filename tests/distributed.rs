@@ -358,17 +358,13 @@ fn start_etcd(dir: &Path) -> Etcd {
     Etcd(child, url)
 }
 
-fn start_coord_etcd(config: &Path, etcd: &str, listen: &str, status_dir: &Path, log: &Path) -> Child {
+fn start_coord_etcd(config: &Path, etcd: &str, listen: &str, log: &Path) -> Child {
     Command::new(COORD)
         .args(["start", "--config", config.to_str().unwrap(), "--listen", listen, "--etcd", etcd])
         .env("OTTER_JOIN_TOKEN", TOKEN)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
-        .map(|c| {
-            let _ = status_dir;
-            c
-        })
         .unwrap()
 }
 
@@ -382,9 +378,9 @@ fn two_coordinators_on_etcd_survive_killing_the_active_one() {
     let job = job_yaml(d.path(), &data, &Job { max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
     let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let (addr_a, addr_b) = (free(), free());
-    let mut active = start_coord_etcd(&job, &etcd.1, &addr_a, &out, &d.path().join("coord-a.log"));
+    let mut active = start_coord_etcd(&job, &etcd.1, &addr_a, &d.path().join("coord-a.log"));
     wait_for(&addr_a, "coordinator a elected", Duration::from_secs(30), |_| true);
-    let mut standby = start_coord_etcd(&job, &etcd.1, &addr_b, &out, &d.path().join("coord-b.log"));
+    let mut standby = start_coord_etcd(&job, &etcd.1, &addr_b, &d.path().join("coord-b.log"));
     let both = format!("{addr_a},{addr_b}");
     let _w1 = start_worker(&both, "a", d.path());
     let _w2 = start_worker(&both, "b", d.path());

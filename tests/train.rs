@@ -114,17 +114,6 @@ fn write_run(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     p
 }
 
-fn losses(run_dir: &std::path::Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
-}
-
 #[test]
 fn stopping_and_resuming_otter_train_gives_the_same_losses_exactly() {
     let dir = tempfile::tempdir().unwrap();

@@ -80,14 +80,7 @@ async fn main() -> Result<()> {
             let dir = tempfile_dir()?;
             for store in [None, Some(dir.as_path())] {
                 let r = otter::coord::bench::rendezvous(nodes, store).await?;
-                println!(
-                    "nodes={} store={} rendezvous_s={:.3} recovery_s={:.3}",
-                    r.nodes,
-                    if store.is_some() { "file" } else { "memory" },
-                    r.rendezvous.as_secs_f64(),
-                    r.recovery.as_secs_f64()
-                );
-                let _ = r.store;
+                println!("nodes={} store={} rendezvous_s={:.3} recovery_s={:.3}", r.nodes, r.store, r.rendezvous.as_secs_f64(), r.recovery.as_secs_f64());
             }
             let _ = std::fs::remove_dir_all(&dir);
             Ok(())

@@ -108,9 +108,18 @@ pub fn write_shard(dir: &Path, staged: &Staged) -> Result<ShardInfo, CkptError> 
 #[derive(Default)]
 pub struct AsyncSaver {
     pending: Option<JoinHandle<Result<u64, CkptError>>>,
+    /// Frozen weight files to record in every manifest, and their checksums once the
+    /// first save's background thread has computed them (reading GBs of frozen weights
+    /// must not delay start-up or block the loop).
+    frozen_paths: Vec<PathBuf>,
+    frozen: std::sync::Arc<std::sync::Mutex<Option<Vec<FrozenFile>>>>,
 }
 
 impl AsyncSaver {
+    pub fn with_frozen(frozen_paths: Vec<PathBuf>) -> Self {
+        Self { pending: None, frozen_paths, frozen: Default::default() }
+    }
+
     /// Waits for the save in flight, if any; returns the step it committed.
     pub fn wait(&mut self) -> Result<Option<u64>, CkptError> {
         match self.pending.take() {
@@ -132,9 +141,16 @@ impl AsyncSaver {
         let blocked = t.elapsed();
         let dir = step_dir(ckpt_dir, manifest.step);
         let ckpt_dir = ckpt_dir.to_path_buf();
+        let (paths, cache) = (self.frozen_paths.clone(), self.frozen.clone());
         self.pending = Some(std::thread::spawn(move || {
             let shard = write_shard(&dir, &staged)?;
-            let m = Manifest { world_size: 1, partition: vec![names], shards: vec![shard], ..manifest };
+            let mut cached = cache.lock().expect("not poisoned");
+            if cached.is_none() {
+                *cached = Some(paths.iter().map(|p| file_crc(p)).collect::<Result<_, _>>()?);
+            }
+            let frozen = cached.clone().unwrap_or_default();
+            drop(cached);
+            let m = Manifest { world_size: 1, partition: vec![names], shards: vec![shard], frozen, ..manifest };
             write_manifest(&dir, &m)?;
             retain(&ckpt_dir, keep_last, None)?;
             Ok(m.step)
@@ -160,6 +176,25 @@ pub fn read_shard(dir: &Path, info: &ShardInfo) -> Result<Vec<u8>, CkptError> {
         return Err(CkptError::Checksum { path, expected: info.crc32, found });
     }
     Ok(bytes)
+}
+
+/// Every tensor of one shard (read once, checksum verified), by key.
+pub fn shard_tensors(dir: &Path, info: &ShardInfo) -> Result<Vec<(String, Tensor)>, CkptError> {
+    let bytes = read_shard(dir, info)?;
+    let path = dir.join(&info.file);
+    let format = |message: String| CkptError::Format { path: path.clone(), message };
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format(e.to_string()))?;
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let shape: Vec<i64> = v.shape().iter().map(|&d| d as i64).collect();
+            let kind = match v.dtype() {
+                Dtype::F32 => Kind::Float,
+                other => return Err(format(format!("`{k}`: {other:?}, expected F32"))),
+            };
+            Tensor::f_from_data_size(v.data(), &shape, kind).map(|t| (k, t)).map_err(|e| format(e.to_string()))
+        })
+        .collect()
 }
 
 /// Loads a committed step into `trainer`, whatever world size wrote it: every shard that

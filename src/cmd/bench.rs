@@ -248,12 +248,7 @@ pub fn ckpt(mb: f64, params: usize, world: usize, dir: &std::path::Path) -> Resu
     let t = Instant::now();
     let mut loaded = 0usize;
     for info in &infos {
-        let b = ckpt::read_shard(dir, info)?;
-        let st = safetensors::SafeTensors::deserialize(&b)?;
-        for (_, v) in st.tensors() {
-            let shape: Vec<i64> = v.shape().iter().map(|&d| d as i64).collect();
-            loaded += Tensor::f_from_data_size(v.data(), &shape, Kind::Float)?.numel();
-        }
+        loaded += ckpt::shard_tensors(dir, info)?.iter().map(|(_, t)| t.numel()).sum::<usize>();
     }
     let load_s = t.elapsed().as_secs_f64();
     anyhow::ensure!(loaded as i64 == per * 3 * params as i64, "loaded {loaded} elements");

@@ -21,12 +21,7 @@ pub fn trained_weights(step_dir: &Path) -> Result<BTreeMap<String, Tensor>> {
         if names.is_empty() {
             continue;
         }
-        let path = step_dir.join(&info.file);
-        let found = ckpt::file_crc(&path)?;
-        if found.crc32 != info.crc32 {
-            return Err(ckpt::CkptError::Checksum { path, expected: info.crc32, found: found.crc32 }.into());
-        }
-        for (k, t) in Tensor::read_safetensors(&path).with_context(|| path.display().to_string())? {
+        for (k, t) in ckpt::shard_tensors(step_dir, info)? {
             if let Some(name) = k.strip_prefix("param.") {
                 out.insert(name.to_string(), t);
             }

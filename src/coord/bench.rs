@@ -39,7 +39,7 @@ pub async fn rendezvous(nodes: usize, file_store: Option<&std::path::Path>) -> R
     };
     let machine = Machine::new(cfg, vec![nodes as u64 * 100])?;
     let (store, store_name): (Box<dyn StateStore>, String) = match file_store {
-        Some(d) => (Box::new(FileStore::open(d)?), format!("embedded file ({})", d.display())),
+        Some(d) => (Box::new(FileStore::open(d)?), "file".into()),
         None => (Box::new(MemStore::default()), "memory".into()),
     };
     let coord = Coordinator::open(machine, store, String::new(), Duration::from_secs(1)).await?;

@@ -45,7 +45,6 @@ pub struct Coordinator {
     updates: watch::Sender<pb::JobUpdate>,
     job_yaml: String,
     heartbeat_interval: Duration,
-    clock: Box<dyn Fn() -> Millis + Send + Sync>,
 }
 
 fn update_of(m: &Machine, message: String) -> pb::JobUpdate {
@@ -80,33 +79,23 @@ impl Coordinator {
         job_yaml: String,
         heartbeat_interval: Duration,
     ) -> Result<Arc<Self>, StoreError> {
-        Self::open_with_clock(fresh, store, job_yaml, heartbeat_interval, Box::new(wall_now)).await
-    }
-
-    pub async fn open_with_clock(
-        fresh: Machine,
-        store: Box<dyn StateStore>,
-        job_yaml: String,
-        heartbeat_interval: Duration,
-        clock: Box<dyn Fn() -> Millis + Send + Sync>,
-    ) -> Result<Arc<Self>, StoreError> {
         let state = match store.load().await? {
             Some(bytes) => {
                 let mut s = serde_json::from_slice::<Persisted>(&bytes)
                     .map_err(|e| StoreError::Etcd(format!("{}: unreadable state: {e}", store.describe())))?;
-                s.machine.resume(clock());
+                s.machine.resume(wall_now());
                 s
             }
             None => Persisted { machine: fresh, total_steps: None },
         };
         let (updates, _) = watch::channel(update_of(&state.machine, "coordinator started".into()));
-        let c = Arc::new(Self { state: Mutex::new(state), store, changed: Notify::new(), updates, job_yaml, heartbeat_interval, clock });
+        let c = Arc::new(Self { state: Mutex::new(state), store, changed: Notify::new(), updates, job_yaml, heartbeat_interval });
         c.persist(&*c.state.lock().await).await?;
         Ok(c)
     }
 
     pub fn now(&self) -> Millis {
-        (self.clock)()
+        wall_now()
     }
 
     async fn persist(&self, s: &Persisted) -> Result<(), StoreError> {

@@ -27,7 +27,7 @@ pub trait TensorCollective {
 /// through a host copy otherwise.
 fn with_host_slice(t: &mut Tensor, f: &mut dyn FnMut(&mut [f32]) -> Result<(), CommError>) -> Result<(), CommError> {
     let direct = t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous();
-    let mut host = if direct { t.shallow_clone() } else { t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous() };
+    let host = if direct { t.shallow_clone() } else { t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous() };
     let n = host.numel();
     // SAFETY: `host` is a contiguous f32 CPU tensor of `n` elements that nothing else
     // touches while `f` runs.
@@ -36,7 +36,6 @@ fn with_host_slice(t: &mut Tensor, f: &mut dyn FnMut(&mut [f32]) -> Result<(), C
     if !direct {
         t.copy_(&host);
     }
-    let _ = &mut host;
     Ok(())
 }
 

@@ -101,7 +101,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     std::fs::create_dir_all(&tc.out_dir).with_context(|| tc.out_dir.display().to_string())?;
     let ckpt_dir = tc.out_dir.join("checkpoints");
     let mut state = RunState { step: 0, epoch: 0, cursor: Cursor::default(), total_steps };
-    let frozen = frozen_files(&source_kind)?;
+    let frozen = frozen_files(&source_kind)?; // paths only: checksums are taken by the saver
     if args.resume {
         let step = match args.resume_step {
             Some(s) => Some(s),
@@ -124,7 +124,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else if ckpt::latest_committed(&ckpt_dir).is_some() {
         bail!("{} already holds a run; pass --resume to continue it or choose another train.out_dir", tc.out_dir.display());
     }
-    let mut saver = ckpt::AsyncSaver::default();
+    let mut saver = ckpt::AsyncSaver::with_frozen(frozen);
     let config_json = serde_json::to_value(&run_cfg)?;
     let save = |saver: &mut ckpt::AsyncSaver, trainer: &Trainer, state: &RunState| -> Result<()> {
         let m = ckpt::Manifest {
@@ -141,7 +141,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             data_seed: data_cfg.seed,
             data: serde_json::to_value(state)?,
             config: config_json.clone(),
-            frozen: frozen.clone(),
+            frozen: Vec::new(), // filled in by the saver
             generation: None,
         };
         saver.save(trainer, &ckpt_dir, m, tc.keep_last)?;
@@ -243,7 +243,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 /// Frozen weight files of the model (checked on resume, never copied into checkpoints).
-fn frozen_files(source: &ModelSource) -> Result<Vec<ckpt::FrozenFile>> {
+fn frozen_files(source: &ModelSource) -> Result<Vec<PathBuf>> {
     let ModelSource::Dir(dir) = source else { return Ok(Vec::new()) };
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .flatten()
@@ -251,5 +251,5 @@ fn frozen_files(source: &ModelSource) -> Result<Vec<ckpt::FrozenFile>> {
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     files.sort();
-    Ok(files.iter().map(|p| ckpt::file_crc(p)).collect::<Result<_, _>>()?)
+    Ok(files)
 }

@@ -109,8 +109,7 @@ pub fn param_checksum(trainer: &Trainer) -> u64 {
 
 pub fn run(args: RankArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let text = std::fs::read_to_string(&args.job_file).with_context(|| args.job_file.display().to_string())?;
-    let cfg = RunConfig::from_shipped(&text, "job")?;
+    let cfg = RunConfig::from_file(&args.job_file)?;
     let tc = cfg.train.clone().context("job: no `train` section")?;
     let data_cfg = cfg.data.clone().context("job: no `data` section")?;
     let device = crate::cmd::parse_device(&tc.device)?;

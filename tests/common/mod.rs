@@ -38,3 +38,15 @@ pub fn run_otter(args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(otter_bin()).args(args).output().expect("spawn otter");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
+
+/// (step, loss) of every line of a run's metrics.jsonl.
+pub fn losses(run_dir: &std::path::Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
