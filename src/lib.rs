@@ -20,6 +20,7 @@ pub mod ckpt;
 pub mod comm;
 pub mod coord;
 pub mod data;
+pub mod metrics;
 pub mod model;
 pub mod run_config;
 pub mod train;

@@ -57,6 +57,20 @@ pub struct CoordSection {
     pub tls_cert: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
+    /// A rank whose compute time (its step minus the all-reduce wait) exceeds the median
+    /// rank's by this factor ...
+    #[serde(default = "straggler_factor")]
+    pub straggler_factor: f64,
+    /// ... for this many consecutive steps is flagged as a straggler (metric and log).
+    #[serde(default = "straggler_steps")]
+    pub straggler_steps: u32,
+}
+
+fn straggler_factor() -> f64 {
+    1.5
+}
+fn straggler_steps() -> u32 {
+    5
 }
 
 fn d300() -> std::time::Duration {
@@ -99,6 +113,10 @@ impl Default for CommSection {
 }
 
 impl CoordSection {
+    pub fn straggler_config(&self) -> crate::coord::straggler::StragglerConfig {
+        crate::coord::straggler::StragglerConfig { factor: self.straggler_factor, consecutive: self.straggler_steps }
+    }
+
     /// The coordinator state machine's config: this section plus `train:`'s limits.
     pub fn machine_config(&self, train: &crate::train::config::TrainConfig) -> crate::coord::CoordConfig {
         crate::coord::CoordConfig {

@@ -33,6 +33,7 @@ fn synth(dir: &Path, samples: usize) -> PathBuf {
 }
 
 struct Job<'a> {
+    save_every: u64,
     max_steps: Option<u64>,
     epochs: u64,
     grad_accum: u64,
@@ -43,12 +44,13 @@ struct Job<'a> {
 fn job_yaml(dir: &Path, data: &Path, j: &Job) -> PathBuf {
     let m = tiny_model();
     let mut y = format!(
-        "model:\n  dir: {m}\ndata:\n  tokenizer: {m}/tokenizer.json\n  image_size: 32\n  max_seq_len: 256\n  batch_size: 2\n  shard_batches: 4\n  seed: 0\n  workers: 1\n  prefetch: 2\n  datasets:\n    - name: SYN\n      group: IMAGE_TEXT_IN_CONTEXT\n      instructions: {d}/SYN_instructions.json\n      images: {d}/SYN.json\n      train_config: {d}/SYN_train.json\n      weight: 1.0\ntrain:\n  epochs: {e}\n  lr: 1.0e-3\n  warmup_ratio: 0.1\n  clip: 1.0\n  grad_accum: {k}\n  seed: 0\n  out_dir: {o}\n  save_every: 1000\n",
+        "model:\n  dir: {m}\ndata:\n  tokenizer: {m}/tokenizer.json\n  image_size: 32\n  max_seq_len: 256\n  batch_size: 2\n  shard_batches: 4\n  seed: 0\n  workers: 1\n  prefetch: 2\n  datasets:\n    - name: SYN\n      group: IMAGE_TEXT_IN_CONTEXT\n      instructions: {d}/SYN_instructions.json\n      images: {d}/SYN.json\n      train_config: {d}/SYN_train.json\n      weight: 1.0\ntrain:\n  epochs: {e}\n  lr: 1.0e-3\n  warmup_ratio: 0.1\n  clip: 1.0\n  grad_accum: {k}\n  seed: 0\n  out_dir: {o}\n  save_every: {se}\n",
         m = m.display(),
         d = data.display(),
         e = j.epochs,
         k = j.grad_accum,
-        o = j.out.display()
+        o = j.out.display(),
+        se = j.save_every,
     );
     if let Some(s) = j.max_steps {
         y += &format!("  max_steps: {s}\n");
@@ -77,7 +79,7 @@ impl Drop for Coord {
 
 fn start_coord(config: &Path, state: &Path, listen: &str) -> Coord {
     let mut child = Command::new(COORD)
-        .args(["start", "--config", config.to_str().unwrap(), "--listen", listen, "--state-dir", state.to_str().unwrap()])
+        .args(["start", "--config", config.to_str().unwrap(), "--listen", listen, "--http-listen", "127.0.0.1:0", "--state-dir", state.to_str().unwrap()])
         .env("OTTER_JOIN_TOKEN", TOKEN)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(state.with_extension("coord.log")).unwrap())
@@ -105,10 +107,19 @@ impl Drop for Worker {
 }
 
 fn start_worker(coord: &str, node: &str, dir: &Path) -> Worker {
-    let log = dir.join(format!("worker-{node}.log"));
+    start_worker_env(coord, node, dir, &[])
+}
+
+fn start_worker_env(coord: &str, node: &str, dir: &Path, env: &[(&str, &str)]) -> Worker {
+    // A node started again (same id) gets logs of its own: worker-b.log, worker-b.1.log, ...
+    let log = (0..)
+        .map(|i| if i == 0 { dir.join(format!("worker-{node}.log")) } else { dir.join(format!("worker-{node}.{i}.log")) })
+        .find(|p| !p.exists())
+        .unwrap();
     let child = Command::new(WORKER)
         .args(["join", "--coord", coord, "--node-id", node, "--cpu-ranks", "1", "--advertise-host", "127.0.0.1"])
         .env("OTTER_JOIN_TOKEN", TOKEN)
+        .envs(env.iter().copied())
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
         .spawn()
@@ -163,7 +174,8 @@ fn logs(dir: &Path) -> String {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "log" || x == "err") {
             let t = std::fs::read_to_string(&p).unwrap_or_default();
-            let lines: Vec<&str> = t.lines().filter(|l| !l.starts_with("step ")).collect();
+            // Backtraces bury the message: keep lines up to the first backtrace frame.
+            let lines: Vec<&str> = t.lines().filter(|l| !l.starts_with("step ")).take_while(|l| !l.trim_start().starts_with("0: ")).collect();
             out += &format!("== {}\n{}\n", p.display(), lines[lines.len().saturating_sub(15)..].join("\n"));
         }
     }
@@ -196,7 +208,7 @@ fn two_workers_train_with_the_same_losses_as_one_process() {
     let d = tempfile::tempdir().unwrap();
     let data = synth(d.path(), 64);
     let single_out = d.path().join("single");
-    let single = job_yaml(d.path(), &data, &Job { max_steps: Some(8), epochs: 1, grad_accum: 2, coord: None, out: &single_out });
+    let single = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: Some(8), epochs: 1, grad_accum: 2, coord: None, out: &single_out });
     let (ok, _, err) = run_otter(&["train", "--config", single.to_str().unwrap()]);
     assert!(ok, "{err}");
     let want: Vec<f64> = std::fs::read_to_string(single_out.join("metrics.jsonl"))
@@ -207,7 +219,7 @@ fn two_workers_train_with_the_same_losses_as_one_process() {
     assert_eq!(want.len(), 8);
 
     let dist_out = d.path().join("dist");
-    let job = job_yaml(d.path(), &data, &Job { max_steps: Some(8), epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &dist_out });
+    let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: Some(8), epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &dist_out });
     let c = start_coord(&job, &d.path().join("coord"), "127.0.0.1:0");
     let _a = start_worker(&c.addr, "a", d.path());
     let _b = start_worker(&c.addr, "b", d.path());
@@ -228,7 +240,7 @@ fn kill_9_of_one_of_three_workers_recovers_in_seconds_and_loses_no_sample() {
     let d = tempfile::tempdir().unwrap();
     let data = synth(d.path(), 96);
     let out = d.path().join("out");
-    let job = job_yaml(d.path(), &data, &Job { max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 3)), out: &out });
+    let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 3)), out: &out });
     let c = start_coord(&job, &d.path().join("coord"), "127.0.0.1:0");
     let _a = start_worker(&c.addr, "a", d.path());
     let mut b = start_worker(&c.addr, "b", d.path());
@@ -257,7 +269,7 @@ fn a_worker_added_mid_run_gets_identical_state_and_training_continues() {
     let d = tempfile::tempdir().unwrap();
     let data = synth(d.path(), 96);
     let out = d.path().join("out");
-    let job = job_yaml(d.path(), &data, &Job { max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 3)), out: &out });
+    let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 3)), out: &out });
     let c = start_coord(&job, &d.path().join("coord"), "127.0.0.1:0");
     let a = start_worker(&c.addr, "a", d.path());
     let b = start_worker(&c.addr, "b", d.path());
@@ -284,7 +296,7 @@ fn the_job_survives_a_coordinator_restart_on_its_state_dir() {
     let d = tempfile::tempdir().unwrap();
     let data = synth(d.path(), 160);
     let out = d.path().join("out");
-    let job = job_yaml(d.path(), &data, &Job { max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
+    let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
     let state = d.path().join("coord");
@@ -308,7 +320,7 @@ fn wrong_token_and_malformed_job_are_refused_clearly() {
     let d = tempfile::tempdir().unwrap();
     let data = synth(d.path(), 16);
     let out = d.path().join("out");
-    let job = job_yaml(d.path(), &data, &Job { max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
+    let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
     let c = start_coord(&job, &d.path().join("coord"), "127.0.0.1:0");
     let o = Command::new(WORKER).args(["join", "--coord", &c.addr, "--node-id", "intruder"]).env("OTTER_JOIN_TOKEN", "wrong").output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -375,7 +387,7 @@ fn two_coordinators_on_etcd_survive_killing_the_active_one() {
     let etcd = start_etcd(d.path());
     let data = synth(d.path(), 192);
     let out = d.path().join("out");
-    let job = job_yaml(d.path(), &data, &Job { max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
+    let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
     let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let (addr_a, addr_b) = (free(), free());
     let mut active = start_coord_etcd(&job, &etcd.1, &addr_a, &d.path().join("coord-a.log"));
@@ -428,7 +440,7 @@ fn with_tls_configured_the_job_runs_over_tls_and_plaintext_clients_are_refused()
     let (ca, cert, key) = test_pki(d.path());
     let data = synth(d.path(), 24);
     let out = d.path().join("out");
-    let job = job_yaml(d.path(), &data, &Job { max_steps: Some(3), epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
+    let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: Some(3), epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
     let text = std::fs::read_to_string(&job).unwrap().replace("coord:\n", &format!("coord:\n  tls_cert: {}\n  tls_key: {}\n", cert.display(), key.display()));
     std::fs::write(&job, text).unwrap();
     let c = start_coord(&job, &d.path().join("coord"), "127.0.0.1:0");
@@ -455,4 +467,86 @@ fn with_tls_configured_the_job_runs_over_tls_and_plaintext_clients_are_refused()
     let s = finish(c, Duration::from_secs(90));
     assert_eq!(s["summary"]["steps_committed"], 3);
     drop(workers);
+}
+
+/// Runs a 2-worker job that checkpoints every 2 steps until `step-2` is committed and
+/// worker b is stuck writing its shard of `step-4` (fault injection), then kills -9 the
+/// whole job: both workers and the coordinator. Returns the job file.
+fn run_until_killed_mid_checkpoint(d: &Path, data: &Path, out: &Path, max_steps: u64) -> PathBuf {
+    let job = job_yaml(d, data, &Job { save_every: 2, max_steps: Some(max_steps), epochs: 1, grad_accum: 1, coord: Some((2, 2)), out });
+    let c = start_coord(&job, &d.join("coord-1"), "127.0.0.1:0");
+    let a = start_worker(&c.addr, "a", d);
+    let b = start_worker_env(&c.addr, "b", d, &[("OTTER_FAULT_CKPT_STALL", "4")]);
+    wait_for(&c.addr, "checkpoint step-2", Duration::from_secs(60), |s| s["checkpoints"].as_array().is_some_and(|v| v.contains(&2.into())));
+    let t = Instant::now();
+    while !std::fs::read_to_string(b.log.with_extension("err")).unwrap_or_default().contains("stalling the shard write") {
+        assert!(t.elapsed() < Duration::from_secs(30), "worker b never started writing step-4\n{}", logs(d));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop((a, b, c)); // SIGKILL each (rank processes die with their agents)
+    let ckpt = out.join("checkpoints");
+    assert!(ckpt.join("step-2/manifest.json").is_file());
+    assert!(!ckpt.join("step-4/manifest.json").exists(), "a rank killed while writing leaves step-4 uncommitted");
+    job
+}
+
+#[test]
+fn after_a_kill_mid_checkpoint_the_whole_job_resumes_from_the_previous_one_with_identical_losses() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let data = synth(d.path(), 64);
+    // The uninterrupted run.
+    let base_out = d.path().join("base");
+    let base = job_yaml(d.path(), &data, &Job { save_every: 2, max_steps: Some(10), epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &base_out });
+    let c = start_coord(&base, &d.path().join("coord-base"), "127.0.0.1:0");
+    let (_a, _b) = (start_worker(&c.addr, "a", d.path()), start_worker(&c.addr, "b", d.path()));
+    let want = losses_of(&finish(c, Duration::from_secs(120)));
+    assert_eq!(want.len(), 10);
+    assert!(ckpt_steps(&base_out).contains(&8), "{:?}", ckpt_steps(&base_out));
+
+    // Killed while step-4 was being written; a new coordinator (new state dir, same
+    // out_dir) and new worker processes pick the job up from step-2.
+    let out = d.path().join("out");
+    let job = run_until_killed_mid_checkpoint(d.path(), &data, &out, 10);
+    let c = start_coord(&job, &d.path().join("coord-2"), "127.0.0.1:0");
+    let (a, b) = (start_worker(&c.addr, "a", d.path()), start_worker(&c.addr, "b", d.path()));
+    let s = finish(c, Duration::from_secs(120));
+    assert_exactly_once(&s);
+    for w in [&a, &b] {
+        let log = std::fs::read_to_string(&w.log).unwrap();
+        assert!(log.contains("from step 2, restored from checkpoint step-2 (written by 2 ranks)"), "{log}");
+    }
+    let got = losses_of(&s);
+    assert_eq!(got, want, "per-step losses of the resumed job equal the uninterrupted run's exactly");
+    println!("resumed from step-2 after a kill mid step-4: 10 losses bit-identical to the uninterrupted run");
+}
+
+#[test]
+fn a_two_rank_checkpoint_resumes_on_three_ranks_with_identical_state_on_each() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let data = synth(d.path(), 96);
+    let out = d.path().join("out");
+    run_until_killed_mid_checkpoint(d.path(), &data, &out, 12);
+    let job = job_yaml(d.path(), &data, &Job { save_every: 2, max_steps: Some(12), epochs: 1, grad_accum: 1, coord: Some((3, 3)), out: &out });
+    let c = start_coord(&job, &d.path().join("coord-3"), "127.0.0.1:0");
+    let ws: Vec<Worker> = ["a", "b", "c"].iter().map(|n| start_worker(&c.addr, n, d.path())).collect();
+    let s = finish(c, Duration::from_secs(120));
+    assert_exactly_once(&s);
+    let restored: Vec<Vec<String>> = ws.iter().map(|w| checksums(&w.log, "restored from checkpoint step-2 (written by 2 ranks)")).collect();
+    println!("checksums after loading the 2-rank step-2 on 3 ranks: {restored:?}");
+    assert!(restored.iter().all(|c| c.len() == 1) && restored.windows(2).all(|w| w[0] == w[1]), "{restored:?}\n{}", logs(d.path()));
+    // Steps 0-1 came from the checkpoint's ledger, the rest ran on 3 ranks.
+    let per_rank: Vec<usize> = s["steps"].as_array().unwrap().iter().map(|x| x["per_rank"].as_array().unwrap().len()).collect();
+    assert_eq!(&per_rank[..2], &[2, 2]);
+    assert!(per_rank[2..].iter().all(|&n| n == 3), "{per_rank:?}");
+    // The new world's checkpoints have 3 shards.
+    let last = *ckpt_steps(&out).last().unwrap();
+    assert!(last > 2, "the resumed job checkpointed again");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join(format!("checkpoints/step-{last}/manifest.json"))).unwrap()).unwrap();
+    assert_eq!(m["world_size"], 3);
+}
+
+fn ckpt_steps(out: &Path) -> Vec<u64> {
+    otter::ckpt::committed_steps(&out.join("checkpoints"))
 }

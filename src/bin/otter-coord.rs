@@ -23,6 +23,10 @@ enum Command {
         config: PathBuf,
         #[arg(long, default_value = "0.0.0.0:50051")]
         listen: String,
+        /// HTTP address for /metrics (Prometheus), /status (HTML), /status.json, /healthz;
+        /// `off` to serve none.
+        #[arg(long, default_value = "0.0.0.0:9400")]
+        http_listen: String,
         /// Embedded state store directory (default: <train.out_dir>/coord). A coordinator
         /// restarted on the same directory resumes the job.
         #[arg(long, conflicts_with = "etcd")]
@@ -72,8 +76,9 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Start { config, listen, state_dir, etcd, token_file } => {
-            let ok = otter::coord::job::start(otter::coord::job::StartArgs { config, listen, state_dir, etcd, token: token(token_file)? }).await?;
+        Command::Start { config, listen, http_listen, state_dir, etcd, token_file } => {
+            let http_listen = (http_listen != "off").then_some(http_listen);
+            let ok = otter::coord::job::start(otter::coord::job::StartArgs { config, listen, state_dir, etcd, token: token(token_file)?, http_listen }).await?;
             std::process::exit(if ok { 0 } else { 1 });
         }
         Command::Bench { nodes } => {

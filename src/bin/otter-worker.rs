@@ -36,6 +36,10 @@ enum Command {
         /// File holding the join token (else $OTTER_JOIN_TOKEN).
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Serve Prometheus /metrics on this port: the node's ranks merged into one page
+        /// (one scrape target per node); rank i also serves its own on PORT + 1 + i.
+        #[arg(long)]
+        metrics_port: Option<u16>,
     },
     /// One training process (started by `join`).
     #[command(hide = true)]
@@ -50,6 +54,8 @@ enum Command {
         job_file: PathBuf,
         #[arg(long)]
         advertise_host: String,
+        #[arg(long)]
+        metrics_addr: Option<String>,
     },
 }
 
@@ -66,7 +72,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Join { coord, gpus, cpu_ranks, node_id, advertise_host, token_file } => {
+        Command::Join { coord, gpus, cpu_ranks, node_id, advertise_host, token_file, metrics_port } => {
             let node_id = node_id.or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "node".into());
             let args = otter::worker::agent::JoinArgs {
                 coord,
@@ -75,10 +81,12 @@ fn main() -> Result<()> {
                 gpus: gpus.is_some(),
                 token: token(token_file)?,
                 advertise_host,
+                metrics_port,
             };
             tokio::runtime::Runtime::new()?.block_on(otter::worker::agent::join(args))
         }
-        Command::Rank { coord, node_id, local_rank, job_file, advertise_host } => otter::worker::rank::run(otter::worker::rank::RankArgs {
+        Command::Rank { coord, node_id, local_rank, job_file, advertise_host, metrics_addr } => otter::worker::rank::run(otter::worker::rank::RankArgs {
+            metrics_addr,
             coord,
             node_id,
             local_rank,

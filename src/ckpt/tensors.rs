@@ -167,6 +167,105 @@ impl Drop for AsyncSaver {
     }
 }
 
+/// One rank's shard of a distributed checkpoint, durable on disk (not yet committed: the
+/// coordinator writes the manifest once every rank's shard is).
+#[derive(Debug, Clone)]
+pub struct ShardWritten {
+    /// The checkpoint: `step-{steps}`.
+    pub steps: u64,
+    pub info: ShardInfo,
+    pub names: Vec<String>,
+    /// The frozen weight files and checksums (the saver given their paths: rank 0).
+    pub frozen: Option<Vec<FrozenFile>>,
+    /// Staging (the loop's blocking time) plus the background write.
+    pub total: Duration,
+}
+
+type ShardJob = JoinHandle<Result<ShardWritten, CkptError>>;
+
+/// A distributed rank's background shard writer: at most one write in flight, a new save
+/// first waits for the previous one; each write carries a caller's tag (the generation
+/// that ran the step) back with its result.
+#[derive(Default)]
+pub struct ShardSaver {
+    pending: Option<(u64, ShardJob)>,
+    frozen_paths: Vec<PathBuf>,
+    frozen: std::sync::Arc<std::sync::Mutex<Option<Vec<FrozenFile>>>>,
+}
+
+/// Fault injection for tests: `OTTER_FAULT_CKPT_STALL=N` makes the writer of `step-N`
+/// stall (for an hour) before writing, so a test can kill the rank mid-checkpoint.
+fn fault_stall(steps: u64) {
+    if std::env::var("OTTER_FAULT_CKPT_STALL").ok().and_then(|v| v.parse::<u64>().ok()) == Some(steps) {
+        eprintln!("checkpoint step-{steps}: stalling the shard write (OTTER_FAULT_CKPT_STALL)");
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+impl ShardSaver {
+    /// `frozen_paths`: the frozen weight files to checksum (once) and report; empty on
+    /// every rank but one.
+    pub fn new(frozen_paths: Vec<PathBuf>) -> Self {
+        Self { pending: None, frozen_paths, frozen: Default::default() }
+    }
+
+    /// Stages this rank's share of the state after `steps` steps (the only part the
+    /// training loop waits for, returned) and writes it in the background. Waits for the
+    /// previous write first and returns its result.
+    #[allow(clippy::type_complexity)]
+    pub fn save(
+        &mut self,
+        trainer: &Trainer,
+        ckpt_dir: &Path,
+        steps: u64,
+        rank: usize,
+        world: usize,
+        tag: u64,
+    ) -> (Duration, Option<(u64, Result<ShardWritten, CkptError>)>) {
+        let previous = self.wait();
+        let t = Instant::now();
+        let names = partition(&param_sizes(trainer), world).swap_remove(rank);
+        let staged = stage(trainer, &names, rank, world);
+        let blocked = t.elapsed();
+        let dir = step_dir(ckpt_dir, steps);
+        let (paths, cache) = (self.frozen_paths.clone(), self.frozen.clone());
+        self.pending = Some((
+            tag,
+            std::thread::spawn(move || {
+                let t_write = Instant::now();
+                fault_stall(steps);
+                let info = write_shard(&dir, &staged)?;
+                let frozen = if paths.is_empty() {
+                    None
+                } else {
+                    let mut cached = cache.lock().expect("not poisoned");
+                    if cached.is_none() {
+                        *cached = Some(paths.iter().map(|p| file_crc(p)).collect::<Result<_, _>>()?);
+                    }
+                    cached.clone()
+                };
+                Ok(ShardWritten { steps, info, names, frozen, total: blocked + t_write.elapsed() })
+            }),
+        ));
+        (blocked, previous)
+    }
+
+    /// The finished write, if the one in flight is done.
+    pub fn poll(&mut self) -> Option<(u64, Result<ShardWritten, CkptError>)> {
+        if self.pending.as_ref().is_some_and(|(_, h)| h.is_finished()) {
+            self.wait()
+        } else {
+            None
+        }
+    }
+
+    /// Waits for the write in flight, if any.
+    pub fn wait(&mut self) -> Option<(u64, Result<ShardWritten, CkptError>)> {
+        let (tag, h) = self.pending.take()?;
+        Some((tag, h.join().unwrap_or_else(|_| Err(CkptError::Background("writer thread panicked".into())))))
+    }
+}
+
 /// Reads and checks one shard file.
 pub fn read_shard(dir: &Path, info: &ShardInfo) -> Result<Vec<u8>, CkptError> {
     let path = dir.join(&info.file);

@@ -82,7 +82,7 @@ pub async fn rendezvous(nodes: usize, file_store: Option<&std::path::Path>) -> R
     // the survivors (all nodes) check in again with their applied step.
     let generation = ranks[0].1.generation;
     for (c, a, _) in ranks.iter_mut() {
-        c.step_done(with_token(pb::StepDoneRequest { generation, rank: a.rank, step: 0, loss: 1.0 }, &token)).await?;
+        c.step_done(with_token(pb::StepDoneRequest { generation, rank: a.rank, step: 0, loss: 1.0, ..Default::default() }, &token)).await?;
     }
     let failed_at = Instant::now();
     ranks[0].0.report_failure(with_token(pb::FailureRequest { generation, rank: 0, reason: "bench".into() }, &token)).await?;

@@ -16,6 +16,8 @@ pub struct StartArgs {
     pub state_dir: Option<PathBuf>,
     pub etcd: Option<Vec<String>>,
     pub token: Option<String>,
+    /// `/metrics`, `/status`, `/status.json`, `/healthz`; `None`: not served.
+    pub http_listen: Option<String>,
 }
 
 /// The job's join token: given (flag/env), else the one saved in the state dir, else a new
@@ -57,6 +59,27 @@ pub fn load_job(config: &Path) -> Result<(RunConfig, String, Machine, Duration)>
     Ok((cfg.clone(), yaml, machine, coord.heartbeat_interval))
 }
 
+/// The fresh machine, restored from the newest committed checkpoint of a distributed run
+/// in `ckpt_dir` if there is one (used only when the state store is empty: a store that
+/// holds the job wins). A checkpoint of a single-process run is not a job's state.
+fn restore_from_checkpoints(mut machine: Machine, ckpt_dir: &Path) -> Result<Machine> {
+    let Some(steps) = crate::ckpt::latest_committed(ckpt_dir) else { return Ok(machine) };
+    let dir = crate::ckpt::step_dir(ckpt_dir, steps);
+    let m = crate::ckpt::read_manifest(&dir)?;
+    let manifest = dir.join(crate::ckpt::MANIFEST);
+    let Some(ledger) = m.data.get("ledger") else {
+        eprintln!("otter-coord: {} is not a distributed job's checkpoint (no ledger); starting fresh", manifest.display());
+        return Ok(machine);
+    };
+    let ledger: super::ledger::Ledger =
+        serde_json::from_value(ledger.clone()).with_context(|| format!("{}: field `data.ledger`", manifest.display()))?;
+    machine
+        .restore_from_checkpoint(super::server::wall_now(), ledger, steps)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", manifest.display()))?;
+    eprintln!("otter-coord: job state from checkpoint {} ({steps} steps), unless the state store holds a newer one", dir.display());
+    Ok(machine)
+}
+
 /// A line on stdout; a closed stdout (the launcher went away) must not stop the job.
 fn say(line: &str) {
     use std::io::Write;
@@ -74,7 +97,31 @@ pub async fn start(args: StartArgs) -> Result<bool> {
         None => Box::new(FileStore::open(&state_dir)?),
     };
     let where_ = store.describe();
+    let ckpt_dir = train.out_dir.join("checkpoints");
+    let machine = restore_from_checkpoints(machine, &ckpt_dir)?;
     let coord = Coordinator::open(machine, store, yaml, hb).await?;
+    coord.set_checkpoints(super::server::CheckpointSink {
+        dir: ckpt_dir,
+        keep_last: train.keep_last,
+        warmup_ratio: train.warmup_ratio,
+        template: crate::ckpt::Manifest {
+            format_version: crate::ckpt::FORMAT_VERSION,
+            step: 0,
+            epoch: 0,
+            world_size: 0,
+            partition: Vec::new(),
+            shards: Vec::new(),
+            lr: train.lr,
+            warmup_steps: 0,
+            total_steps: 0,
+            model_seed: train.seed,
+            data_seed: cfg.data.as_ref().map_or(0, |d| d.seed),
+            data: serde_json::Value::Null,
+            config: serde_json::to_value(&cfg)?,
+            frozen: Vec::new(),
+            generation: None,
+        },
+    });
     let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
     let coord_cfg = cfg.coord.as_ref().expect("validated");
     let tls = match (&coord_cfg.tls_cert, &coord_cfg.tls_key) {
@@ -90,6 +137,18 @@ pub async fn start(args: StartArgs) -> Result<bool> {
         listener.local_addr()?,
         if tls.is_some() { "TLS" } else { "plaintext" }
     ));
+    let samples_per_batch = cfg.data.as_ref().map_or(1, |d| d.batch_size as u64);
+    coord.set_telemetry(coord_cfg.straggler_config(), samples_per_batch);
+    if let Some(addr) = &args.http_listen {
+        let http = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--http-listen {addr}"))?;
+        say(&format!("otter-coord http on {} (/metrics, /status, /status.json, /healthz)", http.local_addr()?));
+        let router = super::http::router(coord.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(http, router).await {
+                eprintln!("otter-coord: http server: {e}");
+            }
+        });
+    }
     let over = {
         let coord = coord.clone();
         async move {

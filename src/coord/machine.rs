@@ -106,6 +106,9 @@ pub struct Assignment {
     /// The rank whose model and optimizer state every rank loads by broadcast first;
     /// `None` when all already hold the same state.
     pub sync_from: Option<usize>,
+    /// Load the committed checkpoint holding this many steps (`step-N`) before starting
+    /// (then `start_step == N`): no member held a state as new as it.
+    pub restore_step: Option<u64>,
     /// This rank's data for the first `lease_ahead_steps` steps.
     pub leases: Vec<StepLease>,
 }
@@ -170,6 +173,8 @@ pub enum EventKind {
     GenerationFormed,
     RendezvousComplete,
     RolledBack,
+    Restored,
+    CheckpointCommitted,
     NonFiniteLoss,
     Finished,
     Failed,
@@ -244,6 +249,8 @@ pub enum Refusal {
          that trained, so that state may belong to batches that were given back: restart it fresh (it will be synced)"
     )]
     UntrackedState { node_id: String, local_rank: u32, applied_step: u64 },
+    #[error("checkpoint shard of step {step} from generation {generation}: {why}")]
+    CheckpointShard { step: u64, generation: u64, why: String },
     #[error("node {node_id:?} cannot leave: {remaining} nodes would remain, below min_nodes {min_nodes}")]
     WouldGoBelowMin { node_id: String, remaining: usize, min_nodes: usize },
 }
@@ -258,6 +265,9 @@ struct Node {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct RendezvousState {
     started_at: Millis,
+    /// Formed because something failed (for the recovery-time metric).
+    #[serde(default)]
+    recovery: bool,
     checkins: Vec<Checkin>,
 }
 
@@ -267,6 +277,8 @@ struct RunState {
     /// By rank: the check-ins the generation was formed from.
     checkins: Vec<Checkin>,
     sync_from: Option<usize>,
+    #[serde(default)]
+    restore_step: Option<u64>,
     /// By rank: the last step it reported done in this generation.
     reported: Vec<Option<u64>>,
     /// Chosen once, when a membership change became pending.
@@ -297,6 +309,39 @@ impl EventLog {
     }
 }
 
+/// One rank's shard of a checkpoint, written and fsynced (reported by the rank).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardReport {
+    pub file: String,
+    pub bytes: u64,
+    pub crc32: u32,
+    /// The parameter names it holds (weights and AdamW moments).
+    pub names: Vec<String>,
+    /// Frozen weight files and checksums, as JSON (rank 0 reports them).
+    pub frozen: Option<String>,
+}
+
+/// Shards of a checkpoint reported so far, by rank of the generation that ran its step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct PendingCheckpoint {
+    generation: u64,
+    shards: Vec<Option<ShardReport>>,
+}
+
+/// A checkpoint whose shards are all durable and whose steps are all committed: the shell
+/// writes its manifest (the commit point) and then calls
+/// [`Machine::checkpoint_committed`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointCommit {
+    /// Steps it holds (`step-N`): the state after step `steps - 1`.
+    pub steps: u64,
+    pub generation: u64,
+    /// By rank.
+    pub shards: Vec<ShardReport>,
+    /// The ledger (the data position) to resume from.
+    pub ledger: Ledger,
+}
+
 /// The coordinator's whole state. Serialize it after every event; deserialize to resume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Machine {
@@ -322,6 +367,16 @@ pub struct Machine {
     recoveries: u64,
     rollbacks: u64,
     log: EventLog,
+    /// Committed checkpoints (`step-N`), by N, ascending.
+    #[serde(default)]
+    checkpoints: Vec<u64>,
+    /// Checkpoints being written, by the step they follow.
+    #[serde(default)]
+    pending_checkpoints: BTreeMap<u64, PendingCheckpoint>,
+    /// The last completed rendezvous: how long it took from its generation forming to
+    /// every rank assigned, and whether it was a recovery.
+    #[serde(default)]
+    last_rendezvous: Option<(u64, bool)>,
 }
 
 fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
@@ -378,6 +433,9 @@ impl Machine {
             recoveries: 0,
             rollbacks: 0,
             log: EventLog::default(),
+            checkpoints: Vec::new(),
+            pending_checkpoints: BTreeMap::new(),
+            last_rendezvous: None,
         })
     }
 
@@ -420,6 +478,7 @@ impl Machine {
             comm_addrs: run.checkins.iter().map(|c| c.comm_addr.clone()).collect(),
             start_step: run.start_step,
             sync_from: run.sync_from,
+            restore_step: run.restore_step,
             leases: window.filter_map(|s| self.ledger.lease_of(s, rank)).collect(),
         })
     }
@@ -725,6 +784,110 @@ impl Machine {
         self.log(now, EventKind::Resumed, reason);
     }
 
+    /// The last completed rendezvous: its duration (generation formed to every rank
+    /// assigned) and whether it was a recovery.
+    pub fn last_rendezvous(&self) -> Option<(std::time::Duration, bool)> {
+        self.last_rendezvous.map(|(ms, rec)| (std::time::Duration::from_millis(ms), rec))
+    }
+
+    /// Events appended after `mark` (an earlier return value), oldest first, and the new
+    /// mark. Events that fell off the log are skipped.
+    pub fn events_since(&self, mark: u64) -> (Vec<Event>, u64) {
+        (self.log.since(mark), self.log.appended)
+    }
+
+    /// Committed checkpoints (`step-N`), by N, ascending.
+    pub fn checkpoints(&self) -> &[u64] {
+        &self.checkpoints
+    }
+
+    /// Rank `rank` of the generation that ran `step` wrote and fsynced its shard of the
+    /// checkpoint taken after `step`. Accepted from that generation even after it ended
+    /// (its ranks finish writing while the next one runs); refused from any other.
+    /// Returns the checkpoint to commit once every shard is in and `step` is committed.
+    pub fn checkpoint_done(
+        &mut self,
+        now: Millis,
+        generation: u64,
+        rank: usize,
+        step: u64,
+        shard: ShardReport,
+    ) -> Result<Option<CheckpointCommit>, Refusal> {
+        self.refuse_if_over()?;
+        let refuse = |why: String| Refusal::CheckpointShard { step, generation, why };
+        let ran = match self.ledger.committed().get(step as usize).filter(|c| c.step == step) {
+            Some(c) => Some((c.generation, c.per_rank.len())),
+            None => self.ledger.leased().get(&step).map(|l| (l.generation, l.per_rank.len())),
+        };
+        let Some((ran_by, world)) = ran else { return Err(refuse("that step is neither leased nor committed".into())) };
+        if ran_by != generation {
+            return Err(refuse(format!("the step was run by generation {ran_by}")));
+        }
+        if rank >= world {
+            return Err(refuse(format!("generation {generation} had {world} ranks; there is no rank {rank}")));
+        }
+        if self.checkpoints.last().is_some_and(|&n| n > step) {
+            return Ok(None); // a newer checkpoint is already committed
+        }
+        let pending = self.pending_checkpoints.entry(step).or_insert_with(|| PendingCheckpoint { generation, shards: vec![None; world] });
+        pending.shards[rank] = Some(shard);
+        let _ = now;
+        Ok(self.ready_checkpoint())
+    }
+
+    /// The newest checkpoint whose shards are all durable and whose step is committed.
+    pub fn ready_checkpoint(&self) -> Option<CheckpointCommit> {
+        let through = self.ledger.committed_through()?;
+        let (&step, p) = self
+            .pending_checkpoints
+            .iter()
+            .rev()
+            .find(|(&step, p)| step <= through && p.shards.iter().all(Option::is_some))?;
+        Some(CheckpointCommit {
+            steps: step + 1,
+            generation: p.generation,
+            shards: p.shards.iter().flatten().cloned().collect(),
+            ledger: self.ledger.clone(),
+        })
+    }
+
+    /// The shell wrote the manifest of `step-{steps}`: it is now the job's newest state of
+    /// record.
+    pub fn checkpoint_committed(&mut self, now: Millis, steps: u64) {
+        if self.checkpoints.last().is_none_or(|&n| n < steps) {
+            self.checkpoints.push(steps);
+        }
+        self.pending_checkpoints.retain(|&step, _| step + 1 > steps);
+        self.log(now, EventKind::CheckpointCommitted, format!("checkpoint step-{steps} committed (manifest written)"));
+    }
+
+    /// A fresh coordinator takes over a job from its newest committed checkpoint: the
+    /// ledger as the manifest recorded it, settled to the checkpoint's steps (later steps
+    /// and leases go back to the pool). Only before anything has run.
+    pub fn restore_from_checkpoint(&mut self, now: Millis, mut ledger: Ledger, steps: u64) -> Result<(), ConfigError> {
+        if self.generation != 0 || !self.checkpoints.is_empty() {
+            return Err(ConfigError { field: "checkpoint", message: "only a fresh coordinator restores from a checkpoint".into() });
+        }
+        if ledger.epoch_batches() != self.ledger.epoch_batches() {
+            return Err(ConfigError {
+                field: "checkpoint",
+                message: format!(
+                    "its ledger has epochs of {:?} batches, this job's data gives {:?}: not the same data or batch settings",
+                    ledger.epoch_batches(),
+                    self.ledger.epoch_batches()
+                ),
+            });
+        }
+        if steps == 0 || ledger.committed_through().is_none_or(|c| c + 1 < steps) {
+            return Err(ConfigError { field: "checkpoint", message: format!("its ledger does not hold the {steps} steps it claims") });
+        }
+        ledger.settle(Some(steps - 1));
+        self.ledger = ledger;
+        self.checkpoints = vec![steps];
+        self.log(now, EventKind::Restored, format!("coordinator started from checkpoint step-{steps}: {steps} steps committed"));
+        Ok(())
+    }
+
     pub fn leave(&mut self, now: Millis, node_id: &str) -> Result<PhaseReply, Refusal> {
         self.refuse_if_over()?;
         let status = self.nodes.get(node_id).ok_or_else(|| Refusal::UnknownNode { node_id: node_id.into() })?.status;
@@ -817,7 +980,7 @@ impl Machine {
         self.world = first_rank;
         carried.retain(|c| self.rank_of(&c.slot).is_some());
         let checked = carried.len();
-        self.rendezvous = Some(RendezvousState { started_at: now, checkins: carried });
+        self.rendezvous = Some(RendezvousState { started_at: now, recovery, checkins: carried });
         self.phase = Phase::Rendezvous { generation: self.generation };
         if recovery {
             self.recoveries += 1;
@@ -849,23 +1012,37 @@ impl Machine {
             return;
         }
         let checkins: Vec<Checkin> = by_rank.into_iter().flatten().cloned().collect();
+        self.last_rendezvous = Some((now.since(r.started_at).as_millis() as u64, r.recovery));
         self.rendezvous = None;
         let (g, world) = (self.generation, self.world);
         let is_voter = |slot: &Slot| self.voters.as_ref().map_or(true, |v| v.contains(slot));
-        let applied = checkins.iter().filter(|c| is_voter(&c.slot)).filter_map(|c| c.applied_step).max();
-        // Non-voters are fresh (enforced at check-in), so with `applied == None` they hold
-        // the state too.
-        let holders: Vec<usize> = (0..world)
-            .filter(|&r| checkins[r].applied_step == applied && (applied.is_none() || is_voter(&checkins[r].slot)))
-            .collect();
-        let sync_from = if holders.len() == world { None } else { holders.first().copied() };
+        let held = checkins.iter().filter(|c| is_voter(&c.slot)).filter_map(|c| c.applied_step).max();
+        // The newest committed checkpoint wins over older (or no) live state: everyone
+        // loads it, so nothing newer than it is ever given back.
+        let restore_step = self.checkpoints.last().copied().filter(|&n| n > held.map_or(0, |a| a + 1));
+        let (applied, sync_from) = match restore_step {
+            Some(n) => (Some(n - 1), None),
+            None => {
+                // Non-voters are fresh (enforced at check-in), so with `held == None` they
+                // hold the state too.
+                let holders: Vec<usize> = (0..world)
+                    .filter(|&r| checkins[r].applied_step == held && (held.is_none() || is_voter(&checkins[r].slot)))
+                    .collect();
+                (held, if holders.len() == world { None } else { holders.first().copied() })
+            }
+        };
         let settled = self.ledger.settle(applied);
+        // Checkpoints of steps given back are of a lineage that is gone.
+        let keep = applied.map_or(0, |a| a + 1);
+        self.checkpoints.retain(|&n| n <= keep);
+        self.pending_checkpoints.retain(|&step, _| step < keep);
         let start_step = applied.map_or(0, |a| a + 1);
         self.voters = Some(checkins.iter().map(|c| c.slot.clone()).collect());
         self.run = Some(RunState {
             start_step,
             checkins,
             sync_from,
+            restore_step,
             reported: vec![None; world],
             membership_stop: None,
             data_end: None,
@@ -884,9 +1061,20 @@ impl Machine {
                 ),
             );
         }
-        let sync = match sync_from {
-            Some(r) => format!("ranks sync from rank {r}"),
-            None => "all ranks hold the same state".into(),
+        if let Some(n) = restore_step {
+            self.log(
+                now,
+                EventKind::Restored,
+                format!(
+                    "generation {g}: restoring from checkpoint step-{n} (the newest state any rank holds: {})",
+                    opt_step(held)
+                ),
+            );
+        }
+        let sync = match (restore_step, sync_from) {
+            (Some(n), _) => format!("all ranks load checkpoint step-{n}"),
+            (None, Some(r)) => format!("ranks sync from rank {r}"),
+            (None, None) => "all ranks hold the same state".into(),
         };
         self.log(
             now,

@@ -69,12 +69,14 @@
 pub mod bench;
 pub mod client;
 pub mod etcd;
+pub mod http;
 pub mod job;
 pub mod ledger;
 pub mod machine;
 pub mod rpc;
 pub mod server;
 pub mod store;
+pub mod straggler;
 
 pub use ledger::{BatchRef, CommittedStep, Coverage, LeasedStep, Ledger, LedgerEnd, LedgerError, StepLease};
 pub use machine::{

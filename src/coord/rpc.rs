@@ -26,6 +26,7 @@ pub fn assignment_to_pb(a: Assignment, total_steps: u64) -> pb::Assignment {
         sync_from: a.sync_from.map(|r| r as u32),
         leases: a.leases.into_iter().map(lease_to_pb).collect(),
         total_steps,
+        restore_step: a.restore_step,
     }
 }
 

@@ -38,7 +38,34 @@ pub struct Persisted {
     pub total_steps: Option<u64>,
 }
 
+/// Where the coordinator commits checkpoints: it writes each manifest once every shard is
+/// durable and the step is committed.
+pub struct CheckpointSink {
+    pub dir: std::path::PathBuf,
+    pub keep_last: usize,
+    /// What the ranks do not report: LR schedule, seeds, the resolved config. `step`,
+    /// `epoch`, `world_size`, `partition`, `shards`, `warmup_steps`, `total_steps`, `data`,
+    /// `frozen` and `generation` are filled in per checkpoint.
+    pub template: crate::ckpt::Manifest,
+    pub warmup_ratio: f64,
+}
+
+/// What the coordinator observes but does not decide on: metrics, straggler flags,
+/// per-rank step times (not persisted).
+pub struct Telemetry {
+    pub stragglers: super::straggler::Detector,
+    event_mark: u64,
+    metrics_generation: u64,
+    samples_per_batch: u64,
+    pub started: std::time::Instant,
+    /// (when, steps committed) at each change, the latest few (for the ETA).
+    progress: std::collections::VecDeque<(std::time::Instant, u64)>,
+}
+
 pub struct Coordinator {
+    ckpt: std::sync::OnceLock<CheckpointSink>,
+    pub metrics: crate::metrics::CoordMetrics,
+    pub telemetry: std::sync::Mutex<Telemetry>,
     state: Mutex<Persisted>,
     store: Box<dyn StateStore>,
     changed: Notify,
@@ -89,13 +116,185 @@ impl Coordinator {
             None => Persisted { machine: fresh, total_steps: None },
         };
         let (updates, _) = watch::channel(update_of(&state.machine, "coordinator started".into()));
-        let c = Arc::new(Self { state: Mutex::new(state), store, changed: Notify::new(), updates, job_yaml, heartbeat_interval });
+        let telemetry = Telemetry {
+            stragglers: super::straggler::Detector::new(Default::default()),
+            event_mark: 0,
+            metrics_generation: 0,
+            samples_per_batch: 1,
+            started: std::time::Instant::now(),
+            progress: Default::default(),
+        };
+        let c = Arc::new(Self {
+            ckpt: Default::default(),
+            metrics: crate::metrics::CoordMetrics::new(),
+            telemetry: std::sync::Mutex::new(telemetry),
+            state: Mutex::new(state), store, changed: Notify::new(), updates, job_yaml, heartbeat_interval });
         c.persist(&*c.state.lock().await).await?;
         Ok(c)
     }
 
     pub fn now(&self) -> Millis {
         wall_now()
+    }
+
+    /// Straggler thresholds and samples per data batch (for the samples metric).
+    pub fn set_telemetry(&self, stragglers: super::straggler::StragglerConfig, samples_per_batch: u64) {
+        let mut t = self.telemetry.lock().expect("not poisoned");
+        t.stragglers = super::straggler::Detector::new(stragglers);
+        t.samples_per_batch = samples_per_batch.max(1);
+    }
+
+    /// Brings the metrics up to date with the job state (after every change).
+    fn refresh_metrics(&self, s: &Persisted) {
+        use crate::metrics::counter_to;
+        use super::machine::EventKind;
+        let m = &s.machine;
+        let x = &self.metrics;
+        let mut t = self.telemetry.lock().expect("not poisoned");
+        x.generation.set(m.generation() as i64);
+        x.members.set(m.members().len() as i64);
+        x.world_size.set(m.world() as i64);
+        let committed = m.ledger().committed();
+        x.committed_step.set(committed.len() as i64);
+        if t.progress.back().is_none_or(|&(_, n)| n != committed.len() as u64) {
+            t.progress.push_back((std::time::Instant::now(), committed.len() as u64));
+            if t.progress.len() > 64 {
+                t.progress.pop_front();
+            }
+        }
+        x.epoch.set(committed.last().and_then(|c| c.per_rank.iter().flatten().map(|b| b.epoch).max()).unwrap_or(0) as i64);
+        counter_to(&x.samples_committed, m.ledger().committed_batches() * t.samples_per_batch);
+        counter_to(&x.recoveries, m.summary().recoveries);
+        if let Some(&n) = m.checkpoints().last() {
+            x.checkpoint_last_step.set(n as i64);
+        }
+        let (events, mark) = m.events_since(t.event_mark);
+        t.event_mark = mark;
+        for e in events {
+            match e.kind {
+                EventKind::NodeLost => x.node_failures.with_label_values(&["node_lost"]).inc(),
+                EventKind::RankFailed => x.node_failures.with_label_values(&["rank_failed"]).inc(),
+                EventKind::CheckpointCommitted => x.checkpoints_committed.inc(),
+                EventKind::RendezvousComplete => {
+                    if let Some((d, recovery)) = m.last_rendezvous() {
+                        x.rendezvous_duration.set(d.as_secs_f64());
+                        x.rendezvous.observe(d.as_secs_f64());
+                        if recovery {
+                            x.recovery_duration.set(d.as_secs_f64());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Remaining time at the recent commit rate, as text for the status page.
+    pub fn eta(&self, status: &serde_json::Value) -> String {
+        let t = self.telemetry.lock().expect("not poisoned");
+        let (Some(total), Some(&(t1, n1)), Some(&(t0, n0))) = (status["total_steps"].as_u64(), t.progress.back(), t.progress.front()) else {
+            return "unknown".into();
+        };
+        if n1 >= total {
+            return "done".into();
+        }
+        let secs = t1.duration_since(t0).as_secs_f64();
+        if n1 <= n0 || secs <= 0.0 {
+            return "unknown".into();
+        }
+        let left = (total - n1) as f64 * secs / (n1 - n0) as f64;
+        format!("{:.0} s ({:.2} steps/s)", left, (n1 - n0) as f64 / secs)
+    }
+
+    /// A rank's step timing: per-rank gauges and straggler detection (a log line when a
+    /// rank is flagged or cleared).
+    fn observe_step_time(&self, generation: u64, world: usize, rank: usize, step: u64, compute_seconds: f64) {
+        use super::straggler::Flag;
+        if !(compute_seconds > 0.0) {
+            return;
+        }
+        let mut t = self.telemetry.lock().expect("not poisoned");
+        let flags = t.stragglers.observe(generation, world, rank, step, compute_seconds);
+        let x = &self.metrics;
+        if t.metrics_generation != generation {
+            // Ranks are renumbered each generation: drop the old ranks' series.
+            t.metrics_generation = generation;
+            x.rank_step_seconds.reset();
+            x.rank_straggler.reset();
+        }
+        x.rank_step_seconds.with_label_values(&[&rank.to_string()]).set(compute_seconds);
+        for f in flags {
+            match f {
+                Flag::Raised { rank, step, seconds, median } => {
+                    tracing::warn!("straggler: rank {rank} computed step {step} in {seconds:.3} s, the median rank in {median:.3} s");
+                    x.rank_straggler.with_label_values(&[&rank.to_string()]).set(1);
+                }
+                Flag::Cleared { rank, step } => {
+                    tracing::info!("straggler cleared: rank {rank} is back within the factor at step {step}");
+                    x.rank_straggler.with_label_values(&[&rank.to_string()]).set(0);
+                }
+            }
+        }
+        x.stragglers.set(t.stragglers.flagged().iter().filter(|&&f| f).count() as i64);
+    }
+
+    /// Enables checkpoint commits (once, before serving).
+    pub fn set_checkpoints(&self, sink: CheckpointSink) {
+        let _ = self.ckpt.set(sink);
+    }
+
+    /// Writes the manifest of the checkpoint that became ready, if any: the commit point.
+    /// A shard file that is missing or of the wrong size (a shared volume not shared, a
+    /// rank that lied) blocks the commit, loudly. Returns the committed `step-N`.
+    fn commit_ready_checkpoint(&self, s: &mut Persisted) -> Option<u64> {
+        use crate::ckpt;
+        let sink = self.ckpt.get()?;
+        let c = s.machine.ready_checkpoint()?;
+        let dir = ckpt::step_dir(&sink.dir, c.steps);
+        for sh in &c.shards {
+            let path = dir.join(&sh.file);
+            match std::fs::metadata(&path) {
+                Ok(m) if m.len() == sh.bytes => {}
+                Ok(m) => {
+                    tracing::error!("checkpoint step-{}: {} has {} bytes, its rank reported {}: not committed", c.steps, path.display(), m.len(), sh.bytes);
+                    return None;
+                }
+                Err(e) => {
+                    tracing::error!("checkpoint step-{}: {}: {e} (is the checkpoint directory shared with the coordinator?): not committed", c.steps, path.display());
+                    return None;
+                }
+            }
+        }
+        let total = s.total_steps.unwrap_or(0);
+        let warmup = if sink.warmup_ratio <= 0.0 { 0 } else { ((sink.warmup_ratio * total as f64).ceil() as u64).max(1) };
+        let epoch = c.ledger.committed().last().and_then(|st| st.per_rank.iter().flatten().map(|b| b.epoch).max()).unwrap_or(0);
+        let frozen = c.shards.iter().find_map(|sh| sh.frozen.as_deref()).and_then(|j| serde_json::from_str(j).ok()).unwrap_or_default();
+        let m = ckpt::Manifest {
+            step: c.steps,
+            epoch,
+            world_size: c.shards.len(),
+            partition: c.shards.iter().map(|sh| sh.names.clone()).collect(),
+            shards: c.shards.iter().map(|sh| ckpt::ShardInfo { file: sh.file.clone(), bytes: sh.bytes, crc32: sh.crc32 }).collect(),
+            warmup_steps: warmup,
+            total_steps: total,
+            data: serde_json::json!({ "ledger": c.ledger }),
+            frozen,
+            generation: Some(c.generation),
+            ..sink.template.clone()
+        };
+        if let Err(e) = ckpt::write_manifest(&dir, &m) {
+            tracing::error!("checkpoint step-{}: writing the manifest: {e}", c.steps);
+            return None;
+        }
+        s.machine.checkpoint_committed(self.now(), c.steps);
+        tracing::info!("checkpoint step-{} committed ({} shards, generation {})", c.steps, c.shards.len(), c.generation);
+        let (dir, keep) = (sink.dir.clone(), sink.keep_last);
+        std::thread::spawn(move || {
+            if let Err(e) = ckpt::retain(&dir, keep, None) {
+                tracing::warn!("checkpoint retention: {e}");
+            }
+        });
+        Some(c.steps)
     }
 
     async fn persist(&self, s: &Persisted) -> Result<(), StoreError> {
@@ -119,6 +318,7 @@ impl Coordinator {
             }
             return Err(store_failed(e));
         }
+        self.refresh_metrics(s);
         self.changed.notify_waiters();
         self.updates.send_replace(update_of(&s.machine, message));
         Ok(())
@@ -165,6 +365,7 @@ impl Coordinator {
             "summary": m.summary(),
             "members": m.members(),
             "total_steps": s.total_steps,
+            "checkpoints": m.checkpoints(),
             "exactly_once": m.check_exactly_once().map(|c| format!("{c:?}")).map_err(|e| e.to_string()),
             "steps": steps,
             "events": m.events().iter().rev().take(200).collect::<Vec<_>>(),
@@ -290,6 +491,8 @@ impl pb::coordinator_server::Coordinator for Service {
         let c = &self.0;
         let mut s = c.state.lock().await;
         let reply = s.machine.step_done(c.now(), r.generation, r.rank as usize, r.step, r.loss).map_err(refused)?;
+        c.observe_step_time(r.generation, s.machine.world(), r.rank as usize, r.step, r.compute_seconds);
+        c.commit_ready_checkpoint(&mut s);
         c.commit(&mut s, String::new()).await?;
         Ok(Response::new(pb::StepReply {
             committed_through: reply.committed_through,
@@ -297,6 +500,17 @@ impl pb::coordinator_server::Coordinator for Service {
             stop_after: reply.stop_after,
             finished: reply.job_ends,
         }))
+    }
+
+    async fn checkpoint_done(&self, req: Request<pb::CheckpointDoneRequest>) -> Result<Response<pb::CheckpointDoneReply>, Status> {
+        let r = req.into_inner();
+        let c = &self.0;
+        let mut s = c.state.lock().await;
+        let shard = super::machine::ShardReport { file: r.file, bytes: r.bytes, crc32: r.crc32, names: r.names, frozen: r.frozen_json };
+        s.machine.checkpoint_done(c.now(), r.generation, r.rank as usize, r.step, shard).map_err(refused)?;
+        let committed_steps = c.commit_ready_checkpoint(&mut s);
+        c.commit(&mut s, committed_steps.map(|n| format!("checkpoint step-{n} committed")).unwrap_or_default()).await?;
+        Ok(Response::new(pb::CheckpointDoneReply { committed_steps }))
     }
 
     async fn report_failure(&self, req: Request<pb::FailureRequest>) -> Result<Response<pb::FailureReply>, Status> {
@@ -427,14 +641,14 @@ mod tests {
     async fn a_stale_generation_is_refused_and_changes_nothing() {
         let (s, a) = running().await;
         assert_eq!((a.world, a.rank, a.start_step, a.leases.len()), (1, 0, 0, 2));
-        let stale = pb::StepDoneRequest { generation: a.generation - 1, rank: 0, step: 0, loss: 1.0 };
+        let stale = pb::StepDoneRequest { generation: a.generation - 1, rank: 0, step: 0, loss: 1.0, ..Default::default() };
         let e = s.step_done(Request::new(stale)).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         assert!(e.message().starts_with("stale generation"), "{}", e.message());
         let status = s.0.status_json().await;
         assert_eq!(status["summary"]["steps_committed"], 0);
         // The current generation is accepted.
-        let ok = pb::StepDoneRequest { generation: a.generation, rank: 0, step: 0, loss: 1.0 };
+        let ok = pb::StepDoneRequest { generation: a.generation, rank: 0, step: 0, loss: 1.0, ..Default::default() };
         let r = s.step_done(Request::new(ok)).await.unwrap().into_inner();
         assert_eq!(r.committed_through, Some(0));
     }

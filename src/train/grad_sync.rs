@@ -92,6 +92,12 @@ impl GradBuckets {
         Self { names: named.into_iter().map(|(n, _)| n.to_string()).collect(), buckets }
     }
 
+    /// Bytes one all-reduce moves per rank (every bucket, f32).
+    pub fn bytes(&self, trainable: &[(&str, &Tensor)]) -> u64 {
+        let want: std::collections::HashSet<&str> = self.names.iter().map(String::as_str).collect();
+        trainable.iter().filter(|(n, _)| want.contains(n)).map(|(_, t)| t.numel() as u64 * 4).sum()
+    }
+
     pub fn num_buckets(&self) -> usize {
         self.buckets.len()
     }

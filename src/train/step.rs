@@ -54,6 +54,12 @@ pub struct StepStats {
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Forward + backward of the micro-batches.
+    pub compute: std::time::Duration,
+    /// The gradient all-reduce (zero without a collective).
+    pub allreduce: std::time::Duration,
+    /// Clip + AdamW + zeroing the gradients.
+    pub optimizer: std::time::Duration,
 }
 
 pub struct Trainer {
@@ -86,16 +92,22 @@ impl Trainer {
     /// gradients over the group. On a communication error the update is *not* applied (the
     /// gradients are zeroed), so the model still holds the previous step's state.
     pub fn step_synced(&mut self, micro: &[TensorBatch], sync: Option<(&GradBuckets, &mut dyn TensorCollective)>) -> Result<StepStats, CommError> {
+        use std::time::Instant;
         let params = self.model.trainable();
         let n = micro.len().max(1) as f64;
         let mut loss_sum = 0.0;
+        let t0 = Instant::now();
         for mb in micro {
+            let _span = tracing::info_span!("forward_backward").entered();
             let logits = self.model.forward(&mb.vision_x, &mb.input_ids, &mb.attention_mask);
             let loss = causal_lm_loss(&logits, &mb.labels);
             loss_sum += loss.double_value(&[]);
             (loss / n).backward();
         }
+        let compute = t0.elapsed();
+        let t1 = Instant::now();
         if let Some((buckets, comm)) = sync {
+            let _span = tracing::info_span!("allreduce", buckets = buckets.num_buckets()).entered();
             if let Err(e) = buckets.all_reduce_mean(&params, comm) {
                 for (_, p) in &params {
                     let mut p = p.shallow_clone();
@@ -104,6 +116,9 @@ impl Trainer {
                 return Err(e);
             }
         }
+        let allreduce = t1.elapsed();
+        let t2 = Instant::now();
+        let _span = tracing::info_span!("optimizer").entered();
         let grad_norm = match self.cfg.clip {
             Some(c) => clip_grad_norm(&params, c),
             None => f64::NAN,
@@ -114,6 +129,6 @@ impl Trainer {
             let mut p = p.shallow_clone();
             p.zero_grad();
         }
-        Ok(StepStats { loss: loss_sum / n, lr, grad_norm })
+        Ok(StepStats { loss: loss_sum / n, lr, grad_norm, compute, allreduce, optimizer: t2.elapsed() })
     }
 }

@@ -18,6 +18,8 @@ pub struct JoinArgs {
     pub gpus: bool,
     pub token: String,
     pub advertise_host: Option<String>,
+    /// Serve the node's merged /metrics here (ranks on the following ports).
+    pub metrics_port: Option<u16>,
 }
 
 /// The local address this machine uses to reach `coord` (what peers can reach us at).
@@ -29,8 +31,34 @@ fn route_to(coord: &str) -> Option<String> {
     Some(s.local_addr().ok()?.ip().to_string())
 }
 
+/// The node's `/metrics`: every rank's page (fetched from 127.0.0.1:PORT+1+i at scrape
+/// time) merged into one, so one scrape target covers the node.
+async fn serve_node_metrics(port: u16, local_ranks: u32) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.with_context(|| format!("--metrics-port {port}"))?;
+    let render = move || async move {
+        let pages = tokio::task::spawn_blocking(move || {
+            (0..local_ranks)
+                .filter_map(|i| {
+                    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], (u32::from(port) + 1 + i) as u16));
+                    crate::metrics::fetch_metrics(addr, Duration::from_secs(2)).ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::merge_exposition(&pages))
+    };
+    let router = axum::Router::new().route("/metrics", axum::routing::get(render)).route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    tokio::spawn(async move {
+        if let Err(e) = crate::metrics::serve(listener, router).await {
+            eprintln!("metrics server: {e}");
+        }
+    });
+    Ok(())
+}
+
 pub async fn join(args: JoinArgs) -> Result<()> {
-    let JoinArgs { coord, node_id, local_ranks, gpus, token, advertise_host } = args;
+    let JoinArgs { coord, node_id, local_ranks, gpus, token, advertise_host, metrics_port } = args;
     let host = advertise_host.or_else(|| route_to(&coord[0])).unwrap_or_else(|| "127.0.0.1".into());
     let mut client = connect(&coord, Duration::from_secs(60)).await?;
     let reply = client
@@ -90,6 +118,9 @@ pub async fn join(args: JoinArgs) -> Result<()> {
         })
     };
 
+    if let Some(port) = metrics_port {
+        serve_node_metrics(port, local_ranks).await?;
+    }
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     for i in 0..local_ranks {
@@ -98,6 +129,7 @@ pub async fn join(args: JoinArgs) -> Result<()> {
             .arg("--job-file")
             .arg(&job_file)
             .args(["--advertise-host", &host])
+            .args(metrics_port.map(|p| format!("--metrics-addr=0.0.0.0:{}", u32::from(p) + 1 + i)))
             .env("OTTER_JOIN_TOKEN", &token)
             .kill_on_drop(true);
         if gpus {

@@ -11,6 +11,12 @@
 //!    returns more leases and possibly a stop step;
 //! 4. a collective error means a peer is gone: report it, keep the state (the update of
 //!    the failed step was not applied) and rendezvous again. No restart, no reload.
+//! 5. checkpoints: after every `train.save_every`-th step each rank stages its share of
+//!    the state (the loop waits only for that) and writes it in the background; when the
+//!    write is durable it reports `CheckpointDone`, and the coordinator writes the manifest
+//!    once every rank has. A generation whose assignment says `restore_step` (no member
+//!    held a state as new as the newest committed checkpoint) loads that checkpoint first,
+//!    whatever world size wrote it.
 
 use crate::comm::ring::RingGroup;
 use crate::coord::ledger::BatchRef;
@@ -38,6 +44,8 @@ pub struct RankArgs {
     pub job_file: PathBuf,
     pub token: String,
     pub advertise_host: String,
+    /// Serve this process's Prometheus /metrics here.
+    pub metrics_addr: Option<String>,
 }
 
 use crate::coord::client::{call, connect, Client};
@@ -107,6 +115,54 @@ pub fn param_checksum(trainer: &Trainer) -> u64 {
     h
 }
 
+/// Reports a finished shard write to the coordinator (its generation: the one that ran
+/// the step). A failed write is only logged: that checkpoint will not be committed.
+#[allow(clippy::too_many_arguments)]
+fn report_shard(
+    rt: &tokio::runtime::Runtime,
+    client: &mut Client,
+    args: &RankArgs,
+    me: &str,
+    rank: usize,
+    metrics: &std::sync::Mutex<crate::metrics::RankMetrics>,
+    done: (u64, Result<crate::ckpt::ShardWritten, crate::ckpt::CkptError>),
+) {
+    let (generation, res) = done;
+    let w = match res {
+        Ok(w) => {
+            if let Ok(m) = metrics.lock() {
+                m.checkpoint_written(w.total);
+            }
+            w
+        }
+        Err(e) => {
+            eprintln!("{me}: checkpoint shard write failed (that checkpoint is not committed): {e}");
+            return;
+        }
+    };
+    let req = pb::CheckpointDoneRequest {
+        generation,
+        rank: rank as u32,
+        step: w.steps - 1,
+        file: w.info.file.clone(),
+        bytes: w.info.bytes,
+        crc32: w.info.crc32,
+        names: w.names.clone(),
+        frozen_json: w.frozen.as_ref().and_then(|f| serde_json::to_string(f).ok()),
+    };
+    match rt.block_on(call(client, &args.coord, |mut c| {
+        let r = with_token(req.clone(), &args.token);
+        async move { c.checkpoint_done(r).await }
+    })) {
+        Ok(r) => {
+            if let Some(n) = r.committed_steps {
+                println!("{me}: checkpoint step-{n} committed");
+            }
+        }
+        Err(s) => eprintln!("{me}: checkpoint step-{} shard not accepted: {}", w.steps, s.message()),
+    }
+}
+
 pub fn run(args: RankArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let cfg = RunConfig::from_file(&args.job_file)?;
@@ -142,9 +198,46 @@ pub fn run(args: RankArgs) -> Result<()> {
     let mut client = rt.block_on(connect(&args.coord, Duration::from_secs(60)))?;
     let token = args.token.clone();
 
+    let ckpt_dir = tc.out_dir.join("checkpoints");
+    let save_every = tc.save_every;
+    // Rank 0 of each generation reports the frozen weights' checksums (the saver computes
+    // them once, in the background); every node checksums its own copy of the files.
+    let frozen = match cfg.model_source(&args.job_file)? {
+        ModelSource::Dir(dir) => {
+            let mut f: Vec<PathBuf> = std::fs::read_dir(&dir)?.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect();
+            f.sort();
+            f
+        }
+        ModelSource::Preset(_) => Vec::new(),
+    };
+    let mut saver = crate::ckpt::ShardSaver::new(if args.local_rank == 0 { frozen } else { Vec::new() });
+    let mut saver_rank = 0usize; // the rank the write in flight was made as
+
+    // --- metrics (docs/metrics.md) -------------------------------------------------------
+    let started = Instant::now();
+    let mut useful = Duration::ZERO;
+    let metrics = Arc::new(std::sync::Mutex::new(crate::metrics::RankMetrics::new(&args.node_id)));
+    if let Some(addr) = &args.metrics_addr {
+        let m = metrics.clone();
+        let bound = crate::metrics::spawn_server(addr, Arc::new(move || m.lock().map(|m| m.encode()).unwrap_or_default()))
+            .with_context(|| format!("{me}: serving metrics on {addr}"))?;
+        eprintln!("{me}: metrics on http://{bound}/metrics");
+    }
+    let allreduce_bytes = buckets.bytes(&trainer.model.trainable());
+    // MFU where the accelerator's peak is given (OTTER_PEAK_TFLOPS, e.g. 989 for an H100's
+    // dense bf16): model FLOPs per text token = 2N forward + 2N activation gradients + 2N'
+    // weight gradients of the N' trainable parameters (the vision encoder's per-image FLOPs
+    // are left out, so this slightly understates it).
+    let peak_flops = std::env::var("OTTER_PEAK_TFLOPS").ok().and_then(|v| v.parse::<f64>().ok()).filter(|_| device.is_cuda()).map(|t| t * 1e12);
+    let counts = crate::model::spec::count(&crate::model::spec::parameter_specs(&trainer.model.cfg));
+    let flops_per_token = (4 * counts.total + 2 * counts.trainable) as f64;
+
     let mut applied: Option<u64> = None;
     let mut last_generation: Option<u64> = None;
     'generations: loop {
+        if let Some(done) = saver.poll() {
+            report_shard(&rt, &mut client, &args, &me, saver_rank, &metrics, done);
+        }
         // --- rendezvous -----------------------------------------------------------------
         let req = pb::RendezvousRequest {
             node_id: args.node_id.clone(),
@@ -167,6 +260,7 @@ pub fn run(args: RankArgs) -> Result<()> {
         };
         last_generation = Some(a.generation);
         let (rank, world) = (a.rank as usize, a.world as usize);
+        metrics.lock().expect("not poisoned").set_rank(rank, a.generation);
         trainer.cfg.total_steps = a.total_steps.max(1);
         trainer.cfg.warmup_steps = warmup_steps(tc.warmup_ratio, trainer.cfg.total_steps);
         let addrs: Vec<SocketAddr> = a.comm_addrs.iter().map(|s| s.parse()).collect::<Result<_, _>>().context("comm addresses")?;
@@ -191,12 +285,25 @@ pub fn run(args: RankArgs) -> Result<()> {
                 continue 'generations;
             }
         }
+        if let Some(n) = a.restore_step {
+            // Every rank reads what it needs from the shards, whatever world size wrote them.
+            let dir = crate::ckpt::step_dir(&ckpt_dir, n);
+            let m = crate::ckpt::load(&dir, &mut trainer).with_context(|| format!("{me}: restoring checkpoint {}", dir.display()))?;
+            if m.step != a.start_step {
+                bail!("{me}: {} holds {} steps, the coordinator starts at step {}", dir.display(), m.step, a.start_step);
+            }
+            applied = a.start_step.checked_sub(1);
+        }
         trainer.opt.step = a.start_step;
         println!(
             "{me}: generation {} rank {rank}/{world} from step {}{} (rendezvous {:.2} s) checksum {:016x}",
             a.generation,
             a.start_step,
-            a.sync_from.map_or(String::new(), |r| format!(", state copied from rank {r}")),
+            match (a.restore_step, a.sync_from) {
+                (Some(n), _) => format!(", restored from checkpoint step-{n} (written by {} ranks)", crate::ckpt::read_manifest(&crate::ckpt::step_dir(&ckpt_dir, n)).map_or(0, |m| m.world_size)),
+                (None, Some(r)) => format!(", state copied from rank {r}"),
+                (None, None) => String::new(),
+            },
             t_rdzv.elapsed().as_secs_f64(),
             param_checksum(&trainer)
         );
@@ -221,7 +328,36 @@ pub fn run(args: RankArgs) -> Result<()> {
                 }
             };
             applied = Some(step);
-            let req = pb::StepDoneRequest { generation: a.generation, rank: a.rank, step, loss: stats.loss };
+            let step_time = t0.elapsed();
+            useful += step_time;
+            let tokens: u64 = batches.iter().map(|b| b.attention_mask.iter().filter(|&&m| m != 0).count() as u64).sum();
+            {
+                let m = metrics.lock().expect("not poisoned");
+                m.observe_step(&crate::metrics::StepSample {
+                    step,
+                    seconds: step_time.as_secs_f64(),
+                    loss: stats.loss,
+                    lr: stats.lr,
+                    grad_norm: stats.grad_norm,
+                    tokens,
+                    samples: batches.iter().map(|b| b.b as u64).sum(),
+                    data_wait: data_wait.as_secs_f64(),
+                    allreduce_seconds: stats.allreduce.as_secs_f64(),
+                    allreduce_bytes,
+                    world,
+                    mfu: peak_flops.map(|p| flops_per_token * tokens as f64 / step_time.as_secs_f64() / p),
+                });
+                m.bad_samples(batches.iter().map(|b| b.dropped.len() as u64).sum());
+                m.goodput(useful, started.elapsed());
+            }
+            let req = pb::StepDoneRequest {
+                generation: a.generation,
+                rank: a.rank,
+                step,
+                loss: stats.loss,
+                step_seconds: step_time.as_secs_f64(),
+                compute_seconds: step_time.saturating_sub(stats.allreduce).as_secs_f64(),
+            };
             let reply = match rt.block_on(call(&mut client, &args.coord, |mut c| {
                 let r = with_token(req.clone(), &token);
                 async move { c.step_done(r).await }
@@ -241,6 +377,21 @@ pub fn run(args: RankArgs) -> Result<()> {
                     data_wait.as_secs_f64()
                 );
             }
+            if let Some(done) = saver.poll() {
+                report_shard(&rt, &mut client, &args, &me, saver_rank, &metrics, done);
+            }
+            let last = reply.stop_after == Some(step) && reply.finished;
+            if save_every > 0 && (step + 1) % save_every == 0 && !last {
+                let (blocked, previous) = saver.save(&trainer, &ckpt_dir, step + 1, rank, world, a.generation);
+                if let Some(done) = previous {
+                    report_shard(&rt, &mut client, &args, &me, saver_rank, &metrics, done);
+                }
+                saver_rank = rank;
+                metrics.lock().expect("not poisoned").checkpoint_staged(blocked);
+                if rank == 0 {
+                    println!("checkpoint step-{}: staged in {:.3} s, writing in the background", step + 1, blocked.as_secs_f64());
+                }
+            }
             for l in reply.leases.into_iter().map(lease_from_pb) {
                 leases.insert(l.step, l.items);
             }
@@ -254,6 +405,9 @@ pub fn run(args: RankArgs) -> Result<()> {
                         crate::tensors::write(&path, &w)?;
                         println!("{me}: wrote {}", path.display());
                     }
+                    // The job is over: a checkpoint still being written is not needed (the
+                    // final weights are), but leave no half-written file behind.
+                    let _ = saver.wait();
                     println!("{me}: done after step {step} checksum {:016x}", param_checksum(&trainer));
                     return Ok(());
                 }

@@ -119,7 +119,7 @@ impl Sim {
             if p.running && p.generation == a.generation {
                 continue;
             }
-            if a.sync_from.is_some() {
+            if a.sync_from.is_some() || a.restore_step.is_some() {
                 p.applied = a.start_step.checked_sub(1);
             } else {
                 assert_eq!(p.applied, a.start_step.checked_sub(1), "{s} was not told to sync but holds another state");
@@ -735,4 +735,104 @@ fn the_event_log_keeps_the_latest_events() {
     assert_eq!(log.events.len(), EVENT_LOG_LEN);
     assert_eq!(log.events.front().unwrap().at, Millis(5));
     assert_eq!(log.since(log.appended - 2).iter().map(|e| e.at.0).collect::<Vec<_>>(), vec![1003, 1004]);
+}
+
+fn shard(rank: usize) -> ShardReport {
+    ShardReport { file: format!("shard-{rank}"), bytes: 10, crc32: 7, names: vec![format!("p{rank}")], frozen: None }
+}
+
+/// Both ranks of generation 1 report their shards of the checkpoint after `step`; the
+/// coordinator "writes the manifest".
+fn checkpoint(sim: &mut Sim, step: u64) -> u64 {
+    assert_eq!(sim.m.checkpoint_done(sim.t(), 1, 0, step, shard(0)).unwrap(), None, "one shard of two is not a checkpoint");
+    let c = sim.m.checkpoint_done(sim.t(), 1, 1, step, shard(1)).unwrap().expect("all shards in, step committed");
+    assert_eq!((c.steps, c.generation, c.shards.len()), (step + 1, 1, 2));
+    sim.m.checkpoint_committed(sim.t(), c.steps);
+    c.steps
+}
+
+#[test]
+fn a_checkpoint_commits_only_when_every_shard_is_durable_and_its_step_is_committed() {
+    let mut sim = running(cfg(2, 2), vec![40], &["a", "b"]);
+    sim.step(&slot("a", 0)); // step 0: only rank 0 reported
+    assert_eq!(sim.m.checkpoint_done(sim.t(), 1, 0, 0, shard(0)).unwrap(), None);
+    assert_eq!(sim.m.checkpoint_done(sim.t(), 1, 1, 0, shard(1)).unwrap(), None, "step 0 is not committed yet");
+    sim.step(&slot("b", 0));
+    let ready = sim.m.ready_checkpoint().expect("ready once step 0 is committed");
+    assert_eq!(ready.steps, 1);
+    // Refusals: another generation, a rank it did not have, a step nobody leased.
+    let wrong_gen = sim.m.checkpoint_done(sim.t(), 2, 0, 0, shard(0));
+    assert!(matches!(&wrong_gen, Err(Refusal::CheckpointShard { why, .. }) if why.contains("generation 1")), "{wrong_gen:?}");
+    assert!(matches!(sim.m.checkpoint_done(sim.t(), 1, 2, 0, shard(2)), Err(Refusal::CheckpointShard { .. })));
+    assert!(matches!(sim.m.checkpoint_done(sim.t(), 1, 0, 99, shard(0)), Err(Refusal::CheckpointShard { .. })));
+    sim.m.checkpoint_committed(sim.t(), ready.steps);
+    assert_eq!(sim.m.checkpoints(), &[1]);
+    assert_eq!(sim.m.ready_checkpoint(), None, "committed once");
+    assert!(round_trip(&sim.m) == sim.m, "checkpoint state persists");
+}
+
+#[test]
+fn with_every_holder_gone_the_job_restores_its_newest_checkpoint_instead_of_rolling_back_to_zero() {
+    let mut sim = running(cfg(2, 2), vec![40], &["a", "b"]);
+    for _ in 0..4 {
+        sim.step_all();
+    }
+    assert_eq!(checkpoint(&mut sim, 1), 2);
+    // A checkpoint after step 3 that rank 1 never finished writing (killed mid-write).
+    sim.m.checkpoint_done(sim.t(), 1, 0, 3, shard(0)).unwrap();
+    sim.m.rank_failed(sim.t(), 1, 0, "both processes crashed").unwrap();
+    for p in sim.procs.values_mut() {
+        *p = Proc::default();
+    }
+    sim.check_in_all();
+    let a = sim.assignment("a", 0);
+    assert_eq!((a.restore_step, a.start_step, a.sync_from), (Some(2), 2, None));
+    assert_eq!(sim.m.ledger().committed_through(), Some(1), "steps 0 and 1 stay committed");
+    assert!(sim.last_event(EventKind::RolledBack).reason.contains("committed steps 2..=3"));
+    assert!(sim.last_event(EventKind::Restored).reason.contains("step-2"));
+    sim.run_to_end();
+    sim.m.check_exactly_once().unwrap();
+    // Steps 0 and 1 ran once; 2 and 3 twice (before the crash and after the restore).
+    let runs = |step| sim.trained.iter().filter(|t| t.1 == step && t.2 == 0).count();
+    assert_eq!((runs(0), runs(1), runs(2), runs(3)), (1, 1, 2, 2));
+}
+
+#[test]
+fn a_live_state_newer_than_the_checkpoint_wins_over_it() {
+    let mut sim = running(cfg(1, 3), vec![40], &["a", "b"]);
+    for _ in 0..3 {
+        sim.step_all();
+    }
+    checkpoint(&mut sim, 1);
+    sim.m.node_lost(sim.t(), "b", "killed").unwrap();
+    sim.join("c", 1);
+    sim.check_in_all();
+    let a = sim.assignment("a", 0);
+    assert_eq!((a.restore_step, a.start_step, a.sync_from), (None, 3, Some(0)));
+}
+
+#[test]
+fn a_fresh_coordinator_takes_over_from_a_checkpoint_manifests_ledger() {
+    let mut sim = running(cfg(2, 2), vec![40], &["a", "b"]);
+    for _ in 0..3 {
+        sim.step_all();
+    }
+    sim.m.checkpoint_done(sim.t(), 1, 0, 1, shard(0)).unwrap();
+    let c = sim.m.checkpoint_done(sim.t(), 1, 1, 1, shard(1)).unwrap().unwrap();
+    // Another job's data is refused, naming both sizes.
+    let mut other = Machine::new(cfg(2, 2), vec![50]).unwrap();
+    let err = other.restore_from_checkpoint(Millis(0), c.ledger.clone(), c.steps).unwrap_err();
+    assert!(err.message.contains("[40]") && err.message.contains("[50]"), "{err}");
+
+    let mut fresh = Sim::new(cfg(2, 2), vec![40]);
+    fresh.m.restore_from_checkpoint(Millis(0), c.ledger.clone(), c.steps).unwrap();
+    assert_eq!(fresh.m.ledger().committed_through(), Some(1));
+    fresh.join("x", 1);
+    fresh.join("y", 1);
+    fresh.check_in_all();
+    assert_eq!(fresh.assignment("x", 0).restore_step, Some(2));
+    assert_eq!(fresh.assignment("y", 0).start_step, 2);
+    fresh.run_to_end();
+    fresh.m.check_exactly_once().unwrap();
+    assert!(fresh.trained.iter().all(|t| t.1 >= 2), "steps held by the checkpoint are not trained again");
 }
