@@ -21,6 +21,7 @@ pub mod comm;
 pub mod coord;
 pub mod data;
 pub mod metrics;
+pub mod otel;
 pub mod model;
 pub mod run_config;
 pub mod train;

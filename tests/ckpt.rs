@@ -53,7 +53,7 @@ fn manifest(step: u64, world: usize) -> Manifest {
 /// Saves `t` as `world` ranks would: each stages and writes its share; then the manifest.
 fn save_as_world(t: &Trainer, dir: &std::path::Path, step: u64, world: usize) {
     let part = ckpt::partition(&ckpt::param_sizes(t), world);
-    let shards: Vec<_> = (0..world).map(|r| ckpt::write_shard(dir, &ckpt::stage(t, &part[r], r, world)).unwrap()).collect();
+    let shards: Vec<_> = (0..world).map(|r| ckpt::write_shard(dir, &ckpt::stage(t, &part[r], r, world, None)).unwrap()).collect();
     ckpt::write_manifest(dir, &Manifest { partition: part, shards, ..manifest(step, world) }).unwrap();
 }
 
@@ -181,4 +181,19 @@ fn export_hf_round_trips_through_otter_eval() {
     // ... and the trained weights really differ from the original ones.
     let orig = Otter::load_dir(&tiny_model(), LoadOptions::default()).unwrap();
     assert!(orig.trainable().iter().any(|(n, p)| !p.equal(trained.get(n).unwrap())));
+}
+
+#[test]
+fn a_save_reusing_the_previous_saves_staging_buffers_writes_the_current_state() {
+    let d = tempfile::tempdir().unwrap();
+    let names: Vec<String> = ckpt::partition(&ckpt::param_sizes(&trained(1)), 1).swap_remove(0);
+    let t1 = trained(1);
+    let first = ckpt::stage(&t1, &names, 0, 1, None);
+    // One more step changes every weight and moment; the reused buffers must follow.
+    let t2 = trained(2);
+    let reused = ckpt::write_shard(&d.path().join("reused"), &ckpt::stage(&t2, &names, 0, 1, Some(first))).unwrap();
+    let fresh = ckpt::write_shard(&d.path().join("fresh"), &ckpt::stage(&t2, &names, 0, 1, None)).unwrap();
+    let stale = ckpt::write_shard(&d.path().join("stale"), &ckpt::stage(&t1, &names, 0, 1, None)).unwrap();
+    assert_eq!(reused, fresh, "same bytes as a save into new buffers");
+    assert_ne!(reused.crc32, stale.crc32, "not the previous save's state");
 }

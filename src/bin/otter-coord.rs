@@ -71,14 +71,12 @@ fn tempfile_dir() -> Result<PathBuf> {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Start { .. }) { "info" } else { "warn" };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let otel = otter::otel::init("otter-coord", default_level);
     match cli.command {
         Command::Start { config, listen, http_listen, state_dir, etcd, token_file } => {
             let http_listen = (http_listen != "off").then_some(http_listen);
             let ok = otter::coord::job::start(otter::coord::job::StartArgs { config, listen, state_dir, etcd, token: token(token_file)?, http_listen }).await?;
+            drop(otel); // flush traces: exit skips destructors
             std::process::exit(if ok { 0 } else { 1 });
         }
         Command::Bench { nodes } => {

@@ -67,10 +67,7 @@ fn token(file: Option<PathBuf>) -> Result<String> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let _otel = otter::otel::init("otter-worker", "warn");
     match Cli::parse().command {
         Command::Join { coord, gpus, cpu_ranks, node_id, advertise_host, token_file, metrics_port } => {
             let node_id = node_id.or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "node".into());

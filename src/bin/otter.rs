@@ -233,10 +233,7 @@ enum DataCommand {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let _otel = otter::otel::init("otter", "info");
     match Cli::parse().command {
         Command::ModelInfo { config, json } => cmd::model_info::run(&config, json),
         Command::Eval { model, inputs, out, grads, device, dtype } => cmd::eval::run(cmd::eval::EvalArgs {

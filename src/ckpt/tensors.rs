@@ -16,15 +16,20 @@ pub struct Staged {
     pub items: Vec<(String, Vec<usize>, Vec<u8>)>,
 }
 
-fn host_bytes(t: &Tensor) -> (Vec<usize>, Vec<u8>) {
+/// Copies `t` (as contiguous little-endian f32 on the host) into `buf`, reusing its
+/// allocation when the size matches: staging buffers kept from the previous save are
+/// already faulted in, so a steady-state save is one memcpy per tensor.
+fn copy_to_host(t: &Tensor, buf: &mut Vec<u8>) -> Vec<usize> {
     let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
     let shape = t.size().iter().map(|&d| d as usize).collect();
     let n = t.numel() * 4;
-    let mut bytes = vec![0u8; n];
+    if buf.len() != n {
+        *buf = vec![0u8; n];
+    }
     // SAFETY: `t` is a contiguous f32 CPU tensor of exactly `n` bytes (little-endian host,
-    // as safetensors wants), alive for the copy.
-    unsafe { std::ptr::copy_nonoverlapping(t.data_ptr() as *const u8, bytes.as_mut_ptr(), n) };
-    (shape, bytes)
+    // as safetensors wants), alive for the copy; `buf` holds `n` bytes.
+    unsafe { std::ptr::copy_nonoverlapping(t.data_ptr() as *const u8, buf.as_mut_ptr(), n) };
+    shape
 }
 
 /// Bytes of each trainable parameter (the partition's weights).
@@ -33,8 +38,9 @@ pub fn param_sizes(trainer: &Trainer) -> Vec<(String, u64)> {
 }
 
 /// Copies this rank's share (weights and AdamW moments of `names`) to host memory. This
-/// is the only part of a save the training loop waits for.
-pub fn stage(trainer: &Trainer, names: &[String], rank: usize, world: usize) -> Staged {
+/// is the only part of a save the training loop waits for. `reuse`: the buffers of the
+/// previous save (same share: no allocation, no page faults).
+pub fn stage(trainer: &Trainer, names: &[String], rank: usize, world: usize, reuse: Option<Staged>) -> Staged {
     let params: BTreeMap<&str, &Tensor> = trainer.model.trainable().into_iter().collect();
     let mut items: Vec<(String, &Tensor)> = Vec::with_capacity(names.len() * 3);
     for n in names {
@@ -43,19 +49,22 @@ pub fn stage(trainer: &Trainer, names: &[String], rank: usize, world: usize) -> 
         items.push((format!("exp_avg.{n}"), &m.exp_avg));
         items.push((format!("exp_avg_sq.{n}"), &m.exp_avg_sq));
     }
-    stage_tensors(&items, rank, world)
+    stage_tensors(&items, rank, world, reuse)
 }
 
 /// [`stage`] for named tensors (keys as they go into the shard).
-pub fn stage_tensors(items: &[(String, &Tensor)], rank: usize, world: usize) -> Staged {
+pub fn stage_tensors(items: &[(String, &Tensor)], rank: usize, world: usize, reuse: Option<Staged>) -> Staged {
+    let mut old: std::collections::HashMap<String, Vec<u8>> =
+        reuse.map(|s| s.items.into_iter().map(|(k, _, b)| (k, b)).collect()).unwrap_or_default();
     Staged {
         rank,
         world,
         items: items
             .iter()
             .map(|(k, t)| {
-                let (shape, bytes) = host_bytes(t);
-                (k.clone(), shape, bytes)
+                let mut buf = old.remove(k).unwrap_or_default();
+                let shape = copy_to_host(t, &mut buf);
+                (k.clone(), shape, buf)
             })
             .collect(),
     }
@@ -107,7 +116,9 @@ pub fn write_shard(dir: &Path, staged: &Staged) -> Result<ShardInfo, CkptError> 
 /// Background writer: at most one save in flight; a new save waits for the previous.
 #[derive(Default)]
 pub struct AsyncSaver {
-    pending: Option<JoinHandle<Result<u64, CkptError>>>,
+    pending: Option<JoinHandle<(Result<u64, CkptError>, Staged)>>,
+    /// The last save's staging buffers, reused by the next.
+    spare: Option<Staged>,
     /// Frozen weight files to record in every manifest, and their checksums once the
     /// first save's background thread has computed them (reading GBs of frozen weights
     /// must not delay start-up or block the loop).
@@ -117,14 +128,18 @@ pub struct AsyncSaver {
 
 impl AsyncSaver {
     pub fn with_frozen(frozen_paths: Vec<PathBuf>) -> Self {
-        Self { pending: None, frozen_paths, frozen: Default::default() }
+        Self { pending: None, spare: None, frozen_paths, frozen: Default::default() }
     }
 
     /// Waits for the save in flight, if any; returns the step it committed.
     pub fn wait(&mut self) -> Result<Option<u64>, CkptError> {
         match self.pending.take() {
             None => Ok(None),
-            Some(h) => h.join().map_err(|_| CkptError::Background("writer thread panicked".into()))?.map(Some),
+            Some(h) => {
+                let (res, staged) = h.join().map_err(|_| CkptError::Background("writer thread panicked".into()))?;
+                self.spare = Some(staged);
+                res.map(Some)
+            }
         }
     }
 
@@ -137,23 +152,27 @@ impl AsyncSaver {
         let t = Instant::now();
         let mut names: Vec<String> = param_sizes(trainer).into_iter().map(|(n, _)| n).collect();
         names.sort();
-        let staged = stage(trainer, &names, 0, 1);
+        let staged = stage(trainer, &names, 0, 1, self.spare.take());
         let blocked = t.elapsed();
         let dir = step_dir(ckpt_dir, manifest.step);
         let ckpt_dir = ckpt_dir.to_path_buf();
         let (paths, cache) = (self.frozen_paths.clone(), self.frozen.clone());
         self.pending = Some(std::thread::spawn(move || {
-            let shard = write_shard(&dir, &staged)?;
-            let mut cached = cache.lock().expect("not poisoned");
-            if cached.is_none() {
-                *cached = Some(paths.iter().map(|p| file_crc(p)).collect::<Result<_, _>>()?);
-            }
-            let frozen = cached.clone().unwrap_or_default();
-            drop(cached);
-            let m = Manifest { world_size: 1, partition: vec![names], shards: vec![shard], frozen, ..manifest };
-            write_manifest(&dir, &m)?;
-            retain(&ckpt_dir, keep_last, None)?;
-            Ok(m.step)
+            let write = || {
+                let shard = write_shard(&dir, &staged)?;
+                let mut cached = cache.lock().expect("not poisoned");
+                if cached.is_none() {
+                    *cached = Some(paths.iter().map(|p| file_crc(p)).collect::<Result<_, _>>()?);
+                }
+                let frozen = cached.clone().unwrap_or_default();
+                drop(cached);
+                let m = Manifest { world_size: 1, partition: vec![names], shards: vec![shard], frozen, ..manifest };
+                write_manifest(&dir, &m)?;
+                retain(&ckpt_dir, keep_last, None)?;
+                Ok(m.step)
+            };
+            let res = write();
+            (res, staged)
         }));
         Ok(blocked)
     }
@@ -181,7 +200,7 @@ pub struct ShardWritten {
     pub total: Duration,
 }
 
-type ShardJob = JoinHandle<Result<ShardWritten, CkptError>>;
+type ShardJob = JoinHandle<(Result<ShardWritten, CkptError>, Staged)>;
 
 /// A distributed rank's background shard writer: at most one write in flight, a new save
 /// first waits for the previous one; each write carries a caller's tag (the generation
@@ -189,6 +208,8 @@ type ShardJob = JoinHandle<Result<ShardWritten, CkptError>>;
 #[derive(Default)]
 pub struct ShardSaver {
     pending: Option<(u64, ShardJob)>,
+    /// The last save's staging buffers, reused by the next (same share).
+    spare: Option<Staged>,
     frozen_paths: Vec<PathBuf>,
     frozen: std::sync::Arc<std::sync::Mutex<Option<Vec<FrozenFile>>>>,
 }
@@ -206,7 +227,7 @@ impl ShardSaver {
     /// `frozen_paths`: the frozen weight files to checksum (once) and report; empty on
     /// every rank but one.
     pub fn new(frozen_paths: Vec<PathBuf>) -> Self {
-        Self { pending: None, frozen_paths, frozen: Default::default() }
+        Self { pending: None, spare: None, frozen_paths, frozen: Default::default() }
     }
 
     /// Stages this rank's share of the state after `steps` steps (the only part the
@@ -225,7 +246,8 @@ impl ShardSaver {
         let previous = self.wait();
         let t = Instant::now();
         let names = partition(&param_sizes(trainer), world).swap_remove(rank);
-        let staged = stage(trainer, &names, rank, world);
+        let spare = self.spare.take().filter(|s| s.rank == rank && s.world == world);
+        let staged = stage(trainer, &names, rank, world, spare);
         let blocked = t.elapsed();
         let dir = step_dir(ckpt_dir, steps);
         let (paths, cache) = (self.frozen_paths.clone(), self.frozen.clone());
@@ -234,17 +256,21 @@ impl ShardSaver {
             std::thread::spawn(move || {
                 let t_write = Instant::now();
                 fault_stall(steps);
-                let info = write_shard(&dir, &staged)?;
-                let frozen = if paths.is_empty() {
-                    None
-                } else {
-                    let mut cached = cache.lock().expect("not poisoned");
-                    if cached.is_none() {
-                        *cached = Some(paths.iter().map(|p| file_crc(p)).collect::<Result<_, _>>()?);
-                    }
-                    cached.clone()
+                let write = || {
+                    let info = write_shard(&dir, &staged)?;
+                    let frozen = if paths.is_empty() {
+                        None
+                    } else {
+                        let mut cached = cache.lock().expect("not poisoned");
+                        if cached.is_none() {
+                            *cached = Some(paths.iter().map(|p| file_crc(p)).collect::<Result<_, _>>()?);
+                        }
+                        cached.clone()
+                    };
+                    Ok(ShardWritten { steps, info, names, frozen, total: blocked + t_write.elapsed() })
                 };
-                Ok(ShardWritten { steps, info, names, frozen, total: blocked + t_write.elapsed() })
+                let res = write();
+                (res, staged)
             }),
         ));
         (blocked, previous)
@@ -262,7 +288,13 @@ impl ShardSaver {
     /// Waits for the write in flight, if any.
     pub fn wait(&mut self) -> Option<(u64, Result<ShardWritten, CkptError>)> {
         let (tag, h) = self.pending.take()?;
-        Some((tag, h.join().unwrap_or_else(|_| Err(CkptError::Background("writer thread panicked".into())))))
+        match h.join() {
+            Ok((res, staged)) => {
+                self.spare = Some(staged);
+                Some((tag, res))
+            }
+            Err(_) => Some((tag, Err(CkptError::Background("writer thread panicked".into())))),
+        }
     }
 }
 

@@ -595,6 +595,7 @@ pub async fn serve_tls(
         builder = builder.tls_config(t)?;
     }
     let r = builder
+        .trace_fn(|req| tracing::info_span!("rpc", path = %req.uri().path()))
         .http2_keepalive_interval(Some(Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health_service)

@@ -165,10 +165,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         let mut loader = Loader::new(source.clone(), plan.clone(), state.cursor.clone());
         loop {
+            let _step_span = tracing::info_span!("step", step = state.step).entered();
             let t0 = Instant::now();
             let wait0 = loader.wait;
             let mut micro = Vec::new();
             let mut tokens = 0;
+            let data_span = tracing::info_span!("data").entered();
             while (micro.len() as u64) < tc.grad_accum {
                 match loader.next() {
                     None => break,
@@ -182,6 +184,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                     }
                 }
             }
+            drop(data_span);
             if micro.is_empty() {
                 break; // epoch done
             }
@@ -206,6 +209,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             bar.set_position(state.step);
             let stop = args.stop_after.is_some_and(|n| state.step >= n);
             if state.step % tc.save_every == 0 || state.step >= total_steps || stop {
+                let _span = tracing::info_span!("checkpoint", step = state.step).entered();
                 save(&mut saver, &trainer, &state)?;
             }
             if stop {

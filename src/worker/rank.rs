@@ -314,8 +314,9 @@ pub fn run(args: RankArgs) -> Result<()> {
         let mut next: Option<Prepared> = leases.get(&step).map(|items| data.prepare(step, items));
         loop {
             let Some(p) = next.take().filter(|p| p.step == step) else { bail!("{me}: no data lease for step {step}") };
+            let _step_span = tracing::info_span!("step", step, rank, generation = a.generation).entered();
             let t0 = Instant::now();
-            let batches = p.handle.join().map_err(|_| anyhow::anyhow!("data thread panicked"))??;
+            let batches = tracing::info_span!("data").in_scope(|| p.handle.join().map_err(|_| anyhow::anyhow!("data thread panicked")))??;
             let data_wait = t0.elapsed();
             next = leases.get(&(step + 1)).map(|items| data.prepare(step + 1, items));
             let micro: Vec<TensorBatch> = batches.iter().filter(|b| b.b > 0).map(|b| TensorBatch::from_batch(b, device)).collect();
@@ -382,7 +383,8 @@ pub fn run(args: RankArgs) -> Result<()> {
             }
             let last = reply.stop_after == Some(step) && reply.finished;
             if save_every > 0 && (step + 1) % save_every == 0 && !last {
-                let (blocked, previous) = saver.save(&trainer, &ckpt_dir, step + 1, rank, world, a.generation);
+                let (blocked, previous) =
+                    tracing::info_span!("checkpoint", steps = step + 1).in_scope(|| saver.save(&trainer, &ckpt_dir, step + 1, rank, world, a.generation));
                 if let Some(done) = previous {
                     report_shard(&rt, &mut client, &args, &me, saver_rank, &metrics, done);
                 }
