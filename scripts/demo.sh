@@ -21,7 +21,7 @@ pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 echo
 echo "== coordinator (configs/local-job.yaml)"
-$bin/otter-coord start --config configs/local-job.yaml --listen 127.0.0.1:0 \
+$bin/otter-coord start --config configs/local-job.yaml --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
   >out/local-job/coord.out 2>out/local-job/coord.log &
 coord_pid=$!
 pids+=("$coord_pid")
@@ -31,7 +31,8 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 [ -n "$addr" ] || { cat out/local-job/coord.log; exit 1; }
-echo "listening on $addr (log: out/local-job/coord.log)"
+http=$(sed -nE 's/^otter-coord http on ([^ ]+).*/\1/p' out/local-job/coord.out)
+echo "listening on $addr (log: out/local-job/coord.log); status page: http://$http/status, metrics: http://$http/metrics"
 echo
 echo "== workers a and b (b's log: out/local-job/worker-b.log)"
 $bin/otter-worker join --coord "$addr" --node-id b --cpu-ranks 1 --advertise-host 127.0.0.1 \
@@ -42,4 +43,5 @@ wait "$coord_pid"
 echo
 echo "== summary"
 tail -n 1 out/local-job/coord.out
+echo "checkpoints: $(ls out/local-job/checkpoints 2>/dev/null | tr '\n' ' ')(manifests written by the coordinator)"
 echo "job status: out/local-job/coord/status.json   weights: out/local-job/final_weights.safetensors"
