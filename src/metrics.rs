@@ -155,9 +155,9 @@ impl RankMetrics {
             self.allreduce_busbw.with_label_values(&l).set(algbw * 2.0 * (s.world - 1) as f64 / s.world as f64);
         }
         self.data_wait.with_label_values(&l).inc_by(s.data_wait);
-        if let Some(m) = s.mfu {
-            self.mfu.with_label_values(&l).set(m);
-        }
+        // NaN where the accelerator's peak is unknown (CPU): the series exists, the
+        // dashboard shows a gap, nobody reads a made-up number.
+        self.mfu.with_label_values(&l).set(s.mfu.unwrap_or(f64::NAN));
         self.step.with_label_values(&l).set(s.step as i64);
     }
 
@@ -219,7 +219,7 @@ impl CoordMetrics {
         let ig = |name: &str, help: &str| reg(&r, IntGauge::new(name, help).expect("valid"));
         let ic = |name: &str, help: &str| reg(&r, IntCounter::new(name, help).expect("valid"));
         let g = |name: &str, help: &str| reg(&r, Gauge::new(name, help).expect("valid"));
-        Self {
+        let m = Self {
             generation: ig("otter_generation", "Current generation (bumped on every membership change)."),
             members: ig("otter_members", "Nodes in the current generation."),
             world_size: ig("otter_world_size", "Ranks in the current generation."),
@@ -250,7 +250,13 @@ impl CoordMetrics {
                     .expect("valid"),
             ),
             registry: r,
+        };
+        // Every reason is exported from the start (a rate over a series that appears at its
+        // first failure misses that failure).
+        for reason in ["node_lost", "rank_failed"] {
+            m.node_failures.with_label_values(&[reason]).reset();
         }
+        m
     }
 
     pub fn encode(&self) -> String {

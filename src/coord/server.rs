@@ -221,6 +221,9 @@ impl Coordinator {
             t.metrics_generation = generation;
             x.rank_step_seconds.reset();
             x.rank_straggler.reset();
+            for r in 0..world {
+                x.rank_straggler.with_label_values(&[&r.to_string()]).set(0);
+            }
         }
         x.rank_step_seconds.with_label_values(&[&rank.to_string()]).set(compute_seconds);
         for f in flags {

@@ -2,6 +2,8 @@
 //! Fixtures are copies of the upstream reference numbers (see tests/fixtures/PROVENANCE.md).
 #![allow(dead_code)]
 
+pub mod job;
+
 use std::path::PathBuf;
 use tch::Tensor;
 
