@@ -1,7 +1,7 @@
 //! Logging and tracing set-up shared by the binaries: human-readable logs on stderr
 //! (`RUST_LOG`, default per binary) and, only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, OpenTelemetry traces over OTLP/HTTP
-//! (protobuf): spans of step phases (`data`, `forward_backward`, `allreduce`,
+//! (protobuf): spans of step phases (`data`, `forward`, `backward`, `allreduce`,
 //! `optimizer`, `checkpoint`) and of the coordinator's RPCs. Off by default: no exporter,
 //! no thread, no cost beyond the disabled spans.
 

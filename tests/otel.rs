@@ -81,7 +81,7 @@ fn with_an_otlp_endpoint_otter_train_exports_its_step_phase_spans() {
     assert!(!got.is_empty(), "no OTLP export reached the collector");
     assert!(got.iter().all(|(p, _)| p == "/v1/traces"), "{:?}", got.iter().map(|g| &g.0).collect::<Vec<_>>());
     let all: Vec<u8> = got.iter().flat_map(|(_, b)| b.clone()).collect();
-    for span in ["step", "data", "forward_backward", "optimizer", "checkpoint"] {
+    for span in ["step", "data", "forward", "backward", "optimizer", "checkpoint"] {
         assert!(contains(&all, span), "span {span} exported");
     }
     assert!(contains(&all, "otter"), "service.name");

@@ -98,11 +98,12 @@ impl Trainer {
         let mut loss_sum = 0.0;
         let t0 = Instant::now();
         for mb in micro {
-            let _span = tracing::info_span!("forward_backward").entered();
-            let logits = self.model.forward(&mb.vision_x, &mb.input_ids, &mb.attention_mask);
-            let loss = causal_lm_loss(&logits, &mb.labels);
+            let loss = tracing::info_span!("forward").in_scope(|| {
+                let logits = self.model.forward(&mb.vision_x, &mb.input_ids, &mb.attention_mask);
+                causal_lm_loss(&logits, &mb.labels)
+            });
             loss_sum += loss.double_value(&[]);
-            (loss / n).backward();
+            tracing::info_span!("backward").in_scope(|| (loss / n).backward());
         }
         let compute = t0.elapsed();
         let t1 = Instant::now();
