@@ -169,6 +169,9 @@ pub async fn start(args: StartArgs) -> Result<bool> {
         }
     };
     super::server::serve_tls(coord.clone(), token, listener, tls, shutdown).await?;
+    if let Err(e) = coord.flush().await {
+        eprintln!("otter-coord: the final state was not saved: {}", e.message());
+    }
     let status = coord.status_json().await;
     let _ = std::fs::create_dir_all(&state_dir);
     if let Err(e) = std::fs::write(state_dir.join("status.json"), serde_json::to_vec_pretty(&status)?) {

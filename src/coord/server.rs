@@ -62,8 +62,23 @@ pub struct Telemetry {
     progress: std::collections::VecDeque<(std::time::Instant, u64)>,
 }
 
+/// What the flusher has made durable: the newest state version saved, and the newest
+/// version whose save failed (with why).
+#[derive(Debug, Clone, Default)]
+struct Durable {
+    saved: u64,
+    failed: Option<(u64, String)>,
+}
+
 pub struct Coordinator {
     ckpt: std::sync::OnceLock<CheckpointSink>,
+    /// Bumped (under the state lock) by every accepted change.
+    version: std::sync::atomic::AtomicU64,
+    /// Group commit: changes mark the state dirty; one flusher saves the newest state and
+    /// every request whose change it includes answers then (many ranks' `StepDone` of one
+    /// step share one save instead of queueing one each behind the lock).
+    dirty: Notify,
+    durable: watch::Sender<Durable>,
     pub metrics: crate::metrics::CoordMetrics,
     pub telemetry: std::sync::Mutex<Telemetry>,
     state: Mutex<Persisted>,
@@ -94,10 +109,6 @@ fn refused(r: Refusal) -> Status {
     }
 }
 
-fn store_failed(e: StoreError) -> Status {
-    Status::unavailable(format!("coordinator could not persist its state: {e}"))
-}
-
 impl Coordinator {
     /// Resumes from `store` if it holds a state, else starts `fresh`.
     pub async fn open(
@@ -125,12 +136,57 @@ impl Coordinator {
             progress: Default::default(),
         };
         let c = Arc::new(Self {
+            version: Default::default(),
+            dirty: Notify::new(),
+            durable: watch::channel(Durable::default()).0,
             ckpt: Default::default(),
             metrics: crate::metrics::CoordMetrics::new(),
             telemetry: std::sync::Mutex::new(telemetry),
             state: Mutex::new(state), store, changed: Notify::new(), updates, job_yaml, heartbeat_interval });
         c.persist(&*c.state.lock().await).await?;
+        tokio::spawn(Self::flusher(Arc::downgrade(&c)));
         Ok(c)
+    }
+
+    /// Saves the newest state whenever it is dirty; ends with the coordinator.
+    async fn flusher(c: std::sync::Weak<Self>) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let Some(dirty) = c.upgrade().map(|c| async move { c.dirty.notified().await }) else { return };
+            // A stored permit (notify_one before we waited) makes this return at once.
+            if tokio::time::timeout(Duration::from_secs(1), dirty).await.is_err() {
+                continue; // re-check that the coordinator still exists
+            }
+            let Some(c) = c.upgrade() else { return };
+            let (bytes, version) = {
+                let s = c.state.lock().await;
+                (serde_json::to_vec(&*s).expect("state serializes"), c.version.load(Ordering::SeqCst))
+            };
+            match c.store.save(bytes).await {
+                Ok(()) => c.durable.send_modify(|d| d.saved = d.saved.max(version)),
+                Err(StoreError::Fenced(e)) => {
+                    // Another replica is active: acting on anything now could fork the job.
+                    eprintln!("otter-coord: {e}; exiting");
+                    std::process::exit(3);
+                }
+                Err(e) => c.durable.send_modify(|d| d.failed = Some((version, e.to_string()))),
+            }
+        }
+    }
+
+    /// Waits until a save includes state version `v`.
+    async fn durable(&self, v: u64) -> Result<(), Status> {
+        let mut rx = self.durable.subscribe();
+        let d = rx
+            .wait_for(|d| d.saved >= v || d.failed.as_ref().is_some_and(|(f, _)| *f >= v))
+            .await
+            .map_err(|_| Status::unavailable("coordinator shutting down"))?
+            .clone();
+        if d.saved >= v {
+            return Ok(());
+        }
+        let why = d.failed.map(|(_, e)| e).unwrap_or_default();
+        Err(Status::unavailable(format!("coordinator could not persist its state: {why}")))
     }
 
     pub fn now(&self) -> Millis {
@@ -305,26 +361,33 @@ impl Coordinator {
         self.store.save(bytes).await
     }
 
-    /// After an accepted event: fix total_steps once, persist, wake waiters, tell agents.
-    async fn commit(&self, s: &mut Persisted, message: String) -> Result<(), Status> {
+    /// After an accepted event: fix total_steps once, mark the state dirty for the flusher,
+    /// wake waiters, tell agents. Returns the state's version: a reply that depends on this
+    /// change waits for [`Coordinator::durable`] of it (after releasing the lock), so
+    /// nothing is answered before it is saved (contract 4).
+    fn commit(&self, s: &mut Persisted, message: String) -> u64 {
         if s.total_steps.is_none() && matches!(s.machine.phase(), Phase::Running { .. }) {
             let cfg = s.machine.config();
             let per_step = s.machine.world() as u64 * cfg.batches_per_rank_step;
             let by_data = s.machine.ledger().total() / per_step.max(1);
             s.total_steps = Some(cfg.max_steps.map_or(by_data, |m| m.min(by_data)).max(1));
         }
-        if let Err(e) = self.persist(s).await {
-            if matches!(e, StoreError::Fenced(_)) {
-                // Another replica is active: acting on anything now could fork the job.
-                eprintln!("otter-coord: {e}; exiting");
-                std::process::exit(3);
-            }
-            return Err(store_failed(e));
-        }
+        let v = self.version.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.dirty.notify_one();
         self.refresh_metrics(s);
         self.changed.notify_waiters();
         self.updates.send_replace(update_of(&s.machine, message));
-        Ok(())
+        v
+    }
+
+    /// Waits until the state as it is now is saved (before the process exits).
+    pub async fn flush(&self) -> Result<(), Status> {
+        self.durable(self.current_version()).await
+    }
+
+    /// The version of the state as it is now (for replies that only read it).
+    fn current_version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Feeds the clock to the machine (timeouts); call periodically.
@@ -336,7 +399,7 @@ impl Coordinator {
                 tracing::info!(generation = e.generation, "{:?}: {}", e.kind, e.reason);
             }
             let msg = last.reason.clone();
-            self.commit(&mut s, msg).await.map_err(|st| StoreError::Etcd(st.message().to_string()))?;
+            self.commit(&mut s, msg);
         }
         Ok(())
     }
@@ -346,7 +409,7 @@ impl Coordinator {
         let now = self.now();
         if s.machine.node_lost(now, node_id, reason).is_ok() {
             tracing::warn!("node {node_id} lost: {reason}");
-            let _ = self.commit(&mut s, format!("node {node_id} lost: {reason}")).await;
+            self.commit(&mut s, format!("node {node_id} lost: {reason}"));
         }
     }
 
@@ -420,7 +483,9 @@ impl pb::coordinator_server::Coordinator for Service {
         let mut s = c.state.lock().await;
         let reply = s.machine.join(c.now(), &r.node_id, r.local_ranks).map_err(refused)?;
         tracing::info!("node {} joined with {} local ranks", r.node_id, r.local_ranks);
-        c.commit(&mut s, format!("node {} joined", r.node_id)).await?;
+        let v = c.commit(&mut s, format!("node {} joined", r.node_id));
+        drop(s);
+        c.durable(v).await?;
         Ok(Response::new(pb::JoinReply {
             job_yaml: c.job_yaml.clone(),
             generation: reply.generation,
@@ -461,7 +526,7 @@ impl pb::coordinator_server::Coordinator for Service {
             let current = s.machine.assignment(&r.node_id, r.local_rank).is_some_and(|a| fresh(&a));
             if !current {
                 s.machine.rendezvous(c.now(), &r.node_id, r.local_rank, r.applied_step, &r.comm_addr).map_err(refused)?;
-                c.commit(&mut s, format!("{}/{} checked in", r.node_id, r.local_rank)).await?;
+                c.commit(&mut s, format!("{}/{} checked in", r.node_id, r.local_rank));
             }
         }
         let deadline = tokio::time::Instant::now() + RENDEZVOUS_POLL;
@@ -471,6 +536,11 @@ impl pb::coordinator_server::Coordinator for Service {
                 let mut s = c.state.lock().await;
                 if let Some(a) = s.machine.assignment(&r.node_id, r.local_rank).filter(|a| fresh(a)) {
                     let total = s.total_steps.unwrap_or(0);
+                    // The assignment may come from another request's change: answer once
+                    // the state holding it is saved.
+                    let v = c.current_version();
+                    drop(s);
+                    c.durable(v).await?;
                     return Ok(Response::new(super::rpc::assignment_to_pb(a, total)));
                 }
                 if s.machine.phase().is_over() {
@@ -479,7 +549,7 @@ impl pb::coordinator_server::Coordinator for Service {
                 if !s.machine.checked_in(&r.node_id, r.local_rank) {
                     // The generation this check-in was for is gone: check in again.
                     s.machine.rendezvous(c.now(), &r.node_id, r.local_rank, r.applied_step, &r.comm_addr).map_err(refused)?;
-                    c.commit(&mut s, format!("{}/{} checked in again", r.node_id, r.local_rank)).await?;
+                    c.commit(&mut s, format!("{}/{} checked in again", r.node_id, r.local_rank));
                     continue;
                 }
             }
@@ -496,7 +566,9 @@ impl pb::coordinator_server::Coordinator for Service {
         let reply = s.machine.step_done(c.now(), r.generation, r.rank as usize, r.step, r.loss).map_err(refused)?;
         c.observe_step_time(r.generation, s.machine.world(), r.rank as usize, r.step, r.compute_seconds);
         c.commit_ready_checkpoint(&mut s);
-        c.commit(&mut s, String::new()).await?;
+        let v = c.commit(&mut s, String::new());
+        drop(s);
+        c.durable(v).await?;
         Ok(Response::new(pb::StepReply {
             committed_through: reply.committed_through,
             leases: reply.leases.into_iter().map(super::rpc::lease_to_pb).collect(),
@@ -512,7 +584,9 @@ impl pb::coordinator_server::Coordinator for Service {
         let shard = super::machine::ShardReport { file: r.file, bytes: r.bytes, crc32: r.crc32, names: r.names, frozen: r.frozen_json };
         s.machine.checkpoint_done(c.now(), r.generation, r.rank as usize, r.step, shard).map_err(refused)?;
         let committed_steps = c.commit_ready_checkpoint(&mut s);
-        c.commit(&mut s, committed_steps.map(|n| format!("checkpoint step-{n} committed")).unwrap_or_default()).await?;
+        let v = c.commit(&mut s, committed_steps.map(|n| format!("checkpoint step-{n} committed")).unwrap_or_default());
+        drop(s);
+        c.durable(v).await?;
         Ok(Response::new(pb::CheckpointDoneReply { committed_steps }))
     }
 
@@ -523,7 +597,9 @@ impl pb::coordinator_server::Coordinator for Service {
         match s.machine.rank_failed(c.now(), r.generation, r.rank as usize, &r.reason) {
             Ok(_) => {
                 tracing::warn!("rank {} of generation {} failed: {}", r.rank, r.generation, r.reason);
-                c.commit(&mut s, format!("rank {} failed: {}", r.rank, r.reason)).await?;
+                let v = c.commit(&mut s, format!("rank {} failed: {}", r.rank, r.reason));
+                drop(s);
+                c.durable(v).await?;
             }
             // A second report of the same failure arrives after the generation moved on.
             Err(Refusal::StaleGeneration { .. }) => {}
@@ -537,7 +613,9 @@ impl pb::coordinator_server::Coordinator for Service {
         let c = &self.0;
         let mut s = c.state.lock().await;
         s.machine.leave(c.now(), &r.node_id).map_err(refused)?;
-        c.commit(&mut s, format!("node {} leaving", r.node_id)).await?;
+        let v = c.commit(&mut s, format!("node {} leaving", r.node_id));
+        drop(s);
+        c.durable(v).await?;
         Ok(Response::new(pb::LeaveReply {}))
     }
 
@@ -676,5 +754,64 @@ mod tests {
         assert_eq!(r.into_inner().job_yaml, "job");
         let _ = tx.send(());
         server.await.unwrap().unwrap();
+    }
+
+    /// A store whose saves wait for a go-ahead and are counted.
+    #[derive(Clone)]
+    struct GatedStore {
+        saves: Arc<std::sync::atomic::AtomicUsize>,
+        open: Arc<tokio::sync::Semaphore>,
+        saved: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    }
+
+    impl Default for GatedStore {
+        fn default() -> Self {
+            Self { saves: Default::default(), open: Arc::new(tokio::sync::Semaphore::new(0)), saved: Default::default() }
+        }
+    }
+
+    impl StateStore for GatedStore {
+        fn load(&self) -> super::super::store::StoreFuture<'_, Option<Vec<u8>>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn save(&self, bytes: Vec<u8>) -> super::super::store::StoreFuture<'_, ()> {
+            Box::pin(async move {
+                self.open.acquire().await.expect("open").forget();
+                self.saves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                *self.saved.lock().unwrap() = Some(bytes);
+                Ok(())
+            })
+        }
+        fn describe(&self) -> String {
+            "gated".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn replies_wait_for_the_save_that_holds_their_change_and_concurrent_changes_share_saves() {
+        let mut cfg = config();
+        (cfg.min_nodes, cfg.max_nodes) = (4, 4);
+        let store = GatedStore::default();
+        store.open.add_permits(1); // open()'s initial save
+        let c = Coordinator::open(Machine::new(cfg, vec![40]).unwrap(), Box::new(store.clone()), "job".into(), Duration::from_secs(1)).await.unwrap();
+        let s = Service(c);
+        // Four joins at once: none is answered while saves are held back.
+        let joins: Vec<_> = (0..4)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move { s.join(Request::new(pb::JoinRequest { node_id: format!("n{i}"), local_ranks: 1 })).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(joins.iter().all(|j| !j.is_finished()), "a join was answered before any save");
+        store.open.add_permits(100);
+        for j in joins {
+            j.await.unwrap().unwrap();
+        }
+        let saves = store.saves.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((2..=5).contains(&saves), "1 initial save + at most one per join, here {saves}");
+        // What was saved last holds all four nodes.
+        let last: Persisted = serde_json::from_slice(store.saved.lock().unwrap().as_ref().unwrap()).unwrap();
+        assert_eq!(last.machine.summary().nodes, 4);
     }
 }
