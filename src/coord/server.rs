@@ -57,7 +57,6 @@ pub struct Telemetry {
     event_mark: u64,
     metrics_generation: u64,
     samples_per_batch: u64,
-    pub started: std::time::Instant,
     /// (when, steps committed) at each change, the latest few (for the ETA).
     progress: std::collections::VecDeque<(std::time::Instant, u64)>,
 }
@@ -132,7 +131,6 @@ impl Coordinator {
             event_mark: 0,
             metrics_generation: 0,
             samples_per_batch: 1,
-            started: std::time::Instant::now(),
             progress: Default::default(),
         };
         let c = Arc::new(Self {
