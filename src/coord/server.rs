@@ -323,7 +323,7 @@ impl Coordinator {
             }
         }
         let total = s.total_steps.unwrap_or(0);
-        let warmup = if sink.warmup_ratio <= 0.0 { 0 } else { ((sink.warmup_ratio * total as f64).ceil() as u64).max(1) };
+        let warmup = crate::train::schedule::warmup_steps(sink.warmup_ratio, total);
         let epoch = c.ledger.committed().last().and_then(|st| st.per_rank.iter().flatten().map(|b| b.epoch).max()).unwrap_or(0);
         let frozen = c.shards.iter().find_map(|sh| sh.frozen.as_deref()).and_then(|j| serde_json::from_str(j).ok()).unwrap_or_default();
         let m = ckpt::Manifest {
@@ -389,7 +389,7 @@ impl Coordinator {
     }
 
     /// Feeds the clock to the machine (timeouts); call periodically.
-    pub async fn tick(&self) -> Result<(), StoreError> {
+    pub async fn tick(&self) {
         let mut s = self.state.lock().await;
         let events = s.machine.tick(self.now());
         if let Some(last) = events.last() {
@@ -399,7 +399,6 @@ impl Coordinator {
             let msg = last.reason.clone();
             self.commit(&mut s, msg);
         }
-        Ok(())
     }
 
     pub async fn node_lost(&self, node_id: &str, reason: &str) {
@@ -662,9 +661,7 @@ pub async fn serve_tls(
             let mut every = tokio::time::interval(Duration::from_millis(100));
             loop {
                 every.tick().await;
-                if let Err(e) = coord.tick().await {
-                    tracing::error!("tick: {e}");
-                }
+                coord.tick().await;
             }
         })
     };

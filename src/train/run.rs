@@ -247,7 +247,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 /// Frozen weight files of the model (checked on resume, never copied into checkpoints).
-fn frozen_files(source: &ModelSource) -> Result<Vec<PathBuf>> {
+pub fn frozen_files(source: &ModelSource) -> Result<Vec<PathBuf>> {
     let ModelSource::Dir(dir) = source else { return Ok(Vec::new()) };
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .flatten()

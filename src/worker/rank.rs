@@ -202,14 +202,7 @@ pub fn run(args: RankArgs) -> Result<()> {
     let save_every = tc.save_every;
     // Rank 0 of each generation reports the frozen weights' checksums (the saver computes
     // them once, in the background); every node checksums its own copy of the files.
-    let frozen = match cfg.model_source(&args.job_file)? {
-        ModelSource::Dir(dir) => {
-            let mut f: Vec<PathBuf> = std::fs::read_dir(&dir)?.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect();
-            f.sort();
-            f
-        }
-        ModelSource::Preset(_) => Vec::new(),
-    };
+    let frozen = crate::train::run::frozen_files(&cfg.model_source(&args.job_file)?)?;
     let mut saver = crate::ckpt::ShardSaver::new(if args.local_rank == 0 { frozen } else { Vec::new() });
     let mut saver_rank = 0usize; // the rank the write in flight was made as
 
@@ -285,6 +278,7 @@ pub fn run(args: RankArgs) -> Result<()> {
                 continue 'generations;
             }
         }
+        let mut restored_from_world = 0;
         if let Some(n) = a.restore_step {
             // Every rank reads what it needs from the shards, whatever world size wrote them.
             let dir = crate::ckpt::step_dir(&ckpt_dir, n);
@@ -293,6 +287,7 @@ pub fn run(args: RankArgs) -> Result<()> {
                 bail!("{me}: {} holds {} steps, the coordinator starts at step {}", dir.display(), m.step, a.start_step);
             }
             applied = a.start_step.checked_sub(1);
+            restored_from_world = m.world_size;
         }
         trainer.opt.step = a.start_step;
         println!(
@@ -300,7 +295,7 @@ pub fn run(args: RankArgs) -> Result<()> {
             a.generation,
             a.start_step,
             match (a.restore_step, a.sync_from) {
-                (Some(n), _) => format!(", restored from checkpoint step-{n} (written by {} ranks)", crate::ckpt::read_manifest(&crate::ckpt::step_dir(&ckpt_dir, n)).map_or(0, |m| m.world_size)),
+                (Some(n), _) => format!(", restored from checkpoint step-{n} (written by {restored_from_world} ranks)"),
                 (None, Some(r)) => format!(", state copied from rank {r}"),
                 (None, None) => String::new(),
             },
