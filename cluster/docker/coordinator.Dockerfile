@@ -4,11 +4,12 @@
 #   docker build -f cluster/docker/coordinator.Dockerfile -t otter-coord:dev .
 #
 # Build dependencies mirror scripts/setup.sh: protoc and the protobuf includes (build.rs
-# compiles proto/otter/v1). Needs BuildKit (the default builder) for the cache mounts.
+# compiles proto/otter/v1) and libjpeg62-turbo-dev (build.rs links libjpeg.a statically
+# into every binary; nothing at run time). Needs BuildKit (the default builder) for the cache mounts.
 
 FROM rust:1-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
+ && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev libjpeg62-turbo-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

@@ -15,7 +15,7 @@ ARG TORCH_VERSION=2.13.0
 FROM rust:1-bookworm AS build
 ARG TORCH_VERSION
 RUN apt-get update \
- && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev python3 python3-venv \
+ && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev libjpeg62-turbo-dev python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
 # Debian bookworm's python3 is 3.11: the path below (and the runtime stage's) depends on it.
 RUN python3 -m venv /opt/venv \

@@ -30,43 +30,102 @@ pub struct Rgb8 {
 /// Decodes PNG or JPEG bytes into RGB (alpha dropped, grey replicated, as PIL's
 /// `convert("RGB")`).
 pub fn decode_rgb(bytes: &[u8]) -> Result<Rgb8, ImageError> {
+    let mut data = Vec::new();
+    let (width, height) = decode_into(bytes, &mut data)?;
+    Ok(Rgb8 { width, height, data })
+}
+
+/// [`decode_rgb`] into a reused buffer (replaced, not appended to); returns (width, height).
+fn decode_into(bytes: &[u8], out: &mut Vec<u8>) -> Result<(usize, usize), ImageError> {
     if bytes.starts_with(&[0xFF, 0xD8]) {
-        return decode_jpeg(bytes);
+        return decode_jpeg(bytes, out);
     }
-    let img = image::load_from_memory(bytes).map_err(|e| ImageError::Decode(e.to_string()))?;
-    let rgb = img.into_rgb8(); // no copy when already RGB8
+    use image::ImageDecoder;
+    let dec = |e: image::ImageError| ImageError::Decode(e.to_string());
+    // The common case, an 8-bit RGB PNG, decodes straight into `out`.
+    if bytes.starts_with(b"\x89PNG") {
+        let d = image::codecs::png::PngDecoder::new(std::io::Cursor::new(bytes)).map_err(dec)?;
+        if d.color_type() == image::ColorType::Rgb8 {
+            let (w, h) = d.dimensions();
+            if w == 0 || h == 0 {
+                return Err(ImageError::Empty);
+            }
+            out.clear();
+            out.resize(d.total_bytes() as usize, 0);
+            d.read_image(out).map_err(dec)?;
+            return Ok((w as usize, h as usize));
+        }
+    }
+    let rgb = image::load_from_memory(bytes).map_err(dec)?.into_rgb8(); // no copy when already RGB8
     let (w, h) = rgb.dimensions();
     if w == 0 || h == 0 {
         return Err(ImageError::Empty);
     }
-    Ok(Rgb8 { width: w as usize, height: h as usize, data: rgb.into_raw() })
+    *out = rgb.into_raw();
+    Ok((w as usize, h as usize))
 }
 
-/// JPEG through `jpeg-decoder`, whose chroma upsampling is libjpeg's "fancy" (triangle)
-/// filter, as in the libjpeg-turbo PIL uses; other decoders differ visibly on 4:2:0 images.
-fn decode_jpeg(bytes: &[u8]) -> Result<Rgb8, ImageError> {
-    use jpeg_decoder::PixelFormat;
-    let mut d = jpeg_decoder::Decoder::new(bytes);
-    let pixels = d.decode().map_err(|e| ImageError::Decode(e.to_string()))?;
-    let info = d.info().ok_or_else(|| ImageError::Decode("no JPEG header".into()))?;
-    let (w, h) = (info.width as usize, info.height as usize);
-    if w == 0 || h == 0 {
+/// JPEG through libjpeg-turbo, the library Pillow bundles (src/data/jpeg_shim.c, linked
+/// statically): the same IDCT and "fancy" chroma upsampling, so the same pixels as PIL.
+fn decode_jpeg(bytes: &[u8], buf: &mut Vec<u8>) -> Result<(usize, usize), ImageError> {
+    use std::ffi::{c_char, c_int, c_uint, c_ulong, c_void};
+    extern "C" {
+        fn otter_jpeg_decode(
+            data: *const u8,
+            len: c_ulong,
+            ctx: *mut c_void,
+            alloc: extern "C" fn(*mut c_void, c_uint, c_uint, c_int) -> *mut u8,
+            msg: *mut c_char,
+            msg_len: usize,
+        ) -> c_int;
+    }
+    struct Out<'a> {
+        width: usize,
+        height: usize,
+        components: usize,
+        data: &'a mut Vec<u8>,
+    }
+    extern "C" fn alloc(ctx: *mut c_void, w: c_uint, h: c_uint, c: c_int) -> *mut u8 {
+        // SAFETY: ctx is the `Out` passed below, alive for the whole call.
+        let out = unsafe { &mut *(ctx as *mut Out) };
+        let Some(n) = (w as usize).checked_mul(h as usize).and_then(|n| n.checked_mul(c as usize)) else {
+            return std::ptr::null_mut();
+        };
+        out.data.clear();
+        if out.data.try_reserve_exact(n).is_err() {
+            return std::ptr::null_mut();
+        }
+        out.data.resize(n, 0);
+        (out.width, out.height, out.components) = (w as usize, h as usize, c as usize);
+        out.data.as_mut_ptr()
+    }
+    let mut out = Out { width: 0, height: 0, components: 0, data: buf };
+    let mut msg = [0 as c_char; 200];
+    // SAFETY: `bytes` outlives the call; the shim writes at most msg.len() bytes (NUL
+    // included) into msg and only into the buffer `alloc` returned, within its size.
+    let rc = unsafe {
+        otter_jpeg_decode(bytes.as_ptr(), bytes.len() as c_ulong, &mut out as *mut Out as *mut c_void, alloc, msg.as_mut_ptr(), msg.len())
+    };
+    if rc != 0 {
+        // SAFETY: the shim NUL-terminates what it writes (snprintf); msg starts zeroed.
+        let text = unsafe { std::ffi::CStr::from_ptr(msg.as_ptr()) }.to_string_lossy().into_owned();
+        return Err(ImageError::Decode(format!("JPEG: {text}")));
+    }
+    if out.width == 0 || out.height == 0 {
         return Err(ImageError::Empty);
     }
-    let data = match info.pixel_format {
-        PixelFormat::RGB24 => pixels,
-        PixelFormat::L8 => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
-        PixelFormat::L16 => pixels.chunks_exact(2).flat_map(|c| [c[0], c[0], c[0]]).collect(),
-        PixelFormat::CMYK32 => pixels
-            .chunks_exact(4)
-            .flat_map(|c| {
-                // PIL's CMYK -> RGB for Adobe (inverted) JPEGs: r = c * k / 255.
-                let k = c[3] as u32;
-                [c[0], c[1], c[2]].map(|v| ((v as u32 * k) / 255) as u8)
-            })
-            .collect(),
-    };
-    Ok(Rgb8 { width: w, height: h, data })
+    if out.components == 4 {
+        // PIL's CMYK -> RGB for Adobe (inverted) JPEGs: r = c * k / 255, in place.
+        let n = out.width * out.height;
+        for i in 0..n {
+            let k = out.data[4 * i + 3] as u32;
+            for c in 0..3 {
+                out.data[3 * i + c] = ((out.data[4 * i + c] as u32 * k) / 255) as u8;
+            }
+        }
+        out.data.truncate(3 * n);
+    }
+    Ok((out.width, out.height))
 }
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -140,7 +199,22 @@ fn clip8(v: i32) -> u8 {
 /// passes are written as "accumulate whole rows" (the horizontal one on the transposed
 /// image), which vectorizes; AVX2 is used when the CPU has it.
 pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
-    let (in_w, in_h) = (img.width, img.height);
+    let mut data = Vec::new();
+    resize_into(&img.data, img.width, img.height, out_w, out_h, &mut ResizeBufs::default(), &mut data);
+    Rgb8 { width: out_w, height: out_h, data }
+}
+
+/// Intermediate buffers of [`resize_into`], reused from image to image.
+#[derive(Default)]
+struct ResizeBufs {
+    transposed: Vec<u8>,
+    filtered: Vec<u8>,
+    horizontal: Vec<u8>,
+    acc: Vec<i32>,
+}
+
+/// [`resize_bicubic`] of the RGB image `src` (in_w x in_h) into `out` (replaced).
+fn resize_into(src: &[u8], in_w: usize, in_h: usize, out_w: usize, out_h: usize, b: &mut ResizeBufs, out: &mut Vec<u8>) {
     let cv = coeffs(in_h, out_h);
     // Rows of the source that the vertical pass reads.
     let ybox_first = cv.bounds[0].0;
@@ -151,24 +225,27 @@ pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
         let rows = ybox_last - ybox_first;
         // Transpose the used rows to (in_w, rows, 3), filter "rows" = source columns,
         // transpose back to (rows, out_w, 3).
-        let band = &img.data[ybox_first * in_w * 3..ybox_last * in_w * 3];
-        let t = transpose3(band, rows, in_w);
-        let filtered = filter_rows(&t, rows * 3, &ch, 0);
-        (transpose3(&filtered, out_w, rows), out_w, ybox_first)
+        let band = &src[ybox_first * in_w * 3..ybox_last * in_w * 3];
+        transpose3(band, rows, in_w, &mut b.transposed);
+        filter_rows(&b.transposed, rows * 3, &ch, 0, &mut b.acc, &mut b.filtered);
+        transpose3(&b.filtered, out_w, rows, &mut b.horizontal);
+        (&b.horizontal[..], out_w, ybox_first)
     } else {
-        (img.data.clone(), in_w, 0)
+        (src, in_w, 0)
     };
     if out_h == in_h {
-        return Rgb8 { width: tmp_w, height: out_h, data: tmp };
+        out.clear();
+        out.extend_from_slice(tmp);
+        return;
     }
-    let out = filter_rows(&tmp, tmp_w * 3, &cv, row0);
-    Rgb8 { width: tmp_w, height: out_h, data: out }
+    filter_rows(tmp, tmp_w * 3, &cv, row0, &mut b.acc, out);
 }
 
-/// (h, w, 3) -> (w, h, 3), in 16 x 16 tiles.
-fn transpose3(src: &[u8], h: usize, w: usize) -> Vec<u8> {
+/// (h, w, 3) -> (w, h, 3), in 16 x 16 tiles, into `out` (replaced).
+fn transpose3(src: &[u8], h: usize, w: usize, out: &mut Vec<u8>) {
     let (src_px, _) = src.as_chunks::<3>();
-    let mut out = vec![0u8; src.len()];
+    out.clear();
+    out.resize(src.len(), 0);
     let (out_px, _) = out.as_chunks_mut::<3>();
     const T: usize = 16;
     for y0 in (0..h).step_by(T) {
@@ -180,27 +257,27 @@ fn transpose3(src: &[u8], h: usize, w: usize) -> Vec<u8> {
             }
         }
     }
-    out
 }
 
 /// Output row i = clip8(bias + sum_j w[i][j] * row[bounds[i].0 - shift + j]) over rows of
-/// `row_len` bytes.
-fn filter_rows(src: &[u8], row_len: usize, c: &Coeffs, shift: usize) -> Vec<u8> {
+/// `row_len` bytes, into `out` (replaced); `acc` is scratch.
+fn filter_rows(src: &[u8], row_len: usize, c: &Coeffs, shift: usize, acc: &mut Vec<i32>, out: &mut Vec<u8>) {
     let n_out = c.bounds.len();
-    let mut out = vec![0u8; n_out * row_len];
-    let mut acc = vec![0i32; row_len];
+    out.clear();
+    out.resize(n_out * row_len, 0);
+    acc.resize(row_len, 0);
+    let acc = &mut acc[..row_len];
     for (i, orow) in out.chunks_exact_mut(row_len).enumerate() {
         let (first, n) = c.bounds[i];
         let k = &c.weights[i * c.ksize..][..n];
         acc.fill(1i32 << (PRECISION_BITS - 1));
         for (j, &w) in k.iter().enumerate() {
-            accumulate(&mut acc, &src[(first - shift + j) * row_len..][..row_len], w);
+            accumulate(acc, &src[(first - shift + j) * row_len..][..row_len], w);
         }
-        for (o, &a) in orow.iter_mut().zip(&acc) {
+        for (o, &a) in orow.iter_mut().zip(acc.iter()) {
             *o = clip8(a);
         }
     }
-    out
 }
 
 #[inline(always)]
@@ -242,13 +319,15 @@ fn normalize_lut() -> &'static [[f32; 256]; 3] {
 
 /// (3, S, S) f32, channel-major: resize to S x S, /255, normalize. Appends to `out`.
 pub fn to_normalized_chw(img: &Rgb8, size: usize, out: &mut Vec<f32>) {
-    let resized;
-    let r = if img.width == size && img.height == size {
-        img
+    if img.width == size && img.height == size {
+        push_normalized(&img.data, size, out);
     } else {
-        resized = resize_bicubic(img, size, size);
-        &resized
-    };
+        push_normalized(&resize_bicubic(img, size, size).data, size, out);
+    }
+}
+
+/// Appends the S x S RGB image `rgb` as (3, S, S) f32, /255 and normalized.
+fn push_normalized(rgb: &[u8], size: usize, out: &mut Vec<f32>) {
     let plane = size * size;
     let start = out.len();
     out.resize(start + 3 * plane, 0.0);
@@ -257,18 +336,53 @@ pub fn to_normalized_chw(img: &Rgb8, size: usize, out: &mut Vec<f32>) {
     // torchvision: x.float().div(255), then (x - mean) / std, all in f32; a value depends
     // only on the byte, so a 256-entry table per channel gives the same floats.
     let lut = normalize_lut();
-    for (i, px) in r.data.chunks_exact(3).enumerate() {
+    for (i, px) in rgb.chunks_exact(3).enumerate() {
         p0[i] = lut[0][px[0] as usize];
         p1[i] = lut[1][px[1] as usize];
         p2[i] = lut[2][px[2] as usize];
     }
 }
 
-/// Decode + transform in one step.
+/// Per-thread buffers of [`preprocess`], reused from image to image. Allocating them per
+/// image (~2 MB in five pieces for a 480 px photo) let glibc hand the memory back to the
+/// kernel and fault it in again every time: 15% of the pipeline's time.
+#[derive(Default)]
+struct Scratch {
+    decoded: Vec<u8>,
+    resized: Vec<u8>,
+    resize: ResizeBufs,
+}
+
+impl Scratch {
+    /// Above this, buffers are dropped after use rather than kept (one huge image should
+    /// not pin its memory in every loader thread).
+    const KEEP_BYTES: usize = 64 << 20;
+
+    fn trim(&mut self) {
+        if self.decoded.capacity() + self.resize.transposed.capacity() > Self::KEEP_BYTES {
+            *self = Scratch::default();
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Decode + transform in one step: appends (3, S, S) f32 to `out`.
 pub fn preprocess(bytes: &[u8], size: usize, out: &mut Vec<f32>) -> Result<(), ImageError> {
-    let img = decode_rgb(bytes)?;
-    to_normalized_chw(&img, size, out);
-    Ok(())
+    SCRATCH.with_borrow_mut(|s| {
+        let result = decode_into(bytes, &mut s.decoded).map(|(w, h)| {
+            if (w, h) == (size, size) {
+                push_normalized(&s.decoded, size, out);
+            } else {
+                resize_into(&s.decoded, w, h, size, size, &mut s.resize, &mut s.resized);
+                push_normalized(&s.resized, size, out);
+            }
+        });
+        s.trim();
+        result
+    })
 }
 
 #[cfg(test)]
@@ -294,5 +408,39 @@ mod tests {
                 assert!((s - (1 << PRECISION_BITS)).abs() <= c.ksize as i64, "{i}->{o} at {xx}: {s}");
             }
         }
+    }
+
+    fn encode(img: image::DynamicImage, fmt: image::ImageFormat) -> Vec<u8> {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut buf, fmt).unwrap();
+        buf.into_inner()
+    }
+
+    #[test]
+    fn jpeg_decodes_rgb_and_grey_like_pil_convert_rgb() {
+        let rgb = image::RgbImage::from_fn(40, 24, |x, y| image::Rgb([(x * 6) as u8, (y * 10) as u8, 128]));
+        let img = decode_rgb(&encode(rgb.clone().into(), image::ImageFormat::Jpeg)).unwrap();
+        assert_eq!((img.width, img.height, img.data.len()), (40, 24, 40 * 24 * 3));
+        // Lossy, but close to what was encoded.
+        let err = img.data.iter().zip(rgb.as_raw()).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap();
+        assert!(err < 24, "max pixel error {err}");
+        // Greyscale JPEGs come out as RGB with three equal channels.
+        let grey = image::GrayImage::from_fn(9, 7, |x, y| image::Luma([(x * 20 + y) as u8]));
+        let img = decode_rgb(&encode(grey.into(), image::ImageFormat::Jpeg)).unwrap();
+        assert_eq!((img.width, img.height), (9, 7));
+        assert!(img.data.chunks_exact(3).all(|p| p[0] == p[1] && p[1] == p[2]));
+    }
+
+    #[test]
+    fn truncated_or_garbage_jpeg_is_an_error_not_grey_pixels() {
+        let rgb = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8, y as u8, (x ^ y) as u8]));
+        let bytes = encode(rgb.into(), image::ImageFormat::Jpeg);
+        for cut in [bytes.len() / 2, 200, 3] {
+            let e = decode_rgb(&bytes[..cut]).unwrap_err();
+            assert!(matches!(e, ImageError::Decode(ref m) if m.starts_with("JPEG:")), "cut at {cut}: {e}");
+        }
+        let mut garbage = vec![0xFF, 0xD8];
+        garbage.extend((0..500u32).map(|i| (i * 7) as u8));
+        assert!(matches!(decode_rgb(&garbage), Err(ImageError::Decode(_))));
     }
 }
