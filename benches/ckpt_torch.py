@@ -20,6 +20,7 @@ for i in range(params):
         state[f"{k}.p{i:03}"] = torch.randn(per)
 os.makedirs(d, exist_ok=True)
 path = os.path.join(d, "torch.pt")
+os.sync()  # as `otter bench ckpt`: no earlier dirty pages left to throttle this write
 t = time.perf_counter()
 torch.save(state, path)
 save = time.perf_counter() - t
@@ -28,6 +29,7 @@ with open(path, "rb+") as f:
 save_fsync = time.perf_counter() - t
 nbytes = os.path.getsize(path)
 del state
+os.sync()
 t = time.perf_counter()
 loaded = torch.load(path)
 load = time.perf_counter() - t

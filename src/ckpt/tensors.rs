@@ -90,7 +90,14 @@ fn header(staged: &Staged) -> Vec<u8> {
 /// Checksums and durably writes a staged shard into `dir` as safetensors, streaming the
 /// staged buffers straight to the file (no second in-memory copy).
 pub fn write_shard(dir: &Path, staged: &Staged) -> Result<ShardInfo, CkptError> {
+    write_shard_timed(dir, staged).map(|(info, _)| info)
+}
+
+/// [`write_shard`], also returning how long it took until the data was written (in the
+/// page cache, where `torch.save` leaves it), before the fsyncs that make it durable.
+pub fn write_shard_timed(dir: &Path, staged: &Staged) -> Result<(ShardInfo, Duration), CkptError> {
     use std::io::Write;
+    let start = Instant::now();
     let file = shard_file(staged.rank, staged.world);
     let path = dir.join(&file);
     std::fs::create_dir_all(dir).map_err(|source| CkptError::Io { path: dir.to_path_buf(), source })?;
@@ -107,10 +114,11 @@ pub fn write_shard(dir: &Path, staged: &Staged) -> Result<ShardInfo, CkptError> 
         f.write_all(bytes).map_err(err)?;
         total += bytes.len() as u64;
     }
+    let written = start.elapsed();
     f.sync_all().map_err(err)?;
     std::fs::rename(&tmp, &path).map_err(|source| CkptError::Io { path: path.clone(), source })?;
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|source| CkptError::Io { path: dir.to_path_buf(), source })?;
-    Ok(ShardInfo { file, bytes: total, crc32: crc.finalize() })
+    Ok((ShardInfo { file, bytes: total, crc32: crc.finalize() }, written))
 }
 
 /// Background writer: at most one save in flight; a new save waits for the previous.
