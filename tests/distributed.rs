@@ -537,7 +537,7 @@ fn a_two_rank_checkpoint_resumes_on_three_ranks_with_identical_state_on_each() {
     println!("checksums after loading the 2-rank step-2 on 3 ranks: {restored:?}");
     assert!(restored.iter().all(|c| c.len() == 1) && restored.windows(2).all(|w| w[0] == w[1]), "{restored:?}\n{}", logs(d.path()));
     // Steps 0-1 came from the checkpoint's ledger, the rest ran on 3 ranks.
-    let per_rank: Vec<usize> = s["steps"].as_array().unwrap().iter().map(|x| x["per_rank"].as_array().unwrap().len()).collect();
+    let per_rank: Vec<u64> = s["steps"].as_array().unwrap().iter().map(|x| x["world"].as_u64().unwrap()).collect();
     assert_eq!(&per_rank[..2], &[2, 2]);
     assert!(per_rank[2..].iter().all(|&n| n == 3), "{per_rank:?}");
     // The new world's checkpoints have 3 shards.

@@ -7,6 +7,12 @@
 //! always consumed first), the outstanding leases by step, and the committed steps.
 //! Invariant: committed ++ leased ++ returned ++ stream[next..] is the stream itself, in
 //! order ([`Ledger::check_exactly_once`] verifies it).
+//!
+//! Compaction keeps the state from growing with the length of the run: committed steps
+//! that no restore can roll back any more (those covered by the newest committed
+//! checkpoint) are folded into a count of stream positions plus one small summary per step
+//! (generation, world, epoch, loss); their batch lists, world x k entries per step, are
+//! dropped. Their batches are implied: committed steps are a prefix of the stream.
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -52,6 +58,39 @@ pub struct CommittedStep {
     /// Mean of the losses its ranks reported (ranks that died before reporting are
     /// missing from it).
     pub mean_loss: Option<f64>,
+}
+
+/// What is kept of a committed step once it is compacted (and shown for every step).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepSummary {
+    pub step: u64,
+    pub generation: u64,
+    /// Ranks of the generation that ran it.
+    pub world: u64,
+    /// The highest epoch among its batches.
+    pub epoch: u64,
+    pub mean_loss: Option<f64>,
+}
+
+impl CommittedStep {
+    pub fn summary(&self) -> StepSummary {
+        StepSummary {
+            step: self.step,
+            generation: self.generation,
+            world: self.per_rank.len() as u64,
+            epoch: self.per_rank.iter().flatten().map(|b| b.epoch).max().unwrap_or(0),
+            mean_loss: self.mean_loss,
+        }
+    }
+}
+
+/// The compacted prefix of the committed steps.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Compacted {
+    /// Steps 0, 1, ... in order.
+    pub steps: Vec<StepSummary>,
+    /// Stream positions they consumed: the stream's first `batches` batches.
+    pub batches: u64,
 }
 
 /// How the job's data use ended.
@@ -109,6 +148,10 @@ pub struct Ledger {
     /// Leased once, given back; all precede `next` in stream order and go out first.
     returned: VecDeque<BatchRef>,
     leased: BTreeMap<u64, LeasedStep>,
+    /// Committed steps folded into a count (see the module docs); older states have none.
+    #[serde(default)]
+    compacted: Compacted,
+    /// Committed steps after the compacted ones, with their batches.
     committed: Vec<CommittedStep>,
     end: Option<LedgerEnd>,
 }
@@ -143,6 +186,7 @@ impl Ledger {
             next: 0,
             returned: VecDeque::new(),
             leased: BTreeMap::new(),
+            compacted: Compacted::default(),
             committed: Vec::new(),
             end: None,
         }
@@ -168,9 +212,46 @@ impl Ledger {
         Stream { epoch_batches: &self.epoch_batches, epoch: self.epoch_batches.len(), batch: 0 }
     }
 
-    /// Committed steps, numbered 0, 1, 2, ... in order.
+    /// Committed steps not compacted yet, with their batches, in order: steps
+    /// `compacted().steps.len()` onwards.
     pub fn committed(&self) -> &[CommittedStep] {
         &self.committed
+    }
+
+    /// The compacted prefix of the committed steps.
+    pub fn compacted(&self) -> &Compacted {
+        &self.compacted
+    }
+
+    /// Committed step `step` with its batches, unless it is compacted.
+    pub fn committed_step(&self, step: u64) -> Option<&CommittedStep> {
+        let i = step.checked_sub(self.compacted.steps.len() as u64)?;
+        self.committed.get(usize::try_from(i).ok()?).filter(|c| c.step == step)
+    }
+
+    /// Every committed step, compacted or not, in order.
+    pub fn history(&self) -> impl Iterator<Item = StepSummary> + '_ {
+        self.compacted.steps.iter().copied().chain(self.committed.iter().map(CommittedStep::summary))
+    }
+
+    /// The newest committed step's summary.
+    pub fn last_committed(&self) -> Option<StepSummary> {
+        self.committed.last().map(CommittedStep::summary).or_else(|| self.compacted.steps.last().copied())
+    }
+
+    /// The number of committed steps (the next step to commit).
+    pub fn steps_committed(&self) -> u64 {
+        (self.compacted.steps.len() + self.committed.len()) as u64
+    }
+
+    /// Folds the committed steps below `steps` into the compacted prefix. Only for steps no
+    /// restore can roll back (the machine calls it with the newest committed checkpoint).
+    pub(crate) fn compact_through(&mut self, steps: u64) {
+        let n = steps.saturating_sub(self.compacted.steps.len() as u64).min(self.committed.len() as u64) as usize;
+        for c in self.committed.drain(..n) {
+            self.compacted.batches += c.per_rank.iter().map(|r| r.len() as u64).sum::<u64>();
+            self.compacted.steps.push(c.summary());
+        }
     }
 
     /// Outstanding leases by step.
@@ -179,11 +260,11 @@ impl Ledger {
     }
 
     pub fn committed_through(&self) -> Option<u64> {
-        (self.committed.len() as u64).checked_sub(1)
+        self.steps_committed().checked_sub(1)
     }
 
     pub fn committed_batches(&self) -> u64 {
-        self.committed.iter().flat_map(|c| &c.per_rank).map(|r| r.len() as u64).sum()
+        self.compacted.batches + self.committed.iter().flat_map(|c| &c.per_rank).map(|r| r.len() as u64).sum::<u64>()
     }
 
     /// The last step leased or committed: the furthest any model state can be.
@@ -200,11 +281,12 @@ impl Ledger {
         self.end
     }
 
-    /// Rank `rank`'s lease of `step`, whether still outstanding or committed.
+    /// Rank `rank`'s lease of `step`, whether still outstanding or committed (and not
+    /// compacted).
     pub fn lease_of(&self, step: u64, rank: usize) -> Option<StepLease> {
         let per_rank = match self.leased.get(&step) {
             Some(l) => &l.per_rank,
-            None => &self.committed.get(usize::try_from(step).ok()?)?.per_rank,
+            None => &self.committed_step(step)?.per_rank,
         };
         Some(StepLease { step, items: per_rank.get(rank)?.clone() })
     }
@@ -236,7 +318,7 @@ impl Ledger {
 
     /// Commits outstanding `step` if it is the next one; false otherwise.
     pub(crate) fn commit(&mut self, step: u64) -> bool {
-        if step != self.committed.len() as u64 {
+        if step != self.steps_committed() {
             return false;
         }
         let Some(l) = self.leased.remove(&step) else { return false };
@@ -259,8 +341,13 @@ impl Ledger {
             s.committed.push(step);
         }
         let mut back: Vec<BatchRef> = Vec::new();
-        if (self.committed.len() as u64) > keep {
-            for c in self.committed.split_off(keep as usize) {
+        // Compacted steps are never rolled back: the machine compacts only what the newest
+        // committed checkpoint covers, and no settlement goes below that checkpoint.
+        let compacted = self.compacted.steps.len() as u64;
+        debug_assert!(keep >= compacted, "settling to {keep} steps below the {compacted} compacted ones");
+        let keep_tail = keep.saturating_sub(compacted);
+        if (self.committed.len() as u64) > keep_tail {
+            for c in self.committed.split_off(keep_tail as usize) {
                 s.rolled_back.push(c.step);
                 back.extend(c.per_rank.into_iter().flatten());
             }
@@ -286,9 +373,9 @@ impl Ledger {
     /// no lease is left open and, if the data ran out, that only a tail smaller than one
     /// step is left untrained.
     pub fn check_exactly_once(&self) -> Result<Coverage, LedgerError> {
-        for (index, c) in self.committed.iter().enumerate() {
-            if c.step != index as u64 {
-                return Err(LedgerError::StepGap { index, step: c.step });
+        for (index, step) in self.history().map(|c| c.step).enumerate() {
+            if step != index as u64 {
+                return Err(LedgerError::StepGap { index, step });
             }
         }
         let mut first: HashMap<BatchRef, u64> = HashMap::new();
@@ -301,8 +388,9 @@ impl Ledger {
         }
         let committed = self.committed.iter().flat_map(|c| c.per_rank.iter().flatten());
         let leased = self.leased.values().flat_map(|l| l.per_rank.iter().flatten());
-        let mut stream = self.stream_from(0);
-        let mut position = 0u64;
+        // The compacted steps consumed the stream's first `compacted.batches` batches.
+        let mut position = self.compacted.batches;
+        let mut stream = self.stream_from(position);
         for &found in committed.chain(leased).chain(self.returned.iter()) {
             match stream.next() {
                 Some(expected) if expected == found => {}
@@ -473,5 +561,73 @@ mod tests {
         l.record_loss(0, 7, 3.0);
         assert!(l.commit(0));
         assert_eq!(l.committed[0].mean_loss, Some(2.0));
+    }
+
+    /// Runs `steps` steps of `world` ranks x `k` batches, committing each, and compacts
+    /// every `every` steps as the machine does when a checkpoint commits.
+    fn long_run(l: &mut Ledger, steps: u64, world: usize, k: u64, every: u64) {
+        for step in l.steps_committed()..steps {
+            assert!(l.lease(step, 1, world, k));
+            l.record_loss(step, 0, step as f64);
+            assert!(l.commit(step));
+            if (step + 1) % every == 0 {
+                l.compact_through(step + 1);
+            }
+        }
+    }
+
+    #[test]
+    fn compaction_keeps_exactly_once_counts_history_and_the_next_leases() {
+        let (mut full, mut compact) = (Ledger::new(vec![500, 500]), Ledger::new(vec![500, 500]));
+        long_run(&mut full, 60, 4, 2, u64::MAX);
+        long_run(&mut compact, 60, 4, 2, 16);
+        assert_eq!(compact.compacted().steps.len(), 48);
+        assert_eq!(compact.committed().len(), 12);
+        let (a, b) = (full.check_exactly_once().unwrap(), compact.check_exactly_once().unwrap());
+        assert_eq!(a, b);
+        assert_eq!(b.committed_batches, 60 * 8);
+        assert_eq!(full.history().collect::<Vec<_>>(), compact.history().collect::<Vec<_>>());
+        assert_eq!(compact.last_committed().unwrap().mean_loss, Some(59.0));
+        assert!(compact.committed_step(47).is_none() && compact.lease_of(47, 0).is_none(), "compacted");
+        assert_eq!(compact.lease_of(48, 3), full.lease_of(48, 3));
+        // A recovery rolls back only what follows the compacted steps.
+        full.settle(Some(49));
+        compact.settle(Some(49));
+        assert!(full.lease(50, 2, 3, 1) && compact.lease(50, 2, 3, 1));
+        assert_eq!(full.leased()[&50], compact.leased()[&50]);
+        compact.check_exactly_once().unwrap();
+        // The compacted state survives the snapshot round trip.
+        let back: Ledger = serde_json::from_str(&serde_json::to_string(&compact).unwrap()).unwrap();
+        assert_eq!(back, compact);
+    }
+
+    #[test]
+    fn a_long_runs_persisted_ledger_grows_by_a_step_summary_per_step_not_by_its_batches() {
+        // 64 ranks x 2 batches a step, a checkpoint (and so compaction) every 50 steps.
+        let mut l = Ledger::new(vec![1_000_000]);
+        let size = |l: &Ledger| serde_json::to_vec(l).unwrap().len();
+        long_run(&mut l, 500, 64, 2, 50);
+        let at_500 = size(&l);
+        long_run(&mut l, 1500, 64, 2, 50);
+        let per_step = (size(&l) - at_500) as f64 / 1000.0;
+        let mut full = Ledger::new(vec![1_000_000]);
+        long_run(&mut full, 100, 64, 2, u64::MAX);
+        let full_per_step = size(&full) as f64 / 100.0;
+        println!("compacted: {per_step:.0} bytes a step; uncompacted: {full_per_step:.0} bytes a step");
+        assert!(per_step < 120.0, "{per_step} bytes a step");
+        assert!(full_per_step > 20.0 * per_step, "a step's batches cost {full_per_step} bytes");
+        l.check_exactly_once().unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_compacted_prefix_is_caught() {
+        let mut l = Ledger::new(vec![40]);
+        long_run(&mut l, 6, 2, 1, 4);
+        let mut gap = l.clone();
+        gap.compacted.steps.remove(1);
+        assert!(matches!(gap.check_exactly_once(), Err(LedgerError::StepGap { index: 1, .. })));
+        let mut short = l.clone();
+        short.compacted.batches -= 1; // the uncompacted steps no longer follow it in the stream
+        assert!(matches!(short.check_exactly_once(), Err(LedgerError::OutOfOrder { .. })));
     }
 }

@@ -501,14 +501,13 @@ impl Machine {
     }
 
     pub fn summary(&self) -> Summary {
-        let committed = self.ledger.committed();
         Summary {
             phase: self.phase.clone(),
             generation: self.generation,
             world: self.world,
             nodes: self.nodes.len(),
             pending_nodes: self.nodes.values().filter(|n| n.status == NodeStatus::Pending).count(),
-            steps_committed: committed.len() as u64,
+            steps_committed: self.ledger.steps_committed(),
             batches_committed: self.ledger.committed_batches(),
             batches_pending: self.ledger.pending_batches(),
             dropped_tail: match self.finish {
@@ -517,7 +516,7 @@ impl Machine {
             },
             recoveries: self.recoveries,
             rollbacks: self.rollbacks,
-            last_loss: committed.last().and_then(|c| c.mean_loss),
+            last_loss: self.ledger.last_committed().and_then(|c| c.mean_loss),
             finish: self.finish,
         }
     }
@@ -815,7 +814,10 @@ impl Machine {
     ) -> Result<Option<CheckpointCommit>, Refusal> {
         self.refuse_if_over()?;
         let refuse = |why: String| Refusal::CheckpointShard { step, generation, why };
-        let ran = match self.ledger.committed().get(step as usize).filter(|c| c.step == step) {
+        if self.checkpoints.last().is_some_and(|&n| n > step) {
+            return Ok(None); // a newer checkpoint is already committed (and the step may be compacted)
+        }
+        let ran = match self.ledger.committed_step(step) {
             Some(c) => Some((c.generation, c.per_rank.len())),
             None => self.ledger.leased().get(&step).map(|l| (l.generation, l.per_rank.len())),
         };
@@ -825,9 +827,6 @@ impl Machine {
         }
         if rank >= world {
             return Err(refuse(format!("generation {generation} had {world} ranks; there is no rank {rank}")));
-        }
-        if self.checkpoints.last().is_some_and(|&n| n > step) {
-            return Ok(None); // a newer checkpoint is already committed
         }
         let pending = self.pending_checkpoints.entry(step).or_insert_with(|| PendingCheckpoint { generation, shards: vec![None; world] });
         pending.shards[rank] = Some(shard);
@@ -851,10 +850,11 @@ impl Machine {
     }
 
     /// The shell wrote the manifest of `step-{steps}`: it is now the job's newest state of
-    /// record.
+    /// record. No restore goes below it any more, so the ledger compacts the steps it holds.
     pub fn checkpoint_committed(&mut self, now: Millis, steps: u64) {
         if self.checkpoints.last().is_none_or(|&n| n < steps) {
             self.checkpoints.push(steps);
+            self.ledger.compact_through(steps);
         }
         self.pending_checkpoints.retain(|&step, _| step + 1 > steps);
         self.log(now, EventKind::CheckpointCommitted, format!("checkpoint step-{steps} committed (manifest written)"));
@@ -880,7 +880,11 @@ impl Machine {
         if steps == 0 || ledger.committed_through().is_none_or(|c| c + 1 < steps) {
             return Err(ConfigError { field: "checkpoint", message: format!("its ledger does not hold the {steps} steps it claims") });
         }
+        if ledger.compacted().steps.len() as u64 > steps {
+            return Err(ConfigError { field: "checkpoint", message: format!("its ledger is compacted beyond its own {steps} steps") });
+        }
         ledger.settle(Some(steps - 1));
+        ledger.compact_through(steps);
         self.ledger = ledger;
         self.checkpoints = vec![steps];
         self.log(now, EventKind::Restored, format!("coordinator started from checkpoint step-{steps}: {steps} steps committed"));
@@ -1194,7 +1198,7 @@ impl Machine {
         let run = self.run.take();
         let data_end = run.as_ref().and_then(|r| r.data_end);
         let data_bound = data_end.is_some_and(|d| self.config.max_steps.map_or(true, |m| d <= m));
-        let steps = self.ledger.committed().len() as u64;
+        let steps = self.ledger.steps_committed();
         let (finish, end, why) = if data_bound {
             let dropped_tail = self.ledger.pending_batches();
             let step_batches = self.world as u64 * self.config.batches_per_rank_step;

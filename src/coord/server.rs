@@ -208,15 +208,15 @@ impl Coordinator {
         x.generation.set(m.generation() as i64);
         x.members.set(m.members().len() as i64);
         x.world_size.set(m.world() as i64);
-        let committed = m.ledger().committed();
-        x.committed_step.set(committed.len() as i64);
-        if t.progress.back().is_none_or(|&(_, n)| n != committed.len() as u64) {
-            t.progress.push_back((std::time::Instant::now(), committed.len() as u64));
+        let steps = m.ledger().steps_committed();
+        x.committed_step.set(steps as i64);
+        if t.progress.back().is_none_or(|&(_, n)| n != steps) {
+            t.progress.push_back((std::time::Instant::now(), steps));
             if t.progress.len() > 64 {
                 t.progress.pop_front();
             }
         }
-        x.epoch.set(committed.last().and_then(|c| c.per_rank.iter().flatten().map(|b| b.epoch).max()).unwrap_or(0) as i64);
+        x.epoch.set(m.ledger().last_committed().map_or(0, |c| c.epoch) as i64);
         counter_to(&x.samples_committed, m.ledger().committed_batches() * t.samples_per_batch);
         counter_to(&x.recoveries, m.summary().recoveries);
         if let Some(&n) = m.checkpoints().last() {
@@ -324,7 +324,7 @@ impl Coordinator {
         }
         let total = s.total_steps.unwrap_or(0);
         let warmup = crate::train::schedule::warmup_steps(sink.warmup_ratio, total);
-        let epoch = c.ledger.committed().last().and_then(|st| st.per_rank.iter().flatten().map(|b| b.epoch).max()).unwrap_or(0);
+        let epoch = c.ledger.last_committed().map_or(0, |st| st.epoch);
         let frozen = c.shards.iter().find_map(|sh| sh.frozen.as_deref()).and_then(|j| serde_json::from_str(j).ok()).unwrap_or_default();
         let m = ckpt::Manifest {
             step: c.steps,
@@ -418,11 +418,17 @@ impl Coordinator {
     pub async fn status_json(&self) -> serde_json::Value {
         let s = self.state.lock().await;
         let m = &s.machine;
-        let steps: Vec<serde_json::Value> = m
-            .ledger()
-            .committed()
-            .iter()
-            .map(|c| serde_json::json!({"step": c.step, "generation": c.generation, "loss": c.mean_loss, "per_rank": c.per_rank}))
+        // Every committed step; the batches of each only while it is not compacted.
+        let l = m.ledger();
+        let steps: Vec<serde_json::Value> = l
+            .history()
+            .map(|c| {
+                let mut v = serde_json::json!({"step": c.step, "generation": c.generation, "world": c.world, "epoch": c.epoch, "loss": c.mean_loss});
+                if let Some(full) = l.committed_step(c.step) {
+                    v["per_rank"] = serde_json::json!(full.per_rank);
+                }
+                v
+            })
             .collect();
         serde_json::json!({
             "summary": m.summary(),

@@ -778,6 +778,8 @@ fn with_every_holder_gone_the_job_restores_its_newest_checkpoint_instead_of_roll
         sim.step_all();
     }
     assert_eq!(checkpoint(&mut sim, 1), 2);
+    assert_eq!(sim.m.ledger().compacted().steps.len(), 2, "the steps the checkpoint holds are compacted");
+    assert!(matches!(sim.m.checkpoint_done(sim.t(), 1, 0, 0, shard(0)), Ok(None)), "a late shard of a compacted step is ignored");
     // A checkpoint after step 3 that rank 1 never finished writing (killed mid-write).
     sim.m.checkpoint_done(sim.t(), 1, 0, 3, shard(0)).unwrap();
     sim.m.rank_failed(sim.t(), 1, 0, "both processes crashed").unwrap();
