@@ -849,6 +849,15 @@ impl Machine {
         })
     }
 
+    /// Whether the checkpoint of `steps` steps written by `generation` can still be
+    /// committed: all its shards are in and its last step is committed, by that generation
+    /// (not given back while the shell wrote its manifest).
+    pub fn checkpoint_still_ready(&self, steps: u64, generation: u64) -> bool {
+        let Some(step) = steps.checked_sub(1) else { return false };
+        self.pending_checkpoints.get(&step).is_some_and(|p| p.generation == generation && p.shards.iter().all(Option::is_some))
+            && self.ledger.committed_step(step).is_some_and(|c| c.generation == generation)
+    }
+
     /// The shell wrote the manifest of `step-{steps}`: it is now the job's newest state of
     /// record. No restore goes below it any more, so the ledger compacts the steps it holds.
     pub fn checkpoint_committed(&mut self, now: Millis, steps: u64) {

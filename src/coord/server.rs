@@ -50,6 +50,31 @@ pub struct CheckpointSink {
     pub warmup_ratio: f64,
 }
 
+/// A checkpoint manifest prepared under the state lock, written off it.
+struct ManifestWrite {
+    steps: u64,
+    generation: u64,
+    dir: std::path::PathBuf,
+    manifest: crate::ckpt::Manifest,
+}
+
+impl ManifestWrite {
+    /// Checks every shard on the (shared) checkpoint volume, then writes the manifest. A
+    /// shard missing or of the wrong size (a volume not shared, a rank that lied) blocks the
+    /// commit, loudly.
+    fn write(self) -> Result<(), String> {
+        for sh in &self.manifest.shards {
+            let path = self.dir.join(&sh.file);
+            match std::fs::metadata(&path) {
+                Ok(m) if m.len() == sh.bytes => {}
+                Ok(m) => return Err(format!("{} has {} bytes, its rank reported {}", path.display(), m.len(), sh.bytes)),
+                Err(e) => return Err(format!("{}: {e} (is the checkpoint directory shared with the coordinator?)", path.display())),
+            }
+        }
+        crate::ckpt::write_manifest(&self.dir, &self.manifest).map_err(|e| format!("writing the manifest: {e}"))
+    }
+}
+
 /// What the coordinator observes but does not decide on: metrics, straggler flags,
 /// per-rank step times (not persisted).
 pub struct Telemetry {
@@ -71,6 +96,9 @@ struct Durable {
 
 pub struct Coordinator {
     ckpt: std::sync::OnceLock<CheckpointSink>,
+    /// A checkpoint manifest is being written, off the state lock (at most one at a time;
+    /// its writer looks for the next ready checkpoint when it is done).
+    manifest_in_flight: std::sync::atomic::AtomicBool,
     /// Bumped (under the state lock) by every accepted change.
     version: std::sync::atomic::AtomicU64,
     /// Group commit: changes mark the state dirty; one flusher saves the newest state and
@@ -138,6 +166,7 @@ impl Coordinator {
             dirty: Notify::new(),
             durable: watch::channel(Durable::default()).0,
             ckpt: Default::default(),
+            manifest_in_flight: Default::default(),
             metrics: crate::metrics::CoordMetrics::new(),
             telemetry: std::sync::Mutex::new(telemetry),
             state: Mutex::new(state), store, changed: Notify::new(), updates, job_yaml, heartbeat_interval });
@@ -300,33 +329,23 @@ impl Coordinator {
         let _ = self.ckpt.set(sink);
     }
 
-    /// Writes the manifest of the checkpoint that became ready, if any: the commit point.
-    /// A shard file that is missing or of the wrong size (a shared volume not shared, a
-    /// rank that lied) blocks the commit, loudly. Returns the committed `step-N`.
-    fn commit_ready_checkpoint(&self, s: &mut Persisted) -> Option<u64> {
+    /// The manifest of the checkpoint that became ready, if any and if no other manifest
+    /// is being written, to write with [`Coordinator::write_manifests`] once the state lock
+    /// is released: the write (and its fsyncs) must not stall every other request.
+    fn prepare_manifest(&self, s: &Persisted) -> Option<ManifestWrite> {
         use crate::ckpt;
+        use std::sync::atomic::Ordering;
         let sink = self.ckpt.get()?;
         let c = s.machine.ready_checkpoint()?;
-        let dir = ckpt::step_dir(&sink.dir, c.steps);
-        for sh in &c.shards {
-            let path = dir.join(&sh.file);
-            match std::fs::metadata(&path) {
-                Ok(m) if m.len() == sh.bytes => {}
-                Ok(m) => {
-                    tracing::error!("checkpoint step-{}: {} has {} bytes, its rank reported {}: not committed", c.steps, path.display(), m.len(), sh.bytes);
-                    return None;
-                }
-                Err(e) => {
-                    tracing::error!("checkpoint step-{}: {}: {e} (is the checkpoint directory shared with the coordinator?): not committed", c.steps, path.display());
-                    return None;
-                }
-            }
+        if self.manifest_in_flight.swap(true, Ordering::SeqCst) {
+            return None; // the writer in flight looks again when it is done
         }
+        let dir = ckpt::step_dir(&sink.dir, c.steps);
         let total = s.total_steps.unwrap_or(0);
         let warmup = crate::train::schedule::warmup_steps(sink.warmup_ratio, total);
         let epoch = c.ledger.last_committed().map_or(0, |st| st.epoch);
         let frozen = c.shards.iter().find_map(|sh| sh.frozen.as_deref()).and_then(|j| serde_json::from_str(j).ok()).unwrap_or_default();
-        let m = ckpt::Manifest {
+        let manifest = ckpt::Manifest {
             step: c.steps,
             epoch,
             world_size: c.shards.len(),
@@ -339,19 +358,63 @@ impl Coordinator {
             generation: Some(c.generation),
             ..sink.template.clone()
         };
-        if let Err(e) = ckpt::write_manifest(&dir, &m) {
-            tracing::error!("checkpoint step-{}: writing the manifest: {e}", c.steps);
-            return None;
-        }
-        s.machine.checkpoint_committed(self.now(), c.steps);
-        tracing::info!("checkpoint step-{} committed ({} shards, generation {})", c.steps, c.shards.len(), c.generation);
-        let (dir, keep) = (sink.dir.clone(), sink.keep_last);
-        std::thread::spawn(move || {
-            if let Err(e) = ckpt::retain(&dir, keep, None) {
-                tracing::warn!("checkpoint retention: {e}");
+        Some(ManifestWrite { steps: c.steps, generation: c.generation, dir, manifest })
+    }
+
+    /// Writes `first` (the commit point) off the state lock, then records it in the machine
+    /// if its steps are still committed by the generation that wrote it, and goes on with
+    /// any checkpoint that became ready meanwhile. Returns the first one's `step-N` if it
+    /// was committed.
+    fn write_manifests(self: &Arc<Self>, first: ManifestWrite) -> tokio::task::JoinHandle<Option<u64>> {
+        let c = self.clone();
+        tokio::spawn(async move {
+            use std::sync::atomic::Ordering;
+            let mut first_committed = None;
+            let mut next = Some(first);
+            let mut is_first = true;
+            while let Some(w) = next.take() {
+                let (steps, generation, dir) = (w.steps, w.generation, w.dir.clone());
+                let shards = w.manifest.shards.len();
+                let written = tokio::task::spawn_blocking(move || w.write()).await.unwrap_or_else(|e| Err(format!("the manifest writer panicked: {e}")));
+                let mut s = c.state.lock().await;
+                let mut message = String::new();
+                let ok = written.is_ok();
+                match written {
+                    Ok(()) if s.machine.checkpoint_still_ready(steps, generation) => {
+                        s.machine.checkpoint_committed(c.now(), steps);
+                        tracing::info!("checkpoint step-{steps} committed ({shards} shards, generation {generation})");
+                        message = format!("checkpoint step-{steps} committed");
+                        if is_first {
+                            first_committed = Some(steps);
+                        }
+                        let sink = c.ckpt.get().expect("a manifest implies a sink");
+                        let (root, keep) = (sink.dir.clone(), sink.keep_last);
+                        std::thread::spawn(move || {
+                            if let Err(e) = crate::ckpt::retain(&root, keep, None) {
+                                tracing::warn!("checkpoint retention: {e}");
+                            }
+                        });
+                    }
+                    Ok(()) => {
+                        // Its steps were given back while the manifest was being written: the
+                        // job continues from an older state, so this one must not exist.
+                        tracing::warn!("checkpoint step-{steps}: its steps were rolled back while its manifest was written; removed");
+                        let _ = std::fs::remove_file(dir.join(crate::ckpt::MANIFEST));
+                    }
+                    Err(e) => tracing::error!("checkpoint step-{steps}: {e}: not committed"),
+                }
+                let v = c.commit(&mut s, message);
+                // Cleared after the commit bumped the version, so `flush` (which waits for
+                // this flag) saves the checkpoint's record too.
+                c.manifest_in_flight.store(false, Ordering::SeqCst);
+                // After a failure the next StepDone or CheckpointDone tries again, not a loop.
+                next = if ok { c.prepare_manifest(&s) } else { None };
+                drop(s);
+                let _ = c.durable(v).await;
+                is_first = false;
             }
-        });
-        Some(c.steps)
+            first_committed
+        })
     }
 
     async fn persist(&self, s: &Persisted) -> Result<(), StoreError> {
@@ -380,6 +443,12 @@ impl Coordinator {
 
     /// Waits until the state as it is now is saved (before the process exits).
     pub async fn flush(&self) -> Result<(), Status> {
+        // A manifest being written finishes first (up to a minute: it is a few fsyncs), so
+        // a checkpoint whose shards are all durable is not lost to the exit.
+        let t = std::time::Instant::now();
+        while self.manifest_in_flight.load(std::sync::atomic::Ordering::SeqCst) && t.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.durable(self.current_version()).await
     }
 
@@ -568,9 +637,12 @@ impl pb::coordinator_server::Coordinator for Service {
         let mut s = c.state.lock().await;
         let reply = s.machine.step_done(c.now(), r.generation, r.rank as usize, r.step, r.loss).map_err(refused)?;
         c.observe_step_time(r.generation, s.machine.world(), r.rank as usize, r.step, r.compute_seconds);
-        c.commit_ready_checkpoint(&mut s);
+        let manifest = c.prepare_manifest(&s);
         let v = c.commit(&mut s, String::new());
         drop(s);
+        if let Some(w) = manifest {
+            c.write_manifests(w); // in the background: a step's reply does not wait for it
+        }
         c.durable(v).await?;
         Ok(Response::new(pb::StepReply {
             committed_through: reply.committed_through,
@@ -586,10 +658,15 @@ impl pb::coordinator_server::Coordinator for Service {
         let mut s = c.state.lock().await;
         let shard = super::machine::ShardReport { file: r.file, bytes: r.bytes, crc32: r.crc32, names: r.names, frozen: r.frozen_json };
         s.machine.checkpoint_done(c.now(), r.generation, r.rank as usize, r.step, shard).map_err(refused)?;
-        let committed_steps = c.commit_ready_checkpoint(&mut s);
-        let v = c.commit(&mut s, committed_steps.map(|n| format!("checkpoint step-{n} committed")).unwrap_or_default());
+        let manifest = c.prepare_manifest(&s);
+        let v = c.commit(&mut s, String::new());
         drop(s);
         c.durable(v).await?;
+        // The shard that completed a checkpoint hears whether it was committed.
+        let committed_steps = match manifest {
+            Some(w) => c.write_manifests(w).await.ok().flatten(),
+            None => None,
+        };
         Ok(Response::new(pb::CheckpointDoneReply { committed_steps }))
     }
 

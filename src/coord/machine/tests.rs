@@ -800,6 +800,28 @@ fn with_every_holder_gone_the_job_restores_its_newest_checkpoint_instead_of_roll
 }
 
 #[test]
+fn a_checkpoint_whose_steps_roll_back_while_its_manifest_is_written_is_not_recorded() {
+    let mut sim = running(cfg(2, 2), vec![40], &["a", "b"]);
+    for _ in 0..4 {
+        sim.step_all();
+    }
+    assert_eq!(checkpoint(&mut sim, 1), 2);
+    // step-4 becomes ready; the shell starts writing its manifest (off the lock) ...
+    sim.m.checkpoint_done(sim.t(), 1, 0, 3, shard(0)).unwrap();
+    let c = sim.m.checkpoint_done(sim.t(), 1, 1, 3, shard(1)).unwrap().expect("ready");
+    assert!(sim.m.checkpoint_still_ready(c.steps, c.generation));
+    assert!(!sim.m.checkpoint_still_ready(c.steps, c.generation + 1), "another generation's");
+    // ... and meanwhile every process dies: the job goes back to step-2.
+    sim.m.rank_failed(sim.t(), 1, 0, "both processes crashed").unwrap();
+    for p in sim.procs.values_mut() {
+        *p = Proc::default();
+    }
+    sim.check_in_all();
+    assert_eq!(sim.m.ledger().committed_through(), Some(1));
+    assert!(!sim.m.checkpoint_still_ready(c.steps, c.generation), "its steps were given back");
+}
+
+#[test]
 fn a_live_state_newer_than_the_checkpoint_wins_over_it() {
     let mut sim = running(cfg(1, 3), vec![40], &["a", "b"]);
     for _ in 0..3 {
