@@ -667,11 +667,7 @@ fn when_every_holder_of_the_state_is_gone_committed_steps_roll_back() {
     let mut sim = running(cfg(2, 3), vec![30], &["a", "b"]);
     sim.step_all();
     sim.step_all();
-    sim.m.rank_failed(sim.t(), 1, 0, "both processes crashed").unwrap();
-    for p in sim.procs.values_mut() {
-        *p = Proc::default();
-    }
-    sim.check_in_all();
+    every_process_dies(&mut sim);
     assert_eq!(sim.assignment("a", 0).start_step, 0);
     assert_eq!(sim.m.ledger().committed_through(), None);
     assert!(sim.last_event(EventKind::RolledBack).reason.contains("committed steps 0..=1"));
@@ -771,22 +767,33 @@ fn a_checkpoint_commits_only_when_every_shard_is_durable_and_its_step_is_committ
     assert!(round_trip(&sim.m) == sim.m, "checkpoint state persists");
 }
 
-#[test]
-fn with_every_holder_gone_the_job_restores_its_newest_checkpoint_instead_of_rolling_back_to_zero() {
-    let mut sim = running(cfg(2, 2), vec![40], &["a", "b"]);
-    for _ in 0..4 {
-        sim.step_all();
-    }
-    assert_eq!(checkpoint(&mut sim, 1), 2);
-    assert_eq!(sim.m.ledger().compacted().steps.len(), 2, "the steps the checkpoint holds are compacted");
-    assert!(matches!(sim.m.checkpoint_done(sim.t(), 1, 0, 0, shard(0)), Ok(None)), "a late shard of a compacted step is ignored");
-    // A checkpoint after step 3 that rank 1 never finished writing (killed mid-write).
-    sim.m.checkpoint_done(sim.t(), 1, 0, 3, shard(0)).unwrap();
+/// Both rank processes of generation 1 crash and come back with no state; they check in.
+fn every_process_dies(sim: &mut Sim) {
     sim.m.rank_failed(sim.t(), 1, 0, "both processes crashed").unwrap();
     for p in sim.procs.values_mut() {
         *p = Proc::default();
     }
     sim.check_in_all();
+}
+
+/// Generation 1 on nodes a and b runs 4 steps and commits the checkpoint after step 1.
+fn four_steps_and_checkpoint_2() -> Sim {
+    let mut sim = running(cfg(2, 2), vec![40], &["a", "b"]);
+    for _ in 0..4 {
+        sim.step_all();
+    }
+    assert_eq!(checkpoint(&mut sim, 1), 2);
+    sim
+}
+
+#[test]
+fn with_every_holder_gone_the_job_restores_its_newest_checkpoint_instead_of_rolling_back_to_zero() {
+    let mut sim = four_steps_and_checkpoint_2();
+    assert_eq!(sim.m.ledger().compacted().steps.len(), 2, "the steps the checkpoint holds are compacted");
+    assert!(matches!(sim.m.checkpoint_done(sim.t(), 1, 0, 0, shard(0)), Ok(None)), "a late shard of a compacted step is ignored");
+    // A checkpoint after step 3 that rank 1 never finished writing (killed mid-write).
+    sim.m.checkpoint_done(sim.t(), 1, 0, 3, shard(0)).unwrap();
+    every_process_dies(&mut sim);
     let a = sim.assignment("a", 0);
     assert_eq!((a.restore_step, a.start_step, a.sync_from), (Some(2), 2, None));
     assert_eq!(sim.m.ledger().committed_through(), Some(1), "steps 0 and 1 stay committed");
@@ -801,22 +808,14 @@ fn with_every_holder_gone_the_job_restores_its_newest_checkpoint_instead_of_roll
 
 #[test]
 fn a_checkpoint_whose_steps_roll_back_while_its_manifest_is_written_is_not_recorded() {
-    let mut sim = running(cfg(2, 2), vec![40], &["a", "b"]);
-    for _ in 0..4 {
-        sim.step_all();
-    }
-    assert_eq!(checkpoint(&mut sim, 1), 2);
+    let mut sim = four_steps_and_checkpoint_2();
     // step-4 becomes ready; the shell starts writing its manifest (off the lock) ...
     sim.m.checkpoint_done(sim.t(), 1, 0, 3, shard(0)).unwrap();
     let c = sim.m.checkpoint_done(sim.t(), 1, 1, 3, shard(1)).unwrap().expect("ready");
     assert!(sim.m.checkpoint_still_ready(c.steps, c.generation));
     assert!(!sim.m.checkpoint_still_ready(c.steps, c.generation + 1), "another generation's");
     // ... and meanwhile every process dies: the job goes back to step-2.
-    sim.m.rank_failed(sim.t(), 1, 0, "both processes crashed").unwrap();
-    for p in sim.procs.values_mut() {
-        *p = Proc::default();
-    }
-    sim.check_in_all();
+    every_process_dies(&mut sim);
     assert_eq!(sim.m.ledger().committed_through(), Some(1));
     assert!(!sim.m.checkpoint_still_ready(c.steps, c.generation), "its steps were given back");
 }
