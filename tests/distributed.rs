@@ -7,7 +7,6 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -65,45 +64,20 @@ fn job_yaml(dir: &Path, data: &Path, j: &Job) -> PathBuf {
 
 /// A running coordinator; killed on drop.
 struct Coord {
-    child: Child,
+    child: job::Killed,
     addr: String,
     state: PathBuf,
 }
 
-impl Drop for Coord {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_coord(config: &Path, state: &Path, listen: &str) -> Coord {
-    let mut child = Command::new(COORD)
-        .args(["start", "--config", config.to_str().unwrap(), "--listen", listen, "--http-listen", "127.0.0.1:0", "--state-dir", state.to_str().unwrap()])
-        .env("OTTER_JOIN_TOKEN", TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(state.with_extension("coord.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    out.read_line(&mut first).unwrap();
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    let addr = first.split_whitespace().nth(3).unwrap_or_else(|| panic!("coordinator said {first:?}")).to_string();
+    let (child, addr) = job::spawn_coord(config, state, listen, "127.0.0.1:0", TOKEN, &state.with_extension("coord.log"));
     Coord { child, addr, state: state.to_path_buf() }
 }
 
 /// A worker agent whose output goes to `log`; killed on drop.
 struct Worker {
-    child: Child,
+    child: job::Killed,
     log: PathBuf,
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn start_worker(coord: &str, node: &str, dir: &Path) -> Worker {
@@ -124,7 +98,7 @@ fn start_worker_env(coord: &str, node: &str, dir: &Path, env: &[(&str, &str)]) -
         .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
         .spawn()
         .unwrap();
-    Worker { child, log }
+    Worker { child: job::Killed(child), log }
 }
 
 fn status(addr: &str) -> Option<serde_json::Value> {
@@ -154,7 +128,7 @@ fn steps_committed(s: &serde_json::Value) -> u64 {
 fn finish(mut c: Coord, limit: Duration) -> serde_json::Value {
     let t = Instant::now();
     loop {
-        if let Some(code) = c.child.try_wait().unwrap() {
+        if let Some(code) = c.child.0.try_wait().unwrap() {
             let log = std::fs::read_to_string(c.state.with_extension("coord.log")).unwrap_or_default();
             assert!(code.success(), "coordinator exited with {code}: {}\n{}", &log[log.len().saturating_sub(3000)..], logs(c.state.parent().unwrap()));
             break;
@@ -248,7 +222,7 @@ fn kill_9_of_one_of_three_workers_recovers_in_seconds_and_loses_no_sample() {
     let before = wait_for(&c.addr, "3 ranks training", Duration::from_secs(60), |s| s["summary"]["world"] == 3 && steps_committed(s) >= 3);
     let generation = before["summary"]["generation"].as_u64().unwrap();
     let killed = Instant::now();
-    b.child.kill().unwrap(); // SIGKILL: the agent and (PDEATHSIG) its rank process
+    b.child.0.kill().unwrap(); // SIGKILL: the agent and (PDEATHSIG) its rank process
     let after = wait_for(&c.addr, "training to continue", Duration::from_secs(30), |s| {
         s["steps"].as_array().is_some_and(|v| v.iter().any(|x| x["generation"].as_u64() > Some(generation)))
     });
@@ -461,7 +435,7 @@ fn with_tls_configured_the_job_runs_over_tls_and_plaintext_clients_are_refused()
                 .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
                 .spawn()
                 .unwrap();
-            Worker { child, log }
+            Worker { child: job::Killed(child), log }
         })
         .collect();
     let s = finish(c, Duration::from_secs(90));

@@ -47,6 +47,25 @@ pub fn which(bin: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(bin)).find(|p| p.is_file())
 }
 
+/// `otter-coord start` on `config`, its state in `state`, its stderr in `log`; returns the
+/// process (killed on drop) and the gRPC address it announced on its first stdout line.
+pub fn spawn_coord(config: &Path, state: &Path, listen: &str, http_listen: &str, token: &str, log: &Path) -> (Killed, String) {
+    let mut child = Command::new(COORD)
+        .args(["start", "--config", config.to_str().unwrap(), "--listen", listen, "--http-listen", http_listen])
+        .args(["--state-dir", state.to_str().unwrap()])
+        .env("OTTER_JOIN_TOKEN", token)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    out.read_line(&mut first).unwrap();
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let addr = first.split_whitespace().nth(3).unwrap_or_else(|| panic!("coordinator said {first:?}")).to_string();
+    (Killed(child), addr)
+}
+
 pub struct LiveJob {
     pub coord: Killed,
     /// The coordinator's HTTP address (`/metrics`, `/status`).
@@ -71,19 +90,7 @@ pub fn start_live_job(dir: &Path, max_steps: u64, save_every: u64) -> LiveJob {
     let job = dir.join("job.yaml");
     std::fs::write(&job, yaml).unwrap();
     let http_port = free_port_pair();
-    let mut coord = Command::new(COORD)
-        .args(["start", "--config", job.to_str().unwrap(), "--listen", "127.0.0.1:0", "--http-listen", &format!("127.0.0.1:{http_port}")])
-        .args(["--state-dir", dir.join("coord").to_str().unwrap()])
-        .env("OTTER_JOIN_TOKEN", TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("coord.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    let mut out = BufReader::new(coord.stdout.take().unwrap());
-    out.read_line(&mut first).unwrap();
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    let addr = first.split_whitespace().nth(3).unwrap_or_else(|| panic!("coordinator said {first:?}")).to_string();
+    let (coord, addr) = spawn_coord(&job, &dir.join("coord"), "127.0.0.1:0", &format!("127.0.0.1:{http_port}"), TOKEN, &dir.join("coord.log"));
     let mut workers = Vec::new();
     let mut node_metrics = Vec::new();
     for node in ["a", "b"] {
@@ -99,7 +106,7 @@ pub fn start_live_job(dir: &Path, max_steps: u64, save_every: u64) -> LiveJob {
         ));
         node_metrics.push(format!("127.0.0.1:{port}"));
     }
-    LiveJob { coord: Killed(coord), http: format!("127.0.0.1:{http_port}"), workers, node_metrics }
+    LiveJob { coord, http: format!("127.0.0.1:{http_port}"), workers, node_metrics }
 }
 
 /// Metric names the Grafana dashboard's queries use (`otter_*`, as stored: histogram
