@@ -224,6 +224,8 @@ pub fn ckpt(mb: f64, params: usize, world: usize, dir: &std::path::Path) -> Resu
         }
         v
     };
+    // A rank's share as shallow copies its writer thread can own (a Tensor is Send, not Sync).
+    let owned_share = |r: usize| -> Vec<(String, Tensor)> { share(r).into_iter().map(|(k, t)| (k, t.shallow_clone())).collect() };
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     // Each timed save starts with no dirty pages of earlier writes (ours, the peer's, the
@@ -237,7 +239,7 @@ pub fn ckpt(mb: f64, params: usize, world: usize, dir: &std::path::Path) -> Resu
     let first: Vec<ckpt::Staged> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..world)
             .map(|r| {
-                let owned: Vec<(String, Tensor)> = share(r).into_iter().map(|(k, t)| (k, t.shallow_clone())).collect();
+                let owned = owned_share(r);
                 s.spawn(move || {
                     let items: Vec<(String, &Tensor)> = owned.iter().map(|(k, t)| (k.clone(), t)).collect();
                     let staged = ckpt::stage_tensors(&items, r, world, None);
@@ -259,7 +261,7 @@ pub fn ckpt(mb: f64, params: usize, world: usize, dir: &std::path::Path) -> Resu
             .into_iter()
             .enumerate()
             .map(|(r, prev)| {
-                let owned: Vec<(String, Tensor)> = share(r).into_iter().map(|(k, t)| (k, t.shallow_clone())).collect();
+                let owned = owned_share(r);
                 s.spawn(move || {
                     let items: Vec<(String, &Tensor)> = owned.iter().map(|(k, t)| (k.clone(), t)).collect();
                     let staged = ckpt::stage_tensors(&items, r, world, Some(prev));

@@ -319,10 +319,17 @@ fn normalize_lut() -> &'static [[f32; 256]; 3] {
 
 /// (3, S, S) f32, channel-major: resize to S x S, /255, normalize. Appends to `out`.
 pub fn to_normalized_chw(img: &Rgb8, size: usize, out: &mut Vec<f32>) {
-    if img.width == size && img.height == size {
-        push_normalized(&img.data, size, out);
+    push_resized_normalized(&img.data, img.width, img.height, size, &mut ResizeBufs::default(), &mut Vec::new(), out);
+}
+
+/// Resizes the RGB image `src` (w x h) to S x S unless it already is (into `resized`), then
+/// appends it as (3, S, S) f32, /255 and normalized.
+fn push_resized_normalized(src: &[u8], w: usize, h: usize, size: usize, bufs: &mut ResizeBufs, resized: &mut Vec<u8>, out: &mut Vec<f32>) {
+    if (w, h) == (size, size) {
+        push_normalized(src, size, out);
     } else {
-        push_normalized(&resize_bicubic(img, size, size).data, size, out);
+        resize_into(src, w, h, size, size, bufs, resized);
+        push_normalized(resized, size, out);
     }
 }
 
@@ -372,14 +379,8 @@ thread_local! {
 /// Decode + transform in one step: appends (3, S, S) f32 to `out`.
 pub fn preprocess(bytes: &[u8], size: usize, out: &mut Vec<f32>) -> Result<(), ImageError> {
     SCRATCH.with_borrow_mut(|s| {
-        let result = decode_into(bytes, &mut s.decoded).map(|(w, h)| {
-            if (w, h) == (size, size) {
-                push_normalized(&s.decoded, size, out);
-            } else {
-                resize_into(&s.decoded, w, h, size, size, &mut s.resize, &mut s.resized);
-                push_normalized(&s.resized, size, out);
-            }
-        });
+        let result = decode_into(bytes, &mut s.decoded)
+            .map(|(w, h)| push_resized_normalized(&s.decoded, w, h, size, &mut s.resize, &mut s.resized, out));
         s.trim();
         result
     })
