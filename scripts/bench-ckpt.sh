@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checkpoint benchmark: `otter bench ckpt` (2 ranks writing their shards in parallel; a
-# run's first save, then a later save phase by phase: blocked while staging, written,
-# durable; a verified load) against torch.save / torch.load of the same tensors
+# run's first save, its second (new files), then a later save over the shard files
+# retention recycled, phase by phase: blocked while staging, written, durable; a verified
+# load) against torch.save / torch.load of the same tensors
 # (benches/ckpt_torch.py, PyPI torch), same machine, one run. Three rounds, the sides
 # alternating, best of each measure per side: this machine's disk and page-cache timings
 # swing by several times from run to run. Appends the results to BENCHMARKS.md.
@@ -24,6 +25,7 @@ best() { local k=$1; shift; printf '%s\n' "$@" | sed -nE "s/.* $k=([0-9.]+).*/\1
 all() { local k=$1; shift; printf '%s\n' "$@" | sed -nE "s/.* $k=([0-9.]+).*/\1/p" | paste -sd' '; }
 first=$(best first_save_s "${o[@]}"); blocked=$(best blocked_s "${o[@]}"); written=$(best written_s "${o[@]}")
 durable=$(best durable_s "${o[@]}"); load=$(best load_s "${o[@]}")
+fwritten=$(best fresh_written_s "${o[@]}"); fdurable=$(best fresh_durable_s "${o[@]}")
 written1=$(best written_s "${o1[@]}"); durable1=$(best durable_s "${o1[@]}")
 tsave=$(best save_s "${p[@]}"); tsavef=$(best save_fsync_s "${p[@]}"); tload=$(best load_s "${p[@]}")
 r() { python3 -c "print(f'{$1/$2:.2f}')"; }
@@ -37,11 +39,12 @@ r() { python3 -c "print(f'{$1/$2:.2f}')"; }
   echo "|---|---|---|---|"
   echo "| save, data written (page cache) | $written | $written1 | $tsave |"
   echo "| save, durable (fsync) | $durable | $durable1 | $tsavef |"
+  echo "| a run's second save (new files, none recycled yet): written / durable | $fwritten / $fdurable | | |"
   echo "| training loop blocked per save | $blocked | | (all of it) |"
   echo "| a run's first save, durable (fresh staging buffers) | $first | | |"
   echo "| load (CRC-32 verified) | $load | | $tload |"
   echo
-  echo "All rounds, 2 ranks: written $(all written_s "${o[@]}"); durable $(all durable_s "${o[@]}"). torch.save $(all save_s "${p[@]}"); + fsync $(all save_fsync_s "${p[@]}")."
+  echo "Every save after a run's second writes over the shard files retention recycled (keep_last retires a step per save). All rounds, 2 ranks: written $(all written_s "${o[@]}"); durable $(all durable_s "${o[@]}"); new files written $(all fresh_written_s "${o[@]}"). torch.save $(all save_s "${p[@]}"); + fsync $(all save_fsync_s "${p[@]}")."
   echo
   echo "Sharded save with 2 ranks / torch.save, like for like (both until the data is written): **$(r "$written" "$tsave")x**; both durable (fsync): **$(r "$durable" "$tsavef")x**; target at most 0.5x."
   echo "Async save blocking / the same save done synchronously (until durable): **$(r "$blocked" "$durable")x** ($blocked s); target at most 0.1x."

@@ -197,3 +197,34 @@ fn a_save_reusing_the_previous_saves_staging_buffers_writes_the_current_state() 
     assert_eq!(reused, fresh, "same bytes as a save into new buffers");
     assert_ne!(reused.crc32, stale.crc32, "not the previous save's state");
 }
+
+/// Retention recycles: the shard file of a step it removes goes into the pool, the next
+/// shard write overwrites it in place, and the result is byte for byte a fresh file's,
+/// even though the recycled file was longer; the step then loads exactly.
+#[test]
+fn retention_recycles_shard_files_and_a_recycled_write_equals_a_fresh_one() {
+    let d = tempfile::tempdir().unwrap();
+    let ck = d.path().join("ck");
+    let t2 = trained(2);
+    save_as_world(&t2, &ckpt::step_dir(&ck, 1), 1, 1); // one shard: the whole state
+    save_as_world(&t2, &ckpt::step_dir(&ck, 2), 2, 1);
+    assert_eq!(ckpt::retain(&ck, 1, None).unwrap(), vec![1]);
+    let pool = || -> Vec<std::path::PathBuf> { std::fs::read_dir(ck.join(ckpt::RECYCLE)).unwrap().flatten().map(|e| e.path()).collect() };
+    assert_eq!(pool().len(), 1, "step 1's shard is in the pool");
+    let recycled_len = std::fs::metadata(&pool()[0]).unwrap().len();
+
+    // Step 3 on 2 ranks: rank 0's shard (about half the state) goes over the recycled file.
+    let t3 = trained(3);
+    let part = ckpt::partition(&ckpt::param_sizes(&t3), 2);
+    let dir = ckpt::step_dir(&ck, 3);
+    let shards: Vec<_> = (0..2).map(|r| ckpt::write_shard(&dir, &ckpt::stage(&t3, &part[r], r, 2, None)).unwrap()).collect();
+    assert!(pool().is_empty(), "the write took the recycled file");
+    let fresh = ckpt::write_shard(&d.path().join("elsewhere/step-3"), &ckpt::stage(&t3, &part[0], 0, 2, None)).unwrap();
+    assert_eq!(shards[0], fresh, "same size and checksum as a new file");
+    let len = std::fs::metadata(dir.join(&shards[0].file)).unwrap().len();
+    assert!(len == fresh.bytes && len < recycled_len, "trimmed to its own length ({len} of {recycled_len})");
+    ckpt::write_manifest(&dir, &Manifest { partition: part, shards, ..manifest(3, 2) }).unwrap();
+    let mut loaded = trainer();
+    ckpt::load(&dir, &mut loaded).unwrap();
+    same_state(&loaded, &t3);
+}

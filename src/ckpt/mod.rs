@@ -18,6 +18,9 @@
 //!   mismatch names the file.
 //! * Frozen weights are never copied: the manifest records their files, sizes and
 //!   checksums.
+//! * Retention ([`retain`]) uncommits old steps (manifest first) and moves their shard
+//!   files into `ckpt_dir/.recycle/`; a later shard write overwrites one of them in place
+//!   instead of growing a new file ([`take_recycled`]).
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -161,24 +164,92 @@ pub fn latest_committed(ckpt_dir: &Path) -> Option<u64> {
 
 /// Keeps the newest `keep_last` committed steps (and `protect`, the one being resumed
 /// from); removes older committed steps and uncommitted leftovers older than the newest
-/// committed one.
+/// committed one. The shard files of a removed committed step are not deleted but moved
+/// into the recycle pool ([`RECYCLE`]), where the next save overwrites them in place
+/// (see [`take_recycled`]); its manifest goes first, so the step stops existing before any
+/// of its files is touched.
 pub fn retain(ckpt_dir: &Path, keep_last: usize, protect: Option<u64>) -> Result<Vec<u64>, CkptError> {
     let committed = committed_steps(ckpt_dir);
     let keep: Vec<u64> = committed.iter().rev().take(keep_last.max(1)).copied().chain(protect).collect();
     let newest = committed.last().copied();
     let mut removed = Vec::new();
+    let mut recycled = 0usize;
     let entries = std::fs::read_dir(ckpt_dir).map_err(io(ckpt_dir))?;
     for e in entries.flatten() {
         let Some(step) = e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse::<u64>().ok()) else { continue };
         let is_committed = committed.contains(&step);
         let stale_partial = !is_committed && newest.is_some_and(|n| step < n);
+        if is_committed && !keep.contains(&step) {
+            recycled = recycled.max(recycle_shards(ckpt_dir, &e.path(), step)?);
+        }
         if (is_committed && !keep.contains(&step)) || stale_partial {
             std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
             removed.push(step);
         }
     }
+    if recycled > 0 {
+        trim_pool(ckpt_dir, recycled)?;
+    }
     removed.sort_unstable();
     Ok(removed)
+}
+
+/// The recycle pool, `ckpt_dir/.recycle/`: shard files of steps retention removed, kept
+/// so the next save can overwrite them in place. Writing over a file's cached pages costs
+/// a copy; writing a new file first has the kernel allocate (and on this project's
+/// machines often reclaim) as many fresh page-cache pages, which measured 1-15x slower
+/// (BENCHMARKS.md). PostgreSQL recycles its WAL segments for the same reason. Pool files
+/// belong to no step: nothing reads them.
+pub const RECYCLE: &str = ".recycle";
+
+/// Uncommits `dir` (step `step`: manifest removed, durably) and moves its shard files
+/// into the pool. Returns how many it moved.
+fn recycle_shards(ckpt_dir: &Path, dir: &Path, step: u64) -> Result<usize, CkptError> {
+    let manifest = dir.join(MANIFEST);
+    match std::fs::remove_file(&manifest) {
+        Ok(()) => std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&manifest)(e)),
+    }
+    let pool = ckpt_dir.join(RECYCLE);
+    std::fs::create_dir_all(&pool).map_err(io(&pool))?;
+    let mut moved = 0;
+    for e in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str().filter(|n| n.starts_with("shard-") && n.ends_with(".safetensors")) else { continue };
+        let to = pool.join(format!("step-{step}-{name}"));
+        std::fs::rename(e.path(), &to).map_err(io(&to))?;
+        moved += 1;
+    }
+    Ok(moved)
+}
+
+/// Bounds the pool to `cap` files (one save's worth), deleting the rest.
+fn trim_pool(ckpt_dir: &Path, cap: usize) -> Result<(), CkptError> {
+    let pool = ckpt_dir.join(RECYCLE);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&pool).map_err(io(&pool))?.flatten().map(|e| e.path()).collect();
+    files.sort();
+    for f in files.iter().skip(cap) {
+        match std::fs::remove_file(f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // a writer took it meanwhile
+            Err(e) => return Err(io(f)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Takes a file from `ckpt_dir`'s recycle pool by renaming it to `dest` (atomic: when
+/// ranks race for the same file, one wins and the others try the next) and opens it for
+/// overwriting (not truncated: the writer sets the final length). `None`: the pool is
+/// empty (or absent), write a new file.
+pub fn take_recycled(ckpt_dir: &Path, dest: &Path) -> Option<std::fs::File> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(ckpt_dir.join(RECYCLE)).ok()?.flatten().map(|e| e.path()).collect();
+    files.sort();
+    files.into_iter().find_map(|f| {
+        std::fs::rename(&f, dest).ok()?;
+        std::fs::OpenOptions::new().write(true).open(dest).ok()
+    })
 }
 
 /// Size and CRC-32 of a file (frozen weights in the manifest).
@@ -240,8 +311,32 @@ mod tests {
         assert_eq!(latest_committed(d.path()), Some(6), "step-8 has no manifest: it does not exist");
         let removed = retain(d.path(), 2, Some(2)).unwrap();
         assert_eq!(removed, Vec::<u64>::new(), "keeps 4 and 6, and 2 which is being resumed from");
+        std::fs::write(step_dir(d.path(), 2).join(shard_file(0, 1)), "shard").unwrap();
         let removed = retain(d.path(), 2, None).unwrap();
         assert_eq!(removed, vec![2]);
         assert!(step_dir(d.path(), 8).exists(), "an in-progress newer step is left alone");
+        let pooled = d.path().join(RECYCLE).join("step-2-shard-00000-of-00001.safetensors");
+        assert_eq!(std::fs::read_to_string(&pooled).unwrap(), "shard", "the removed step's shard is recycled");
+        let taken = d.path().join("taken");
+        assert!(take_recycled(d.path(), &taken).is_some());
+        assert!(!pooled.exists() && taken.exists(), "taking moves it out of the pool");
+        assert!(take_recycled(d.path(), &d.path().join("again")).is_none(), "the pool is empty");
+    }
+
+    #[test]
+    fn the_recycle_pool_holds_one_saves_worth_of_files() {
+        let d = tempfile::tempdir().unwrap();
+        for s in [1u64, 2, 3] {
+            let dir = step_dir(d.path(), s);
+            std::fs::create_dir_all(&dir).unwrap();
+            for r in 0..2 {
+                std::fs::write(dir.join(shard_file(r, 2)), format!("{s}/{r}")).unwrap();
+            }
+            std::fs::write(dir.join(MANIFEST), "{}").unwrap();
+        }
+        assert_eq!(retain(d.path(), 1, None).unwrap(), vec![1, 2]);
+        let pool: Vec<_> = std::fs::read_dir(d.path().join(RECYCLE)).unwrap().flatten().collect();
+        assert_eq!(pool.len(), 2, "two steps of 2 shards retired, one save's worth (2) kept");
+        assert_eq!(committed_steps(d.path()), vec![3]);
     }
 }

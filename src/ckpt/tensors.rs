@@ -103,7 +103,13 @@ pub fn write_shard_timed(dir: &Path, staged: &Staged) -> Result<(ShardInfo, Dura
     std::fs::create_dir_all(dir).map_err(|source| CkptError::Io { path: dir.to_path_buf(), source })?;
     let tmp = path.with_extension("tmp");
     let err = |source| CkptError::Io { path: tmp.clone(), source };
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    // Overwrite a shard file retention retired (its pages are likely cached: no fresh
+    // page-cache allocation), else start a new one. `dir` is `ckpt_dir/step-N`.
+    let recycled = dir.parent().and_then(|root| take_recycled(root, &tmp));
+    let mut f = match recycled {
+        Some(f) => f,
+        None => std::fs::File::create(&tmp).map_err(err)?,
+    };
     let head = header(staged);
     let mut crc = crc32fast::Hasher::new();
     let mut total = head.len() as u64;
@@ -114,6 +120,7 @@ pub fn write_shard_timed(dir: &Path, staged: &Staged) -> Result<(ShardInfo, Dura
         f.write_all(bytes).map_err(err)?;
         total += bytes.len() as u64;
     }
+    f.set_len(total).map_err(err)?; // a recycled file may have been longer
     let written = start.elapsed();
     f.sync_all().map_err(err)?;
     std::fs::rename(&tmp, &path).map_err(|source| CkptError::Io { path: path.clone(), source })?;

@@ -90,15 +90,17 @@ pub fn train_step(model_config: &Path, batch: i64, seq: i64, steps: usize, warmu
         trainer.step(std::slice::from_ref(&b));
     }
     let t = Instant::now();
+    let mut opt = 0.0;
     for _ in 0..steps {
-        trainer.step(std::slice::from_ref(&b));
+        opt += trainer.step(std::slice::from_ref(&b)).optimizer.as_secs_f64();
     }
     let dt = t.elapsed().as_secs_f64() / steps as f64;
     println!(
-        "rust params={} trainable={} batch={batch} seq={seq} threads={} step_s={dt:.4}",
+        "rust params={} trainable={} batch={batch} seq={seq} threads={} step_s={dt:.4} opt_s={:.4}",
         c.total,
         c.trainable,
-        tch::get_num_threads()
+        tch::get_num_threads(),
+        opt / steps as f64
     );
     Ok(())
 }
@@ -202,8 +204,9 @@ pub fn nccl_check() -> Result<()> {
 
 /// `otter bench ckpt`: saves and loads `mb` MB of trainable state (weights + AdamW
 /// moments: `params` tensors of each kind) as `world` ranks writing their shards in
-/// parallel: a run's first save (fresh staging buffers), then a later save phase by phase
-/// (blocked while staging, written, durable), then a load with checksum verification.
+/// parallel: a run's first save (fresh staging buffers), its second (new files) and a
+/// later one (over the shard files retention recycled), phase by phase (blocked while
+/// staging, written, durable), then a load with checksum verification.
 /// Prints one line (scripts/bench-ckpt.sh).
 pub fn ckpt(mb: f64, params: usize, world: usize, dir: &std::path::Path) -> Result<()> {
     use crate::ckpt;
@@ -232,62 +235,67 @@ pub fn ckpt(mb: f64, params: usize, world: usize, dir: &std::path::Path) -> Resu
     // set-up's) left to flush: the kernel would otherwise throttle this writer for them.
     // SAFETY: sync(2) takes no arguments and cannot fail.
     let settle = || unsafe { libc::sync() };
-    // 1. A run's first save, synchronously: every rank stages its share into fresh
-    //    buffers (allocated and page-faulted now), writes, checksums and fsyncs, in parallel.
-    settle();
-    let t = Instant::now();
-    let first: Vec<ckpt::Staged> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..world)
-            .map(|r| {
-                let owned = owned_share(r);
-                s.spawn(move || {
-                    let items: Vec<(String, &Tensor)> = owned.iter().map(|(k, t)| (k.clone(), t)).collect();
-                    let staged = ckpt::stage_tensors(&items, r, world, None);
-                    ckpt::write_shard(dir, &staged).map(|_| staged)
+    // One save of step `step`, as a run does it: every rank, in parallel, stages its share
+    // (into the previous save's buffers when given: the only part that blocks the training
+    // loop), then writes and checksums it (`written`: the data is where torch.save leaves
+    // it) and fsyncs it (`durable`), into `dir/step-N` (over a recycled shard file when
+    // retention left one). Per phase, the slowest rank. The step is then marked committed
+    // (a placeholder manifest: retention only looks for the file).
+    let save = |step: u64, prev: Option<Vec<ckpt::Staged>>| -> Result<(Vec<ckpt::Staged>, f64, f64, f64)> {
+        let step_dir = ckpt::step_dir(dir, step);
+        let mut prev: Vec<Option<ckpt::Staged>> = prev.map(|v| v.into_iter().map(Some).collect()).unwrap_or_else(|| (0..world).map(|_| None).collect());
+        settle();
+        let t = Instant::now();
+        let ranks: Vec<(ckpt::Staged, f64, f64)> = std::thread::scope(|s| {
+            let hs: Vec<_> = prev
+                .iter_mut()
+                .enumerate()
+                .map(|(r, prev)| {
+                    let (owned, prev, step_dir) = (owned_share(r), prev.take(), &step_dir);
+                    s.spawn(move || {
+                        let items: Vec<(String, &Tensor)> = owned.iter().map(|(k, t)| (k.clone(), t)).collect();
+                        let staged = ckpt::stage_tensors(&items, r, world, prev);
+                        let blocked = t.elapsed().as_secs_f64();
+                        ckpt::write_shard_timed(step_dir, &staged).map(|(_, written)| (staged, blocked, blocked + written.as_secs_f64()))
+                    })
                 })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().expect("writer")).collect::<Result<_, _>>()
-    })?;
-    let first_save_s = t.elapsed().as_secs_f64();
-    // 2. Every later save (what a run pays at each checkpoint): each rank stages into the
-    //    previous save's buffers (the only part that blocks the training loop), then its
-    //    background writer writes and checksums (`written`: the data is where torch.save
-    //    leaves it) and fsyncs (`durable`). Per phase, the slowest rank.
-    settle();
-    let t = Instant::now();
-    let steady: Vec<(ckpt::ShardInfo, f64, f64)> = std::thread::scope(|s| {
-        let hs: Vec<_> = first
-            .into_iter()
-            .enumerate()
-            .map(|(r, prev)| {
-                let owned = owned_share(r);
-                s.spawn(move || {
-                    let items: Vec<(String, &Tensor)> = owned.iter().map(|(k, t)| (k.clone(), t)).collect();
-                    let staged = ckpt::stage_tensors(&items, r, world, Some(prev));
-                    let blocked = t.elapsed().as_secs_f64();
-                    ckpt::write_shard_timed(dir, &staged).map(|(info, written)| (info, blocked, blocked + written.as_secs_f64()))
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().expect("writer")).collect::<Result<_, _>>()
-    })?;
-    let durable_s = t.elapsed().as_secs_f64();
-    let blocked_s = steady.iter().map(|x| x.1).fold(0.0, f64::max);
-    let written_s = steady.iter().map(|x| x.2).fold(0.0, f64::max);
-    let infos: Vec<ckpt::ShardInfo> = steady.into_iter().map(|x| x.0).collect();
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("writer")).collect::<Result<_, _>>()
+        })?;
+        let durable = t.elapsed().as_secs_f64();
+        ckpt::write_durable(&step_dir.join(ckpt::MANIFEST), b"{}")?;
+        let blocked = ranks.iter().map(|x| x.1).fold(0.0, f64::max);
+        let written = ranks.iter().map(|x| x.2).fold(0.0, f64::max);
+        Ok((ranks.into_iter().map(|x| x.0).collect(), blocked, written, durable))
+    };
+    // 1. A run's first save: fresh staging buffers (allocated and page-faulted now), new files.
+    let (staged, _, _, first_save_s) = save(1, None)?;
+    // 2. Its second: buffers reused, still new files (retention has retired nothing yet).
+    let (staged, _, fresh_written_s, fresh_durable_s) = save(2, Some(staged))?;
+    // 3. Every later save (keep_last 1): retention retired step 1 into the recycle pool,
+    //    so the shards overwrite its files in place. What a run pays at each checkpoint.
+    ckpt::retain(dir, 1, None)?;
+    let (_, blocked_s, written_s, durable_s) = save(3, Some(staged))?;
+    let step3 = ckpt::step_dir(dir, 3);
+    let infos: Vec<ckpt::ShardInfo> = (0..world)
+        .map(|r| {
+            let file = ckpt::shard_file(r, world);
+            let bytes = std::fs::metadata(step3.join(&file))?.len();
+            Ok(ckpt::ShardInfo { crc32: ckpt::file_crc(&step3.join(&file))?.crc32, file, bytes })
+        })
+        .collect::<Result<_>>()?;
     let bytes: u64 = infos.iter().map(|i| i.bytes).sum();
     // Load: read and verify every shard, rebuild the tensors.
     settle();
     let t = Instant::now();
     let mut loaded = 0usize;
     for info in &infos {
-        loaded += ckpt::shard_tensors(dir, info)?.iter().map(|(_, t)| t.numel()).sum::<usize>();
+        loaded += ckpt::shard_tensors(&step3, info)?.iter().map(|(_, t)| t.numel()).sum::<usize>();
     }
     let load_s = t.elapsed().as_secs_f64();
     anyhow::ensure!(loaded as i64 == per * 3 * params as i64, "loaded {loaded} elements");
     println!(
-        "otter world={world} bytes={bytes} first_save_s={first_save_s:.3} blocked_s={blocked_s:.3} written_s={written_s:.3} durable_s={durable_s:.3} load_s={load_s:.3}"
+        "otter world={world} bytes={bytes} first_save_s={first_save_s:.3} fresh_written_s={fresh_written_s:.3} fresh_durable_s={fresh_durable_s:.3} blocked_s={blocked_s:.3} written_s={written_s:.3} durable_s={durable_s:.3} load_s={load_s:.3}"
     );
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
