@@ -7,6 +7,10 @@
 //! loading it costs ~0.4 GB of RSS and ~0.5 s at every start, CPU-only runs included. It
 //! is dlopen'ed when a CUDA device is asked for (src/cuda.rs).
 //!
+//! Feature `torch` also compiles two small C++ shims against the headers beside libtorch:
+//! `src/train/adamw_shim.cpp` (the fused AdamW kernel, which tch does not bind) and
+//! `src/model/onednn_linear.cpp` (CPU linear layers on oneDNN's GEMM).
+//!
 //! Feature `nccl`: compiles `src/comm/nccl_shim.cpp` against the torch wheel's c10d
 //! headers (plus the wheel's NCCL and CUDA headers, see ../shared/docs/toolchain.md) and
 //! links libtorch_cuda, which then *is* referenced.
@@ -23,6 +27,8 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
         println!("cargo:rustc-env=OTTER_LIBTORCH_LIB={dir}");
     }
+    #[cfg(feature = "torch")]
+    torch_ops(lib.as_deref());
     #[cfg(feature = "nccl")]
     nccl(lib.as_deref());
 }
@@ -43,6 +49,31 @@ fn jpeg() {
     build.compile("otter_jpeg");
     println!("cargo:rustc-link-search=native={}", archive.parent().unwrap().display());
     println!("cargo:rustc-link-lib=static=jpeg");
+}
+
+/// The two libtorch calls tch cannot make: `at::_fused_adamw_` (takes tensor lists;
+/// src/train/adamw_shim.cpp) and oneDNN's dense f32 GEMM behind an autograd node
+/// (src/model/onednn_linear.cpp). Compiled against the headers that ship beside libtorch
+/// (`<lib>/../include`), including only what they use.
+#[cfg(feature = "torch")]
+fn torch_ops(lib: Option<&str>) {
+    let files = ["src/train/adamw_shim.cpp", "src/model/onednn_linear.cpp"];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let lib = std::path::PathBuf::from(lib.expect("torch-sys did not report libtorch's lib dir"));
+    let include = lib.join("../include");
+    assert!(include.join("ATen/ops/_fused_adamw.h").exists(), "libtorch headers not found at {}", include.display());
+    cc::Build::new()
+        .cpp(true)
+        .files(files)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .opt_level(2)
+        .warnings(false)
+        .compile("otter_torch_ops");
 }
 
 #[cfg(feature = "nccl")]

@@ -81,20 +81,25 @@ def main(cfg_path, batch, seq, steps, warmup):
     vision_x = torch.randn(batch, 1, 1, 3, s, s)
     mask = torch.ones_like(ids)
 
+    opt_time = [0.0]
+
     def step():
         loss = model(vision_x, ids, attention_mask=mask, labels=ids.clone()).loss
         loss.backward()
+        t = time.perf_counter()  # clip + update + zero_grad, as the Rust side's `optimizer`
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=False)
+        opt_time[0] += time.perf_counter() - t
 
     for _ in range(warmup):
         step()
+    opt_time[0] = 0.0
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     dt = (time.perf_counter() - t0) / steps
-    print(f"python params={n_all} trainable={n_train} batch={batch} seq={seq} threads={torch.get_num_threads()} step_s={dt:.4f}")
+    print(f"python params={n_all} trainable={n_train} batch={batch} seq={seq} threads={torch.get_num_threads()} step_s={dt:.4f} opt_s={opt_time[0] / steps:.4f}")
 
 
 if __name__ == "__main__":

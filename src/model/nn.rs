@@ -22,8 +22,61 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        linear(x, &self.weight, self.bias.as_ref())
     }
+}
+
+/// `x W^T + b`. On the CPU in f32, GEMMs of at least [`ONEDNN_MIN_MACS`] multiply-adds
+/// run on oneDNN (src/model/onednn_linear.cpp: its AVX-512 kernels against MKL's AVX2 path
+/// on AMD CPUs), with the same autograd semantics; everything else, and any run with
+/// `OTTER_CPU_GEMM=mkl`, is libtorch's `linear`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+    let (k, n) = (x.size().last().copied().unwrap_or(0), w.size()[0]);
+    let m = if k > 0 { x.numel() as i64 / k } else { 0 };
+    let cpu_f32 = x.device() == tch::Device::Cpu && x.kind() == Kind::Float && w.kind() == Kind::Float;
+    if cpu_f32 && w.dim() == 2 && m * n * k >= ONEDNN_MIN_MACS && onednn() {
+        onednn_linear(x, w, b)
+    } else {
+        x.linear(w, b)
+    }
+}
+
+/// Below this many multiply-adds a GEMM stays on libtorch's path: oneDNN's per-call set-up
+/// outweighs its faster kernel (the tiny model's layers).
+pub const ONEDNN_MIN_MACS: i64 = 1 << 21;
+
+/// Whether CPU linear layers go through oneDNN: libtorch was built with it and
+/// `OTTER_CPU_GEMM` is not `mkl` (the switch the training benchmark flips to report both).
+fn onednn() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // SAFETY: a query without arguments.
+    *ON.get_or_init(|| std::env::var("OTTER_CPU_GEMM").map_or(true, |v| v != "mkl") && unsafe { otter_onednn_available() } == 1)
+}
+
+extern "C" {
+    fn otter_onednn_available() -> std::ffi::c_int;
+    fn otter_onednn_linear(
+        x: *const torch_sys::C_tensor,
+        w: *const torch_sys::C_tensor,
+        b: *const torch_sys::C_tensor,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> *mut torch_sys::C_tensor;
+}
+
+fn onednn_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+    let mut err = [0 as std::ffi::c_char; 512];
+    // SAFETY: x, w and b (or null) are live tch handles for the call; the shim returns a
+    // new `at::Tensor*` that the returned Tensor owns (tch frees it with `delete`), or null
+    // with a NUL-terminated message in `err`.
+    let y = unsafe { otter_onednn_linear(x.as_ptr(), w.as_ptr(), b.map_or(std::ptr::null(), |b| b.as_ptr()), err.as_mut_ptr(), err.len()) };
+    if y.is_null() {
+        // Shapes were checked by the caller's model; a failure here is a bug, as a failing
+        // `linear` would be.
+        panic!("oneDNN linear {:?} x {:?}: {}", x.size(), w.size(), unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }.to_string_lossy());
+    }
+    // SAFETY: `y` is a fresh heap `at::Tensor` nobody else owns.
+    unsafe { Tensor::from_ptr(y) }
 }
 
 /// `nn.LayerNorm(dim)` with weight and bias.
@@ -77,4 +130,48 @@ pub fn finfo_max(kind: Kind) -> f64 {
 /// `torch.finfo(kind).min` (HF's additive attention-mask value).
 pub fn finfo_min(kind: Kind) -> f64 {
     -finfo_max(kind)
+}
+
+#[cfg(test)]
+mod onednn_tests {
+    use super::*;
+
+    /// The oneDNN path computes libtorch's `linear`: output and every gradient (input,
+    /// weight, bias) agree within f32 rounding, for a 3-D input, with a trainable weight
+    /// and with a frozen one (which then gets no gradient).
+    #[test]
+    fn onednn_linear_equals_libtorch_linear() {
+        assert!(onednn(), "libtorch is built with oneDNN");
+        tch::manual_seed(3);
+        let opts = (Kind::Float, tch::Device::Cpu);
+        for w_trainable in [true, false] {
+            let x = Tensor::randn([2, 33, 96], opts).set_requires_grad(true);
+            let w = Tensor::randn([80, 96], opts).set_requires_grad(w_trainable);
+            let b = Tensor::randn([80], opts).set_requires_grad(true);
+            let g = Tensor::randn([2, 33, 80], opts);
+            let run = |dnn: bool| {
+                for t in [&x, &w, &b] {
+                    let mut t = t.shallow_clone();
+                    t.zero_grad();
+                }
+                let y = if dnn { onednn_linear(&x, &w, Some(&b)) } else { x.linear(&w, Some(&b)) };
+                (&y * &g).sum(Kind::Float).backward();
+                let gw = w.grad();
+                (y.detach(), x.grad().copy(), gw.defined().then(|| gw.copy()), b.grad().copy())
+            };
+            let (y1, gx1, gw1, gb1) = run(true);
+            let (y2, gx2, gw2, gb2) = run(false);
+            let close = |a: &Tensor, b: &Tensor, what: &str| {
+                let d = (a - b).abs().max().double_value(&[]);
+                assert!(d <= 1e-4, "{what} (trainable weight: {w_trainable}): max |diff| {d:e}");
+            };
+            close(&y1, &y2, "output");
+            close(&gx1, &gx2, "input gradient");
+            close(&gb1, &gb2, "bias gradient");
+            assert_eq!(gw1.is_some(), w_trainable, "a weight gets a gradient exactly when trainable");
+            if let (Some(gw1), Some(gw2)) = (gw1, gw2) {
+                close(&gw1, &gw2, "weight gradient");
+            }
+        }
+    }
 }

@@ -183,7 +183,7 @@ impl Otter {
             x = layer.decoder.forward(&x, &rope, &attn_mask, cache);
         }
         let x = self.norm.forward(&x);
-        x.linear::<&Tensor>(&self.lm_head, None).to_kind(Kind::Float)
+        super::nn::linear(&x, &self.lm_head, None).to_kind(Kind::Float)
     }
 
     /// Trainable parameters in name order.
