@@ -29,7 +29,7 @@ run() { # name config batch seq steps warmup
   params=$(sed -E 's/.* params=([0-9]+) .*/\1/' <<<"${o[0]}")
   rows+=("| $1 | $params | $3 x $4 | $(ms "$rs") | $(ms "$ms_") | $(ms "$ps") | $(ms "$ro") / $(ms "$po") | **$(python3 -c "print(f'{$rs/$ps:.2f}')")x** |")
 }
-run tiny benches/configs/tiny.json 2 64 20 3
+run tiny benches/configs/tiny.json 2 64 100 5
 run compute benches/configs/compute.json 2 256 3 1
 {
   echo
