@@ -97,7 +97,7 @@ impl RankMetrics {
             ),
             mfu: g("otter_mfu_ratio", "Model FLOPs utilisation of the last step (0-1), where the accelerator's peak is known."),
             bad_samples: c("otter_bad_samples_total", "Samples skipped as malformed (on_bad_sample: skip)."),
-            ckpt_blocking: g("otter_checkpoint_blocking_seconds", "Time the training loop was blocked by the last checkpoint (staging)."),
+            ckpt_blocking: g("otter_checkpoint_blocking_seconds", "Time the training loop was blocked by the last checkpoint (hand-off, plus the next update waiting for staging to finish)."),
             ckpt_duration: g("otter_checkpoint_duration_seconds", "Total time of the last checkpoint shard write (staging to durable)."),
             goodput: g("otter_goodput_ratio", "Time in completed steps / wall time since this process started."),
             step: reg(&r, IntGaugeVec::new(Opts::new("otter_step", "Last optimizer step this rank applied."), l).expect("valid")),

@@ -15,14 +15,18 @@ fn trainer() -> Trainer {
     Trainer::new(model, StepConfig { lr: 1e-3, warmup_steps: 1, total_steps: 10, clip: Some(1.0), adamw: AdamWConfig::default() })
 }
 
-fn trained(steps: usize) -> Trainer {
+fn batch() -> TensorBatch {
     let f = TensorFile::read(&fixtures().join("train/adamw_cosine.safetensors")).unwrap();
-    let b = TensorBatch {
+    TensorBatch {
         vision_x: f.get("vision_x").unwrap().shallow_clone(),
         input_ids: f.get("input_ids").unwrap().shallow_clone(),
         attention_mask: f.get("attention_mask").unwrap().shallow_clone(),
         labels: f.get("labels").unwrap().shallow_clone(),
-    };
+    }
+}
+
+fn trained(steps: usize) -> Trainer {
+    let b = batch();
     let mut t = trainer();
     for _ in 0..steps {
         t.step(std::slice::from_ref(&b));
@@ -227,4 +231,47 @@ fn retention_recycles_shard_files_and_a_recycled_write_equals_a_fresh_one() {
     let mut loaded = trainer();
     ckpt::load(&dir, &mut loaded).unwrap();
     same_state(&loaded, &t3);
+}
+
+/// An asynchronous save stages in the background while the next step runs: the shard
+/// holds the state at the save, byte for byte, not the one the next update wrote.
+#[test]
+fn an_async_save_holds_the_state_at_the_save_while_the_next_step_runs() {
+    let d = tempfile::tempdir().unwrap();
+    let mut t = trained(1);
+    let names: Vec<String> = ckpt::partition(&ckpt::param_sizes(&t), 1).swap_remove(0);
+    let at_save = ckpt::write_shard(&d.path().join("expected"), &ckpt::stage(&t, &names, 0, 1, None)).unwrap();
+    let ck = d.path().join("ck");
+    let mut saver = ckpt::AsyncSaver::default();
+    saver.save(&mut t, &ck, manifest(1, 1), 1).unwrap();
+    t.step(std::slice::from_ref(&batch())); // its update waits for the staging
+    assert_eq!(saver.wait().unwrap(), Some(1));
+    let m = ckpt::read_manifest(&ckpt::step_dir(&ck, 1)).unwrap();
+    assert_eq!(m.shards[0].crc32, at_save.crc32, "the state at the save");
+    let after = ckpt::write_shard(&d.path().join("after"), &ckpt::stage(&t, &names, 0, 1, None)).unwrap();
+    assert_ne!(after.crc32, at_save.crc32, "the step did update the state");
+}
+
+/// The trainer's update waits for a registered background reader: a reader that copies
+/// a weight a second after the step began (far longer than the tiny model's forward and
+/// backward) still sees it as before the update, which runs after it.
+#[test]
+fn the_update_waits_for_a_background_reader_of_the_state() {
+    let mut t = trained(1);
+    let (name, p) = t.model.trainable().into_iter().next().map(|(n, p)| (n.to_string(), p.shallow_clone())).unwrap();
+    let before = p.copy();
+    let fence = otter::train::ReadFence::new();
+    t.hold_updates_until(fence.clone());
+    let reader = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let seen = p.copy();
+        fence.release();
+        seen
+    });
+    let stats = t.step(std::slice::from_ref(&batch()));
+    let seen = reader.join().unwrap();
+    assert!(seen.equal(&before), "{name}: the reader saw the state before the update");
+    assert!(!stats.checkpoint_wait.is_zero());
+    let now = t.model.trainable().into_iter().find(|(n, _)| *n == name).unwrap().1.copy();
+    assert!(!now.equal(&before), "{name}: the update then ran");
 }

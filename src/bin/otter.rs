@@ -178,6 +178,11 @@ enum BenchCommand {
         steps: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Also save a checkpoint after every timed step (asynchronously, keep_last 1) into
+        /// this directory, and report what each save blocked the loop against one save
+        /// done synchronously.
+        #[arg(long)]
+        ckpt_dir: Option<PathBuf>,
     },
     /// Per-sample data pipeline throughput on one thread.
     Data {
@@ -282,8 +287,8 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::AllreduceRank { rank, addrs, size_mb, iters }) => {
             cmd::bench::allreduce_rank(rank, &addrs, &size_mb, iters)
         }
-        Command::Bench(BenchCommand::TrainStep { model_config, batch, seq, steps, warmup }) => {
-            cmd::bench::train_step(&model_config, batch, seq, steps, warmup)
+        Command::Bench(BenchCommand::TrainStep { model_config, batch, seq, steps, warmup, ckpt_dir }) => {
+            cmd::bench::train_step(&model_config, batch, seq, steps, warmup, ckpt_dir.as_deref())
         }
         Command::Data(d) => match d {
             DataCommand::Synth { out, samples, images_format, seed, image_px, tokenizer } => {

@@ -10,9 +10,12 @@
 //! * A `step-N` without `manifest.json` does not exist: [`latest_committed`] skips it.
 //! * The partition is a pure function of the parameter names and sizes and the world size
 //!   ([`partition`]): names sorted, each given to the rank with the fewest bytes so far.
-//! * Saving is asynchronous ([`AsyncSaver`]): the training thread only stages its share
-//!   to host memory; serializing, checksumming (CRC-32 per shard), writing and fsync run on
-//!   a background thread, and a new save first waits for the previous one.
+//! * Saving is asynchronous ([`AsyncSaver`], [`ShardSaver`]): the training thread only
+//!   hands its share's tensor handles to a background thread, which stages them to host
+//!   memory (the trainer's next in-place update waits for that, via
+//!   [`crate::train::ReadFence`], so staging overlaps the next forward and backward), then
+//!   checksums (CRC-32 per shard), writes and fsyncs; a new save first waits for the
+//!   previous one.
 //! * Loading reads whatever shards hold the names it needs, so any world size can resume
 //!   from any other (resharding); every shard read is checked against its checksum and a
 //!   mismatch names the file.

@@ -2,7 +2,7 @@
 //! in the background, loading (with resharding) into a [`Trainer`].
 
 use super::*;
-use crate::train::Trainer;
+use crate::train::{ReadFence, Trainer};
 use safetensors::tensor::Dtype;
 use std::collections::BTreeMap;
 use std::thread::JoinHandle;
@@ -50,6 +50,27 @@ pub fn stage(trainer: &Trainer, names: &[String], rank: usize, world: usize, reu
         items.push((format!("exp_avg_sq.{n}"), &m.exp_avg_sq));
     }
     stage_tensors(&items, rank, world, reuse)
+}
+
+/// This rank's share as tensor handles (no copy): what a background stager reads.
+fn share(trainer: &Trainer, names: &[String]) -> Vec<(String, Tensor)> {
+    let params: BTreeMap<&str, &Tensor> = trainer.model.trainable().into_iter().collect();
+    let mut items = Vec::with_capacity(names.len() * 3);
+    for n in names {
+        let m = &trainer.opt.state[n];
+        items.push((format!("param.{n}"), params[n.as_str()].shallow_clone()));
+        items.push((format!("exp_avg.{n}"), m.exp_avg.shallow_clone()));
+        items.push((format!("exp_avg_sq.{n}"), m.exp_avg_sq.shallow_clone()));
+    }
+    items
+}
+
+/// Stages `items` on the calling (background) thread, then releases `fence`: from then on
+/// the trainer may update the tensors again.
+fn stage_then_release(items: &[(String, Tensor)], rank: usize, world: usize, reuse: Option<Staged>, fence: &ReadFence) -> Staged {
+    let _release = fence.release_on_drop();
+    let refs: Vec<(String, &Tensor)> = items.iter().map(|(k, t)| (k.clone(), t)).collect();
+    stage_tensors(&refs, rank, world, reuse)
 }
 
 /// [`stage`] for named tensors (keys as they go into the shard).
@@ -158,21 +179,26 @@ impl AsyncSaver {
         }
     }
 
-    /// Single-process save of the whole trainable state as one shard: stages it (the
-    /// returned blocking time), then writes the shard, the manifest (last) and applies
-    /// retention in the background. `manifest` supplies everything but the partition and
-    /// shards.
-    pub fn save(&mut self, trainer: &Trainer, ckpt_dir: &Path, manifest: Manifest, keep_last: usize) -> Result<Duration, CkptError> {
+    /// Single-process save of the whole trainable state as one shard. In the background:
+    /// stages it (overlapping the next step's forward and backward; the trainer's next
+    /// update waits for it, see [`ReadFence`]), then writes the shard, the manifest (last)
+    /// and applies retention. Returns the hand-off time. `manifest` supplies everything
+    /// but the partition and shards.
+    pub fn save(&mut self, trainer: &mut Trainer, ckpt_dir: &Path, manifest: Manifest, keep_last: usize) -> Result<Duration, CkptError> {
         self.wait()?;
         let t = Instant::now();
         let mut names: Vec<String> = param_sizes(trainer).into_iter().map(|(n, _)| n).collect();
         names.sort();
-        let staged = stage(trainer, &names, 0, 1, self.spare.take());
-        let blocked = t.elapsed();
+        let items = share(trainer, &names);
+        let fence = ReadFence::new();
+        trainer.hold_updates_until(fence.clone());
+        let spare = self.spare.take();
         let dir = step_dir(ckpt_dir, manifest.step);
         let ckpt_dir = ckpt_dir.to_path_buf();
         let (paths, cache) = (self.frozen_paths.clone(), self.frozen.clone());
         self.pending = Some(std::thread::spawn(move || {
+            let staged = stage_then_release(&items, 0, 1, spare, &fence);
+            drop(items);
             let write = || {
                 let shard = write_shard(&dir, &staged)?;
                 let mut cached = cache.lock().expect("not poisoned");
@@ -189,7 +215,7 @@ impl AsyncSaver {
             let res = write();
             (res, staged)
         }));
-        Ok(blocked)
+        Ok(t.elapsed())
     }
 }
 
@@ -245,13 +271,14 @@ impl ShardSaver {
         Self { pending: None, spare: None, frozen_paths, frozen: Default::default() }
     }
 
-    /// Stages this rank's share of the state after `steps` steps (the only part the
-    /// training loop waits for, returned) and writes it in the background. Waits for the
-    /// previous write first and returns its result.
+    /// Saves this rank's share of the state after `steps` steps in the background:
+    /// stages it (overlapping the next step's forward and backward; the trainer's next
+    /// update waits for it, see [`ReadFence`]), then writes it. Returns the hand-off time
+    /// and, having waited for it first, the previous write's result.
     #[allow(clippy::type_complexity)]
     pub fn save(
         &mut self,
-        trainer: &Trainer,
+        trainer: &mut Trainer,
         ckpt_dir: &Path,
         steps: u64,
         rank: usize,
@@ -262,7 +289,9 @@ impl ShardSaver {
         let t = Instant::now();
         let names = partition(&param_sizes(trainer), world).swap_remove(rank);
         let spare = self.spare.take().filter(|s| s.rank == rank && s.world == world);
-        let staged = stage(trainer, &names, rank, world, spare);
+        let items = share(trainer, &names);
+        let fence = ReadFence::new();
+        trainer.hold_updates_until(fence.clone());
         let blocked = t.elapsed();
         let dir = step_dir(ckpt_dir, steps);
         let (paths, cache) = (self.frozen_paths.clone(), self.frozen.clone());
@@ -270,6 +299,8 @@ impl ShardSaver {
             tag,
             std::thread::spawn(move || {
                 let t_write = Instant::now();
+                let staged = stage_then_release(&items, rank, world, spare, &fence);
+                drop(items);
                 fault_stall(steps);
                 let write = || {
                     let info = write_shard(&dir, &staged)?;
@@ -346,6 +377,7 @@ pub fn shard_tensors(dir: &Path, info: &ShardInfo) -> Result<Vec<(String, Tensor
 /// Loads a committed step into `trainer`, whatever world size wrote it: every shard that
 /// holds a trainable parameter is read (and checked). Sets the optimizer step.
 pub fn load(dir: &Path, trainer: &mut Trainer) -> Result<Manifest, CkptError> {
+    trainer.wait_for_readers(); // a save still staging the state it is about to overwrite
     let m = read_manifest(dir)?;
     let params: BTreeMap<String, Tensor> = trainer.model.trainable().into_iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
     let _g = tch::no_grad_guard();

@@ -62,7 +62,13 @@ pub fn data(config: &Path, samples: usize) -> Result<()> {
 /// random weights built from an HF-style `config.json` (`model_config`), on a random
 /// batch of `batch` samples x `seq` tokens with one image each, after `warmup` steps.
 /// Same model dimensions, batch and sequence as the PyTorch peer (benches/train_step.py).
-pub fn train_step(model_config: &Path, batch: i64, seq: i64, steps: usize, warmup: usize) -> Result<()> {
+///
+/// With `ckpt_dir`: every timed step is followed by an asynchronous checkpoint of the
+/// whole trainable state (weights + AdamW moments, one shard, keep_last 1), as `otter
+/// train` saves. Reports `ckpt_blocked_s`, the mean time a save blocked the loop (hand-off
+/// plus the next update's wait for staging), and `ckpt_sync_s`, one save of the same
+/// state done synchronously (stage, write, fsync), after the timed steps.
+pub fn train_step(model_config: &Path, batch: i64, seq: i64, steps: usize, warmup: usize, ckpt_dir: Option<&Path>) -> Result<()> {
     use crate::model::config::HfOtterConfig;
     use crate::model::spec::{count, parameter_specs};
     use crate::model::weights::{LoadOptions, Params};
@@ -89,19 +95,64 @@ pub fn train_step(model_config: &Path, batch: i64, seq: i64, steps: usize, warmu
     for _ in 0..warmup {
         trainer.step(std::slice::from_ref(&b));
     }
+    if let Some(d) = ckpt_dir {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let mut saver = crate::ckpt::AsyncSaver::default();
+    let manifest = |step: u64| crate::ckpt::Manifest {
+        format_version: crate::ckpt::FORMAT_VERSION,
+        step,
+        epoch: 0,
+        world_size: 1,
+        partition: Vec::new(),
+        shards: Vec::new(),
+        lr: 1e-5,
+        warmup_steps: 0,
+        total_steps: 1000,
+        model_seed: 0,
+        data_seed: 0,
+        data: serde_json::Value::Null,
+        config: serde_json::Value::Null,
+        frozen: Vec::new(),
+        generation: None,
+    };
     let t = Instant::now();
-    let mut opt = 0.0;
+    let (mut opt, mut blocked, mut handoff) = (0.0, 0.0, 0.0);
     for _ in 0..steps {
-        opt += trainer.step(std::slice::from_ref(&b)).optimizer.as_secs_f64();
+        let s = trainer.step(std::slice::from_ref(&b));
+        opt += s.optimizer.as_secs_f64();
+        blocked += handoff + s.checkpoint_wait.as_secs_f64();
+        if let Some(d) = ckpt_dir {
+            let step = trainer.step_count();
+            handoff = saver.save(&mut trainer, d, manifest(step), 1)?.as_secs_f64();
+        }
     }
     let dt = t.elapsed().as_secs_f64() / steps as f64;
-    println!(
+    let mut line = format!(
         "rust params={} trainable={} batch={batch} seq={seq} threads={} step_s={dt:.4} opt_s={:.4}",
         c.total,
         c.trainable,
         tch::get_num_threads(),
         opt / steps as f64
     );
+    if let Some(d) = ckpt_dir {
+        // The last save's cost to the loop: one more step's wait.
+        blocked += handoff + trainer.step(std::slice::from_ref(&b)).checkpoint_wait.as_secs_f64();
+        saver.wait()?;
+        let names: Vec<String> = crate::ckpt::partition(&crate::ckpt::param_sizes(&trainer), 1).swap_remove(0);
+        let sync_dir = d.join("sync");
+        // Like the saves in the loop at steady state: staging buffers already allocated,
+        // and (keep_last 1 retired a step per save) a recycled shard file to write over.
+        let warm = crate::ckpt::stage(&trainer, &names, 0, 1, None);
+        // SAFETY: sync(2) takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+        let t = Instant::now();
+        let info = crate::ckpt::write_shard(&sync_dir, &crate::ckpt::stage(&trainer, &names, 0, 1, Some(warm)))?;
+        let sync_s = t.elapsed().as_secs_f64();
+        line += &format!(" ckpt_bytes={} ckpt_blocked_s={:.4} ckpt_sync_s={sync_s:.4}", info.bytes, blocked / steps as f64);
+        let _ = std::fs::remove_dir_all(d);
+    }
+    println!("{line}");
     Ok(())
 }
 

@@ -24,4 +24,4 @@ pub mod run;
 mod step;
 
 #[cfg(feature = "torch")]
-pub use step::{StepConfig, StepStats, TensorBatch, Trainer};
+pub use step::{ReadFence, StepConfig, StepStats, TensorBatch, Trainer};

@@ -126,7 +126,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let mut saver = ckpt::AsyncSaver::with_frozen(frozen);
     let config_json = serde_json::to_value(&run_cfg)?;
-    let save = |saver: &mut ckpt::AsyncSaver, trainer: &Trainer, state: &RunState| -> Result<()> {
+    let save = |saver: &mut ckpt::AsyncSaver, trainer: &mut Trainer, state: &RunState| -> Result<()> {
         let m = ckpt::Manifest {
             format_version: ckpt::FORMAT_VERSION,
             step: state.step,
@@ -210,7 +210,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             let stop = args.stop_after.is_some_and(|n| state.step >= n);
             if state.step % tc.save_every == 0 || state.step >= total_steps || stop {
                 let _span = tracing::info_span!("checkpoint", step = state.step).entered();
-                save(&mut saver, &trainer, &state)?;
+                save(&mut saver, &mut trainer, &state)?;
             }
             if stop {
                 saver.wait()?;
@@ -230,7 +230,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     bar.finish_with_message(format!("done: {} steps, final loss {last_loss:.4}", state.step));
     if ckpt::latest_committed(&ckpt_dir) != Some(state.step) {
-        save(&mut saver, &trainer, &state)?;
+        save(&mut saver, &mut trainer, &state)?;
     }
     saver.wait()?;
     let final_path = tc.out_dir.join("final_weights.safetensors");

@@ -60,12 +60,66 @@ pub struct StepStats {
     pub allreduce: std::time::Duration,
     /// Clip + AdamW + zeroing the gradients.
     pub optimizer: std::time::Duration,
+    /// Waiting, before the update, for a checkpoint to finish staging the state (what an
+    /// asynchronous save costs the loop beyond handing the job off).
+    pub checkpoint_wait: std::time::Duration,
 }
 
 pub struct Trainer {
     pub model: Otter,
     pub opt: AdamW,
     pub cfg: StepConfig,
+    /// A background reader of the weights and moments (a checkpoint copying them out).
+    reader: Option<ReadFence>,
+}
+
+/// Released when a background reader of the trainer's state (a checkpoint staging its
+/// share) has finished copying it. The weights and AdamW moments change only in place
+/// and only through [`Trainer::wait_for_readers`] first (the optimizer update, a
+/// checkpoint load, a state broadcast), so staging can overlap the next step's forward
+/// and backward, which only read them.
+#[derive(Clone, Default)]
+pub struct ReadFence(std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+fn wait_for(reader: &mut Option<ReadFence>) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    if let Some(f) = reader.take() {
+        f.wait();
+    }
+    t.elapsed()
+}
+
+impl ReadFence {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The reader is done (also called by [`ReadFence::release_on_drop`]'s guard, so a
+    /// reader that panics still releases).
+    pub fn release(&self) {
+        let (done, cv) = &*self.0;
+        *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    /// A guard that releases the fence when dropped.
+    pub fn release_on_drop(&self) -> impl Drop + Send {
+        struct Guard(ReadFence);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                self.0.release();
+            }
+        }
+        Guard(self.clone())
+    }
+
+    pub fn wait(&self) {
+        let (done, cv) = &*self.0;
+        let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
+        while !*d {
+            d = cv.wait(d).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 /// Makes glibc keep freed memory for reuse instead of handing it back to the kernel:
@@ -90,7 +144,20 @@ impl Trainer {
     pub fn new(model: Otter, cfg: StepConfig) -> Self {
         keep_freed_memory();
         let opt = AdamW::new(cfg.adamw, &model.trainable());
-        Self { model, opt, cfg }
+        Self { model, opt, cfg, reader: None }
+    }
+
+    /// Registers a background reader of the weights and moments: the next in-place
+    /// update waits for `fence` (a previous reader is waited for first).
+    pub fn hold_updates_until(&mut self, fence: ReadFence) {
+        self.wait_for_readers();
+        self.reader = Some(fence);
+    }
+
+    /// Waits for the background reader, if any; returns how long that took. Whatever
+    /// writes the weights or moments in place calls this first.
+    pub fn wait_for_readers(&mut self) -> std::time::Duration {
+        wait_for(&mut self.reader)
     }
 
     /// Optimizer steps taken so far.
@@ -137,6 +204,9 @@ impl Trainer {
             }
         }
         let allreduce = t1.elapsed();
+        // The update writes the weights and moments in place: a checkpoint still staging
+        // them (overlapped with this step's forward and backward) must finish first.
+        let checkpoint_wait = wait_for(&mut self.reader); // (`params` borrows the model)
         let t2 = Instant::now();
         let _span = tracing::info_span!("optimizer").entered();
         let grad_norm = match self.cfg.clip {
@@ -149,6 +219,6 @@ impl Trainer {
             let mut p = p.shallow_clone();
             p.zero_grad();
         }
-        Ok(StepStats { loss: loss_sum / n, lr, grad_norm, compute, allreduce, optimizer: t2.elapsed() })
+        Ok(StepStats { loss: loss_sum / n, lr, grad_norm, compute, allreduce, optimizer: t2.elapsed(), checkpoint_wait })
     }
 }

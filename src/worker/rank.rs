@@ -87,6 +87,7 @@ impl Data {
 
 /// Copies every trainable parameter and the AdamW moments from `root` (sorted by name).
 fn sync_state(trainer: &mut Trainer, comm: &mut dyn TensorCollective, root: usize) -> Result<(), crate::comm::CommError> {
+    trainer.wait_for_readers(); // the broadcast writes the state a save may still be staging
     let _g = tch::no_grad_guard();
     let mut params: Vec<(String, tch::Tensor)> = trainer.model.trainable().into_iter().map(|(n, p)| (n.to_string(), p.shallow_clone())).collect();
     params.sort_by(|a, b| a.0.cmp(&b.0));
@@ -307,6 +308,9 @@ pub fn run(args: RankArgs) -> Result<()> {
         let mut leases: BTreeMap<u64, Vec<BatchRef>> = a.leases.into_iter().map(lease_from_pb).map(|l| (l.step, l.items)).collect();
         let mut step = a.start_step;
         let mut next: Option<Prepared> = leases.get(&step).map(|items| data.prepare(step, items));
+        // A save handed off after the previous step: what it cost the loop is known once
+        // this step's update has waited for its staging.
+        let mut handoff: Option<(u64, std::time::Duration)> = None;
         loop {
             let Some(p) = next.take().filter(|p| p.step == step) else { bail!("{me}: no data lease for step {step}") };
             let _step_span = tracing::info_span!("step", step, rank, generation = a.generation).entered();
@@ -324,6 +328,13 @@ pub fn run(args: RankArgs) -> Result<()> {
                 }
             };
             applied = Some(step);
+            if let Some((steps, h)) = handoff.take() {
+                let blocked = h + stats.checkpoint_wait;
+                metrics.lock().expect("not poisoned").checkpoint_staged(blocked);
+                if rank == 0 {
+                    println!("checkpoint step-{steps}: blocked the loop {:.3} s (staged during step {step}), writing in the background", blocked.as_secs_f64());
+                }
+            }
             let step_time = t0.elapsed();
             useful += step_time;
             let tokens: u64 = batches.iter().map(|b| b.attention_mask.iter().filter(|&&m| m != 0).count() as u64).sum();
@@ -379,15 +390,12 @@ pub fn run(args: RankArgs) -> Result<()> {
             let last = reply.stop_after == Some(step) && reply.finished;
             if save_every > 0 && (step + 1) % save_every == 0 && !last {
                 let (blocked, previous) =
-                    tracing::info_span!("checkpoint", steps = step + 1).in_scope(|| saver.save(&trainer, &ckpt_dir, step + 1, rank, world, a.generation));
+                    tracing::info_span!("checkpoint", steps = step + 1).in_scope(|| saver.save(&mut trainer, &ckpt_dir, step + 1, rank, world, a.generation));
                 if let Some(done) = previous {
                     report_shard(&rt, &mut client, &args, &me, saver_rank, &metrics, done);
                 }
                 saver_rank = rank;
-                metrics.lock().expect("not poisoned").checkpoint_staged(blocked);
-                if rank == 0 {
-                    println!("checkpoint step-{}: staged in {:.3} s, writing in the background", step + 1, blocked.as_secs_f64());
-                }
+                handoff = Some((step + 1, blocked));
             }
             for l in reply.leases.into_iter().map(lease_from_pb) {
                 leases.insert(l.step, l.items);
