@@ -64,16 +64,21 @@ fn torch_ops(lib: Option<&str>) {
     let lib = std::path::PathBuf::from(lib.expect("torch-sys did not report libtorch's lib dir"));
     let include = lib.join("../include");
     assert!(include.join("ATen/ops/_fused_adamw.h").exists(), "libtorch headers not found at {}", include.display());
-    cc::Build::new()
-        .cpp(true)
-        .files(files)
+    libtorch_cpp(&include).files(files).opt_level(2).compile("otter_torch_ops");
+}
+
+/// A C++ build against libtorch's headers (`include`: `<torch>/include`), with the
+/// wheel's C++ ABI.
+#[cfg(feature = "torch")]
+fn libtorch_cpp(include: &std::path::Path) -> cc::Build {
+    let mut b = cc::Build::new();
+    b.cpp(true)
         .flag("-std=c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .include(&include)
+        .include(include)
         .include(include.join("torch/csrc/api/include"))
-        .opt_level(2)
-        .warnings(false)
-        .compile("otter_torch_ops");
+        .warnings(false);
+    b
 }
 
 #[cfg(feature = "nccl")]
@@ -94,17 +99,11 @@ fn nccl(lib: Option<&str>) {
         .unwrap_or_default();
     cuda.sort();
     assert!(!cuda.is_empty(), "feature nccl: no CUDA headers under {}/nvidia; run scripts/setup.sh", site.display());
-    cc::Build::new()
-        .cpp(true)
+    libtorch_cpp(&torch.join("include"))
         .file("src/comm/nccl_shim.cpp")
-        .flag("-std=c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .define("USE_C10D_NCCL", None)
-        .include(torch.join("include"))
-        .include(torch.join("include/torch/csrc/api/include"))
         .include(&nccl)
         .includes(&cuda)
-        .warnings(false)
         .compile("otter_nccl");
     println!("cargo:rustc-link-search=native={}", lib.display());
     for l in ["torch_cuda", "c10_cuda", "torch_cpu", "torch", "c10"] {

@@ -35,23 +35,7 @@ fn trained(steps: usize) -> Trainer {
 }
 
 fn manifest(step: u64, world: usize) -> Manifest {
-    Manifest {
-        format_version: ckpt::FORMAT_VERSION,
-        step,
-        epoch: 0,
-        world_size: world,
-        partition: Vec::new(),
-        shards: Vec::new(),
-        lr: 1e-3,
-        warmup_steps: 1,
-        total_steps: 10,
-        model_seed: 0,
-        data_seed: 0,
-        data: serde_json::Value::Null,
-        config: serde_json::Value::Null,
-        frozen: Vec::new(),
-        generation: None,
-    }
+    Manifest { lr: 1e-3, warmup_steps: 1, total_steps: 10, ..Manifest::new(step, world) }
 }
 
 /// Saves `t` as `world` ranks would: each stages and writes its share; then the manifest.

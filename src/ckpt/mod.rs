@@ -92,6 +92,31 @@ pub struct Manifest {
     pub generation: Option<u64>,
 }
 
+impl Manifest {
+    /// A manifest of `step` for `world_size` ranks with nothing else recorded yet (no
+    /// partition, shards, data position, config or frozen files; LR fields zero): the
+    /// savers fill in the partition, shards and frozen files, callers the rest.
+    pub fn new(step: u64, world_size: usize) -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            step,
+            epoch: 0,
+            world_size,
+            partition: Vec::new(),
+            shards: Vec::new(),
+            lr: 0.0,
+            warmup_steps: 0,
+            total_steps: 0,
+            model_seed: 0,
+            data_seed: 0,
+            data: serde_json::Value::Null,
+            config: serde_json::Value::Null,
+            frozen: Vec::new(),
+            generation: None,
+        }
+    }
+}
+
 /// Rank `r`'s parameter names: names sorted, each to the rank with the fewest bytes so
 /// far (ties: lowest rank). Deterministic and balanced.
 pub fn partition(sizes: &[(String, u64)], world: usize) -> Vec<Vec<String>> {
@@ -181,11 +206,12 @@ pub fn retain(ckpt_dir: &Path, keep_last: usize, protect: Option<u64>) -> Result
     for e in entries.flatten() {
         let Some(step) = e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse::<u64>().ok()) else { continue };
         let is_committed = committed.contains(&step);
+        let retired = is_committed && !keep.contains(&step);
         let stale_partial = !is_committed && newest.is_some_and(|n| step < n);
-        if is_committed && !keep.contains(&step) {
+        if retired {
             recycled = recycled.max(recycle_shards(ckpt_dir, &e.path(), step)?);
         }
-        if (is_committed && !keep.contains(&step)) || stale_partial {
+        if retired || stale_partial {
             std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
             removed.push(step);
         }

@@ -37,19 +37,11 @@ pub fn param_sizes(trainer: &Trainer) -> Vec<(String, u64)> {
     trainer.model.trainable().iter().map(|(n, t)| (n.to_string(), t.numel() as u64 * 4)).collect()
 }
 
-/// Copies this rank's share (weights and AdamW moments of `names`) to host memory. This
-/// is the only part of a save the training loop waits for. `reuse`: the buffers of the
-/// previous save (same share: no allocation, no page faults).
+/// Copies this rank's share (weights and AdamW moments of `names`) to host memory, on
+/// the calling thread. `reuse`: the buffers of the previous save (same share: no
+/// allocation, no page faults). The savers do this on their background thread instead.
 pub fn stage(trainer: &Trainer, names: &[String], rank: usize, world: usize, reuse: Option<Staged>) -> Staged {
-    let params: BTreeMap<&str, &Tensor> = trainer.model.trainable().into_iter().collect();
-    let mut items: Vec<(String, &Tensor)> = Vec::with_capacity(names.len() * 3);
-    for n in names {
-        let m = &trainer.opt.state[n];
-        items.push((format!("param.{n}"), params[n.as_str()]));
-        items.push((format!("exp_avg.{n}"), &m.exp_avg));
-        items.push((format!("exp_avg_sq.{n}"), &m.exp_avg_sq));
-    }
-    stage_tensors(&items, rank, world, reuse)
+    stage_tensors(&share(trainer, names), rank, world, reuse)
 }
 
 /// This rank's share as tensor handles (no copy): what a background stager reads.
@@ -69,12 +61,11 @@ fn share(trainer: &Trainer, names: &[String]) -> Vec<(String, Tensor)> {
 /// the trainer may update the tensors again.
 fn stage_then_release(items: &[(String, Tensor)], rank: usize, world: usize, reuse: Option<Staged>, fence: &ReadFence) -> Staged {
     let _release = fence.release_on_drop();
-    let refs: Vec<(String, &Tensor)> = items.iter().map(|(k, t)| (k.clone(), t)).collect();
-    stage_tensors(&refs, rank, world, reuse)
+    stage_tensors(items, rank, world, reuse)
 }
 
 /// [`stage`] for named tensors (keys as they go into the shard).
-pub fn stage_tensors(items: &[(String, &Tensor)], rank: usize, world: usize, reuse: Option<Staged>) -> Staged {
+pub fn stage_tensors(items: &[(String, Tensor)], rank: usize, world: usize, reuse: Option<Staged>) -> Staged {
     let mut old: std::collections::HashMap<String, Vec<u8>> =
         reuse.map(|s| s.items.into_iter().map(|(k, _, b)| (k, b)).collect()).unwrap_or_default();
     Staged {

@@ -99,23 +99,6 @@ pub fn train_step(model_config: &Path, batch: i64, seq: i64, steps: usize, warmu
         let _ = std::fs::remove_dir_all(d);
     }
     let mut saver = crate::ckpt::AsyncSaver::default();
-    let manifest = |step: u64| crate::ckpt::Manifest {
-        format_version: crate::ckpt::FORMAT_VERSION,
-        step,
-        epoch: 0,
-        world_size: 1,
-        partition: Vec::new(),
-        shards: Vec::new(),
-        lr: 1e-5,
-        warmup_steps: 0,
-        total_steps: 1000,
-        model_seed: 0,
-        data_seed: 0,
-        data: serde_json::Value::Null,
-        config: serde_json::Value::Null,
-        frozen: Vec::new(),
-        generation: None,
-    };
     let t = Instant::now();
     let (mut opt, mut blocked, mut handoff) = (0.0, 0.0, 0.0);
     for _ in 0..steps {
@@ -124,7 +107,7 @@ pub fn train_step(model_config: &Path, batch: i64, seq: i64, steps: usize, warmu
         blocked += handoff + s.checkpoint_wait.as_secs_f64();
         if let Some(d) = ckpt_dir {
             let step = trainer.step_count();
-            handoff = saver.save(&mut trainer, d, manifest(step), 1)?.as_secs_f64();
+            handoff = saver.save(&mut trainer, d, crate::ckpt::Manifest::new(step, 1), 1)?.as_secs_f64();
         }
     }
     let dt = t.elapsed().as_secs_f64() / steps as f64;
@@ -268,18 +251,17 @@ pub fn ckpt(mb: f64, params: usize, world: usize, dir: &std::path::Path) -> Resu
     let tensors: Vec<[Tensor; 3]> = names.iter().map(|_| [0, 1, 2].map(|_| Tensor::randn([per], (Kind::Float, tch::Device::Cpu)))).collect();
     let sizes: Vec<(String, u64)> = names.iter().map(|n| (n.clone(), per as u64 * 4)).collect();
     let part = ckpt::partition(&sizes, world);
-    let share = |r: usize| -> Vec<(String, &Tensor)> {
+    // A rank's share as shallow copies its writer thread can own (a Tensor is Send, not Sync).
+    let share = |r: usize| -> Vec<(String, Tensor)> {
         let mut v = Vec::new();
         for n in &part[r] {
             let i = names.iter().position(|x| x == n).expect("name");
             for (k, t) in ["param", "exp_avg", "exp_avg_sq"].iter().zip(&tensors[i]) {
-                v.push((format!("{k}.{n}"), t));
+                v.push((format!("{k}.{n}"), t.shallow_clone()));
             }
         }
         v
     };
-    // A rank's share as shallow copies its writer thread can own (a Tensor is Send, not Sync).
-    let owned_share = |r: usize| -> Vec<(String, Tensor)> { share(r).into_iter().map(|(k, t)| (k, t.shallow_clone())).collect() };
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     // Each timed save starts with no dirty pages of earlier writes (ours, the peer's, the
@@ -287,27 +269,28 @@ pub fn ckpt(mb: f64, params: usize, world: usize, dir: &std::path::Path) -> Resu
     // SAFETY: sync(2) takes no arguments and cannot fail.
     let settle = || unsafe { libc::sync() };
     // One save of step `step`, as a run does it: every rank, in parallel, stages its share
-    // (into the previous save's buffers when given: the only part that blocks the training
-    // loop), then writes and checksums it (`written`: the data is where torch.save leaves
+    // (into the previous save's buffers when given; `blocked`: what staging would block
+    // the loop if nothing overlapped it), then writes and checksums it (`written`: the data is where torch.save leaves
     // it) and fsyncs it (`durable`), into `dir/step-N` (over a recycled shard file when
     // retention left one). Per phase, the slowest rank. The step is then marked committed
     // (a placeholder manifest: retention only looks for the file).
-    let save = |step: u64, prev: Option<Vec<ckpt::Staged>>| -> Result<(Vec<ckpt::Staged>, f64, f64, f64)> {
+    // Per rank: its staged buffers (for the next save) and its shard.
+    type Saved = (Vec<(ckpt::Staged, ckpt::ShardInfo)>, f64, f64, f64);
+    let save = |step: u64, prev: Option<Vec<ckpt::Staged>>| -> Result<Saved> {
         let step_dir = ckpt::step_dir(dir, step);
         let mut prev: Vec<Option<ckpt::Staged>> = prev.map(|v| v.into_iter().map(Some).collect()).unwrap_or_else(|| (0..world).map(|_| None).collect());
         settle();
         let t = Instant::now();
-        let ranks: Vec<(ckpt::Staged, f64, f64)> = std::thread::scope(|s| {
+        let ranks: Vec<((ckpt::Staged, ckpt::ShardInfo), f64, f64)> = std::thread::scope(|s| {
             let hs: Vec<_> = prev
                 .iter_mut()
                 .enumerate()
                 .map(|(r, prev)| {
-                    let (owned, prev, step_dir) = (owned_share(r), prev.take(), &step_dir);
+                    let (items, prev, step_dir) = (share(r), prev.take(), &step_dir);
                     s.spawn(move || {
-                        let items: Vec<(String, &Tensor)> = owned.iter().map(|(k, t)| (k.clone(), t)).collect();
                         let staged = ckpt::stage_tensors(&items, r, world, prev);
                         let blocked = t.elapsed().as_secs_f64();
-                        ckpt::write_shard_timed(step_dir, &staged).map(|(_, written)| (staged, blocked, blocked + written.as_secs_f64()))
+                        ckpt::write_shard_timed(step_dir, &staged).map(|(info, written)| ((staged, info), blocked, blocked + written.as_secs_f64()))
                     })
                 })
                 .collect();
@@ -319,22 +302,17 @@ pub fn ckpt(mb: f64, params: usize, world: usize, dir: &std::path::Path) -> Resu
         let written = ranks.iter().map(|x| x.2).fold(0.0, f64::max);
         Ok((ranks.into_iter().map(|x| x.0).collect(), blocked, written, durable))
     };
+    let buffers = |saved: Vec<(ckpt::Staged, ckpt::ShardInfo)>| Some(saved.into_iter().map(|(s, _)| s).collect());
     // 1. A run's first save: fresh staging buffers (allocated and page-faulted now), new files.
-    let (staged, _, _, first_save_s) = save(1, None)?;
+    let (saved, _, _, first_save_s) = save(1, None)?;
     // 2. Its second: buffers reused, still new files (retention has retired nothing yet).
-    let (staged, _, fresh_written_s, fresh_durable_s) = save(2, Some(staged))?;
+    let (saved, _, fresh_written_s, fresh_durable_s) = save(2, buffers(saved))?;
     // 3. Every later save (keep_last 1): retention retired step 1 into the recycle pool,
     //    so the shards overwrite its files in place. What a run pays at each checkpoint.
     ckpt::retain(dir, 1, None)?;
-    let (_, blocked_s, written_s, durable_s) = save(3, Some(staged))?;
+    let (saved, blocked_s, written_s, durable_s) = save(3, buffers(saved))?;
     let step3 = ckpt::step_dir(dir, 3);
-    let infos: Vec<ckpt::ShardInfo> = (0..world)
-        .map(|r| {
-            let file = ckpt::shard_file(r, world);
-            let bytes = std::fs::metadata(step3.join(&file))?.len();
-            Ok(ckpt::ShardInfo { crc32: ckpt::file_crc(&step3.join(&file))?.crc32, file, bytes })
-        })
-        .collect::<Result<_>>()?;
+    let infos: Vec<ckpt::ShardInfo> = saved.into_iter().map(|(_, info)| info).collect();
     let bytes: u64 = infos.iter().map(|i| i.bytes).sum();
     // Load: read and verify every shard, rebuild the tensors.
     settle();

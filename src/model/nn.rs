@@ -31,14 +31,15 @@ impl Linear {
 /// on AMD CPUs), with the same autograd semantics; everything else, and any run with
 /// `OTTER_CPU_GEMM=mkl`, is libtorch's `linear`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
-    let (k, n) = (x.size().last().copied().unwrap_or(0), w.size()[0]);
-    let m = if k > 0 { x.numel() as i64 / k } else { 0 };
-    let cpu_f32 = x.device() == tch::Device::Cpu && x.kind() == Kind::Float && w.kind() == Kind::Float;
-    if cpu_f32 && w.dim() == 2 && m * n * k >= ONEDNN_MIN_MACS && onednn() {
-        onednn_linear(x, w, b)
-    } else {
-        x.linear(w, b)
+    let cpu_f32 = x.device() == tch::Device::Cpu && x.kind() == Kind::Float && w.kind() == Kind::Float && w.dim() == 2;
+    if cpu_f32 && onednn() {
+        let (k, n) = (x.size().last().copied().unwrap_or(0), w.size()[0]);
+        let m = if k > 0 { x.numel() as i64 / k } else { 0 };
+        if m * n * k >= ONEDNN_MIN_MACS {
+            return onednn_linear(x, w, b);
+        }
     }
+    x.linear(w, b)
 }
 
 /// Below this many multiply-adds a GEMM stays on libtorch's path: oneDNN's per-call set-up
