@@ -19,6 +19,7 @@
 pub mod ckpt;
 pub mod comm;
 pub mod coord;
+pub mod cpus;
 pub mod data;
 pub mod metrics;
 pub mod otel;

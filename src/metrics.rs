@@ -53,6 +53,7 @@ pub struct RankMetrics {
     goodput: GaugeVec,
     step: IntGaugeVec,
     generation: IntGaugeVec,
+    cpu_threads: IntGaugeVec,
 }
 
 /// What one optimizer step measured.
@@ -102,6 +103,14 @@ impl RankMetrics {
             goodput: g("otter_goodput_ratio", "Time in completed steps / wall time since this process started."),
             step: reg(&r, IntGaugeVec::new(Opts::new("otter_step", "Last optimizer step this rank applied."), l).expect("valid")),
             generation: reg(&r, IntGaugeVec::new(Opts::new("otter_rank_generation", "Generation this rank runs in."), l).expect("valid")),
+            cpu_threads: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("otter_rank_cpu_threads", "CPU threads this rank runs: kind=intra_op (libtorch's pool), kind=data (batch preparation)."),
+                    &["node", "rank", "kind"],
+                )
+                .expect("valid"),
+            ),
             registry: r,
             node: node.to_string(),
             rank: String::new(),
@@ -133,6 +142,7 @@ impl RankMetrics {
             self.goodput.reset();
             self.step.reset();
             self.generation.reset();
+            self.cpu_threads.reset();
             self.rank = r;
         }
         self.generation.with_label_values(&self.labels()).set(generation as i64);
@@ -159,6 +169,13 @@ impl RankMetrics {
         // dashboard shows a gap, nobody reads a made-up number.
         self.mfu.with_label_values(&l).set(s.mfu.unwrap_or(f64::NAN));
         self.step.with_label_values(&l).set(s.step as i64);
+    }
+
+    /// The threads this rank chose (after every change).
+    pub fn threads(&self, intra_op: usize, data: usize) {
+        let [node, rank] = self.labels();
+        self.cpu_threads.with_label_values(&[node, rank, "intra_op"]).set(intra_op as i64);
+        self.cpu_threads.with_label_values(&[node, rank, "data"]).set(data as i64);
     }
 
     pub fn bad_samples(&self, n: u64) {
@@ -205,6 +222,13 @@ pub struct CoordMetrics {
     pub rank_straggler: IntGaugeVec,
     pub stragglers: IntGauge,
     pub rendezvous: Histogram,
+    pub checkpoint_failures: IntCounterVec,
+    pub checkpoint_failed_in_a_row: IntGauge,
+    pub degraded: IntGauge,
+    pub peer_failures: IntCounterVec,
+    pub failed_generations: IntGauge,
+    pub waiting_for_nodes: IntGauge,
+    pub excluded_nodes: IntGauge,
 }
 
 impl Default for CoordMetrics {
@@ -249,8 +273,29 @@ impl CoordMetrics {
                 Histogram::with_opts(HistogramOpts::new("otter_rendezvous_seconds", "Rendezvous durations.").buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]))
                     .expect("valid"),
             ),
+            checkpoint_failures: reg(
+                &r,
+                IntCounterVec::new(Opts::new("otter_checkpoint_failures_total", "Checkpoint saves that failed (a rank could not write its shard), by reason."), &["reason"])
+                    .expect("valid"),
+            ),
+            checkpoint_failed_in_a_row: ig("otter_checkpoint_failed_saves", "Checkpoint saves that failed since the last committed one."),
+            degraded: ig("otter_job_degraded", "1 while the job is degraded (max_failed_saves checkpoint saves in a row failed)."),
+            peer_failures: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("otter_peer_unreachable_total", "Failure reports in which a rank on node `reporter` could not reach or hear from a rank on node `blamed`."),
+                    &["reporter", "blamed"],
+                )
+                .expect("valid"),
+            ),
+            failed_generations: ig("otter_failed_generations", "Generations in a row that failed without committing a step."),
+            waiting_for_nodes: ig("otter_waiting_for_nodes", "1 while the job waits for nodes (below min_nodes)."),
+            excluded_nodes: ig("otter_excluded_nodes", "Nodes left out for now by the partition rule."),
             registry: r,
         };
+        for reason in ["no_space", "io", "other"] {
+            m.checkpoint_failures.with_label_values(&[reason]).reset();
+        }
         // Every reason is exported from the start (a rate over a series that appears at its
         // first failure misses that failure).
         for reason in ["node_lost", "rank_failed"] {

@@ -64,6 +64,24 @@ pub struct CoordSection {
     /// ... for this many consecutive steps is flagged as a straggler (metric and log).
     #[serde(default = "straggler_steps")]
     pub straggler_steps: u32,
+    /// A node left out because it and another node could not reach each other (the
+    /// partition rule in the README) stays out this long, doubling per repeat (at most 16x).
+    #[serde(with = "crate::coord::duration", default = "d60")]
+    pub exclusion_backoff: std::time::Duration,
+    /// Generations in a row that fail without committing a step before the job fails.
+    #[serde(default = "max_failed_generations")]
+    pub max_failed_generations: u32,
+    /// Checkpoint saves failing in a row (a full disk) before the job is marked degraded.
+    #[serde(default = "max_failed_saves")]
+    pub max_failed_saves: u32,
+}
+
+fn max_failed_saves() -> u32 {
+    3
+}
+
+fn max_failed_generations() -> u32 {
+    10
 }
 
 fn straggler_factor() -> f64 {
@@ -101,6 +119,16 @@ pub struct CommSection {
     /// dies is noticed at once through its closed connections, not through this timeout.
     #[serde(with = "crate::coord::duration", default = "d60")]
     pub timeout: std::time::Duration,
+    /// Forming a generation's group (every peer connected and introduced) has its own,
+    /// shorter deadline: peers start together right after the rendezvous.
+    #[serde(with = "crate::coord::duration", default = "d30")]
+    pub connect_timeout: std::time::Duration,
+    /// A peer host that answers nothing at all for this long (no TCP acknowledgements, no
+    /// answers to keepalive probes: a partition, a dead host) fails the collective at once,
+    /// naming the peer, instead of after `timeout`. A slow peer still answers, so this
+    /// can be far below the step-time skew.
+    #[serde(with = "crate::coord::duration", default = "d10")]
+    pub peer_timeout: std::time::Duration,
     /// Gradient bucket size in MiB (DDP's default: 25).
     #[serde(default = "bucket_mb")]
     pub bucket_mb: f64,
@@ -108,8 +136,12 @@ pub struct CommSection {
 
 impl Default for CommSection {
     fn default() -> Self {
-        Self { timeout: d60(), bucket_mb: bucket_mb() }
+        Self { timeout: d60(), connect_timeout: d30(), peer_timeout: d10(), bucket_mb: bucket_mb() }
     }
+}
+
+fn d30() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
 }
 
 impl CoordSection {
@@ -129,6 +161,10 @@ impl CoordSection {
             lease_ahead_steps: self.lease_ahead_steps,
             max_steps: train.max_steps,
             epochs: train.epochs,
+            exclusion_backoff: self.exclusion_backoff,
+            max_failed_generations: self.max_failed_generations,
+            keep_checkpoints: train.keep_last.max(1),
+            max_failed_saves: self.max_failed_saves,
         }
     }
 }

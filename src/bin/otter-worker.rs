@@ -82,14 +82,23 @@ fn main() -> Result<()> {
             };
             tokio::runtime::Runtime::new()?.block_on(otter::worker::agent::join(args))
         }
-        Command::Rank { coord, node_id, local_rank, job_file, advertise_host, metrics_addr } => otter::worker::rank::run(otter::worker::rank::RankArgs {
-            metrics_addr,
-            coord,
-            node_id,
-            local_rank,
-            job_file,
-            token: std::env::var("OTTER_JOIN_TOKEN").unwrap_or_default(),
-            advertise_host,
-        }),
+        Command::Rank { coord, node_id, local_rank, job_file, advertise_host, metrics_addr } => {
+            let r = otter::worker::rank::run(otter::worker::rank::RankArgs {
+                metrics_addr,
+                coord,
+                node_id,
+                local_rank,
+                job_file,
+                token: std::env::var("OTTER_JOIN_TOKEN").unwrap_or_default(),
+                advertise_host,
+            });
+            match r {
+                Err(e) if e.downcast_ref::<otter::worker::rank::RestartFresh>().is_some() => {
+                    eprintln!("{e:#}");
+                    std::process::exit(otter::worker::rank::EXIT_RESTART_FRESH);
+                }
+                r => r,
+            }
+        }
     }
 }

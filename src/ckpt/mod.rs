@@ -30,6 +30,9 @@ use std::path::{Path, PathBuf};
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
+/// Where a manifest goes when its checkpoint proved unreadable (a shard's checksum): the
+/// step no longer exists, its files stay for inspection until retention removes them.
+pub const UNREADABLE_MANIFEST: &str = "manifest.json.unreadable";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CkptError {
@@ -43,6 +46,31 @@ pub enum CkptError {
     NoCheckpoint { dir: PathBuf },
     #[error("checkpoint write failed: {0}")]
     Background(String),
+    #[error("{path}: not enough free space for a {needed}-byte shard ({available} bytes available): this checkpoint is skipped")]
+    NoSpace { path: PathBuf, needed: u64, available: u64 },
+}
+
+impl CkptError {
+    /// A short name of the failure for metrics: `no_space`, `io`, or `other`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CkptError::NoSpace { .. } => "no_space",
+            CkptError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) || source.kind() == std::io::ErrorKind::StorageFull => "no_space",
+            CkptError::Io { .. } => "io",
+            _ => "other",
+        }
+    }
+}
+
+/// Bytes available to this (unprivileged) process on the filesystem holding `path` (or
+/// its nearest existing ancestor).
+pub fn available_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let c = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs writes into the struct we pass; the path is a valid C string.
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CkptError + '_ {
@@ -143,14 +171,19 @@ pub fn step_dir(ckpt_dir: &Path, step: u64) -> PathBuf {
     ckpt_dir.join(format!("step-{step}"))
 }
 
-/// Writes `bytes` to `path` durably: temp file, fsync, rename.
+/// Writes `bytes` to `path` durably: temp file, fsync, rename (the temp file is removed
+/// if any of it fails, so a full disk leaves nothing behind).
 pub fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), CkptError> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .map_err(io(&tmp))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(io(path)));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
     }
@@ -279,6 +312,13 @@ pub fn take_recycled(ckpt_dir: &Path, dest: &Path) -> Option<std::fs::File> {
         std::fs::rename(&f, dest).ok()?;
         std::fs::OpenOptions::new().write(true).open(dest).ok()
     })
+}
+
+/// Bytes of the largest file in `ckpt_dir`'s recycle pool (a save overwrites one in place).
+pub fn recyclable_bytes(ckpt_dir: &Path) -> u64 {
+    std::fs::read_dir(ckpt_dir.join(RECYCLE))
+        .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).max().unwrap_or(0))
+        .unwrap_or(0)
 }
 
 /// Size and CRC-32 of a file (frozen weights in the manifest).

@@ -108,25 +108,52 @@ pub fn write_shard(dir: &Path, staged: &Staged) -> Result<ShardInfo, CkptError> 
 /// [`write_shard`], also returning how long it took until the data was written (in the
 /// page cache, where `torch.save` leaves it), before the fsyncs that make it durable.
 pub fn write_shard_timed(dir: &Path, staged: &Staged) -> Result<(ShardInfo, Duration), CkptError> {
-    use std::io::Write;
     let start = Instant::now();
     let file = shard_file(staged.rank, staged.world);
     let path = dir.join(&file);
     std::fs::create_dir_all(dir).map_err(|source| CkptError::Io { path: dir.to_path_buf(), source })?;
     let tmp = path.with_extension("tmp");
-    let err = |source| CkptError::Io { path: tmp.clone(), source };
+    let head = header(staged);
+    let needed = head.len() as u64 + staged.items.iter().map(|(_, _, b)| b.len() as u64).sum::<u64>();
+    // A save that cannot fit is skipped before it fills the disk (and every later save
+    // with it). A retired shard file in the recycle pool is overwritten in place, so its
+    // blocks count as free.
+    let reusable = dir.parent().map_or(0, recyclable_bytes);
+    if let Some(available) = available_bytes(dir) {
+        if available.saturating_add(reusable) < needed {
+            return Err(CkptError::NoSpace { path: path.clone(), needed, available });
+        }
+    }
+    let written = write_shard_file(dir, &tmp, &head, staged, start);
+    let (crc, total, written) = match written {
+        Ok(x) => x,
+        Err(e) => {
+            // Leave nothing behind: a partial shard only fills the disk.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, &path).map_err(|source| CkptError::Io { path: path.clone(), source })?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|source| CkptError::Io { path: dir.to_path_buf(), source })?;
+    Ok((ShardInfo { file, bytes: total, crc32: crc }, written))
+}
+
+/// Writes header and staged buffers to `tmp` (a recycled file or a new one) and fsyncs
+/// it. Returns the CRC, the length and the time until the data was written.
+fn write_shard_file(dir: &Path, tmp: &Path, head: &[u8], staged: &Staged, start: Instant) -> Result<(u32, u64, Duration), CkptError> {
+    use std::io::Write;
+    let err = |source| CkptError::Io { path: tmp.to_path_buf(), source };
     // Overwrite a shard file retention retired (its pages are likely cached: no fresh
     // page-cache allocation), else start a new one. `dir` is `ckpt_dir/step-N`.
-    let recycled = dir.parent().and_then(|root| take_recycled(root, &tmp));
+    let recycled = dir.parent().and_then(|root| take_recycled(root, tmp));
     let mut f = match recycled {
         Some(f) => f,
-        None => std::fs::File::create(&tmp).map_err(err)?,
+        None => std::fs::File::create(tmp).map_err(err)?,
     };
-    let head = header(staged);
     let mut crc = crc32fast::Hasher::new();
     let mut total = head.len() as u64;
-    crc.update(&head);
-    f.write_all(&head).map_err(err)?;
+    crc.update(head);
+    f.write_all(head).map_err(err)?;
     for (_, _, bytes) in &staged.items {
         crc.update(bytes);
         f.write_all(bytes).map_err(err)?;
@@ -135,9 +162,7 @@ pub fn write_shard_timed(dir: &Path, staged: &Staged) -> Result<(ShardInfo, Dura
     f.set_len(total).map_err(err)?; // a recycled file may have been longer
     let written = start.elapsed();
     f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(|source| CkptError::Io { path: path.clone(), source })?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|source| CkptError::Io { path: dir.to_path_buf(), source })?;
-    Ok((ShardInfo { file, bytes: total, crc32: crc.finalize() }, written))
+    Ok((crc.finalize(), total, written))
 }
 
 /// Background writer: at most one save in flight; a new save waits for the previous.
@@ -240,6 +265,8 @@ type ShardJob = JoinHandle<(Result<ShardWritten, CkptError>, Staged)>;
 #[derive(Default)]
 pub struct ShardSaver {
     pending: Option<(u64, ShardJob)>,
+    /// The checkpoint (`step-N`) of the last save handed off.
+    last_steps: Option<u64>,
     /// The last save's staging buffers, reused by the next (same share).
     spare: Option<Staged>,
     frozen_paths: Vec<PathBuf>,
@@ -247,7 +274,8 @@ pub struct ShardSaver {
 }
 
 /// Fault injection for tests: `OTTER_FAULT_CKPT_STALL=N` makes the writer of `step-N`
-/// stall (for an hour) before writing, so a test can kill the rank mid-checkpoint.
+/// stall (for an hour) before writing, so a test can kill or freeze the rank
+/// mid-checkpoint.
 fn fault_stall(steps: u64) {
     if std::env::var("OTTER_FAULT_CKPT_STALL").ok().and_then(|v| v.parse::<u64>().ok()) == Some(steps) {
         eprintln!("checkpoint step-{steps}: stalling the shard write (OTTER_FAULT_CKPT_STALL)");
@@ -259,7 +287,7 @@ impl ShardSaver {
     /// `frozen_paths`: the frozen weight files to checksum (once) and report; empty on
     /// every rank but one.
     pub fn new(frozen_paths: Vec<PathBuf>) -> Self {
-        Self { pending: None, spare: None, frozen_paths, frozen: Default::default() }
+        Self { pending: None, last_steps: None, spare: None, frozen_paths, frozen: Default::default() }
     }
 
     /// Saves this rank's share of the state after `steps` steps in the background:
@@ -277,6 +305,7 @@ impl ShardSaver {
         tag: u64,
     ) -> (Duration, Option<(u64, Result<ShardWritten, CkptError>)>) {
         let previous = self.wait();
+        self.last_steps = Some(steps);
         let t = Instant::now();
         let names = partition(&param_sizes(trainer), world).swap_remove(rank);
         let spare = self.spare.take().filter(|s| s.rank == rank && s.world == world);
@@ -311,6 +340,12 @@ impl ShardSaver {
             }),
         ));
         (blocked, previous)
+    }
+
+    /// The checkpoint (`step-N`) of the last save handed off: the one a result from
+    /// [`ShardSaver::poll`] or [`ShardSaver::wait`] belongs to.
+    pub fn last_steps(&self) -> Option<u64> {
+        self.last_steps
     }
 
     /// The finished write, if the one in flight is done.

@@ -145,7 +145,7 @@ pub fn run_dump(a: DumpArgs) -> Result<()> {
         shard_batches: 1,
         seed: 0,
         on_bad_sample: crate::data::OnBadSample::Fail,
-        workers: 1,
+        workers: Some(1),
         prefetch: 1,
     };
     let source = DataSource::open(&cfg, None)?;

@@ -6,7 +6,7 @@
 //! dead or stalled peer is an error on every rank, never a hang.
 
 use super::shm::ShmSegment;
-use super::{split, CommError, Collective};
+use super::{split, Abort, CommError, Collective};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -18,10 +18,36 @@ const PIECE: usize = 256 * 1024;
 #[cfg(not(target_endian = "little"))]
 compile_error!("the ring's wire format is little-endian f32");
 
+/// How long a ring group waits, and for what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingTimeouts {
+    /// Bound on one socket operation of a collective: a slow peer (step-time skew) is not
+    /// a dead one, so this is long.
+    pub op: Duration,
+    /// Forming the group: every peer connected and introduced.
+    pub connect: Duration,
+    /// A peer host that answers nothing for this long, not even TCP acknowledgements or
+    /// keepalive probes (a partition, a dead host), fails the operation
+    /// (TCP_USER_TIMEOUT and keepalive). A peer that is merely busy still acknowledges.
+    pub peer: Duration,
+}
+
+impl RingTimeouts {
+    /// The same bound for everything.
+    pub fn uniform(t: Duration) -> Self {
+        Self { op: t, connect: t, peer: t }
+    }
+}
+
+/// How long an accepted connection may take to introduce itself before it is dropped
+/// (a port scanner or a probe must not hold up the real peer).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub struct RingGroup {
     rank: usize,
     world: usize,
     timeout: Duration,
+    abort: Abort,
     /// To rank + 1 and from rank - 1 (None when world == 1).
     next: Option<(TcpStream, SocketAddr)>,
     prev: Option<(TcpStream, SocketAddr)>,
@@ -39,6 +65,21 @@ impl Drop for RingGroup {
     }
 }
 
+/// A ring socket: blocking, no Nagle, every operation bounded by `op`, and a peer host
+/// that stops answering at the TCP level (no acknowledgements of our data, no answers to
+/// keepalive probes while we wait for its data) detected within about `peer`.
+fn configure(s: &TcpStream, t: RingTimeouts) -> std::io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(t.op))?;
+    s.set_write_timeout(Some(t.op))?;
+    let sock = socket2::SockRef::from(s);
+    let interval = (t.peer / 5).max(Duration::from_secs(1));
+    let idle = t.peer.saturating_sub(interval * 3).max(Duration::from_secs(1));
+    sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle).with_interval(interval).with_retries(3))?;
+    sock.set_tcp_user_timeout(Some(t.peer))
+}
+
 fn as_bytes(x: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding or invalid bit patterns; the length is scaled by 4.
     unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
@@ -47,7 +88,7 @@ fn as_bytes(x: &[f32]) -> &[u8] {
 /// A socket error as seen by `rank`: a timeout, or a named peer's failure.
 fn io_error(rank: usize, timeout: Duration, peer: usize, addr: SocketAddr, what: &'static str, e: std::io::Error) -> CommError {
     if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
-        CommError::Timeout { rank, what, timeout }
+        CommError::Timeout { rank, what, timeout, peer: Some((peer, addr.to_string())) }
     } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
         let source = std::io::Error::new(e.kind(), "connection closed by the peer (it exited or died)");
         CommError::Peer { rank, peer, addr: addr.to_string(), what, source }
@@ -72,36 +113,51 @@ impl RingGroup {
     /// listener address (exchanged beforehand, e.g. through the coordinator). Connects to
     /// rank + 1, accepts rank - 1, and checks both ends agree on (rank, world).
     pub fn connect(rank: usize, addrs: &[SocketAddr], listener: &TcpListener, timeout: Duration) -> Result<Self, CommError> {
-        Self::connect_tagged(rank, addrs, listener, timeout, 0)
+        Self::form(rank, addrs, listener, RingTimeouts::uniform(timeout), 0, Abort::new())
     }
 
     /// [`RingGroup::connect`] for one incarnation of a group (`tag`: e.g. the job's
-    /// generation). A listener outlives groups, so its backlog can hold connections from
-    /// an earlier incarnation (or a peer's earlier attempt): every connection opens with a
-    /// hello `(magic, tag, rank, world)` and the acceptor drops any that is not the
-    /// expected previous rank of this incarnation, and keeps waiting.
-    pub fn connect_tagged(rank: usize, addrs: &[SocketAddr], listener: &TcpListener, timeout: Duration, tag: u64) -> Result<Self, CommError> {
+    /// generation), releasable through `abort` (while forming too). A listener outlives
+    /// groups, so its backlog can hold connections from an earlier incarnation (or a
+    /// peer's earlier attempt): every connection opens with a hello `(magic, tag, rank,
+    /// world)` and the acceptor drops any that is not the expected previous rank of this
+    /// incarnation (or says nothing for [`HELLO_TIMEOUT`]), and keeps waiting.
+    pub fn form(rank: usize, addrs: &[SocketAddr], listener: &TcpListener, timeouts: RingTimeouts, tag: u64, abort: Abort) -> Result<Self, CommError> {
         let world = addrs.len();
         if world == 0 || rank >= world {
             return Err(CommError::Invalid(format!("rank {rank} of a world of {world}")));
         }
-        let mut g = Self { rank, world, timeout, next: None, prev: None, shm: None };
+        let mut g = Self { rank, world, timeout: timeouts.op, abort, next: None, prev: None, shm: None };
         if world == 1 {
             return Ok(g);
         }
+        let r = g.connect_ring(addrs, listener, timeouts, tag);
+        r.map_err(|e| g.abort.explain(rank, e))?;
+        Ok(g)
+    }
+
+    fn connect_ring(&mut self, addrs: &[SocketAddr], listener: &TcpListener, timeouts: RingTimeouts, tag: u64) -> Result<(), CommError> {
+        let (rank, world) = (self.rank, self.world);
         let next_rank = (rank + 1) % world;
         let prev_rank = (rank + world - 1) % world;
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeouts.connect;
         let hello = |r: usize| -> Vec<u8> { [MAGIC, tag, r as u64, world as u64].iter().flat_map(|v| v.to_le_bytes()).collect() };
         // Connect to next on a thread (it may be accepting only after its own connect),
         // and introduce ourselves at once.
         let next_addr = addrs[next_rank];
         let my_hello = hello(rank);
+        let abort = self.abort.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
         let connector = std::thread::spawn(move || -> std::io::Result<TcpStream> {
             loop {
+                if abort.is_aborted() || stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "aborted"));
+                }
                 match TcpStream::connect_timeout(&next_addr, Duration::from_millis(200)) {
                     Ok(mut s) => {
-                        s.set_write_timeout(Some(Duration::from_secs(5)))?;
+                        abort.register(&s)?;
+                        s.set_write_timeout(Some(HELLO_TIMEOUT))?;
                         s.write_all(&my_hello)?;
                         return Ok(s);
                     }
@@ -113,44 +169,56 @@ impl RingGroup {
                 }
             }
         });
-        listener.set_nonblocking(true).map_err(|e| g.peer_err(prev_rank, addrs[prev_rank], "listen", e))?;
+        listener.set_nonblocking(true).map_err(|e| self.peer_err(prev_rank, addrs[prev_rank], "listen", e))?;
         let want = hello(prev_rank);
-        let prev = loop {
+        let accepted = loop {
+            if let Some(reason) = self.abort.reason() {
+                break Err(CommError::Aborted { rank, reason });
+            }
             match listener.accept() {
                 Ok((mut s, from)) => {
                     let mut got = [0u8; 32];
+                    let wait = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(50), HELLO_TIMEOUT);
                     let ok = s.set_nonblocking(false).is_ok()
-                        && s.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50)))).is_ok()
+                        && s.set_read_timeout(Some(wait)).is_ok()
                         && s.read_exact(&mut got).is_ok()
                         && got[..] == want[..];
                     if ok {
-                        break s;
+                        break Ok(s);
                     }
-                    tracing::debug!("rank {rank}: dropped a stale or foreign connection from {from}");
+                    tracing::debug!("rank {rank}: dropped a stale, foreign or silent connection from {from}");
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    return Err(CommError::Timeout { rank, what: "accepting the previous rank", timeout });
+                    let peer = Some((prev_rank, addrs[prev_rank].to_string()));
+                    break Err(CommError::Timeout { rank, what: "accepting the previous rank", timeout: timeouts.connect, peer });
                 }
-                Err(e) => return Err(g.peer_err(prev_rank, addrs[prev_rank], "accept", e)),
+                Err(e) => break Err(self.peer_err(prev_rank, addrs[prev_rank], "accept", e)),
             }
         };
-        let next = connector
-            .join()
-            .map_err(|_| CommError::Protocol { rank, message: "connector thread panicked".into() })?
-            .map_err(|e| g.peer_err(next_rank, next_addr, "connect", e))?;
-        for s in [&prev, &next] {
-            s.set_nonblocking(false).and_then(|_| s.set_nodelay(true)).map_err(|e| g.peer_err(next_rank, next_addr, "configure", e))?;
-            s.set_read_timeout(Some(timeout)).and_then(|_| s.set_write_timeout(Some(timeout))).map_err(|e| g.peer_err(next_rank, next_addr, "configure", e))?;
+        if accepted.is_err() {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst); // no point connecting on
         }
-        g.next = Some((next, next_addr));
-        g.prev = Some((prev, addrs[prev_rank]));
+        let connected = connector.join().map_err(|_| CommError::Protocol { rank, message: "connector thread panicked".into() })?;
+        let prev = accepted?;
+        let next = connected.map_err(|e| match e.kind() {
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                CommError::Timeout { rank, what: "connecting to the next rank", timeout: timeouts.connect, peer: Some((next_rank, next_addr.to_string())) }
+            }
+            _ => self.peer_err(next_rank, next_addr, "connect", e),
+        })?;
+        self.abort.register(&prev).map_err(|e| self.peer_err(prev_rank, addrs[prev_rank], "configure", e))?;
+        for (s, peer, addr) in [(&prev, prev_rank, addrs[prev_rank]), (&next, next_rank, next_addr)] {
+            configure(s, timeouts).map_err(|e| self.peer_err(peer, addr, "configure", e))?;
+        }
+        self.next = Some((next, next_addr));
+        self.prev = Some((prev, addrs[prev_rank]));
         if std::env::var("OTTER_RING_SHM").map_or(true, |v| v != "0") {
-            g.shm = g.try_shared_memory()?;
+            self.shm = self.try_shared_memory()?;
         }
-        Ok(g)
+        Ok(())
     }
 
     /// Whether all-reduce goes through shared memory (every rank on this host).
@@ -198,9 +266,11 @@ impl RingGroup {
             opened = ShmSegment::open(&path, rank, world, nonce).unwrap_or(None);
             mine = opened.is_some();
         }
+        // Agreement by count: the mean of `world` ones is not exactly 1.0 in f32 for every
+        // world size (41, 47, ...), but mean x world rounds to the exact count.
         let mut flag = [f32::from(u8::from(mine))];
         self.all_reduce_mean(&mut [&mut flag[..]])?;
-        let all = flag[0] == 1.0;
+        let all = (flag[0] * world as f32).round() as usize == world;
         if let Some((s, path)) = seg {
             // Everyone who could map it has; the mappings outlive the name.
             let _ = std::fs::remove_file(path);
@@ -302,23 +372,20 @@ impl RingGroup {
     }
 }
 
-impl Collective for RingGroup {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world(&self) -> usize {
-        self.world
-    }
-
-    fn all_reduce_mean(&mut self, buffers: &mut [&mut [f32]]) -> Result<(), CommError> {
+/// The collectives; errors are [`Abort::explain`]ed by the trait methods.
+impl RingGroup {
+    fn all_reduce_mean_impl(&mut self, buffers: &mut [&mut [f32]]) -> Result<(), CommError> {
         if self.world == 1 {
             return Ok(());
         }
         if let Some(mut shm) = self.shm.take() {
             let (timeout, rank) = (self.timeout, self.rank);
             let (prev, next) = (self.prev.as_ref().map(|p| (p.0.try_clone(), p.1)), self.next.as_ref().map(|p| (p.0.try_clone(), p.1)));
+            let abort = self.abort.clone();
             let mut alive = || -> Result<(), CommError> {
+                if let Some(reason) = abort.reason() {
+                    return Err(CommError::Aborted { rank, reason });
+                }
                 for (peer, s) in [(self.prev_rank(), &prev), ((self.rank + 1) % self.world, &next)] {
                     if let Some((Ok(s), addr)) = s {
                         if super::shm::peer_closed(s) {
@@ -358,7 +425,7 @@ impl Collective for RingGroup {
         Ok(())
     }
 
-    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+    fn broadcast_impl(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
         if self.world == 1 {
             return Ok(());
         }
@@ -383,12 +450,12 @@ impl Collective for RingGroup {
         Ok(())
     }
 
-    fn barrier(&mut self) -> Result<(), CommError> {
+    fn barrier_impl(&mut self) -> Result<(), CommError> {
         let mut one = [0f32; 1];
-        self.all_reduce_mean(&mut [&mut one[..]])
+        self.all_reduce_mean_impl(&mut [&mut one[..]])
     }
 
-    fn reduce_scatter_sum(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+    fn reduce_scatter_sum_impl(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
         let (start, n) = split(input.len(), self.world, self.rank);
         if output.len() != n {
             return Err(CommError::Invalid(format!("reduce_scatter output has {} elements, part {} has {n}", output.len(), self.rank)));
@@ -401,7 +468,7 @@ impl Collective for RingGroup {
         Ok(())
     }
 
-    fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+    fn all_gather_impl(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
         let (start, n) = split(output.len(), self.world, self.rank);
         if input.len() != n {
             return Err(CommError::Invalid(format!("all_gather input has {} elements, part {} has {n}", input.len(), self.rank)));
@@ -411,6 +478,41 @@ impl Collective for RingGroup {
             self.ring_all_gather(output)?;
         }
         Ok(())
+    }
+}
+
+impl Collective for RingGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_mean(&mut self, buffers: &mut [&mut [f32]]) -> Result<(), CommError> {
+        let r = self.all_reduce_mean_impl(buffers);
+        r.map_err(|e| self.abort.explain(self.rank, e))
+    }
+
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        let r = self.broadcast_impl(buf, root);
+        r.map_err(|e| self.abort.explain(self.rank, e))
+    }
+
+    fn barrier(&mut self) -> Result<(), CommError> {
+        let r = self.barrier_impl();
+        r.map_err(|e| self.abort.explain(self.rank, e))
+    }
+
+    fn reduce_scatter_sum(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+        let r = self.reduce_scatter_sum_impl(input, output);
+        r.map_err(|e| self.abort.explain(self.rank, e))
+    }
+
+    fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+        let r = self.all_gather_impl(input, output);
+        r.map_err(|e| self.abort.explain(self.rank, e))
     }
 }
 

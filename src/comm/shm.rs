@@ -179,7 +179,7 @@ impl ShmSegment {
             let now = Instant::now();
             if now.duration_since(start) > timeout {
                 self.abort();
-                return Err(CommError::Timeout { rank, what: "shared-memory barrier", timeout });
+                return Err(CommError::Timeout { rank, what: "shared-memory barrier", timeout, peer: None });
             }
             if now.duration_since(last_check) > Duration::from_millis(20) {
                 last_check = now;

@@ -36,6 +36,10 @@ pub async fn rendezvous(nodes: usize, file_store: Option<&std::path::Path>) -> R
         lease_ahead_steps: 4,
         max_steps: None,
         epochs: 1,
+        exclusion_backoff: Duration::from_secs(60),
+        max_failed_generations: 10,
+        keep_checkpoints: 2,
+        max_failed_saves: 3,
     };
     let machine = Machine::new(cfg, vec![nodes as u64 * 100])?;
     let (store, store_name): (Box<dyn StateStore>, String) = match file_store {
@@ -85,7 +89,7 @@ pub async fn rendezvous(nodes: usize, file_store: Option<&std::path::Path>) -> R
         c.step_done(with_token(pb::StepDoneRequest { generation, rank: a.rank, step: 0, loss: 1.0, ..Default::default() }, &token)).await?;
     }
     let failed_at = Instant::now();
-    ranks[0].0.report_failure(with_token(pb::FailureRequest { generation, rank: 0, reason: "bench".into() }, &token)).await?;
+    ranks[0].0.report_failure(with_token(pb::FailureRequest { generation, rank: 0, reason: "bench".into(), blamed_rank: None }, &token)).await?;
     let mut tasks = Vec::new();
     for (i, (mut c, _, _)) in ranks.into_iter().enumerate() {
         let token = token.clone();

@@ -45,7 +45,8 @@ pub async fn connect(addrs: &[String], patience: Duration) -> Result<Client> {
 }
 
 /// Calls `f` until it succeeds, reconnecting while the coordinator is unreachable or
-/// restarting (UNAVAILABLE / connection errors); other refusals are returned.
+/// restarting (UNAVAILABLE / connection errors); refusals, and answers that carry a code
+/// (such as a pending rendezvous), are returned.
 pub async fn call<T, F, Fut>(client: &mut Client, addrs: &[String], mut f: F) -> Result<T, tonic::Status>
 where
     F: FnMut(Client) -> Fut,
@@ -55,10 +56,11 @@ where
     loop {
         match f(client.clone()).await {
             Ok(r) => return Ok(r.into_inner()),
-            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) && Instant::now() < until => {
-                if s.message().contains("rendezvous not complete") {
-                    continue;
-                }
+            Err(s)
+                if crate::coord::rpc::refusal_code(&s).is_none()
+                    && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+                    && Instant::now() < until =>
+            {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 if let Ok(c) = connect(addrs, Duration::from_secs(5)).await {
                     *client = c;

@@ -121,6 +121,31 @@ pub fn render_status(status: &serde_json::Value, ranks: &[(usize, Option<f64>, b
         sum["recoveries"],
         sum["rollbacks"]
     );
+    // What needs an operator's attention, first.
+    let mut alerts: Vec<String> = Vec::new();
+    if let Some(w) = sum["waiting"].as_str() {
+        alerts.push(format!("Waiting for nodes: {}", escape(w)));
+    }
+    if let Some(d) = sum["degraded"].as_str() {
+        alerts.push(format!("DEGRADED: {}", escape(d)));
+    } else if sum["failed_saves"].as_u64().unwrap_or(0) > 0 {
+        alerts.push(format!("{} checkpoint save(s) in a row failed", sum["failed_saves"]));
+    }
+    for x in sum["excluded"].as_array().into_iter().flatten() {
+        alerts.push(format!("Node {} is left out (it and another node could not reach each other) until {} (UTC ms)", escape(x[0].as_str().unwrap_or("?")), x[1]));
+    }
+    if sum["failed_generations"].as_u64().unwrap_or(0) > 0 {
+        alerts.push(format!("{} generation(s) in a row failed without committing a step", sum["failed_generations"]));
+    }
+    for (n, why) in status["unreadable_checkpoints"].as_array().into_iter().flatten().filter_map(|x| Some((x[0].as_u64()?, x[1].as_str()?))) {
+        alerts.push(format!("Checkpoint step-{n} was unreadable and is no longer offered: {}", escape(why)));
+    }
+    for a in &alerts {
+        let _ = write!(h, "<p class=\"warn\">{a}</p>");
+    }
+    if let Some(f) = sum["final_weights"].as_str() {
+        let _ = write!(h, "<p>Final weights: {}</p>", escape(f));
+    }
     let _ = write!(
         h,
         "<h2>Progress</h2><div class=\"bar\"><div style=\"width:{pct:.1}%\"></div></div><p>{steps} of {} steps committed ({pct:.1}%), \
@@ -151,7 +176,12 @@ pub fn render_status(status: &serde_json::Value, ranks: &[(usize, Option<f64>, b
         );
     }
     let ckpts: Vec<String> = status["checkpoints"].as_array().into_iter().flatten().map(|v| format!("step-{v}")).collect();
-    let _ = write!(h, "</table><h2>Checkpoints</h2><p>{}</p>", if ckpts.is_empty() { "none committed yet".into() } else { escape(&ckpts.join(", ")) });
+    let _ = write!(
+        h,
+        "</table><h2>Checkpoints</h2><p>{}; saves failed in a row: {}</p>",
+        if ckpts.is_empty() { "none committed yet".into() } else { format!("kept: {}, the newest is the one to resume from", escape(&ckpts.join(", "))) },
+        sum["failed_saves"].as_u64().unwrap_or(0)
+    );
     h.push_str("<h2>Recent events</h2><table><tr><th>time (UTC ms)</th><th>generation</th><th>event</th><th>reason</th></tr>");
     for e in status["events"].as_array().into_iter().flatten().take(50) {
         let _ = write!(
@@ -191,5 +221,30 @@ mod tests {
         assert!(page.contains("Running") && page.contains("step-2") && page.contains("ETA 12 s"));
         assert!(page.contains("<td class=\"warn\">yes</td>"), "the straggler is marked");
         assert!(page.contains("node b lost: &lt;watch closed&gt;"));
+        assert!(!page.contains("class=\"warn\">DEGRADED"), "a healthy job raises no alert");
+    }
+
+    #[test]
+    fn what_needs_attention_is_shown_first() {
+        let status = serde_json::json!({
+            "summary": {"phase": "WaitingForNodes", "generation": 3, "nodes": 1, "world": 0, "steps_committed": 40,
+                        "waiting": "lost node b; 1 nodes available, below min_nodes 2", "failed_saves": 3,
+                        "degraded": "3 checkpoint saves in a row failed (last: <ENOSPC>)", "excluded": [["c", 1234]],
+                        "failed_generations": 2},
+            "unreadable_checkpoints": [[20, "step-20/shard-00000: checksum mismatch"]],
+            "checkpoints": [10],
+        });
+        let page = render_status(&status, &[], "unknown");
+        for want in [
+            "Waiting for nodes: lost node b",
+            "DEGRADED: 3 checkpoint saves in a row failed (last: &lt;ENOSPC&gt;)",
+            "Node c is left out",
+            "2 generation(s) in a row failed",
+            "Checkpoint step-20 was unreadable",
+            "saves failed in a row: 3",
+        ] {
+            assert!(page.contains(want), "{want:?} missing");
+        }
+        assert!(page.find("DEGRADED").unwrap() < page.find("<h2>Progress").unwrap(), "alerts come before the progress");
     }
 }

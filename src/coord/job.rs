@@ -74,7 +74,7 @@ fn restore_from_checkpoints(mut machine: Machine, ckpt_dir: &Path) -> Result<Mac
     let ledger: super::ledger::Ledger =
         serde_json::from_value(ledger.clone()).with_context(|| format!("{}: field `data.ledger`", manifest.display()))?;
     machine
-        .restore_from_checkpoint(super::server::wall_now(), ledger, steps)
+        .restore_from_checkpoint(super::server::wall_now(), ledger, steps, &crate::ckpt::committed_steps(ckpt_dir))
         .map_err(|e| anyhow::anyhow!("{}: {e}", manifest.display()))?;
     eprintln!("otter-coord: job state from checkpoint {} ({steps} steps), unless the state store holds a newer one", dir.display());
     Ok(machine)

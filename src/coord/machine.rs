@@ -56,6 +56,9 @@ pub enum NodeStatus {
     Member,
     /// A member that asked to leave: goes at the next step boundary.
     Leaving,
+    /// Left out of the job for a while: a failed generation blamed it (it and another node
+    /// could not reach each other). Admitted again like a new node when that time is up.
+    Excluded,
 }
 
 /// A member node of the current generation and its global ranks.
@@ -111,6 +114,9 @@ pub struct Assignment {
     pub restore_step: Option<u64>,
     /// This rank's data for the first `lease_ahead_steps` steps.
     pub leases: Vec<StepLease>,
+    /// Every step is already trained: bring the state to `start_step` (sync or restore),
+    /// then rank 0 writes the final weights; nothing else to run.
+    pub final_weights_only: bool,
 }
 
 /// Reply to `join`, `heartbeat`: where the job is and what this node is in it.
@@ -176,6 +182,16 @@ pub enum EventKind {
     Restored,
     CheckpointCommitted,
     NonFiniteLoss,
+    /// Too few nodes: the job waits for more (the same rendezvous as at the start).
+    WaitingForNodes,
+    /// A rank could not reach or hear from a peer on another node.
+    PeerUnreachable,
+    NodeExcluded,
+    /// A checkpoint could not be read back (a shard's checksum, a missing file): it is
+    /// no longer offered.
+    CheckpointUnreadable,
+    /// A rank could not write its shard of a checkpoint (a full disk, an I/O error).
+    CheckpointFailed,
     Finished,
     Failed,
 }
@@ -209,6 +225,26 @@ pub struct Summary {
     pub rollbacks: u64,
     pub last_loss: Option<f64>,
     pub finish: Option<Finish>,
+    /// Generations in a row that failed without committing a step (the job fails when this
+    /// exceeds `max_failed_generations`).
+    #[serde(default)]
+    pub failed_generations: u32,
+    /// Nodes left out for now (blamed for a failed generation), with when they may return.
+    #[serde(default)]
+    pub excluded: Vec<(String, Millis)>,
+    /// Why the job is waiting for nodes, while it is.
+    #[serde(default)]
+    pub waiting: Option<String>,
+    /// Checkpoint saves in a row that failed (reset by a committed one).
+    #[serde(default)]
+    pub failed_saves: u32,
+    /// Set once `max_failed_saves` saves failed in a row: the job trains on, but nothing
+    /// newer than its last committed checkpoint could be restored.
+    #[serde(default)]
+    pub degraded: Option<String>,
+    /// The final weights, once rank 0 reported them durable.
+    #[serde(default)]
+    pub final_weights: Option<String>,
 }
 
 /// Why a call was not accepted. Nothing changed.
@@ -224,8 +260,6 @@ pub enum Refusal {
     NotRunning { phase: Phase },
     #[error("node {node_id:?} is not registered (join first)")]
     UnknownNode { node_id: String },
-    #[error("node {node_id:?} is not a member of generation {generation}")]
-    NotAMember { node_id: String, generation: u64 },
     #[error("the job is full: {max_nodes} nodes (max_nodes)")]
     Full { max_nodes: usize },
     #[error("node {node_id:?} must have at least one local rank")]
@@ -253,6 +287,38 @@ pub enum Refusal {
     CheckpointShard { step: u64, generation: u64, why: String },
     #[error("node {node_id:?} cannot leave: {remaining} nodes would remain, below min_nodes {min_nodes}")]
     WouldGoBelowMin { node_id: String, remaining: usize, min_nodes: usize },
+    #[error("checkpoint step-{steps} was not the one generation {generation} restored")]
+    NotRestored { steps: u64, generation: u64 },
+    #[error("generation {generation} is not writing the final weights, or rank {rank} is not its rank 0")]
+    NotFinishing { generation: u64, rank: usize },
+}
+
+impl Refusal {
+    /// A stable, machine-readable name of the refusal (clients branch on this, never on
+    /// the message text).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::StaleGeneration { .. } => "stale-generation",
+            Refusal::FutureGeneration { .. } => "future-generation",
+            Refusal::JobOver { .. } => "job-over",
+            Refusal::NotRunning { .. } => "not-running",
+            Refusal::UnknownNode { .. } => "unknown-node",
+            Refusal::Full { .. } => "full",
+            Refusal::NoLocalRanks { .. } => "no-local-ranks",
+            Refusal::LocalRanksChanged { .. } => "local-ranks-changed",
+            Refusal::UnknownLocalRank { .. } => "unknown-local-rank",
+            Refusal::UnknownRank { .. } => "unknown-rank",
+            Refusal::UnexpectedStep { .. } => "unexpected-step",
+            Refusal::PastStop { .. } => "past-stop",
+            Refusal::NotLeased { .. } => "not-leased",
+            Refusal::UnknownAppliedStep { .. } => "unknown-applied-step",
+            Refusal::UntrackedState { .. } => "untracked-state",
+            Refusal::CheckpointShard { .. } => "checkpoint-shard",
+            Refusal::WouldGoBelowMin { .. } => "would-go-below-min",
+            Refusal::NotRestored { .. } => "not-restored",
+            Refusal::NotFinishing { .. } => "not-finishing",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -260,6 +326,32 @@ struct Node {
     local_ranks: u32,
     last_seen: Millis,
     status: NodeStatus,
+    /// When it (last) registered: the partition rule leaves out the later joiner.
+    #[serde(default)]
+    joined_at: Millis,
+    /// While `Excluded`: when it may come back.
+    #[serde(default)]
+    out_until: Option<Millis>,
+    /// How often it was excluded (the back-off doubles each time).
+    #[serde(default)]
+    exclusions: u32,
+}
+
+/// One failure report that named a peer: `reporter` could not reach or hear from
+/// `blamed` (node ids).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blame {
+    pub at: Millis,
+    pub generation: u64,
+    pub reporter: String,
+    pub blamed: String,
+}
+
+/// The job went back to waiting for nodes (too few left).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Waiting {
+    since: Millis,
+    reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -285,6 +377,11 @@ struct RunState {
     membership_stop: Option<u64>,
     /// The first step the data cannot fill at this world size, once leasing found it.
     data_end: Option<u64>,
+    /// The job's last step is committed: rank 0 writes the final weights, and the job is
+    /// over once it reports them durable (every other rank waits at the rendezvous, so a
+    /// new generation can take over if rank 0 is lost meanwhile).
+    #[serde(default)]
+    finishing: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -326,6 +423,9 @@ pub struct ShardReport {
 struct PendingCheckpoint {
     generation: u64,
     shards: Vec<Option<ShardReport>>,
+    /// A rank could not write its shard: this checkpoint will never be committed.
+    #[serde(default)]
+    failed: Option<String>,
 }
 
 /// A checkpoint whose shards are all durable and whose steps are all committed: the shell
@@ -377,7 +477,39 @@ pub struct Machine {
     /// every rank assigned, and whether it was a recovery.
     #[serde(default)]
     last_rendezvous: Option<(u64, bool)>,
+    /// Set while the job waits for nodes after falling below `min_nodes`.
+    #[serde(default)]
+    waiting: Option<Waiting>,
+    /// Recent failure reports that named a peer on another node (the latest
+    /// [`BLAME_LOG_LEN`]), and how many there were in all.
+    #[serde(default)]
+    blame: VecDeque<Blame>,
+    #[serde(default)]
+    blame_total: u64,
+    /// Recovery generations in a row whose predecessor committed nothing beyond
+    /// `progress_mark` (steps committed when it formed): bounded by `max_failed_generations`.
+    #[serde(default)]
+    failed_generations: u32,
+    #[serde(default)]
+    progress_mark: u64,
+    /// Checkpoints found unreadable (`step-N`, what was wrong): never offered again.
+    #[serde(default)]
+    unreadable_checkpoints: Vec<(u64, String)>,
+    /// Checkpoint saves that failed since the last one committed, failures by kind (ever),
+    /// and the last failure.
+    #[serde(default)]
+    failed_saves: u32,
+    #[serde(default)]
+    save_failures: BTreeMap<String, u64>,
+    #[serde(default)]
+    last_save_failure: Option<String>,
+    /// Where rank 0 wrote the final weights (durably), once it did.
+    #[serde(default)]
+    final_weights: Option<String>,
 }
+
+/// The blame log keeps this many of the latest reports.
+pub const BLAME_LOG_LEN: usize = 64;
 
 fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     match (a, b) {
@@ -436,6 +568,16 @@ impl Machine {
             checkpoints: Vec::new(),
             pending_checkpoints: BTreeMap::new(),
             last_rendezvous: None,
+            waiting: None,
+            blame: VecDeque::new(),
+            blame_total: 0,
+            failed_generations: 0,
+            progress_mark: 0,
+            unreadable_checkpoints: Vec::new(),
+            failed_saves: 0,
+            save_failures: BTreeMap::new(),
+            last_save_failure: None,
+            final_weights: None,
         })
     }
 
@@ -480,7 +622,18 @@ impl Machine {
             sync_from: run.sync_from,
             restore_step: run.restore_step,
             leases: window.filter_map(|s| self.ledger.lease_of(s, rank)).collect(),
+            final_weights_only: run.finishing && run.reported.iter().all(Option::is_none),
         })
+    }
+
+    /// The assignment of the process that checked in with exactly this state and listener
+    /// (a retried call), or `None`: in particular a fresh process of the same slot (its
+    /// node restarted) gets nothing from a generation formed from its predecessor's
+    /// check-in, and must check in itself.
+    pub fn assignment_of_checkin(&self, node_id: &str, local_rank: u32, applied_step: Option<u64>, comm_addr: &str) -> Option<Assignment> {
+        let a = self.assignment(node_id, local_rank)?;
+        let c = self.run.as_ref()?.checkins.get(a.rank)?;
+        (c.comm_addr == comm_addr && c.applied_step == applied_step).then_some(a)
     }
 
     /// Whether this process's check-in counts for the open (or next) rendezvous. A process
@@ -518,6 +671,83 @@ impl Machine {
             rollbacks: self.rollbacks,
             last_loss: self.ledger.last_committed().and_then(|c| c.mean_loss),
             finish: self.finish,
+            failed_generations: self.failed_generations,
+            failed_saves: self.failed_saves,
+            degraded: self.degraded(),
+            final_weights: self.final_weights.clone(),
+            excluded: self.nodes.iter().filter_map(|(id, n)| Some((id.clone(), n.out_until?))).collect(),
+            waiting: self.waiting.as_ref().map(|w| w.reason.clone()),
+        }
+    }
+
+    /// Recent failure reports that named a peer on another node, oldest first, and how
+    /// many there were in all (for metrics).
+    pub fn blame(&self) -> (&VecDeque<Blame>, u64) {
+        (&self.blame, self.blame_total)
+    }
+
+    /// Why the job is degraded, if it is: `max_failed_saves` checkpoint saves in a row
+    /// failed.
+    pub fn degraded(&self) -> Option<String> {
+        (self.failed_saves >= self.config.max_failed_saves).then(|| {
+            let last = self.checkpoints.last().map_or("none".to_string(), |n| format!("step-{n}"));
+            format!(
+                "{} checkpoint saves in a row failed (last: {}); the newest restorable state is checkpoint {last}",
+                self.failed_saves,
+                self.last_save_failure.as_deref().unwrap_or("?")
+            )
+        })
+    }
+
+    /// Failed checkpoint saves by kind (`no_space`, `io`, ...), since the job started.
+    pub fn save_failures(&self) -> &BTreeMap<String, u64> {
+        &self.save_failures
+    }
+
+    /// Checkpoints found unreadable, with what was wrong.
+    pub fn unreadable_checkpoints(&self) -> &[(u64, String)] {
+        &self.unreadable_checkpoints
+    }
+
+    /// What a process that checked in is waiting for, in words (the long poll's answer
+    /// while its assignment does not exist yet).
+    pub fn waiting_for(&self, now: Millis) -> String {
+        let (min, n) = (self.config.min_nodes, self.available_nodes());
+        match &self.phase {
+            Phase::WaitingForNodes => {
+                let since = self.waiting.as_ref().map(|w| w.since).or(self.first_join_at);
+                let left = since.map_or(String::new(), |t| {
+                    let left = self.config.join_timeout.saturating_sub(now.since(t));
+                    format!("; the job fails if still too few in {:.0} s (join_timeout)", left.as_secs_f64())
+                });
+                let why = self.waiting.as_ref().map_or(String::new(), |w| format!(" ({})", w.reason));
+                let out = self.nodes.values().filter(|x| x.status == NodeStatus::Excluded).count();
+                let excluded = if out > 0 { format!(", {out} excluded for now") } else { String::new() };
+                format!("waiting for nodes{why}: {n} available of min_nodes {min}{excluded}{left}")
+            }
+            Phase::Rendezvous { generation } => {
+                let Some(r) = &self.rendezvous else { return format!("rendezvous of generation {generation}") };
+                let missing: Vec<String> = self
+                    .layout
+                    .iter()
+                    .flat_map(|m| (0..m.local_ranks).map(move |lr| Slot { node_id: m.node_id.clone(), local_rank: lr }))
+                    .filter(|s| !r.checkins.iter().any(|c| &c.slot == s))
+                    .map(|s| s.to_string())
+                    .collect();
+                let shown: Vec<&str> = missing.iter().take(8).map(String::as_str).collect();
+                let more = if missing.len() > shown.len() { format!(" and {} more", missing.len() - shown.len()) } else { String::new() };
+                format!(
+                    "rendezvous of generation {generation}: {} of {} ranks checked in; waiting for {}{more}",
+                    self.world - missing.len(),
+                    self.world,
+                    shown.join(", ")
+                )
+            }
+            Phase::Running { generation } => match self.stop_after() {
+                Some(b) => format!("generation {generation} runs; new nodes are admitted after step {b}"),
+                None => format!("generation {generation} runs; waiting to be admitted at the next step boundary"),
+            },
+            Phase::Finished | Phase::Failed { .. } => format!("the job is over ({})", self.phase),
         }
     }
 
@@ -554,15 +784,18 @@ impl Machine {
         if active >= self.config.max_nodes {
             return Err(Refusal::Full { max_nodes: self.config.max_nodes });
         }
-        self.nodes.insert(node_id.into(), Node { local_ranks, last_seen: now, status: NodeStatus::Pending });
-        let (g, n, min, max) = (self.generation, active + 1, self.config.min_nodes, self.config.max_nodes);
+        self.nodes.insert(
+            node_id.into(),
+            Node { local_ranks, last_seen: now, status: NodeStatus::Pending, joined_at: now, out_until: None, exclusions: 0 },
+        );
+        let (g, n, min, max) = (self.generation, self.available_nodes(), self.config.min_nodes, self.config.max_nodes);
         let joined = format!("node {node_id} joined with {local_ranks} local ranks");
         match self.phase {
             Phase::WaitingForNodes => {
                 self.first_join_at.get_or_insert(now);
                 self.last_join_at = Some(now);
                 self.log(now, EventKind::NodeJoined, format!("{joined}; {n} nodes (min {min}, max {max})"));
-                if n == max {
+                if n >= max {
                     self.form_generation(now, &format!("{n} nodes joined, max_nodes reached"), false);
                 }
             }
@@ -601,8 +834,9 @@ impl Machine {
         let mark = self.log.appended;
         if !self.phase.is_over() {
             self.expire_heartbeats(now);
+            self.expire_exclusions(now);
             match self.phase {
-                Phase::WaitingForNodes => self.check_initial(now),
+                Phase::WaitingForNodes => self.check_waiting(now),
                 Phase::Rendezvous { .. } => self.check_rendezvous_timeout(now),
                 _ => {}
             }
@@ -642,16 +876,18 @@ impl Machine {
         let checkin = Checkin { slot: slot.clone(), applied_step, comm_addr: comm_addr.into(), at: now };
         match self.phase {
             Phase::WaitingForNodes => upsert(&mut self.early, checkin),
-            Phase::Rendezvous { generation } => {
-                if self.rank_of(&slot).is_none() {
-                    return Err(Refusal::NotAMember { node_id: node_id.into(), generation });
-                }
+            // A node waiting to be admitted (left out for now): counts for a later rendezvous.
+            Phase::Rendezvous { .. } if self.rank_of(&slot).is_none() => upsert(&mut self.early, checkin),
+            Phase::Rendezvous { .. } => {
                 if let Some(r) = self.rendezvous.as_mut() {
                     upsert(&mut r.checkins, checkin);
                 }
                 self.try_complete_rendezvous(now);
             }
             Phase::Running { generation } => match (self.rank_of(&slot), self.run.as_ref()) {
+                // Every step is done: ranks wait here while rank 0 writes the final weights
+                // (should it be lost, these check-ins form the generation that finishes).
+                (Some(_), Some(run)) if run.finishing => upsert(&mut self.early, checkin),
                 (Some(rank), Some(run)) => {
                     let formed = &run.checkins[rank];
                     let repeat = run.reported[rank].is_none()
@@ -736,15 +972,21 @@ impl Machine {
         Ok(reply_before_boundary)
     }
 
-    /// A rank's collective failed (a peer died or stalled). The reporter is alive and the
-    /// culprit unknown, so nobody is dropped here: the same members re-form, and whoever
-    /// does not check in within `join_timeout` is dropped then.
+    /// A rank's collective failed. Without `blamed` (a peer closed its connections: it
+    /// died or gave up) the culprit is unknown, so nobody is dropped here: the same members
+    /// re-form, and whoever does not check in within `join_timeout` is dropped then. With
+    /// `blamed`, the rank of this generation it could not reach or hear from (a timeout, an
+    /// unreachable host), on another node: the two nodes cannot talk, and re-forming the
+    /// same group would fail the same way, so one of the two is left out for a while (the
+    /// partition rule: the node blamed by more distinct peers in the recent reports, else
+    /// the one that joined last, else the greater id).
     pub fn rank_failed(
         &mut self,
         now: Millis,
         generation: u64,
         rank: usize,
         reason: &str,
+        blamed: Option<usize>,
     ) -> Result<PhaseReply, Refusal> {
         self.check_generation(generation)?;
         if !matches!(self.phase, Phase::Running { .. }) {
@@ -752,10 +994,60 @@ impl Machine {
         }
         let slot = self.slot_of(rank).ok_or(Refusal::UnknownRank { rank, world: self.world, generation })?;
         self.touch_rank(now, rank);
-        let why = format!("rank {rank} ({slot}) reported a collective failure: {reason}");
-        self.log(now, EventKind::RankFailed, format!("generation {generation}: {why}"));
+        let peer = blamed.and_then(|p| Some((p, self.slot_of(p)?))).filter(|(_, ps)| ps.node_id != slot.node_id);
+        let Some((p, peer)) = peer else {
+            let why = format!("rank {rank} ({slot}) reported a collective failure: {reason}");
+            self.log(now, EventKind::RankFailed, format!("generation {generation}: {why}"));
+            self.form_generation(now, &why, true);
+            return Ok(self.phase_reply());
+        };
+        let (a, b) = (slot.node_id.clone(), peer.node_id.clone());
+        let why = format!("nodes {a} and {b} cannot reach each other: rank {rank} ({slot}) failed on rank {p} ({peer}): {reason}");
+        self.log(now, EventKind::PeerUnreachable, format!("generation {generation}: {why}"));
+        if self.blame.len() >= BLAME_LOG_LEN {
+            self.blame.pop_front();
+        }
+        self.blame.push_back(Blame { at: now, generation, reporter: a.clone(), blamed: b.clone() });
+        self.blame_total += 1;
+        let out = self.partition_rule(&a, &b);
+        self.exclude(now, &out, &why);
         self.form_generation(now, &why, true);
         Ok(self.phase_reply())
+    }
+
+    /// Which of two nodes that cannot reach each other to leave out: the one blamed by
+    /// more distinct reporters in the blame log, else the one that joined last, else the
+    /// greater node id.
+    fn partition_rule(&self, a: &str, b: &str) -> String {
+        let blamers = |x: &str| self.blame.iter().filter(|e| e.blamed == x).map(|e| e.reporter.as_str()).collect::<BTreeSet<_>>().len();
+        let joined = |x: &str| self.nodes.get(x).map_or(Millis(0), |n| n.joined_at);
+        let key = |x: &str| (blamers(x), joined(x));
+        let (ka, kb) = (key(a), key(b));
+        let pick_a = ka > kb || (ka == kb && a > b);
+        if pick_a { a } else { b }.to_string()
+    }
+
+    /// Leaves node `id` out of the job for the back-off (doubling per exclusion, at most
+    /// 16x); it comes back as a new node would once that is over.
+    fn exclude(&mut self, now: Millis, id: &str, why: &str) {
+        let base = self.config.exclusion_backoff;
+        let g = self.generation;
+        let Some(node) = self.nodes.get_mut(id) else { return };
+        node.exclusions += 1;
+        let backoff = base.saturating_mul(1 << (node.exclusions - 1).min(4));
+        node.out_until = Some(Millis(now.0.saturating_add(backoff.as_millis() as u64)));
+        node.status = NodeStatus::Excluded;
+        let n = node.exclusions;
+        self.early.retain(|c| c.slot.node_id != id);
+        self.log(
+            now,
+            EventKind::NodeExcluded,
+            format!(
+                "generation {g}: leaving node {id} out for {:.0} s (exclusion {n}; partition rule: blamed by more peers, \
+                 else joined last): {why}",
+                backoff.as_secs_f64()
+            ),
+        );
     }
 
     /// The shell knows a node is gone (its agent saw a training process exit, or the node
@@ -828,9 +1120,82 @@ impl Machine {
         if rank >= world {
             return Err(refuse(format!("generation {generation} had {world} ranks; there is no rank {rank}")));
         }
-        let pending = self.pending_checkpoints.entry(step).or_insert_with(|| PendingCheckpoint { generation, shards: vec![None; world] });
+        let pending = self.pending_checkpoints.entry(step).or_insert_with(|| PendingCheckpoint { generation, shards: vec![None; world], failed: None });
+        if pending.failed.is_some() {
+            return Ok(None); // another rank's shard failed: this one is garbage (the shell removes it)
+        }
         pending.shards[rank] = Some(shard);
         Ok(self.ready_checkpoint())
+    }
+
+    /// Whether the checkpoint after `step` failed (a rank could not write its shard): it
+    /// will never be committed, and its files are garbage.
+    pub fn checkpoint_abandoned(&self, step: u64) -> bool {
+        self.pending_checkpoints.get(&step).is_some_and(|p| p.failed.is_some())
+    }
+
+    /// Rank `rank` of the generation that ran `step` could not write its shard of the
+    /// checkpoint after it (`kind`: a short name such as `no_space` or `io`; `why`: the
+    /// file and the error). The checkpoint is abandoned; it counts once towards the saves
+    /// failed in a row, which make the job degraded at `max_failed_saves`. Returns whether
+    /// this was the checkpoint's first failure.
+    pub fn checkpoint_failed(&mut self, now: Millis, generation: u64, rank: usize, step: u64, kind: &str, why: &str) -> Result<bool, Refusal> {
+        self.refuse_if_over()?;
+        if self.checkpoints.last().is_some_and(|&n| n > step) {
+            return Ok(false);
+        }
+        let world = match self.ledger.committed_step(step) {
+            Some(c) if c.generation == generation => c.per_rank.len(),
+            None => match self.ledger.leased().get(&step) {
+                Some(l) if l.generation == generation => l.per_rank.len(),
+                _ => self.pending_checkpoints.get(&step).filter(|p| p.generation == generation).map_or(0, |p| p.shards.len()),
+            },
+            _ => 0,
+        };
+        if rank >= world {
+            return Err(Refusal::CheckpointShard { step, generation, why: format!("generation {generation} did not run step {step} with a rank {rank}") });
+        }
+        let pending = self.pending_checkpoints.entry(step).or_insert_with(|| PendingCheckpoint { generation, shards: vec![None; world], failed: None });
+        if pending.failed.is_some() {
+            return Ok(false);
+        }
+        let what = format!("checkpoint step-{}: rank {rank} could not write its shard ({kind}): {why}", step + 1);
+        pending.failed = Some(what.clone());
+        self.failed_saves += 1;
+        *self.save_failures.entry(kind.to_string()).or_default() += 1;
+        self.last_save_failure = Some(what.clone());
+        let g = self.generation;
+        let degraded = self.degraded().map_or(String::new(), |d| format!("; the job is DEGRADED: {d}"));
+        self.log(now, EventKind::CheckpointFailed, format!("generation {g}: {what}; not committed{degraded}"));
+        Ok(true)
+    }
+
+    /// Rank 0 of the finishing generation wrote the final weights to `written` (durably),
+    /// or could not: the job is over, finished or failed (naming the checkpoint to resume
+    /// or export from).
+    pub fn final_weights(&mut self, now: Millis, generation: u64, rank: usize, written: Result<String, String>) -> Result<PhaseReply, Refusal> {
+        self.check_generation(generation)?;
+        if !self.run.as_ref().is_some_and(|r| r.finishing) || !matches!(self.phase, Phase::Running { .. }) || rank != 0 {
+            return Err(Refusal::NotFinishing { generation, rank });
+        }
+        match written {
+            Ok(path) => {
+                self.log(now, EventKind::StopScheduled, format!("generation {generation}: rank 0 wrote the final weights to {path}"));
+                self.final_weights = Some(path);
+                self.finish(now);
+            }
+            Err(e) => {
+                let newest = self.checkpoints.last().map_or("none was committed".to_string(), |n| format!("step-{n}"));
+                self.fail(
+                    now,
+                    format!(
+                        "generation {generation}: every step is trained but the final weights could not be written: {e}; \
+                         the newest committed checkpoint is {newest}: free the space, then resume the job, or `otter export` that checkpoint"
+                    ),
+                );
+            }
+        }
+        Ok(self.phase_reply())
     }
 
     /// The newest checkpoint whose shards are all durable and whose step is committed.
@@ -840,7 +1205,7 @@ impl Machine {
             .pending_checkpoints
             .iter()
             .rev()
-            .find(|(&step, p)| step <= through && p.shards.iter().all(Option::is_some))?;
+            .find(|(&step, p)| step <= through && p.failed.is_none() && p.shards.iter().all(Option::is_some))?;
         Some(CheckpointCommit {
             steps: step + 1,
             generation: p.generation,
@@ -859,20 +1224,56 @@ impl Machine {
     }
 
     /// The shell wrote the manifest of `step-{steps}`: it is now the job's newest state of
-    /// record. No restore goes below it any more, so the ledger compacts the steps it holds.
+    /// record. The oldest of the `keep_checkpoints` newest is as far back as a restore can
+    /// go (should the newer ones prove unreadable), so the ledger compacts the steps it holds.
     pub fn checkpoint_committed(&mut self, now: Millis, steps: u64) {
+        self.failed_saves = 0;
         if self.checkpoints.last().is_none_or(|&n| n < steps) {
             self.checkpoints.push(steps);
-            self.ledger.compact_through(steps);
+            let keep = self.config.keep_checkpoints.max(1);
+            if self.checkpoints.len() > keep {
+                self.checkpoints.drain(..self.checkpoints.len() - keep);
+            }
+            if let Some(&oldest) = self.checkpoints.first() {
+                self.ledger.compact_through(oldest);
+            }
         }
         self.pending_checkpoints.retain(|&step, _| step + 1 > steps);
         self.log(now, EventKind::CheckpointCommitted, format!("checkpoint step-{steps} committed (manifest written)"));
     }
 
+    /// Rank `rank` of the running `generation` could not read checkpoint `step-{steps}`,
+    /// which its assignment told it to restore (`what`: the file and the fault, e.g. a
+    /// shard's checksum). The checkpoint is never offered again and the generation
+    /// re-forms: its rendezvous restores the newest readable one left, or the job stops
+    /// (naming this one) when none is left from which the ledger can go on.
+    pub fn checkpoint_unreadable(&mut self, now: Millis, generation: u64, rank: usize, steps: u64, what: &str) -> Result<PhaseReply, Refusal> {
+        self.check_generation(generation)?;
+        let (Phase::Running { .. }, Some(run)) = (&self.phase, self.run.as_ref()) else {
+            return Err(Refusal::NotRunning { phase: self.phase.clone() });
+        };
+        if run.restore_step != Some(steps) {
+            return Err(Refusal::NotRestored { steps, generation });
+        }
+        let slot = self.slot_of(rank).ok_or(Refusal::UnknownRank { rank, world: self.world, generation })?;
+        self.touch_rank(now, rank);
+        self.checkpoints.retain(|&n| n != steps);
+        if self.unreadable_checkpoints.len() >= 16 {
+            self.unreadable_checkpoints.remove(0);
+        }
+        self.unreadable_checkpoints.push((steps, what.to_string()));
+        let why = format!("rank {rank} ({slot}) could not read checkpoint step-{steps}: {what}");
+        self.log(now, EventKind::CheckpointUnreadable, format!("generation {generation}: {why}; it is no longer offered"));
+        self.form_generation(now, &why, true);
+        Ok(self.phase_reply())
+    }
+
     /// A fresh coordinator takes over a job from its newest committed checkpoint: the
     /// ledger as the manifest recorded it, settled to the checkpoint's steps (later steps
-    /// and leases go back to the pool). Only before anything has run.
-    pub fn restore_from_checkpoint(&mut self, now: Millis, mut ledger: Ledger, steps: u64) -> Result<(), ConfigError> {
+    /// and leases go back to the pool). `on_disk`: every committed checkpoint found beside
+    /// it; those its ledger can still go back to are kept as fallbacks. Only before
+    /// anything has run.
+    pub fn restore_from_checkpoint(&mut self, now: Millis, mut ledger: Ledger, steps: u64, on_disk: &[u64]) -> Result<(), ConfigError> {
         if self.generation != 0 || !self.checkpoints.is_empty() {
             return Err(ConfigError { field: "checkpoint", message: "only a fresh coordinator restores from a checkpoint".into() });
         }
@@ -893,9 +1294,17 @@ impl Machine {
             return Err(ConfigError { field: "checkpoint", message: format!("its ledger is compacted beyond its own {steps} steps") });
         }
         ledger.settle(Some(steps - 1));
-        ledger.compact_through(steps);
+        let floor = ledger.compacted().steps.len() as u64;
+        let mut kept: Vec<u64> = on_disk.iter().copied().filter(|&n| n >= floor.max(1) && n < steps).chain([steps]).collect();
+        kept.sort_unstable();
+        kept.dedup();
+        let keep = self.config.keep_checkpoints.max(1);
+        if kept.len() > keep {
+            kept.drain(..kept.len() - keep);
+        }
+        ledger.compact_through(kept[0]);
         self.ledger = ledger;
-        self.checkpoints = vec![steps];
+        self.checkpoints = kept;
         self.log(now, EventKind::Restored, format!("coordinator started from checkpoint step-{steps}: {steps} steps committed"));
         Ok(())
     }
@@ -906,7 +1315,7 @@ impl Machine {
         let g = self.generation;
         match status {
             NodeStatus::Leaving => {}
-            NodeStatus::Pending => {
+            NodeStatus::Pending | NodeStatus::Excluded => {
                 self.nodes.remove(node_id);
                 self.early.retain(|c| c.slot.node_id != node_id);
                 self.log(
@@ -969,12 +1378,30 @@ impl Machine {
             }
         }
         self.run = None;
-        let n = self.nodes.len();
-        if n < self.config.min_nodes {
-            self.fail(
+        // Coming back from waiting for nodes is the end of a recovery too.
+        let recovery = self.waiting.take().is_some() || recovery;
+        if recovery && self.count_failed_generation(now, cause) {
+            return;
+        }
+        let (n, min) = (self.available_nodes(), self.config.min_nodes);
+        if n < min {
+            // Too few: wait for nodes (as at the start, bounded by join_timeout) instead of
+            // failing; processes already checked in stay checked in.
+            carried.retain(|c| self.nodes.contains_key(&c.slot.node_id));
+            self.early = carried;
+            self.layout.clear();
+            self.world = 0;
+            let reason = format!("{cause}; {n} nodes available, below min_nodes {min}");
+            self.log(
                 now,
-                format!("generation {g}: {cause}; {n} nodes remain, below min_nodes {}", self.config.min_nodes),
+                EventKind::WaitingForNodes,
+                format!(
+                    "generation {g}: {reason}: waiting up to join_timeout ({:.1} s) for nodes",
+                    self.config.join_timeout.as_secs_f64()
+                ),
             );
+            self.waiting = Some(Waiting { since: now, reason });
+            self.phase = Phase::WaitingForNodes;
             return;
         }
         self.generation += 1;
@@ -982,6 +1409,7 @@ impl Machine {
         self.layout = self
             .nodes
             .iter_mut()
+            .filter(|(_, node)| node.status != NodeStatus::Excluded)
             .map(|(id, node)| {
                 node.status = NodeStatus::Member;
                 let m = Member { node_id: id.clone(), local_ranks: node.local_ranks, first_rank };
@@ -1008,6 +1436,33 @@ impl Machine {
             ),
         );
         self.try_complete_rendezvous(now);
+    }
+
+    /// A generation failed (a recovery is starting): counts it unless the job committed
+    /// steps since the last one, and fails the job once `max_failed_generations` failed in
+    /// a row. Returns whether the job failed.
+    fn count_failed_generation(&mut self, now: Millis, cause: &str) -> bool {
+        let steps = self.ledger.steps_committed();
+        let progressed = steps > self.progress_mark;
+        self.progress_mark = steps; // the next generation's starting point
+        if progressed {
+            self.failed_generations = 0;
+            return false;
+        }
+        self.failed_generations += 1;
+        let max = self.config.max_failed_generations;
+        if self.failed_generations < max {
+            return false;
+        }
+        let g = self.generation;
+        self.fail(
+            now,
+            format!(
+                "generation {g}: {cause}; {max} generations in a row failed without committing a step \
+                 (max_failed_generations): regrouping does not fix this fault, see the events for what each reported"
+            ),
+        );
+        true
     }
 
     /// Completes the rendezvous once every rank checked in: applies the commit rule (see
@@ -1043,7 +1498,24 @@ impl Machine {
                 (held, if holders.len() == world { None } else { holders.first().copied() })
             }
         };
+        let floor = self.ledger.compacted().steps.len() as u64;
+        if applied.map_or(0, |a| a + 1) < floor {
+            // Every holder of the state is gone and so is every readable checkpoint from
+            // which the job could go on: continuing would retrain steps whose batches the
+            // ledger no longer lists. Stop, naming what was unreadable.
+            let bad: Vec<String> = self.unreadable_checkpoints.iter().map(|(n, why)| format!("step-{n}: {why}")).collect();
+            self.fail(
+                now,
+                format!(
+                    "generation {g}: no rank holds the job's state and no readable checkpoint at or after step-{floor} is left \
+                     (unreadable: {}); restore a checkpoint's files or start the job again from an exported one",
+                    if bad.is_empty() { "none".to_string() } else { bad.join("; ") }
+                ),
+            );
+            return;
+        }
         let settled = self.ledger.settle(applied);
+        self.progress_mark = self.progress_mark.min(self.ledger.steps_committed());
         // Checkpoints of steps given back are of a lineage that is gone.
         let keep = applied.map_or(0, |a| a + 1);
         self.checkpoints.retain(|&n| n <= keep);
@@ -1058,6 +1530,7 @@ impl Machine {
             reported: vec![None; world],
             membership_stop: None,
             data_end: None,
+            finishing: false,
         });
         self.phase = Phase::Running { generation: g };
         if !settled.rolled_back.is_empty() {
@@ -1102,7 +1575,7 @@ impl Machine {
         );
         self.extend_leases(now, (start_step + self.config.lease_ahead_steps).saturating_sub(1));
         if self.end_excl().is_some_and(|e| e <= start_step) {
-            self.finish(now);
+            self.begin_finishing(now);
         }
     }
 
@@ -1123,13 +1596,16 @@ impl Machine {
                     break;
                 }
             }
+            if self.ledger.steps_committed() > self.progress_mark {
+                self.failed_generations = 0; // this generation made progress
+            }
         }
         self.extend_leases(now, highest.saturating_add(self.config.lease_ahead_steps));
         let reply = self.step_reply(rank, step);
         if let (Some(stop), Some(run)) = (self.stop_after(), self.run.as_ref()) {
             if run.reported.iter().all(|&r| r == Some(stop)) {
                 if self.job_ends_at_stop() {
-                    self.finish(now);
+                    self.begin_finishing(now);
                 } else {
                     let b = stop;
                     self.form_generation(now, &format!("membership change at the step boundary after step {b}"), false);
@@ -1149,6 +1625,20 @@ impl Machine {
             stop_after,
             job_ends: stop_after.is_some() && self.job_ends_at_stop(),
         }
+    }
+
+    /// The job's last step is committed: rank 0 of this generation writes the final
+    /// weights; [`Machine::final_weights`] ends the job.
+    fn begin_finishing(&mut self, now: Millis) {
+        let g = self.generation;
+        let Some(run) = self.run.as_mut() else { return };
+        run.finishing = true;
+        let steps = self.ledger.steps_committed();
+        self.log(
+            now,
+            EventKind::StopScheduled,
+            format!("generation {g}: all {steps} steps are committed; rank 0 writes the final weights, then the job is over"),
+        );
     }
 
     /// Leases steps through `through` (never past the stop) for the running generation;
@@ -1287,18 +1777,70 @@ impl Machine {
         }
     }
 
-    fn check_initial(&mut self, now: Millis) {
-        let (n, min) = (self.nodes.len(), self.config.min_nodes);
-        let quiet = self.last_join_at.map(|t| now.since(t));
+    /// Waiting for nodes (before the first generation, or after falling below
+    /// `min_nodes`): form a generation once `min_nodes` are available and none joined for
+    /// `last_call`; fail once `join_timeout` has passed without them.
+    fn check_waiting(&mut self, now: Millis) {
+        let (n, min) = (self.available_nodes(), self.config.min_nodes);
+        let since = self.waiting.as_ref().map(|w| w.since).or(self.first_join_at);
+        let quiet_from = match (self.last_join_at, self.waiting.as_ref().map(|w| w.since)) {
+            (Some(j), Some(w)) => Some(j.max(w)),
+            (j, w) => j.or(w),
+        };
+        let quiet = quiet_from.map(|t| now.since(t));
         if n >= min && quiet.is_some_and(|q| q >= self.config.last_call) {
             let why = format!(
-                "last call: {n} nodes joined (min {min}), none in the last {:.1} s",
+                "last call: {n} nodes available (min {min}), none joined in the last {:.1} s",
                 self.config.last_call.as_secs_f64()
             );
             self.form_generation(now, &why, false);
-        } else if n < min && self.first_join_at.is_some_and(|t| now.since(t) >= self.config.join_timeout) {
+        } else if n < min && since.is_some_and(|t| now.since(t) >= self.config.join_timeout) {
             let t = self.config.join_timeout.as_secs_f64();
-            self.fail(now, format!("only {n} of min_nodes {min} nodes joined within join_timeout ({t:.1} s)"));
+            let reason = match &self.waiting {
+                Some(w) => format!(
+                    "generation {}: only {n} of min_nodes {min} nodes available within join_timeout ({t:.1} s) after {}",
+                    self.generation, w.reason
+                ),
+                None => format!("only {n} of min_nodes {min} nodes joined within join_timeout ({t:.1} s)"),
+            };
+            self.fail(now, reason);
+        }
+    }
+
+    /// Excluded nodes whose back-off is over come back as new nodes do.
+    fn expire_exclusions(&mut self, now: Millis) {
+        let back: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.status == NodeStatus::Excluded && n.out_until.is_some_and(|t| now >= t))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in back {
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.status = NodeStatus::Pending;
+                n.out_until = None;
+                n.last_seen = n.last_seen.max(now);
+            }
+            let g = self.generation;
+            let why = format!("node {id}'s exclusion is over");
+            match self.phase {
+                Phase::WaitingForNodes => {
+                    self.last_join_at = Some(now);
+                    self.log(now, EventKind::NodeJoined, format!("generation {g}: {why}; it counts towards min_nodes again"));
+                    if self.available_nodes() >= self.config.max_nodes {
+                        self.form_generation(now, &why, false);
+                    }
+                }
+                Phase::Rendezvous { .. } => {
+                    self.log(now, EventKind::NodeJoined, format!("generation {g}: {why}; the rendezvous re-forms with it"));
+                    self.form_generation(now, &why, false);
+                }
+                Phase::Running { .. } => {
+                    self.log(now, EventKind::NodeJoined, format!("generation {g}: {why}; admitted at the next step boundary"));
+                    self.schedule_membership_stop(now, &why);
+                }
+                Phase::Finished | Phase::Failed { .. } => {}
+            }
         }
     }
 
@@ -1388,8 +1930,14 @@ impl Machine {
         }
     }
 
+    /// Registered nodes that hold a place in the job (not leaving).
     fn active_nodes(&self) -> usize {
         self.nodes.values().filter(|n| n.status != NodeStatus::Leaving).count()
+    }
+
+    /// Nodes a generation can be formed from now (not leaving, not excluded).
+    fn available_nodes(&self) -> usize {
+        self.nodes.values().filter(|n| !matches!(n.status, NodeStatus::Leaving | NodeStatus::Excluded)).count()
     }
 
     fn refuse_if_over(&self) -> Result<(), Refusal> {

@@ -140,6 +140,24 @@ pub struct CoordConfig {
     /// Passes over the data.
     #[serde(default = "one")]
     pub epochs: u64,
+    /// A node left out because a failed generation blamed it (two nodes that cannot reach
+    /// each other: see the README's partition rule) stays out this long; each further
+    /// exclusion of the same node doubles it, up to 16 times.
+    #[serde(with = "duration", default = "default_exclusion_backoff")]
+    pub exclusion_backoff: Duration,
+    /// This many generations in a row that fail without committing a step end the job: a
+    /// fault that regrouping cannot fix must not loop forever.
+    #[serde(default = "default_max_failed_generations")]
+    pub max_failed_generations: u32,
+    /// Committed checkpoints kept (`train.keep_last`). Every step after the oldest kept one
+    /// stays rollback-able, so an unreadable newest checkpoint falls back to an older one.
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: usize,
+    /// This many checkpoint saves failing in a row (a full disk, an I/O error) mark the job
+    /// degraded: it trains on, but an error is logged at every further failure and the
+    /// status page says what the newest restorable state is.
+    #[serde(default = "default_max_failed_saves")]
+    pub max_failed_saves: u32,
 }
 
 fn one() -> u64 {
@@ -156,6 +174,18 @@ fn default_heartbeat_timeout() -> Duration {
 }
 fn default_lease_ahead() -> u64 {
     4
+}
+fn default_exclusion_backoff() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_failed_generations() -> u32 {
+    10
+}
+fn default_keep_checkpoints() -> usize {
+    2
+}
+fn default_max_failed_saves() -> u32 {
+    3
 }
 
 /// A config value that cannot work, naming the field.
@@ -179,6 +209,7 @@ impl CoordConfig {
             ("join_timeout", self.join_timeout),
             ("last_call", self.last_call),
             ("heartbeat_timeout", self.heartbeat_timeout),
+            ("exclusion_backoff", self.exclusion_backoff),
         ] {
             if d.is_zero() {
                 return err(field, "must be positive");
@@ -195,6 +226,15 @@ impl CoordConfig {
         }
         if self.epochs == 0 {
             return err("epochs", "must be at least 1");
+        }
+        if self.max_failed_generations == 0 {
+            return err("max_failed_generations", "must be at least 1");
+        }
+        if self.keep_checkpoints == 0 {
+            return err("keep_checkpoints", "must be at least 1");
+        }
+        if self.max_failed_saves == 0 {
+            return err("max_failed_saves", "must be at least 1");
         }
         Ok(())
     }
@@ -282,7 +322,7 @@ mod tests {
     #[test]
     fn validate_names_the_field() {
         type Break = fn(&mut CoordConfig);
-        let cases: [(&str, Break); 9] = [
+        let cases: [(&str, Break); 13] = [
             ("min_nodes", |c| c.min_nodes = 0),
             ("max_nodes", |c| c.max_nodes = 1),
             ("join_timeout", |c| c.join_timeout = Duration::ZERO),
@@ -292,6 +332,10 @@ mod tests {
             ("lease_ahead_steps", |c| c.lease_ahead_steps = 0),
             ("max_steps", |c| c.max_steps = Some(0)),
             ("epochs", |c| c.epochs = 0),
+            ("exclusion_backoff", |c| c.exclusion_backoff = Duration::ZERO),
+            ("max_failed_generations", |c| c.max_failed_generations = 0),
+            ("keep_checkpoints", |c| c.keep_checkpoints = 0),
+            ("max_failed_saves", |c| c.max_failed_saves = 0),
         ];
         for (field, break_it) in cases {
             let mut c = base();

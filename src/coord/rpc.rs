@@ -27,7 +27,27 @@ pub fn assignment_to_pb(a: Assignment, total_steps: u64) -> pb::Assignment {
         leases: a.leases.into_iter().map(lease_to_pb).collect(),
         total_steps,
         restore_step: a.restore_step,
+        final_weights_only: a.final_weights_only,
     }
+}
+
+/// Response metadata entry naming why a call was refused ([`super::Refusal::code`]).
+pub const REFUSAL_HEADER: &str = "x-otter-refusal";
+/// The code of a rendezvous long poll that ended before the assignment existed: call
+/// again (the message says what the rendezvous waits for).
+pub const RENDEZVOUS_PENDING: &str = "rendezvous-pending";
+
+/// The refusal code a status carries, if any.
+pub fn refusal_code(s: &tonic::Status) -> Option<&str> {
+    s.metadata().get(REFUSAL_HEADER).and_then(|v| v.to_str().ok())
+}
+
+/// A status carrying refusal code `code`.
+pub fn coded(mut s: tonic::Status, code: &str) -> tonic::Status {
+    if let Ok(v) = code.parse() {
+        s.metadata_mut().insert(REFUSAL_HEADER, v);
+    }
+    s
 }
 
 /// A client request with the join token attached.

@@ -80,6 +80,8 @@ impl ManifestWrite {
 pub struct Telemetry {
     pub stragglers: super::straggler::Detector,
     event_mark: u64,
+    /// Blame reports counted into the metrics so far.
+    blame_mark: u64,
     metrics_generation: u64,
     samples_per_batch: u64,
     /// (when, steps committed) at each change, the latest few (for the ETA).
@@ -127,13 +129,16 @@ fn update_of(m: &Machine, message: String) -> pb::JobUpdate {
     pb::JobUpdate { generation: m.generation(), phase: phase.into(), message }
 }
 
+/// A refusal as a status: FAILED_PRECONDITION (RESOURCE_EXHAUSTED for a full job) with
+/// the refusal's code in the `x-otter-refusal` metadata entry.
 fn refused(r: Refusal) -> Status {
-    match r {
+    let status = match r {
         Refusal::StaleGeneration { .. } | Refusal::FutureGeneration { .. } => Status::failed_precondition(format!("stale generation: {r}")),
         Refusal::JobOver { .. } => Status::failed_precondition(format!("job over: {r}")),
         Refusal::Full { .. } => Status::resource_exhausted(r.to_string()),
         _ => Status::failed_precondition(r.to_string()),
-    }
+    };
+    super::rpc::coded(status, r.code())
 }
 
 impl Coordinator {
@@ -147,7 +152,7 @@ impl Coordinator {
         let state = match store.load().await? {
             Some(bytes) => {
                 let mut s = serde_json::from_slice::<Persisted>(&bytes)
-                    .map_err(|e| StoreError::Etcd(format!("{}: unreadable state: {e}", store.describe())))?;
+                    .map_err(|e| StoreError::Unreadable { location: store.describe(), message: e.to_string() })?;
                 s.machine.resume(wall_now());
                 s
             }
@@ -157,6 +162,7 @@ impl Coordinator {
         let telemetry = Telemetry {
             stragglers: super::straggler::Detector::new(Default::default()),
             event_mark: 0,
+            blame_mark: 0,
             metrics_generation: 0,
             samples_per_batch: 1,
             progress: Default::default(),
@@ -251,12 +257,28 @@ impl Coordinator {
         if let Some(&n) = m.checkpoints().last() {
             x.checkpoint_last_step.set(n as i64);
         }
+        for (kind, &n) in m.save_failures() {
+            counter_to(&x.checkpoint_failures.with_label_values(&[kind]), n);
+        }
+        let summary = m.summary();
+        x.checkpoint_failed_in_a_row.set(i64::from(summary.failed_saves));
+        x.degraded.set(i64::from(summary.degraded.is_some()));
+        x.failed_generations.set(i64::from(summary.failed_generations));
+        x.waiting_for_nodes.set(i64::from(summary.waiting.is_some()));
+        x.excluded_nodes.set(summary.excluded.len() as i64);
+        let (blame, total) = m.blame();
+        let new = (total.saturating_sub(t.blame_mark) as usize).min(blame.len());
+        for b in blame.iter().skip(blame.len() - new) {
+            x.peer_failures.with_label_values(&[&b.reporter, &b.blamed]).inc();
+        }
+        t.blame_mark = total;
         let (events, mark) = m.events_since(t.event_mark);
         t.event_mark = mark;
         for e in events {
             match e.kind {
                 EventKind::NodeLost => x.node_failures.with_label_values(&["node_lost"]).inc(),
                 EventKind::RankFailed => x.node_failures.with_label_values(&["rank_failed"]).inc(),
+                EventKind::PeerUnreachable => x.node_failures.with_label_values(&["peer_unreachable"]).inc(),
                 EventKind::CheckpointCommitted => x.checkpoints_committed.inc(),
                 EventKind::RendezvousComplete => {
                     if let Some((d, recovery)) = m.last_rendezvous() {
@@ -417,6 +439,24 @@ impl Coordinator {
         })
     }
 
+    /// Removes the files of the checkpoint after `step` that was abandoned (a rank could not
+    /// write its shard), unless it is committed after all: a failed save must not leave
+    /// the disk fuller than it found it.
+    async fn remove_abandoned(&self, step: u64) {
+        let Some(sink) = self.ckpt.get() else { return };
+        let dir = crate::ckpt::step_dir(&sink.dir, step + 1);
+        let _ = tokio::task::spawn_blocking(move || {
+            if !dir.join(crate::ckpt::MANIFEST).exists() {
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => tracing::info!("removed the abandoned checkpoint {}", dir.display()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!("{}: could not remove the abandoned checkpoint: {e}", dir.display()),
+                }
+            }
+        })
+        .await;
+    }
+
     async fn persist(&self, s: &Persisted) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(s).expect("state serializes");
         self.store.save(bytes).await
@@ -504,6 +544,8 @@ impl Coordinator {
             "members": m.members(),
             "total_steps": s.total_steps,
             "checkpoints": m.checkpoints(),
+            "unreadable_checkpoints": m.unreadable_checkpoints(),
+            "blame": m.blame().0,
             "exactly_once": m.check_exactly_once().map(|c| format!("{c:?}")).map_err(|e| e.to_string()),
             "steps": steps,
             "events": m.events().iter().rev().take(200).collect::<Vec<_>>(),
@@ -537,7 +579,7 @@ impl Drop for LostOnDrop {
 /// The `Watch` response stream: job updates, and the node marked lost when it is dropped.
 pub struct WatchStream {
     inner: tokio_stream::wrappers::WatchStream<pb::JobUpdate>,
-    _guard: LostOnDrop,
+    _guard: Option<LostOnDrop>,
 }
 
 impl tokio_stream::Stream for WatchStream {
@@ -578,35 +620,39 @@ impl pb::coordinator_server::Coordinator for Service {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let node_id = req.into_inner().node_id;
+        let r = req.into_inner();
         let rx = self.0.subscribe();
-        Ok(Response::new(WatchStream {
-            inner: tokio_stream::wrappers::WatchStream::new(rx),
-            _guard: LostOnDrop { coord: self.0.clone(), node_id },
-        }))
+        // An observer's stream closing says nothing about its node.
+        let guard = (!r.observer).then(|| LostOnDrop { coord: self.0.clone(), node_id: r.node_id });
+        Ok(Response::new(WatchStream { inner: tokio_stream::wrappers::WatchStream::new(rx), _guard: guard }))
     }
 
     async fn rendezvous(&self, req: Request<pb::RendezvousRequest>) -> Result<Response<pb::Assignment>, Status> {
         let r = req.into_inner();
         let c = &self.0;
         // Only an assignment newer than the one the caller last acted on answers it (the
-        // old generation may still be running while the caller waits at its stop step).
+        // old generation may still be running while the caller waits at its stop step),
+        // and only one formed from this very process's check-in: a fresh process of the
+        // same slot (its node restarted) must check in itself.
         let fresh = |a: &super::machine::Assignment| r.last_generation.is_none_or(|g| a.generation > g);
-        {
+        let mine = |m: &Machine| m.assignment_of_checkin(&r.node_id, r.local_rank, r.applied_step, &r.comm_addr).filter(|a| fresh(a));
+        let poll = {
             let mut s = c.state.lock().await;
             // A retried call finds its assignment already made.
-            let current = s.machine.assignment(&r.node_id, r.local_rank).is_some_and(|a| fresh(&a));
-            if !current {
+            if mine(&s.machine).is_none() {
                 s.machine.rendezvous(c.now(), &r.node_id, r.local_rank, r.applied_step, &r.comm_addr).map_err(refused)?;
                 c.commit(&mut s, format!("{}/{} checked in", r.node_id, r.local_rank));
             }
-        }
-        let deadline = tokio::time::Instant::now() + RENDEZVOUS_POLL;
+            // Answer (pending) well within a heartbeat timeout, so a waiting process says
+            // what it waits for before anyone wonders.
+            RENDEZVOUS_POLL.min(s.machine.config().heartbeat_timeout / 2).max(Duration::from_millis(200))
+        };
+        let deadline = tokio::time::Instant::now() + poll;
         loop {
             let changed = c.changed.notified();
             {
                 let mut s = c.state.lock().await;
-                if let Some(a) = s.machine.assignment(&r.node_id, r.local_rank).filter(|a| fresh(a)) {
+                if let Some(a) = mine(&s.machine) {
                     let total = s.total_steps.unwrap_or(0);
                     // The assignment may come from another request's change: answer once
                     // the state holding it is saved.
@@ -626,7 +672,8 @@ impl pb::coordinator_server::Coordinator for Service {
                 }
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return Err(Status::unavailable("rendezvous not complete yet: call again"));
+                let why = c.state.lock().await.machine.waiting_for(c.now());
+                return Err(super::rpc::coded(Status::unavailable(why), super::rpc::RENDEZVOUS_PENDING));
             }
         }
     }
@@ -658,10 +705,14 @@ impl pb::coordinator_server::Coordinator for Service {
         let mut s = c.state.lock().await;
         let shard = super::machine::ShardReport { file: r.file, bytes: r.bytes, crc32: r.crc32, names: r.names, frozen: r.frozen_json };
         s.machine.checkpoint_done(c.now(), r.generation, r.rank as usize, r.step, shard).map_err(refused)?;
+        let abandoned = s.machine.checkpoint_abandoned(r.step);
         let manifest = c.prepare_manifest(&s);
         let v = c.commit(&mut s, String::new());
         drop(s);
         c.durable(v).await?;
+        if abandoned {
+            c.remove_abandoned(r.step).await; // another rank's shard failed: this one is garbage
+        }
         // The shard that completed a checkpoint hears whether it was committed.
         let committed_steps = match manifest {
             Some(w) => c.write_manifests(w).await.ok().flatten(),
@@ -674,7 +725,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let r = req.into_inner();
         let c = &self.0;
         let mut s = c.state.lock().await;
-        match s.machine.rank_failed(c.now(), r.generation, r.rank as usize, &r.reason) {
+        match s.machine.rank_failed(c.now(), r.generation, r.rank as usize, &r.reason, r.blamed_rank.map(|b| b as usize)) {
             Ok(_) => {
                 tracing::warn!("rank {} of generation {} failed: {}", r.rank, r.generation, r.reason);
                 let v = c.commit(&mut s, format!("rank {} failed: {}", r.rank, r.reason));
@@ -685,6 +736,72 @@ impl pb::coordinator_server::Coordinator for Service {
             Err(Refusal::StaleGeneration { .. }) => {}
             Err(e) => return Err(refused(e)),
         }
+        Ok(Response::new(pb::FailureReply {}))
+    }
+
+    async fn report_unreadable_checkpoint(&self, req: Request<pb::UnreadableCheckpointRequest>) -> Result<Response<pb::FailureReply>, Status> {
+        let r = req.into_inner();
+        let c = &self.0;
+        let mut s = c.state.lock().await;
+        match s.machine.checkpoint_unreadable(c.now(), r.generation, r.rank as usize, r.steps, &r.reason) {
+            Ok(_) => {
+                tracing::error!("checkpoint step-{} is unreadable ({}); it is no longer offered", r.steps, r.reason);
+                let v = c.commit(&mut s, format!("checkpoint step-{} unreadable: {}", r.steps, r.reason));
+                drop(s);
+                c.durable(v).await?;
+                // Uncommit it on disk too, so that nothing (a fresh coordinator, `otter
+                // export`) takes it for a checkpoint again; the files stay for inspection.
+                if let Some(sink) = c.ckpt.get() {
+                    let dir = crate::ckpt::step_dir(&sink.dir, r.steps);
+                    let _ = tokio::task::spawn_blocking(move || {
+                        let from = dir.join(crate::ckpt::MANIFEST);
+                        if let Err(e) = std::fs::rename(&from, dir.join(crate::ckpt::UNREADABLE_MANIFEST)) {
+                            tracing::warn!("{}: could not uncommit the unreadable checkpoint: {e}", from.display());
+                        }
+                        let _ = std::fs::File::open(&dir).and_then(|d| d.sync_all());
+                    })
+                    .await;
+                }
+            }
+            // Another rank reported it first.
+            Err(Refusal::StaleGeneration { .. } | Refusal::NotRestored { .. }) => {}
+            Err(e) => return Err(refused(e)),
+        }
+        Ok(Response::new(pb::FailureReply {}))
+    }
+
+    async fn checkpoint_failed(&self, req: Request<pb::CheckpointFailedRequest>) -> Result<Response<pb::FailureReply>, Status> {
+        let r = req.into_inner();
+        let c = &self.0;
+        let mut s = c.state.lock().await;
+        let first = s.machine.checkpoint_failed(c.now(), r.generation, r.rank as usize, r.step, &r.kind, &r.reason).map_err(refused)?;
+        let degraded = s.machine.degraded();
+        let v = c.commit(&mut s, format!("checkpoint step-{} failed", r.step + 1));
+        drop(s);
+        c.durable(v).await?;
+        if first {
+            match &degraded {
+                Some(d) => tracing::error!("checkpoint step-{} failed: {}; the job is DEGRADED: {d}", r.step + 1, r.reason),
+                None => tracing::warn!("checkpoint step-{} failed: {}", r.step + 1, r.reason),
+            }
+        }
+        c.remove_abandoned(r.step).await;
+        Ok(Response::new(pb::FailureReply {}))
+    }
+
+    async fn final_weights(&self, req: Request<pb::FinalWeightsRequest>) -> Result<Response<pb::FailureReply>, Status> {
+        let r = req.into_inner();
+        let c = &self.0;
+        let mut s = c.state.lock().await;
+        let written = match (r.path, r.error) {
+            (Some(p), None) => Ok(p),
+            (_, e) => Err(e.unwrap_or_else(|| "no reason given".into())),
+        };
+        s.machine.final_weights(c.now(), r.generation, r.rank as usize, written).map_err(refused)?;
+        let message = s.machine.phase().to_string();
+        let v = c.commit(&mut s, message);
+        drop(s);
+        c.durable(v).await?;
         Ok(Response::new(pb::FailureReply {}))
     }
 
@@ -784,6 +901,10 @@ mod tests {
             lease_ahead_steps: 2,
             max_steps: None,
             epochs: 1,
+            exclusion_backoff: Duration::from_secs(60),
+            max_failed_generations: 10,
+            keep_checkpoints: 2,
+            max_failed_saves: 3,
         }
     }
 

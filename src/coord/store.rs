@@ -17,6 +17,8 @@ pub enum StoreError {
     Etcd(String),
     #[error("lost leadership: another coordinator is active ({0})")]
     Fenced(String),
+    #[error("{location}: unreadable state: {message}")]
+    Unreadable { location: String, message: String },
 }
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -50,6 +52,7 @@ impl StateStore for MemStore {
 }
 
 /// The embedded store: `DIR/state.json`.
+#[derive(Clone)]
 pub struct FileStore {
     dir: PathBuf,
 }
@@ -65,13 +68,16 @@ impl FileStore {
         self.dir.join("state.json")
     }
 
+    /// Temp file, fsync, rename, fsync of the directory; a failed write (a full disk)
+    /// removes its temp file and leaves the previous state in place.
     fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
         use std::io::Write;
         let tmp = self.dir.join("state.json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.path())?;
+        let written = std::fs::File::create(&tmp).and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all())).and_then(|()| std::fs::rename(&tmp, self.path()));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::File::open(&self.dir)?.sync_all()
     }
 }
@@ -89,8 +95,15 @@ impl StateStore for FileStore {
     }
 
     fn save(&self, bytes: Vec<u8>) -> StoreFuture<'_, ()> {
-        let r = self.write(&bytes).map_err(|source| StoreError::Io { path: self.path().display().to_string(), source });
-        Box::pin(async move { r })
+        // The fsyncs run off the async runtime: they must not stall its threads.
+        let me = self.clone();
+        Box::pin(async move {
+            let path = me.path().display().to_string();
+            tokio::task::spawn_blocking(move || me.write(&bytes))
+                .await
+                .map_err(|e| StoreError::Io { path: path.clone(), source: std::io::Error::other(e.to_string()) })?
+                .map_err(|source| StoreError::Io { path, source })
+        })
     }
 
     fn describe(&self) -> String {

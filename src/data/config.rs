@@ -79,9 +79,10 @@ pub struct DataConfig {
     pub seed: u64,
     #[serde(default)]
     pub on_bad_sample: OnBadSample,
-    /// Background threads decoding and preprocessing.
-    #[serde(default = "default_workers")]
-    pub workers: usize,
+    /// Background threads decoding and preprocessing. Default: 2 for `otter train`; a rank
+    /// of a distributed job takes its share of the host's usable cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
     /// Batches prepared ahead of the training thread.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
@@ -102,9 +103,6 @@ fn default_batch() -> usize {
 fn default_shard() -> usize {
     16
 }
-fn default_workers() -> usize {
-    2
-}
 fn default_prefetch() -> usize {
     4
 }
@@ -122,7 +120,7 @@ impl DataConfig {
             ("data.video_frames", self.video_frames),
             ("data.batch_size", self.batch_size),
             ("data.shard_batches", self.shard_batches),
-            ("data.workers", self.workers),
+            ("data.workers", self.workers.unwrap_or(1)),
             ("data.prefetch", self.prefetch),
         ] {
             if v == 0 {

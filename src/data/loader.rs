@@ -122,7 +122,7 @@ impl Loader {
             cond: Condvar::new(),
         });
         let prefetch = source.cfg.prefetch;
-        let threads = (0..source.cfg.workers)
+        let threads = (0..source.cfg.workers.unwrap_or(2))
             .map(|_| {
                 let (shared, source, plan, todo) = (shared.clone(), source.clone(), plan.clone(), todo.clone());
                 std::thread::spawn(move || loop {

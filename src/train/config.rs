@@ -47,6 +47,10 @@ pub struct TrainConfig {
     /// resumed from is never deleted).
     #[serde(default = "default_keep")]
     pub keep_last: usize,
+    /// libtorch's intra-op threads per process. Default: `OMP_NUM_THREADS` if set, else
+    /// the usable cores (affinity, cgroup quota) divided among the ranks sharing the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_threads: Option<usize>,
 }
 
 fn default_keep() -> usize {

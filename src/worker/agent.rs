@@ -2,11 +2,14 @@
 //! heartbeats open to the coordinator, starts one training process per local rank
 //! (`otter-worker rank`, which dies with the agent: PR_SET_PDEATHSIG), and supervises
 //! them. A rank process that fails takes the node down (the coordinator sees the watch
-//! stream close and re-forms the job without it); when every rank finishes, the node
-//! leaves cleanly.
+//! stream close and re-forms the job without it); one that exits with
+//! [`EXIT_RESTART_FRESH`] (its state is of no use to the job any more) is started again.
+//! A node the coordinator dropped (it was hung or unreachable for a while) registers again
+//! when it hears so. When every rank finishes, the node leaves cleanly.
 
+use super::rank::EXIT_RESTART_FRESH;
 use crate::coord::client::connect;
-use crate::coord::rpc::{pb, with_token};
+use crate::coord::rpc::{pb, refusal_code, with_token};
 use anyhow::{bail, Context, Result};
 use std::time::Duration;
 
@@ -82,7 +85,7 @@ pub async fn join(args: JoinArgs) -> Result<()> {
             let mut last = String::new();
             loop {
                 if let Ok(mut c) = connect(&coord, Duration::from_secs(5)).await {
-                    if let Ok(stream) = c.watch(with_token(pb::WatchRequest { node_id: node_id.clone() }, &token)).await {
+                    if let Ok(stream) = c.watch(with_token(pb::WatchRequest { node_id: node_id.clone(), observer: false }, &token)).await {
                         let mut stream = stream.into_inner();
                         while let Ok(Some(u)) = stream.message().await {
                             phase_tx.send_replace(u.phase.clone());
@@ -111,6 +114,16 @@ pub async fn join(args: JoinArgs) -> Result<()> {
                 if let Some(c) = client.as_mut() {
                     match c.heartbeat(with_token(pb::HeartbeatRequest { node_id: node_id.clone(), generation }, &token)).await {
                         Ok(r) => generation = r.into_inner().update.map_or(generation, |u| u.generation),
+                        Err(s) if refusal_code(&s) == Some("unknown-node") => {
+                            // Dropped while it was away (hung, or cut off for longer than
+                            // the heartbeat timeout): register again. Its rank processes
+                            // find their state unusable and restart fresh.
+                            println!("node {node_id}: the coordinator dropped this node ({}); joining again", s.message());
+                            match c.join(with_token(pb::JoinRequest { node_id: node_id.clone(), local_ranks }, &token)).await {
+                                Ok(r) => println!("node {node_id}: joined again (generation {})", r.into_inner().generation),
+                                Err(s) => eprintln!("node {node_id}: joining again refused: {}", s.message()),
+                            }
+                        }
                         Err(_) => client = None,
                     }
                 }
@@ -122,8 +135,7 @@ pub async fn join(args: JoinArgs) -> Result<()> {
         serve_node_metrics(port, local_ranks).await?;
     }
     let exe = std::env::current_exe()?;
-    let mut children = Vec::new();
-    for i in 0..local_ranks {
+    let spawn_rank = |i: u32| -> Result<tokio::process::Child> {
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.args(["rank", "--coord", &coord.join(","), "--node-id", &node_id, "--local-rank", &i.to_string()])
             .arg("--job-file")
@@ -131,6 +143,7 @@ pub async fn join(args: JoinArgs) -> Result<()> {
             .args(["--advertise-host", &host])
             .args(metrics_port.map(|p| format!("--metrics-addr=0.0.0.0:{}", u32::from(p) + 1 + i)))
             .env("OTTER_JOIN_TOKEN", &token)
+            .env("OTTER_LOCAL_RANKS", local_ranks.to_string())
             .kill_on_drop(true);
         if gpus {
             cmd.env("CUDA_VISIBLE_DEVICES", i.to_string());
@@ -142,17 +155,26 @@ pub async fn join(args: JoinArgs) -> Result<()> {
                 Ok(())
             });
         }
-        children.push(cmd.spawn().with_context(|| format!("starting rank process {i}"))?);
-    }
-    // Supervise: the first failing rank process takes the node down; aborting the other
-    // wait tasks drops their children, which kills them (kill_on_drop).
+        cmd.spawn().with_context(|| format!("starting rank process {i}"))
+    };
+    // Supervise: a rank process asking to restart fresh is started again; the first one
+    // failing otherwise takes the node down (aborting the other wait tasks drops their
+    // children, which kills them: kill_on_drop).
     let mut waits = tokio::task::JoinSet::new();
-    for (i, mut c) in children.into_iter().enumerate() {
+    for i in 0..local_ranks {
+        let mut c = spawn_rank(i)?;
         waits.spawn(async move { (i, c.wait().await) });
     }
     let mut failed = None;
     while let Some(done) = waits.join_next().await {
         match done {
+            Ok((i, Ok(s))) if s.code() == Some(EXIT_RESTART_FRESH) => {
+                println!("node {node_id}: rank process {i} restarts fresh");
+                match spawn_rank(i) {
+                    Ok(mut c) => drop(waits.spawn(async move { (i, c.wait().await) })),
+                    Err(e) => failed = Some(format!("{e:#}")),
+                }
+            }
             Ok((_, Ok(s))) if s.success() => {}
             Ok((i, Ok(s))) => failed = Some(format!("rank process {i} exited with {s}")),
             Ok((i, Err(e))) => failed = Some(format!("rank process {i}: {e}")),

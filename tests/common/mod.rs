@@ -2,6 +2,7 @@
 //! Fixtures are copies of the upstream reference numbers (see tests/fixtures/PROVENANCE.md).
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod job;
 
 use std::path::PathBuf;

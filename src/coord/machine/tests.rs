@@ -17,6 +17,10 @@ fn cfg(min: usize, max: usize) -> CoordConfig {
         lease_ahead_steps: 2,
         max_steps: None,
         epochs: 1,
+        exclusion_backoff: Duration::from_secs(60),
+        max_failed_generations: 10,
+        keep_checkpoints: 2,
+        max_failed_saves: 3,
     }
 }
 
@@ -161,9 +165,17 @@ impl Sim {
         self.slots().iter().map(|s| self.step(s)).collect()
     }
 
+    /// Rank 0 of the finishing generation wrote the final weights.
+    fn write_final_weights(&mut self) {
+        let g = self.m.generation();
+        self.m.final_weights(self.t(), g, 0, Ok("out/final_weights.safetensors".into())).unwrap();
+        self.after_event();
+    }
+
     fn run_to_end(&mut self) {
         for _ in 0..10_000 {
             match self.m.phase().clone() {
+                Phase::Running { .. } if self.m.summary().finish.is_none() && self.finishing() => self.write_final_weights(),
                 Phase::Running { .. } => {
                     self.step_all();
                 }
@@ -173,6 +185,11 @@ impl Sim {
             }
         }
         panic!("did not finish");
+    }
+
+    /// Every step is committed and the job waits for the final weights.
+    fn finishing(&self) -> bool {
+        self.m.run.as_ref().is_some_and(|r| r.finishing)
     }
 
     fn assignment(&self, node: &str, local_rank: u32) -> Assignment {
@@ -326,7 +343,7 @@ fn refusals_name_the_problem_and_change_nothing() {
         ),
         (
             "stale failure report",
-            |m| m.rank_failed(Millis(SEC), 0, 0, "x").map(drop),
+            |m| m.rank_failed(Millis(SEC), 0, 0, "x", None).map(drop),
             Refusal::StaleGeneration { got: 0, current: 1 },
         ),
         (
@@ -370,7 +387,7 @@ fn refusals_name_the_problem_and_change_nothing() {
 
     // After a re-form, the old generation's reports are stale.
     let mut sim = running(cfg(2, 2), vec![20], &["a", "b"]);
-    sim.m.rank_failed(t, 1, 1, "peer closed").unwrap();
+    sim.m.rank_failed(t, 1, 1, "peer closed", None).unwrap();
     assert_eq!(sim.m.step_done(t, 1, 0, 0, 1.0), Err(Refusal::StaleGeneration { got: 1, current: 2 }));
     assert_eq!(
         sim.m.step_done(t, 2, 0, 0, 1.0),
@@ -512,7 +529,7 @@ fn a_coordinator_restart_mid_run_continues_identically() {
 }
 
 #[test]
-fn a_silent_node_is_lost_and_below_min_nodes_the_job_fails() {
+fn a_silent_node_is_lost_and_below_min_nodes_the_job_waits_then_fails_at_join_timeout() {
     let mut sim = running(cfg(2, 3), vec![100], &["a", "b", "c"]);
     sim.step_all();
     sim.now = 5 * SEC;
@@ -533,9 +550,236 @@ fn a_silent_node_is_lost_and_below_min_nodes_the_job_fails() {
     );
     assert_eq!(sim.m.heartbeat(Millis(11 * SEC), "c", 1), Err(Refusal::UnknownNode { node_id: "c".into() }));
     let events = sim.m.tick(Millis(15 * SEC + 1));
-    assert_eq!(events.iter().map(|e| e.kind).collect::<Vec<_>>(), vec![EventKind::NodeLost, EventKind::Failed]);
-    assert!(matches!(sim.m.phase(), Phase::Failed { reason } if reason.contains("1 nodes remain, below min_nodes 2")));
+    assert_eq!(events.iter().map(|e| e.kind).collect::<Vec<_>>(), vec![EventKind::NodeLost, EventKind::WaitingForNodes]);
+    assert_eq!(sim.m.phase(), &Phase::WaitingForNodes, "below min_nodes is a wait, not a verdict");
+    assert!(sim.m.summary().waiting.is_some_and(|w| w.contains("1 nodes available, below min_nodes 2")));
+    assert!(sim.m.waiting_for(sim.t()).starts_with("waiting for nodes"), "{}", sim.m.waiting_for(sim.t()));
+    // Nobody comes back within join_timeout (60 s): now the job fails, and says why.
+    sim.m.heartbeat(Millis(70 * SEC), "a", 2).unwrap();
+    assert!(sim.m.tick(Millis(75 * SEC)).is_empty());
+    let events = sim.m.tick(Millis(75 * SEC + 1));
+    assert_eq!(events.iter().map(|e| e.kind).collect::<Vec<_>>(), vec![EventKind::Failed]);
+    let Phase::Failed { reason } = sim.m.phase() else { panic!("{}", sim.m.phase()) };
+    assert!(reason.contains("only 1 of min_nodes 2 nodes available within join_timeout (60.0 s)"), "{reason}");
+    assert!(reason.contains("lost node b"), "{reason}");
     assert_eq!(sim.m.summary().steps_committed, 1);
+}
+
+#[test]
+fn losing_every_node_waits_and_the_returning_nodes_resume_from_the_newest_checkpoint() {
+    let mut c = cfg(1, 2);
+    c.last_call = Duration::from_secs(1);
+    let mut sim = running(c, vec![40], &["a", "b"]);
+    for _ in 0..4 {
+        sim.step_all();
+    }
+    checkpoint(&mut sim, 1);
+    sim.step_all();
+    sim.now = 10 * SEC;
+    sim.m.node_lost(sim.t(), "a", "killed").unwrap();
+    sim.m.node_lost(sim.t(), "b", "killed").unwrap();
+    assert_eq!(sim.m.phase(), &Phase::WaitingForNodes);
+    assert_eq!(sim.m.summary().steps_committed, 5, "nothing is given back while the job waits");
+    // The same nodes come back with fresh processes 30 s later: both are there at once
+    // (max_nodes), so the generation forms without a last call.
+    sim.now = 40 * SEC;
+    sim.procs.clear();
+    sim.join("a", 1);
+    assert_eq!(sim.m.phase(), &Phase::WaitingForNodes, "one node (min 1): waits for last call");
+    sim.join("b", 1);
+    assert_eq!(sim.m.phase(), &Phase::Rendezvous { generation: 3 });
+    sim.check_in_all();
+    let a = sim.assignment("a", 0);
+    assert_eq!((a.restore_step, a.start_step, a.sync_from), (Some(2), 2, None));
+    assert_eq!(sim.m.summary().waiting, None);
+    sim.run_to_end();
+    sim.m.check_exactly_once().unwrap();
+}
+
+#[test]
+fn a_fresh_process_of_a_running_slot_gets_no_stale_assignment_and_re_forms() {
+    let mut sim = running(cfg(2, 2), vec![40], &["a", "b"]);
+    sim.step_all();
+    sim.step_all();
+    // The coordinator still believes generation 1 runs (it restarted on its state); the
+    // nodes restarted too: their fresh processes listen elsewhere and hold no state.
+    assert!(sim.m.assignment_of_checkin("a", 0, Some(1), "a/0").is_none(), "not the state it was formed from");
+    assert!(sim.m.assignment_of_checkin("a", 0, None, "a/0#2").is_none(), "another process");
+    let formed = sim.m.assignment_of_checkin("a", 0, None, "a/0").expect("the very check-in it was formed from");
+    assert_eq!(formed.generation, 1);
+    let r = sim.m.rendezvous(sim.t(), "a", 0, None, "a/0#2").unwrap();
+    assert_eq!((r.generation, r.assignment), (2, None));
+    sim.m.rendezvous(sim.t(), "b", 0, None, "b/0#2").unwrap();
+    let a = sim.m.assignment_of_checkin("a", 0, None, "a/0#2").expect("assigned");
+    assert_eq!((a.generation, a.start_step, a.comm_addrs.clone()), (2, 0, vec!["a/0#2".to_string(), "b/0#2".to_string()]));
+    assert!(sim.m.summary().rollbacks == 1, "no checkpoint: the fresh processes start over, and the ledger with them");
+    sim.m.check_exactly_once().unwrap();
+}
+
+/// Generation 1 on a and b runs 6 steps with checkpoints step-2 and step-4 (keep 2), then
+/// every process dies and comes back fresh: the rendezvous restores step-4.
+fn restoring_step_4() -> Sim {
+    let mut sim = running(cfg(2, 2), vec![40], &["a", "b"]);
+    for _ in 0..6 {
+        sim.step_all();
+    }
+    checkpoint(&mut sim, 1);
+    checkpoint(&mut sim, 3);
+    assert_eq!(sim.m.checkpoints(), &[2, 4]);
+    assert_eq!(sim.m.ledger().compacted().steps.len(), 2, "the oldest kept checkpoint bounds compaction");
+    every_process_dies(&mut sim);
+    assert_eq!(sim.assignment("a", 0).restore_step, Some(4));
+    sim
+}
+
+#[test]
+fn an_unreadable_checkpoint_falls_back_to_the_previous_one_and_is_never_offered_again() {
+    let mut sim = restoring_step_4();
+    let g = sim.m.generation();
+    let what = "step-4/shard-00000-of-00002.safetensors: checksum mismatch";
+    assert_eq!(sim.m.checkpoint_unreadable(sim.t(), g, 0, 2, what), Err(Refusal::NotRestored { steps: 2, generation: g }));
+    sim.m.checkpoint_unreadable(sim.t(), g, 0, 4, what).unwrap();
+    assert!(sim.last_event(EventKind::CheckpointUnreadable).reason.contains(what));
+    assert_eq!(sim.m.checkpoints(), &[2]);
+    assert!(matches!(sim.m.checkpoint_unreadable(sim.t(), g, 1, 4, what), Err(Refusal::StaleGeneration { .. })), "reported once");
+    for p in sim.procs.values_mut() {
+        *p = Proc::default(); // a failed load leaves no usable state: the processes restart
+    }
+    sim.check_in_all();
+    let a = sim.assignment("a", 0);
+    assert_eq!((a.restore_step, a.start_step), (Some(2), 2));
+    sim.run_to_end();
+    sim.m.check_exactly_once().unwrap();
+    assert_eq!(sim.m.unreadable_checkpoints().len(), 1);
+}
+
+#[test]
+fn with_no_readable_checkpoint_left_the_job_stops_naming_the_shards() {
+    let mut sim = restoring_step_4();
+    sim.m.checkpoint_unreadable(sim.t(), sim.m.generation(), 0, 4, "step-4/shard-00001: checksum mismatch").unwrap();
+    for p in sim.procs.values_mut() {
+        *p = Proc::default();
+    }
+    sim.check_in_all();
+    sim.m.checkpoint_unreadable(sim.t(), sim.m.generation(), 1, 2, "step-2/shard-00000: No such file").unwrap();
+    for p in sim.procs.values_mut() {
+        *p = Proc::default();
+    }
+    for s in sim.slots() {
+        sim.check_in(&s);
+    }
+    let Phase::Failed { reason } = sim.m.phase() else { panic!("{}", sim.m.phase()) };
+    assert!(reason.contains("step-4/shard-00001: checksum mismatch") && reason.contains("step-2/shard-00000: No such file"), "{reason}");
+    sim.m.check_exactly_once().unwrap();
+}
+
+#[test]
+fn a_partition_leaves_out_one_node_of_the_pair_for_the_back_off_then_admits_it_again() {
+    let mut c = cfg(1, 3);
+    c.exclusion_backoff = Duration::from_secs(30);
+    let mut sim = Sim::new(c, vec![400]);
+    sim.join("a", 1);
+    sim.now = SEC;
+    sim.join("b", 1);
+    sim.now = 2 * SEC;
+    sim.join("c", 1);
+    sim.check_in_all();
+    sim.step_all();
+    let rank = |sim: &Sim, node: &str| sim.assignment(node, 0).rank;
+    // b timed out receiving from a: the two cannot talk. a is blamed (by b), b by nobody:
+    // a is left out.
+    sim.now = 10 * SEC;
+    sim.m.rank_failed(sim.t(), 1, rank(&sim, "b"), "receive timed out", Some(rank(&sim, "a"))).unwrap();
+    let e = sim.last_event(EventKind::PeerUnreachable);
+    assert!(e.reason.contains("nodes b and a cannot reach each other"), "{}", e.reason);
+    assert!(sim.last_event(EventKind::NodeExcluded).reason.contains("leaving node a out for 30 s (exclusion 1"));
+    assert_eq!(sim.m.summary().excluded, vec![("a".to_string(), Millis(40 * SEC))]);
+    assert_eq!(sim.m.members().iter().map(|m| m.node_id.as_str()).collect::<Vec<_>>(), vec!["b", "c"]);
+    assert!(sim.m.rendezvous(sim.t(), "a", 0, None, "a/0").is_ok(), "a's process may wait, it is not admitted");
+    sim.check_in_all();
+    assert_eq!(sim.m.world(), 2);
+    for _ in 0..3 {
+        sim.step_all();
+    }
+    // Heartbeats keep a registered while it is out; when its time is up it is admitted at
+    // the next step boundary.
+    for n in ["a", "b", "c"] {
+        sim.m.heartbeat(Millis(35 * SEC), n, 2).unwrap();
+    }
+    assert_eq!(sim.m.heartbeat(Millis(35 * SEC), "a", 2).unwrap().status, NodeStatus::Excluded);
+    let readmit = |sim: &mut Sim, at: u64, node: &str| {
+        sim.now = at;
+        for n in ["a", "b", "c"] {
+            sim.m.heartbeat(sim.t(), n, sim.m.generation()).unwrap();
+        }
+        sim.m.tick(sim.t());
+        let replies = sim.step_all();
+        assert!(replies.iter().all(|r| r.stop_after.is_some()), "a boundary is scheduled for the returning node");
+        // The left-out process restarted fresh (its state is untracked).
+        sim.procs.insert(slot(node, 0), Proc::default());
+        sim.check_in_all();
+        assert_eq!(sim.m.world(), 3, "back");
+    };
+    readmit(&mut sim, 40 * SEC, "a");
+    // The same pair fails the same way: a is blamed again (still only by b): out again,
+    // for twice as long.
+    sim.m.rank_failed(sim.t(), sim.m.generation(), rank(&sim, "b"), "receive timed out", Some(rank(&sim, "a"))).unwrap();
+    assert!(sim.last_event(EventKind::NodeExcluded).reason.contains("leaving node a out for 60 s (exclusion 2"));
+    sim.check_in_all();
+    sim.step_all();
+    readmit(&mut sim, 101 * SEC, "a");
+    // Now a blames b: each is blamed by one peer, so the one that joined last (b) goes.
+    sim.m.rank_failed(sim.t(), sim.m.generation(), rank(&sim, "a"), "send timed out", Some(rank(&sim, "b"))).unwrap();
+    assert!(sim.last_event(EventKind::NodeExcluded).reason.contains("leaving node b out for 30 s (exclusion 1"));
+    assert_eq!(sim.m.blame().1, 3);
+    sim.check_in_all();
+    sim.run_to_end();
+    sim.m.check_exactly_once().unwrap();
+}
+
+#[test]
+fn a_failure_without_blame_or_on_the_same_node_leaves_nobody_out() {
+    let mut sim = Sim::new(cfg(1, 2), vec![50]);
+    sim.join("a", 2);
+    sim.join("b", 1);
+    sim.check_in_all();
+    sim.step_all();
+    sim.m.rank_failed(sim.t(), 1, 0, "peer closed its connection", None).unwrap();
+    assert_eq!(sim.m.summary().excluded, vec![]);
+    sim.check_in_all();
+    sim.m.rank_failed(sim.t(), 2, 0, "shared-memory barrier timed out", Some(1)).unwrap();
+    assert_eq!(sim.m.summary().excluded, vec![], "ranks 0 and 1 are both on node a");
+    assert_eq!(sim.m.world(), 3);
+}
+
+#[test]
+fn generations_that_keep_failing_without_progress_end_the_job() {
+    let mut c = cfg(2, 2);
+    c.max_failed_generations = 3;
+    let mut sim = running(c, vec![50], &["a", "b"]);
+    sim.step_all();
+    // The first failure follows progress: it does not count.
+    sim.m.rank_failed(sim.t(), 1, 0, "receive timed out", None).unwrap();
+    assert_eq!(sim.m.summary().failed_generations, 0);
+    for n in 1..3 {
+        sim.check_in_all();
+        sim.m.rank_failed(sim.t(), sim.m.generation(), 0, "receive timed out", None).unwrap();
+        assert_eq!(sim.m.summary().failed_generations, n);
+    }
+    // A committed step resets the count.
+    sim.check_in_all();
+    sim.step_all();
+    assert_eq!(sim.m.summary().failed_generations, 0);
+    // The generation that committed it fails (not counted), then three that commit nothing.
+    for n in 0..4 {
+        sim.m.rank_failed(sim.t(), sim.m.generation(), 0, "receive timed out", None).unwrap();
+        if n < 3 {
+            assert_eq!(sim.m.summary().failed_generations, n, "{}", sim.m.phase());
+            sim.check_in_all();
+        }
+    }
+    let Phase::Failed { reason } = sim.m.phase() else { panic!("{}", sim.m.phase()) };
+    assert!(reason.contains("3 generations in a row failed without committing a step (max_failed_generations)"), "{reason}");
 }
 
 #[test]
@@ -613,7 +857,7 @@ fn a_failure_report_re_forms_and_a_rank_that_never_checks_in_loses_its_node() {
     let mut sim = running(cfg(2, 3), vec![60], &["a", "b", "c"]);
     sim.step_all();
     sim.now = SEC;
-    sim.m.rank_failed(sim.t(), 1, 0, "recv from rank 2: connection reset").unwrap();
+    sim.m.rank_failed(sim.t(), 1, 0, "recv from rank 2: connection reset", None).unwrap();
     assert_eq!(sim.m.phase(), &Phase::Rendezvous { generation: 2 });
     assert_eq!(sim.m.world(), 3, "nobody is dropped on a report");
     sim.check_in(&slot("a", 0));
@@ -689,8 +933,11 @@ fn the_job_ends_at_max_steps() {
         let replies = sim.step_all();
         assert!(replies.iter().all(|r| r.stop_after == Some(2) && r.job_ends), "{replies:?}");
     }
+    assert!(sim.finishing(), "every step is committed: the final weights are next");
+    sim.write_final_weights();
     assert_eq!(sim.m.phase(), &Phase::Finished);
     let s = sim.m.summary();
+    assert_eq!(s.final_weights.as_deref(), Some("out/final_weights.safetensors"));
     assert_eq!((s.steps_committed, s.finish, s.dropped_tail), (3, Some(Finish::MaxSteps { steps: 3 }), None));
     assert_eq!(sim.m.check_exactly_once().unwrap().pending_batches, 94);
     assert!(matches!(sim.m.step_done(sim.t(), 1, 0, 3, 1.0), Err(Refusal::JobOver { .. })));
@@ -769,7 +1016,7 @@ fn a_checkpoint_commits_only_when_every_shard_is_durable_and_its_step_is_committ
 
 /// Both rank processes of generation 1 crash and come back with no state; they check in.
 fn every_process_dies(sim: &mut Sim) {
-    sim.m.rank_failed(sim.t(), 1, 0, "both processes crashed").unwrap();
+    sim.m.rank_failed(sim.t(), 1, 0, "both processes crashed", None).unwrap();
     for p in sim.procs.values_mut() {
         *p = Proc::default();
     }
@@ -844,11 +1091,11 @@ fn a_fresh_coordinator_takes_over_from_a_checkpoint_manifests_ledger() {
     let c = sim.m.checkpoint_done(sim.t(), 1, 1, 1, shard(1)).unwrap().unwrap();
     // Another job's data is refused, naming both sizes.
     let mut other = Machine::new(cfg(2, 2), vec![50]).unwrap();
-    let err = other.restore_from_checkpoint(Millis(0), c.ledger.clone(), c.steps).unwrap_err();
+    let err = other.restore_from_checkpoint(Millis(0), c.ledger.clone(), c.steps, &[]).unwrap_err();
     assert!(err.message.contains("[40]") && err.message.contains("[50]"), "{err}");
 
     let mut fresh = Sim::new(cfg(2, 2), vec![40]);
-    fresh.m.restore_from_checkpoint(Millis(0), c.ledger.clone(), c.steps).unwrap();
+    fresh.m.restore_from_checkpoint(Millis(0), c.ledger.clone(), c.steps, &[]).unwrap();
     assert_eq!(fresh.m.ledger().committed_through(), Some(1));
     fresh.join("x", 1);
     fresh.join("y", 1);
