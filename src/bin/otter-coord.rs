@@ -39,8 +39,9 @@ enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
-    /// Rendezvous and recovery time against N simulated nodes (in-process clients over
-    /// loopback gRPC), with the in-memory and the embedded file store.
+    /// Join, rendezvous and recovery time against N simulated nodes joining at once
+    /// (in-process clients, one connection each, over loopback gRPC), with the in-memory
+    /// and the embedded file store.
     Bench {
         #[arg(long, default_value_t = 256)]
         nodes: usize,
@@ -82,8 +83,16 @@ async fn main() -> Result<()> {
         Command::Bench { nodes } => {
             let dir = tempfile_dir()?;
             for store in [None, Some(dir.as_path())] {
-                let r = otter::coord::bench::rendezvous(nodes, store).await?;
-                println!("nodes={} store={} rendezvous_s={:.3} recovery_s={:.3}", r.nodes, r.store, r.rendezvous.as_secs_f64(), r.recovery.as_secs_f64());
+                let r = otter::coord::bench::rendezvous(nodes, store, std::time::Duration::from_secs(60)).await?;
+                println!(
+                    "nodes={} store={} join_s={:.3} join_max_s={:.3} rendezvous_s={:.3} recovery_s={:.3}",
+                    r.nodes,
+                    r.store,
+                    r.join.as_secs_f64(),
+                    r.join_max.as_secs_f64(),
+                    r.rendezvous.as_secs_f64(),
+                    r.recovery.as_secs_f64()
+                );
             }
             let _ = std::fs::remove_dir_all(&dir);
             Ok(())

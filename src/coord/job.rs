@@ -122,7 +122,8 @@ pub async fn start(args: StartArgs) -> Result<bool> {
             generation: None,
         },
     });
-    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
+    let addr = tokio::net::lookup_host(&args.listen).await.ok().and_then(|mut a| a.next()).with_context(|| format!("--listen {}: not an address", args.listen))?;
+    let listener = super::server::bind_listener(addr).with_context(|| format!("--listen {}", args.listen))?;
     let coord_cfg = cfg.coord.as_ref().expect("validated");
     let tls = match (&coord_cfg.tls_cert, &coord_cfg.tls_key) {
         (Some(c), Some(k)) => {

@@ -1469,6 +1469,10 @@ impl Machine {
     /// the module docs), picks the state to sync from, and leases the first steps.
     fn try_complete_rendezvous(&mut self, now: Millis) {
         let Some(r) = &self.rendezvous else { return };
+        // Check-ins are unique per slot and only members' (others wait in `early`).
+        if r.checkins.len() < self.world {
+            return;
+        }
         let mut by_rank: Vec<Option<&Checkin>> = vec![None; self.world];
         for c in &r.checkins {
             if let Some(rank) = self.rank_of(&c.slot) {
@@ -1913,7 +1917,9 @@ impl Machine {
     }
 
     fn rank_of(&self, slot: &Slot) -> Option<usize> {
-        let m = self.layout.iter().find(|m| m.node_id == slot.node_id)?;
+        // The layout is sorted by node id (it is built from the node map).
+        let i = self.layout.binary_search_by(|m| m.node_id.as_str().cmp(&slot.node_id)).ok()?;
+        let m = &self.layout[i];
         (slot.local_rank < m.local_ranks).then(|| m.first_rank + slot.local_rank as usize)
     }
 

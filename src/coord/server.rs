@@ -24,6 +24,22 @@ use tonic::{Request, Response, Status};
 pub const RENDEZVOUS_POLL: Duration = Duration::from_secs(10);
 pub const TOKEN_HEADER: &str = "x-otter-token";
 
+/// The coordinator's listen backlog: a job's nodes connect at once (hundreds at a job's
+/// start or after a coordinator restart), and a full accept queue drops their SYNs, which
+/// the kernel retries only after 1, 3, 7, 15, ... s. The kernel caps it at
+/// `net.core.somaxconn` (4096 by default since Linux 5.4).
+pub const LISTEN_BACKLOG: i32 = 8192;
+
+/// Binds the coordinator's listener (address reuse, [`LISTEN_BACKLOG`]).
+pub fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(LISTEN_BACKLOG)?;
+    tokio::net::TcpListener::from_std(sock.into())
+}
+
 /// Wall-clock milliseconds: comparable across coordinator restarts (contract 1).
 pub fn wall_now() -> Millis {
     Millis(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
@@ -112,7 +128,11 @@ pub struct Coordinator {
     pub telemetry: std::sync::Mutex<Telemetry>,
     state: Mutex<Persisted>,
     store: Box<dyn StateStore>,
+    /// Notified when the phase or the generation changes: what a rendezvous waits for
+    /// (waking every waiter on every change costs O(nodes^2) per rendezvous).
     changed: Notify,
+    /// The (generation, phase) the waiters last heard of.
+    phase_seen: std::sync::Mutex<(u64, String)>,
     updates: watch::Sender<pb::JobUpdate>,
     job_yaml: String,
     heartbeat_interval: Duration,
@@ -175,7 +195,7 @@ impl Coordinator {
             manifest_in_flight: Default::default(),
             metrics: crate::metrics::CoordMetrics::new(),
             telemetry: std::sync::Mutex::new(telemetry),
-            state: Mutex::new(state), store, changed: Notify::new(), updates, job_yaml, heartbeat_interval });
+            state: Mutex::new(state), store, changed: Notify::new(), phase_seen: Default::default(), updates, job_yaml, heartbeat_interval });
         c.persist(&*c.state.lock().await).await?;
         tokio::spawn(Self::flusher(Arc::downgrade(&c)));
         Ok(c)
@@ -476,8 +496,15 @@ impl Coordinator {
         let v = self.version.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         self.dirty.notify_one();
         self.refresh_metrics(s);
-        self.changed.notify_waiters();
-        self.updates.send_replace(update_of(&s.machine, message));
+        // Waiters and watch streams hear of phase and generation changes only: telling
+        // every node of every join or step would cost O(nodes^2) messages per rendezvous.
+        let now_phase = (s.machine.generation(), s.machine.phase().to_string());
+        let mut seen = self.phase_seen.lock().expect("not poisoned");
+        if *seen != now_phase {
+            *seen = now_phase;
+            self.changed.notify_waiters();
+            self.updates.send_replace(update_of(&s.machine, message));
+        }
         v
     }
 
