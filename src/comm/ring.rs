@@ -87,7 +87,12 @@ fn as_bytes(x: &[f32]) -> &[u8] {
 
 /// A socket error as seen by `rank`: a timeout, or a named peer's failure.
 fn io_error(rank: usize, timeout: Duration, peer: usize, addr: SocketAddr, what: &'static str, e: std::io::Error) -> CommError {
-    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+    if e.raw_os_error() == Some(libc::ETIMEDOUT) {
+        // TCP gave up: the peer's host acknowledged nothing and answered no keepalive probe
+        // for the peer timeout (a partition, a dead host), unlike a slow peer.
+        let source = std::io::Error::new(e.kind(), "the peer's host stopped answering at the TCP level (no acknowledgement, no keepalive answer)");
+        CommError::Peer { rank, peer, addr: addr.to_string(), what, source }
+    } else if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
         CommError::Timeout { rank, what, timeout, peer: Some((peer, addr.to_string())) }
     } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
         let source = std::io::Error::new(e.kind(), "connection closed by the peer (it exited or died)");
