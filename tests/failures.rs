@@ -112,13 +112,19 @@ fn corrupt(out: &Path, steps: u64) -> PathBuf {
     shard
 }
 
-/// Per-step losses of the uninterrupted restart job.
+/// Per-step losses of the uninterrupted restart job (run once per test binary: the
+/// synthetic data and the job are the same in every test).
 fn uninterrupted(d: &Path, data: &Path) -> Vec<f64> {
-    let out = d.join("base");
-    let c = start_coord(&restart_job(d, data, &out), &d.join("coord-base"), "127.0.0.1:0");
-    let _w = (start_worker(&c.addr, "a", d), start_worker(&c.addr, "b", d));
-    let s = finish(c, Duration::from_secs(120));
-    losses_of(&s)
+    static LOSSES: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+    LOSSES
+        .get_or_init(|| {
+            let out = d.join("base");
+            let c = start_coord(&restart_job(d, data, &out), &d.join("coord-base"), "127.0.0.1:0");
+            let _w = (start_worker(&c.addr, "a", d), start_worker(&c.addr, "b", d));
+            let s = finish(c, Duration::from_secs(120));
+            losses_of(&s)
+        })
+        .clone()
 }
 
 /// Runs the restart job until `step-8` is committed (the newest checkpoint: a worker stalls

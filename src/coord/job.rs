@@ -121,6 +121,7 @@ pub async fn start(args: StartArgs) -> Result<bool> {
             frozen: Vec::new(),
             generation: None,
         },
+        history: Some(state_dir.join("history.jsonl")),
     });
     let addr = tokio::net::lookup_host(&args.listen).await.ok().and_then(|mut a| a.next()).with_context(|| format!("--listen {}: not an address", args.listen))?;
     let listener = super::server::bind_listener(addr).with_context(|| format!("--listen {}", args.listen))?;

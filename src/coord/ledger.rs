@@ -9,13 +9,18 @@
 //! order ([`Ledger::check_exactly_once`] verifies it).
 //!
 //! Compaction keeps the state from growing with the length of the run: committed steps
-//! that no restore can roll back any more (those covered by the newest committed
-//! checkpoint) are folded into a count of stream positions plus one small summary per step
-//! (generation, world, epoch, loss); their batch lists, world x k entries per step, are
-//! dropped. Their batches are implied: committed steps are a prefix of the stream.
+//! that no restore can roll back any more (those covered by the oldest kept checkpoint)
+//! are folded into a count of steps and of stream positions; their batch lists, world x k
+//! entries per step, are dropped (their batches are implied: committed steps are a prefix
+//! of the stream), and of their summaries (generation, world, epoch, loss) only the latest
+//! [`HISTORY_WINDOW`] stay. [`Ledger::compact_through`] hands the others to the caller,
+//! which appends them to a history file: the state a long job saves is bounded.
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// Summaries of compacted steps kept in the state (for the status page's recent curve).
+pub const HISTORY_WINDOW: usize = 1000;
 
 /// One data batch: batch `batch` of the epoch plan of epoch `epoch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -86,11 +91,51 @@ impl CommittedStep {
 
 /// The compacted prefix of the committed steps.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "CompactedRepr")]
 pub struct Compacted {
-    /// Steps 0, 1, ... in order.
-    pub steps: Vec<StepSummary>,
+    /// Steps `0..count` are compacted.
+    count: u64,
+    /// The summaries of the latest of them (at most [`HISTORY_WINDOW`]), in order.
+    recent: VecDeque<StepSummary>,
     /// Stream positions they consumed: the stream's first `batches` batches.
     pub batches: u64,
+}
+
+/// What a saved state holds: this version's (`count`, `recent`), or an earlier one's
+/// (every summary in `steps`), which loads into the same thing.
+#[derive(Deserialize)]
+struct CompactedRepr {
+    #[serde(default)]
+    count: u64,
+    #[serde(default)]
+    recent: VecDeque<StepSummary>,
+    #[serde(default)]
+    steps: Vec<StepSummary>,
+    #[serde(default)]
+    batches: u64,
+}
+
+impl From<CompactedRepr> for Compacted {
+    fn from(r: CompactedRepr) -> Self {
+        if r.steps.is_empty() {
+            return Self { count: r.count, recent: r.recent, batches: r.batches };
+        }
+        let count = r.steps.len() as u64;
+        let skip = r.steps.len().saturating_sub(HISTORY_WINDOW);
+        Self { count, recent: r.steps.into_iter().skip(skip).collect(), batches: r.batches }
+    }
+}
+
+impl Compacted {
+    /// Steps compacted (`0..count`).
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The summaries of the latest compacted steps (at most [`HISTORY_WINDOW`]).
+    pub fn recent(&self) -> &VecDeque<StepSummary> {
+        &self.recent
+    }
 }
 
 /// How the job's data use ended.
@@ -116,7 +161,7 @@ pub struct Coverage {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LedgerError {
     #[error("committed steps are not numbered 0, 1, 2, ...: position {index} holds step {step}")]
-    StepGap { index: usize, step: u64 },
+    StepGap { index: u64, step: u64 },
     #[error("{batch} committed twice: by step {first_step} and by step {second_step}")]
     DuplicateCommit { batch: BatchRef, first_step: u64, second_step: u64 },
     #[error("stream position {position}: expected {expected}, the ledger has {found}")]
@@ -213,7 +258,7 @@ impl Ledger {
     }
 
     /// Committed steps not compacted yet, with their batches, in order: steps
-    /// `compacted().steps.len()` onwards.
+    /// `compacted().count()` onwards.
     pub fn committed(&self) -> &[CommittedStep] {
         &self.committed
     }
@@ -225,33 +270,41 @@ impl Ledger {
 
     /// Committed step `step` with its batches, unless it is compacted.
     pub fn committed_step(&self, step: u64) -> Option<&CommittedStep> {
-        let i = step.checked_sub(self.compacted.steps.len() as u64)?;
+        let i = step.checked_sub(self.compacted.count)?;
         self.committed.get(usize::try_from(i).ok()?).filter(|c| c.step == step)
     }
 
-    /// Every committed step, compacted or not, in order.
+    /// The committed steps the state still describes, in order: the latest compacted
+    /// ones (the window) and every uncompacted one. Older ones are in the history file.
     pub fn history(&self) -> impl Iterator<Item = StepSummary> + '_ {
-        self.compacted.steps.iter().copied().chain(self.committed.iter().map(CommittedStep::summary))
+        self.compacted.recent.iter().copied().chain(self.committed.iter().map(CommittedStep::summary))
     }
 
     /// The newest committed step's summary.
     pub fn last_committed(&self) -> Option<StepSummary> {
-        self.committed.last().map(CommittedStep::summary).or_else(|| self.compacted.steps.last().copied())
+        self.committed.last().map(CommittedStep::summary).or_else(|| self.compacted.recent.back().copied())
     }
 
     /// The number of committed steps (the next step to commit).
     pub fn steps_committed(&self) -> u64 {
-        (self.compacted.steps.len() + self.committed.len()) as u64
+        self.compacted.count + self.committed.len() as u64
     }
 
     /// Folds the committed steps below `steps` into the compacted prefix. Only for steps no
-    /// restore can roll back (the machine calls it with the newest committed checkpoint).
-    pub(crate) fn compact_through(&mut self, steps: u64) {
-        let n = steps.saturating_sub(self.compacted.steps.len() as u64).min(self.committed.len() as u64) as usize;
+    /// restore can roll back (the machine calls it with the oldest kept checkpoint).
+    /// Returns the summaries that left the window (for the history file), in order.
+    pub(crate) fn compact_through(&mut self, steps: u64) -> Vec<StepSummary> {
+        let n = steps.saturating_sub(self.compacted.count).min(self.committed.len() as u64) as usize;
+        let mut out = Vec::new();
         for c in self.committed.drain(..n) {
             self.compacted.batches += c.per_rank.iter().map(|r| r.len() as u64).sum::<u64>();
-            self.compacted.steps.push(c.summary());
+            self.compacted.count += 1;
+            self.compacted.recent.push_back(c.summary());
+            if self.compacted.recent.len() > HISTORY_WINDOW {
+                out.extend(self.compacted.recent.pop_front());
+            }
         }
+        out
     }
 
     /// Outstanding leases by step.
@@ -341,9 +394,9 @@ impl Ledger {
             s.committed.push(step);
         }
         let mut back: Vec<BatchRef> = Vec::new();
-        // Compacted steps are never rolled back: the machine compacts only what the newest
-        // committed checkpoint covers, and no settlement goes below that checkpoint.
-        let compacted = self.compacted.steps.len() as u64;
+        // Compacted steps are never rolled back: the machine compacts only what the oldest
+        // kept checkpoint covers, and no settlement goes below that checkpoint.
+        let compacted = self.compacted.count;
         debug_assert!(keep >= compacted, "settling to {keep} steps below the {compacted} compacted ones");
         let keep_tail = keep.saturating_sub(compacted);
         if (self.committed.len() as u64) > keep_tail {
@@ -373,8 +426,12 @@ impl Ledger {
     /// no lease is left open and, if the data ran out, that only a tail smaller than one
     /// step is left untrained.
     pub fn check_exactly_once(&self) -> Result<Coverage, LedgerError> {
-        for (index, step) in self.history().map(|c| c.step).enumerate() {
-            if step != index as u64 {
+        // The steps the state still describes are numbered on from the ones before them.
+        let described = self.compacted.recent.len() as u64 + self.committed.len() as u64;
+        let first = self.steps_committed().checked_sub(described).ok_or(LedgerError::StepGap { index: 0, step: self.steps_committed() })?;
+        for (i, step) in self.history().map(|c| c.step).enumerate() {
+            let index = first + i as u64;
+            if step != index {
                 return Err(LedgerError::StepGap { index, step });
             }
         }
@@ -581,12 +638,12 @@ mod tests {
         let (mut full, mut compact) = (Ledger::new(vec![500, 500]), Ledger::new(vec![500, 500]));
         long_run(&mut full, 60, 4, 2, u64::MAX);
         long_run(&mut compact, 60, 4, 2, 16);
-        assert_eq!(compact.compacted().steps.len(), 48);
+        assert_eq!(compact.compacted().count(), 48);
         assert_eq!(compact.committed().len(), 12);
         let (a, b) = (full.check_exactly_once().unwrap(), compact.check_exactly_once().unwrap());
         assert_eq!(a, b);
         assert_eq!(b.committed_batches, 60 * 8);
-        assert_eq!(full.history().collect::<Vec<_>>(), compact.history().collect::<Vec<_>>());
+        assert_eq!(full.history().collect::<Vec<_>>(), compact.history().collect::<Vec<_>>(), "all within the window");
         assert_eq!(compact.last_committed().unwrap().mean_loss, Some(59.0));
         assert!(compact.committed_step(47).is_none() && compact.lease_of(47, 0).is_none(), "compacted");
         assert_eq!(compact.lease_of(48, 3), full.lease_of(48, 3));
@@ -602,21 +659,48 @@ mod tests {
     }
 
     #[test]
-    fn a_long_runs_persisted_ledger_grows_by_a_step_summary_per_step_not_by_its_batches() {
+    fn a_long_runs_persisted_ledger_is_bounded_and_the_history_leaves_in_order() {
         // 64 ranks x 2 batches a step, a checkpoint (and so compaction) every 50 steps.
-        let mut l = Ledger::new(vec![1_000_000]);
+        let mut l = Ledger::new(vec![10_000_000]);
         let size = |l: &Ledger| serde_json::to_vec(l).unwrap().len();
-        long_run(&mut l, 500, 64, 2, 50);
-        let at_500 = size(&l);
-        long_run(&mut l, 1500, 64, 2, 50);
-        let per_step = (size(&l) - at_500) as f64 / 1000.0;
-        let mut full = Ledger::new(vec![1_000_000]);
-        long_run(&mut full, 100, 64, 2, u64::MAX);
-        let full_per_step = size(&full) as f64 / 100.0;
-        println!("compacted: {per_step:.0} bytes a step; uncompacted: {full_per_step:.0} bytes a step");
-        assert!(per_step < 120.0, "{per_step} bytes a step");
-        assert!(full_per_step > 20.0 * per_step, "a step's batches cost {full_per_step} bytes");
+        let mut history = Vec::new();
+        let mut run = |l: &mut Ledger, steps: u64| {
+            for step in l.steps_committed()..steps {
+                assert!(l.lease(step, 1, 64, 2));
+                l.record_loss(step, 0, step as f64);
+                assert!(l.commit(step));
+                if (step + 1) % 50 == 0 {
+                    history.extend(l.compact_through(step + 1));
+                }
+            }
+        };
+        run(&mut l, 1500);
+        let at_1500 = size(&l);
+        run(&mut l, 6000);
+        let at_6000 = size(&l);
+        println!("persisted ledger: {at_1500} bytes after 1500 steps, {at_6000} after 6000");
+        assert!(at_6000 <= at_1500 + at_1500 / 20, "bounded: {at_1500} -> {at_6000} bytes");
+        assert_eq!(history.iter().map(|s| s.step).collect::<Vec<_>>(), (0..5000).collect::<Vec<_>>(), "what left the window, in order");
+        assert_eq!(l.compacted().recent().len(), HISTORY_WINDOW);
+        assert_eq!(l.steps_committed(), 6000);
         l.check_exactly_once().unwrap();
+        let mut uncompacted = Ledger::new(vec![1_000_000]);
+        long_run(&mut uncompacted, 100, 64, 2, u64::MAX);
+        assert!(size(&uncompacted) / 100 > 1000, "a step's batches cost a KB or more: compaction is what bounds the state");
+    }
+
+    #[test]
+    fn a_state_saved_by_the_previous_version_loads() {
+        // The previous version kept every compacted step's summary in `steps`.
+        let mut l = Ledger::new(vec![40]);
+        long_run(&mut l, 8, 2, 1, 4);
+        let mut old = serde_json::to_value(&l).unwrap();
+        let summaries: Vec<StepSummary> = l.history().take(8).collect();
+        old["compacted"] = serde_json::json!({"steps": summaries, "batches": 16});
+        let back: Ledger = serde_json::from_value(old).unwrap();
+        assert_eq!((back.compacted().count(), back.compacted().recent().len()), (8, 8));
+        assert_eq!(back, l);
+        back.check_exactly_once().unwrap();
     }
 
     #[test]
@@ -624,7 +708,7 @@ mod tests {
         let mut l = Ledger::new(vec![40]);
         long_run(&mut l, 6, 2, 1, 4);
         let mut gap = l.clone();
-        gap.compacted.steps.remove(1);
+        gap.compacted.recent.remove(1);
         assert!(matches!(gap.check_exactly_once(), Err(LedgerError::StepGap { index: 1, .. })));
         let mut short = l.clone();
         short.compacted.batches -= 1; // the uncompacted steps no longer follow it in the stream

@@ -1226,7 +1226,11 @@ impl Machine {
     /// The shell wrote the manifest of `step-{steps}`: it is now the job's newest state of
     /// record. The oldest of the `keep_checkpoints` newest is as far back as a restore can
     /// go (should the newer ones prove unreadable), so the ledger compacts the steps it holds.
-    pub fn checkpoint_committed(&mut self, now: Millis, steps: u64) {
+    ///
+    /// Returns the summaries of compacted steps that left the state's window, for the
+    /// shell's history file.
+    pub fn checkpoint_committed(&mut self, now: Millis, steps: u64) -> Vec<super::ledger::StepSummary> {
+        let mut left = Vec::new();
         self.failed_saves = 0;
         if self.checkpoints.last().is_none_or(|&n| n < steps) {
             self.checkpoints.push(steps);
@@ -1235,11 +1239,12 @@ impl Machine {
                 self.checkpoints.drain(..self.checkpoints.len() - keep);
             }
             if let Some(&oldest) = self.checkpoints.first() {
-                self.ledger.compact_through(oldest);
+                left = self.ledger.compact_through(oldest);
             }
         }
         self.pending_checkpoints.retain(|&step, _| step + 1 > steps);
         self.log(now, EventKind::CheckpointCommitted, format!("checkpoint step-{steps} committed (manifest written)"));
+        left
     }
 
     /// Rank `rank` of the running `generation` could not read checkpoint `step-{steps}`,
@@ -1290,11 +1295,11 @@ impl Machine {
         if steps == 0 || ledger.committed_through().is_none_or(|c| c + 1 < steps) {
             return Err(ConfigError { field: "checkpoint", message: format!("its ledger does not hold the {steps} steps it claims") });
         }
-        if ledger.compacted().steps.len() as u64 > steps {
+        if ledger.compacted().count() > steps {
             return Err(ConfigError { field: "checkpoint", message: format!("its ledger is compacted beyond its own {steps} steps") });
         }
         ledger.settle(Some(steps - 1));
-        let floor = ledger.compacted().steps.len() as u64;
+        let floor = ledger.compacted().count();
         let mut kept: Vec<u64> = on_disk.iter().copied().filter(|&n| n >= floor.max(1) && n < steps).chain([steps]).collect();
         kept.sort_unstable();
         kept.dedup();
@@ -1302,7 +1307,9 @@ impl Machine {
         if kept.len() > keep {
             kept.drain(..kept.len() - keep);
         }
-        ledger.compact_through(kept[0]);
+        // Summaries leaving the window here were appended to the history by whichever
+        // coordinator compacted them first.
+        drop(ledger.compact_through(kept[0]));
         self.ledger = ledger;
         self.checkpoints = kept;
         self.log(now, EventKind::Restored, format!("coordinator started from checkpoint step-{steps}: {steps} steps committed"));
@@ -1502,7 +1509,7 @@ impl Machine {
                 (held, if holders.len() == world { None } else { holders.first().copied() })
             }
         };
-        let floor = self.ledger.compacted().steps.len() as u64;
+        let floor = self.ledger.compacted().count();
         if applied.map_or(0, |a| a + 1) < floor {
             // Every holder of the state is gone and so is every readable checkpoint from
             // which the job could go on: continuing would retrain steps whose batches the

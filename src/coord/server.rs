@@ -64,6 +64,20 @@ pub struct CheckpointSink {
     /// `frozen` and `generation` are filled in per checkpoint.
     pub template: crate::ckpt::Manifest,
     pub warmup_ratio: f64,
+    /// Where the summaries of compacted steps go once they leave the state's window (one
+    /// JSON line per step, appended): the job's full step history, off the saved state.
+    pub history: Option<std::path::PathBuf>,
+}
+
+/// Appends step summaries to the history file (JSON lines).
+fn append_history(path: &std::path::Path, steps: &[super::ledger::StepSummary]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = Vec::new();
+    for s in steps {
+        serde_json::to_writer(&mut out, s).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+    }
+    std::fs::OpenOptions::new().create(true).append(true).open(path)?.write_all(&out)
 }
 
 /// A checkpoint manifest prepared under the state lock, written off it.
@@ -423,17 +437,22 @@ impl Coordinator {
                 let ok = written.is_ok();
                 match written {
                     Ok(()) if s.machine.checkpoint_still_ready(steps, generation) => {
-                        s.machine.checkpoint_committed(c.now(), steps);
+                        let left = s.machine.checkpoint_committed(c.now(), steps);
                         tracing::info!("checkpoint step-{steps} committed ({shards} shards, generation {generation})");
                         message = format!("checkpoint step-{steps} committed");
                         if is_first {
                             first_committed = Some(steps);
                         }
                         let sink = c.ckpt.get().expect("a manifest implies a sink");
-                        let (root, keep) = (sink.dir.clone(), sink.keep_last);
+                        let (root, keep, history) = (sink.dir.clone(), sink.keep_last, sink.history.clone());
                         std::thread::spawn(move || {
                             if let Err(e) = crate::ckpt::retain(&root, keep, None) {
                                 tracing::warn!("checkpoint retention: {e}");
+                            }
+                            if let (Some(path), false) = (history, left.is_empty()) {
+                                if let Err(e) = append_history(&path, &left) {
+                                    tracing::warn!("{}: step history: {e}", path.display());
+                                }
                             }
                         });
                     }
@@ -554,7 +573,9 @@ impl Coordinator {
     pub async fn status_json(&self) -> serde_json::Value {
         let s = self.state.lock().await;
         let m = &s.machine;
-        // Every committed step; the batches of each only while it is not compacted.
+        // The committed steps the state still describes (the latest compacted ones, every
+        // uncompacted one; older ones are in the history file); the batches of each only
+        // while it is not compacted.
         let l = m.ledger();
         let steps: Vec<serde_json::Value> = l
             .history()
@@ -566,8 +587,10 @@ impl Coordinator {
                 v
             })
             .collect();
+        let history = self.ckpt.get().and_then(|k| k.history.as_ref()).map(|p| p.display().to_string());
         serde_json::json!({
             "summary": m.summary(),
+            "history_file": history,
             "members": m.members(),
             "total_steps": s.total_steps,
             "checkpoints": m.checkpoints(),

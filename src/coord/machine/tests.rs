@@ -626,7 +626,7 @@ fn restoring_step_4() -> Sim {
     checkpoint(&mut sim, 1);
     checkpoint(&mut sim, 3);
     assert_eq!(sim.m.checkpoints(), &[2, 4]);
-    assert_eq!(sim.m.ledger().compacted().steps.len(), 2, "the oldest kept checkpoint bounds compaction");
+    assert_eq!(sim.m.ledger().compacted().count(), 2, "the oldest kept checkpoint bounds compaction");
     every_process_dies(&mut sim);
     assert_eq!(sim.assignment("a", 0).restore_step, Some(4));
     sim
@@ -1036,7 +1036,7 @@ fn four_steps_and_checkpoint_2() -> Sim {
 #[test]
 fn with_every_holder_gone_the_job_restores_its_newest_checkpoint_instead_of_rolling_back_to_zero() {
     let mut sim = four_steps_and_checkpoint_2();
-    assert_eq!(sim.m.ledger().compacted().steps.len(), 2, "the steps the checkpoint holds are compacted");
+    assert_eq!(sim.m.ledger().compacted().count(), 2, "the steps the checkpoint holds are compacted");
     assert!(matches!(sim.m.checkpoint_done(sim.t(), 1, 0, 0, shard(0)), Ok(None)), "a late shard of a compacted step is ignored");
     // A checkpoint after step 3 that rank 1 never finished writing (killed mid-write).
     sim.m.checkpoint_done(sim.t(), 1, 0, 3, shard(0)).unwrap();

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# A long run of the local job (a coordinator and two CPU workers on this machine, the tiny
+# model on 1200 synthetic samples, a checkpoint every 200 steps) that samples, every
+# INTERVAL seconds, the resident memory of the coordinator and of each rank process and the
+# size of the coordinator's saved state; at the end it prints the growth per 1k steps
+# after warm-up (the first 20% of the steps), absolute and relative to the size.
+#
+#   scripts/soak.sh [--steps N] [--interval S]      (default: 10000 steps, every 20 s)
+#
+# Release binaries; OMP_NUM_THREADS is left to the ranks (they split the cores).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+STEPS=10000
+INTERVAL=20
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --steps) STEPS="$2"; shift 2 ;;
+    --interval) INTERVAL="$2"; shift 2 ;;
+    *) echo "usage: scripts/soak.sh [--steps N] [--interval S]" >&2; exit 2 ;;
+  esac
+done
+bash scripts/setup.sh
+cargo build --quiet --release --bins
+bin=target/release
+work=out/soak
+rm -rf "$work"
+mkdir -p "$work"
+$bin/otter data synth --out "$work/synthetic" --samples 1200 --image-px 48 --seed 0 >/dev/null
+# A step takes 2 ranks x 2 samples: enough epochs for STEPS steps.
+epochs=$(( STEPS * 4 / 1100 + 2 ))
+python3 - "$work/job.yaml" "$epochs" "$STEPS" <<'EOF'
+import re, sys
+y = open("configs/local-job.yaml").read()
+y = y.replace("../tests/", "../../tests/").replace("../out/synthetic", "synthetic")
+y = re.sub(r"out_dir: \S+", "out_dir: run", y)
+y = re.sub(r"epochs: \d+", f"epochs: {sys.argv[2]}\n  max_steps: {sys.argv[3]}", y, count=1)
+y = re.sub(r"save_every: \d+", "save_every: 200", y)
+y = y.replace("max_nodes: 4", "max_nodes: 2")
+open(sys.argv[1], "w").write(y)
+EOF
+export OTTER_JOIN_TOKEN=soak
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+$bin/otter-coord start --config "$work/job.yaml" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --state-dir "$work/coord" \
+  >"$work/coord.out" 2>"$work/coord.log" &
+coord=$!
+pids+=("$coord")
+addr="" http=""
+for _ in $(seq 200); do
+  addr=$(sed -nE 's/^otter-coord listening on ([^ ]+).*/\1/p' "$work/coord.out")
+  http=$(sed -nE 's/^otter-coord http on ([^ ]+).*/\1/p' "$work/coord.out")
+  [ -n "$addr" ] && [ -n "$http" ] && break
+  sleep 0.05
+done
+for n in a b; do
+  $bin/otter-worker join --coord "$addr" --node-id "$n" --cpu-ranks 1 --advertise-host 127.0.0.1 >"$work/$n.log" 2>&1 &
+  pids+=("$!")
+done
+workers=("${pids[1]}" "${pids[2]}")
+
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+rank_of() { pgrep -P "$1" -f "otter-worker rank" | head -n 1; }
+committed() {
+  python3 -c "import urllib.request,sys
+for l in urllib.request.urlopen('http://$http/metrics', timeout=5).read().decode().splitlines():
+    if l.startswith('otter_committed_step '): print(int(float(l.split()[1]))); sys.exit()
+print(0)" 2>/dev/null || echo 0
+}
+samples="$work/samples.tsv"
+printf 'seconds\tsteps\tcoord_kb\trank_a_kb\trank_b_kb\tstate_bytes\n' | tee "$samples"
+start=$(date +%s)
+while kill -0 "$coord" 2>/dev/null; do
+  sleep "$INTERVAL"
+  kill -0 "$coord" 2>/dev/null || break
+  ra=$(rank_of "${workers[0]}" || true); rb=$(rank_of "${workers[1]}" || true)
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$(( $(date +%s) - start ))" "$(committed)" "$(rss_kb "$coord")" \
+    "$(rss_kb "${ra:-0}")" "$(rss_kb "${rb:-0}")" "$(stat -c %s "$work/coord/state.json" 2>/dev/null || echo 0)" | tee -a "$samples"
+done
+wait "$coord" || true
+tail -n 1 "$work/coord.out"
+python3 - "$samples" <<'EOF'
+import sys
+rows = [list(map(int, l.split("\t"))) for l in open(sys.argv[1]).read().splitlines()[1:] if l.strip()]
+rows = [r for r in rows if r[1] > 0 and all(x > 0 for x in r[2:5])]
+if len(rows) < 3:
+    sys.exit("too few samples (a longer --steps or a shorter --interval)")
+last = rows[-1]
+warm = next(r for r in rows if r[1] >= last[1] * 0.2)
+span = (last[1] - warm[1]) / 1000
+if span <= 0:
+    sys.exit("no steps after warm-up")
+for i, name in [(2, "coordinator RSS"), (3, "rank a RSS"), (4, "rank b RSS"), (5, "state.json")]:
+    unit = "bytes" if i == 5 else "KB"
+    g = (last[i] - warm[i]) / span
+    print(f"{name}: {warm[i]} -> {last[i]} {unit} over steps {warm[1]}..{last[1]}: {g:+.1f} {unit} per 1k steps ({100 * g / max(last[i], 1):+.3f}% of its size)")
+EOF
