@@ -82,15 +82,20 @@ python3 - "$samples" <<'EOF'
 import sys
 rows = [list(map(int, l.split("\t"))) for l in open(sys.argv[1]).read().splitlines()[1:] if l.strip()]
 rows = [r for r in rows if r[1] > 0 and all(x > 0 for x in r[2:5])]
-if len(rows) < 3:
+if len(rows) < 4:
     sys.exit("too few samples (a longer --steps or a shorter --interval)")
-last = rows[-1]
-warm = next(r for r in rows if r[1] >= last[1] * 0.2)
-span = (last[1] - warm[1]) / 1000
-if span <= 0:
-    sys.exit("no steps after warm-up")
-for i, name in [(2, "coordinator RSS"), (3, "rank a RSS"), (4, "rank b RSS"), (5, "state.json")]:
-    unit = "bytes" if i == 5 else "KB"
-    g = (last[i] - warm[i]) / span
-    print(f"{name}: {warm[i]} -> {last[i]} {unit} over steps {warm[1]}..{last[1]}: {g:+.1f} {unit} per 1k steps ({100 * g / max(last[i], 1):+.3f}% of its size)")
+# After warm-up: the first 20% of the steps (caches, allocator arenas, the history window).
+after = [r for r in rows if r[1] >= rows[-1][1] * 0.2]
+def slope(xs, ys):  # least squares: units per step
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-9)
+steps = [r[1] for r in after]
+print(f"after warm-up: {len(after)} samples, steps {steps[0]}..{steps[-1]}")
+for i, name in [(2, "coordinator RSS"), (3, "rank a RSS"), (4, "rank b RSS")]:
+    ys = [r[i] for r in after]
+    g = slope(steps, ys) * 1000
+    print(f"{name}: {ys[0]} -> {ys[-1]} KB; growth {g:+.1f} KB per 1k steps ({100 * g / ys[-1]:+.3f}% of its size)")
+st = [r[5] for r in after]
+print(f"state.json: between {min(st)} and {max(st)} bytes (it holds the steps since the oldest kept checkpoint: a sawtooth); "
+      f"growth {slope(steps, st) * 1000:+.0f} bytes per 1k steps")
 EOF

@@ -42,6 +42,21 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
     x.linear(w, b)
 }
 
+/// Bounds oneDNN's caches of compiled kernels. They are keyed by shape, and a training
+/// step's GEMM shapes follow its token count, which varies from batch to batch: with the
+/// default capacities (1024 primitives in oneDNN, 1024 in ideep's) a process keeps adding
+/// compiled kernels for its first thousands of steps. Call before any thread starts (it
+/// sets environment variables the libraries read once, at their first use); an operator's
+/// own settings win.
+pub fn bound_kernel_caches() {
+    for (var, value) in [("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256"), ("LRU_CACHE_CAPACITY", "256")] {
+        if std::env::var_os(var).is_none() {
+            // SAFETY (set_var): called from `main` before any other thread exists.
+            std::env::set_var(var, value);
+        }
+    }
+}
+
 /// Below this many multiply-adds a GEMM stays on libtorch's path: oneDNN's per-call set-up
 /// outweighs its faster kernel (the tiny model's layers).
 pub const ONEDNN_MIN_MACS: i64 = 1 << 21;

@@ -86,8 +86,13 @@ impl Data {
     }
 
     /// Builds the step's batches in the background, on up to `threads` threads (batch
-    /// `i` on thread `i % threads`), delivered in lease order.
+    /// `i` on thread `i % threads`), delivered in lease order. Plans of epochs before this
+    /// step's are dropped (a lease given back after a failure rebuilds one: it is a pure
+    /// function of the seed and the epoch), so a long run keeps one or two.
     fn prepare(&mut self, step: u64, items: &[BatchRef]) -> Prepared {
+        if let Some(first) = items.iter().map(|b| b.epoch).min() {
+            self.plans.retain(|&e, _| e >= first);
+        }
         let jobs: Vec<(Arc<EpochPlan>, usize)> = items.iter().map(|b| (self.plan(b.epoch), b.batch as usize)).collect();
         let (source, threads) = (self.source.clone(), self.threads.clamp(1, jobs.len().max(1)));
         let handle = std::thread::spawn(move || {

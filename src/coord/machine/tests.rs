@@ -1106,3 +1106,26 @@ fn a_fresh_coordinator_takes_over_from_a_checkpoint_manifests_ledger() {
     fresh.m.check_exactly_once().unwrap();
     assert!(fresh.trained.iter().all(|t| t.1 >= 2), "steps held by the checkpoint are not trained again");
 }
+
+#[test]
+fn a_long_jobs_saved_state_stops_growing() {
+    // 2 ranks, a checkpoint every 5 steps (so that the event log, 1000 events, fills too):
+    // once the history window and the event log are full, what the coordinator saves after
+    // every change no longer grows with the steps run.
+    let mut sim = running(cfg(2, 2), vec![40_000], &["a", "b"]);
+    let size = |m: &Machine| serde_json::to_vec(m).unwrap().len();
+    let mut sizes = Vec::new();
+    for step in 0..12_000u64 {
+        sim.step_all();
+        if (step + 1) % 5 == 0 {
+            checkpoint(&mut sim, step);
+        }
+        if step + 1 == 6000 || step + 1 == 12_000 {
+            sizes.push(size(&sim.m));
+        }
+    }
+    println!("saved state: {} bytes after 6000 steps, {} after 12000", sizes[0], sizes[1]);
+    assert!(sizes[1] <= sizes[0] + sizes[0] / 50, "{sizes:?}");
+    assert_eq!(sim.m.summary().steps_committed, 12_000);
+    sim.m.check_exactly_once().unwrap();
+}
