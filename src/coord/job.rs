@@ -156,8 +156,12 @@ pub async fn start(args: StartArgs) -> Result<bool> {
         async move {
             loop {
                 if coord.phase().await.is_over() {
-                    // Let workers read their last replies before the server goes away.
-                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    // Let workers read their last replies before the server goes away:
+                    // until every agent has seen the end and left, at most 2 s.
+                    let t = tokio::time::Instant::now();
+                    while coord.agents_watching() > 0 && t.elapsed() < Duration::from_secs(2) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -147,6 +147,8 @@ pub struct Coordinator {
     changed: Notify,
     /// The (generation, phase) the waiters last heard of.
     phase_seen: std::sync::Mutex<(u64, String)>,
+    /// Node agents holding a watch stream open now.
+    agents_watching: std::sync::atomic::AtomicUsize,
     updates: watch::Sender<pb::JobUpdate>,
     job_yaml: String,
     heartbeat_interval: Duration,
@@ -209,7 +211,7 @@ impl Coordinator {
             manifest_in_flight: Default::default(),
             metrics: crate::metrics::CoordMetrics::new(),
             telemetry: std::sync::Mutex::new(telemetry),
-            state: Mutex::new(state), store, changed: Notify::new(), phase_seen: Default::default(), updates, job_yaml, heartbeat_interval });
+            state: Mutex::new(state), store, changed: Notify::new(), phase_seen: Default::default(), agents_watching: Default::default(), updates, job_yaml, heartbeat_interval });
         c.persist(&*c.state.lock().await).await?;
         tokio::spawn(Self::flusher(Arc::downgrade(&c)));
         Ok(c)
@@ -602,6 +604,12 @@ impl Coordinator {
         })
     }
 
+    /// How many node agents hold a watch stream open (they close it once they have seen
+    /// the job end).
+    pub fn agents_watching(&self) -> usize {
+        self.agents_watching.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<pb::JobUpdate> {
         self.updates.subscribe()
     }
@@ -619,6 +627,7 @@ struct LostOnDrop {
 
 impl Drop for LostOnDrop {
     fn drop(&mut self) {
+        self.coord.agents_watching.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         let (coord, node) = (self.coord.clone(), std::mem::take(&mut self.node_id));
         if let Ok(h) = tokio::runtime::Handle::try_current() {
             h.spawn(async move { coord.node_lost(&node, "its watch stream closed (the worker exited or its connection broke)").await });
@@ -673,7 +682,10 @@ impl pb::coordinator_server::Coordinator for Service {
         let r = req.into_inner();
         let rx = self.0.subscribe();
         // An observer's stream closing says nothing about its node.
-        let guard = (!r.observer).then(|| LostOnDrop { coord: self.0.clone(), node_id: r.node_id });
+        let guard = (!r.observer).then(|| {
+            self.0.agents_watching.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            LostOnDrop { coord: self.0.clone(), node_id: r.node_id }
+        });
         Ok(Response::new(WatchStream { inner: tokio_stream::wrappers::WatchStream::new(rx), _guard: guard }))
     }
 
