@@ -1,63 +1,39 @@
-//! Build-time steps: generates the gRPC code of proto/otter/v1 (tonic/prost); and, for
-//! libtorch (feature `torch`), bakes libtorch's directory into the rpath of every binary and test, so nothing needs LD_LIBRARY_PATH (torch-sys,
-//! `links = "tch"`, exports it as DEP_TCH_LIBTORCH_LIB), and passes it to the code as
-//! OTTER_LIBTORCH_LIB so `cuda::load` can find libtorch_cuda.
+//! Build-time steps of the training side: bakes libtorch's directory into the rpath of
+//! every binary and test, so nothing needs LD_LIBRARY_PATH (torch-sys, `links = "tch"`,
+//! exports it as DEP_TCH_LIBTORCH_LIB), and passes it to the code as OTTER_LIBTORCH_LIB so
+//! `cuda::load` can find libtorch_cuda. (The gRPC code and the JPEG shim are otter-core's.)
 //!
 //! libtorch_cuda itself is *not* linked by default: nothing references its symbols, and
 //! loading it costs ~0.4 GB of RSS and ~0.5 s at every start, CPU-only runs included. It
 //! is dlopen'ed when a CUDA device is asked for (src/cuda.rs).
 //!
-//! Feature `torch` also compiles two small C++ shims against the headers beside libtorch:
-//! `src/train/adamw_shim.cpp` (the fused AdamW kernel, which tch does not bind) and
-//! `src/model/onednn_linear.cpp` (CPU linear layers on oneDNN's GEMM).
+//! Three small C++ shims are compiled against the headers beside libtorch:
+//! `src/train/adamw_shim.cpp` (the fused AdamW kernel, which tch does not bind),
+//! `src/model/onednn_linear.cpp` (CPU linear layers on oneDNN's GEMM) and
+//! `src/model/mapped_tensor.cpp` (tensors over memory-mapped weights that keep the map alive).
 //!
 //! Feature `nccl`: compiles `src/comm/nccl_shim.cpp` against the torch wheel's c10d
 //! headers (plus the wheel's NCCL and CUDA headers, see ../shared/docs/toolchain.md) and
 //! links libtorch_cuda, which then *is* referenced.
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    // The coordinator API (proto/otter/v1); protoc comes from scripts/setup.sh.
-    println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure()
-        .compile_protos(&["proto/otter/v1/coordinator.proto"], &["proto"])
-        .unwrap_or_else(|e| panic!("compiling proto/otter/v1/coordinator.proto (is protoc installed? scripts/setup.sh): {e}"));
-    jpeg();
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").ok();
     if let Some(dir) = &lib {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
         println!("cargo:rustc-env=OTTER_LIBTORCH_LIB={dir}");
     }
-    #[cfg(feature = "torch")]
     torch_ops(lib.as_deref());
     #[cfg(feature = "nccl")]
     nccl(lib.as_deref());
 }
 
-/// JPEG decoding: a small C shim (src/data/jpeg_shim.c) over libjpeg-turbo, the library
-/// Pillow bundles, linked statically (no runtime dependency for the images or the GPU
-/// binaries). Its headers and `libjpeg.a` come from Debian's libjpeg62-turbo-dev
-/// (scripts/setup.sh).
-fn jpeg() {
-    println!("cargo:rerun-if-changed=src/data/jpeg_shim.c");
-    let mut build = cc::Build::new();
-    build.file("src/data/jpeg_shim.c").opt_level(2);
-    // Where the C compiler finds libjpeg.a (prints the bare name when it does not).
-    let compiler = build.get_compiler();
-    let out = std::process::Command::new(compiler.path()).arg("-print-file-name=libjpeg.a").output().expect("running the C compiler");
-    let archive = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    assert!(archive.is_absolute() && archive.exists(), "libjpeg.a not found: install libjpeg62-turbo-dev (bash scripts/setup.sh does)");
-    build.compile("otter_jpeg");
-    println!("cargo:rustc-link-search=native={}", archive.parent().unwrap().display());
-    println!("cargo:rustc-link-lib=static=jpeg");
-}
-
-/// The two libtorch calls tch cannot make: `at::_fused_adamw_` (takes tensor lists;
-/// src/train/adamw_shim.cpp) and oneDNN's dense f32 GEMM behind an autograd node
-/// (src/model/onednn_linear.cpp). Compiled against the headers that ship beside libtorch
+/// The libtorch calls tch cannot make: `at::_fused_adamw_` (takes tensor lists;
+/// src/train/adamw_shim.cpp), oneDNN's dense f32 GEMM behind an autograd node
+/// (src/model/onednn_linear.cpp), and `at::from_blob` with a deleter
+/// (src/model/mapped_tensor.cpp). Compiled against the headers that ship beside libtorch
 /// (`<lib>/../include`), including only what they use.
-#[cfg(feature = "torch")]
 fn torch_ops(lib: Option<&str>) {
-    let files = ["src/train/adamw_shim.cpp", "src/model/onednn_linear.cpp"];
+    let files = ["src/train/adamw_shim.cpp", "src/model/onednn_linear.cpp", "src/model/mapped_tensor.cpp"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -69,7 +45,6 @@ fn torch_ops(lib: Option<&str>) {
 
 /// A C++ build against libtorch's headers (`include`: `<torch>/include`), with the
 /// wheel's C++ ABI.
-#[cfg(feature = "torch")]
 fn libtorch_cpp(include: &std::path::Path) -> cc::Build {
     let mut b = cc::Build::new();
     b.cpp(true)

@@ -11,6 +11,18 @@ use std::sync::OnceLock;
 
 static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
 
+/// Makes `device` usable: loads CUDA when a CUDA device is asked for, and fails clearly
+/// instead of letting libtorch abort when CUDA is absent.
+pub fn ensure(device: tch::Device) -> Result<(), String> {
+    if device.is_cuda() {
+        load()?;
+        if !tch::Cuda::is_available() {
+            return Err("CUDA is not available on this machine".into());
+        }
+    }
+    Ok(())
+}
+
 /// Loads libtorch_cuda (idempotent). Tries the libtorch this binary was built against,
 /// then the loader's search path (LD_LIBRARY_PATH, rpath).
 pub fn load() -> Result<(), String> {
@@ -33,6 +45,7 @@ pub fn load() -> Result<(), String> {
                 let msg = if err.is_null() {
                     "unknown error".to_string()
                 } else {
+                    // SAFETY: non-null: a NUL-terminated string owned by libdl, read at once.
                     unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned()
                 };
                 errors.push(format!("{name}: {msg}"));

@@ -1,6 +1,5 @@
 //! Checkpoints: sharded by a deterministic partition, committed by a manifest written
 //! last, checked on load, reshardable to any world size, resumed exactly.
-#![cfg(feature = "torch")]
 
 mod common;
 
@@ -236,9 +235,9 @@ fn an_async_save_holds_the_state_at_the_save_while_the_next_step_runs() {
     assert_ne!(after.crc32, at_save.crc32, "the step did update the state");
 }
 
-/// The trainer's update waits for a registered background reader: a reader that copies
-/// a weight a second after the step began (far longer than the tiny model's forward and
-/// backward) still sees it as before the update, which runs after it.
+/// The trainer's update waits for a registered background reader: a reader that copies a
+/// weight only once the update is blocked on it still sees it as before the update,
+/// which runs after it.
 #[test]
 fn the_update_waits_for_a_background_reader_of_the_state() {
     let mut t = trained(1);
@@ -247,7 +246,7 @@ fn the_update_waits_for_a_background_reader_of_the_state() {
     let fence = otter::train::ReadFence::new();
     t.hold_updates_until(fence.clone());
     let reader = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(1));
+        fence.wait_for_writer(); // forward and backward are done; the update is held back
         let seen = p.copy();
         fence.release();
         seen

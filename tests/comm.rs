@@ -59,7 +59,7 @@ fn now_ms() -> u128 {
 #[test]
 #[ignore = "run by the tests below as a child process"]
 fn rank_process() {
-    let Ok(mode) = std::env::var("OTTER_COMM_CHILD") else { return };
+    let mode = std::env::var("OTTER_COMM_CHILD").expect("rank_process is a child of the tests below (OTTER_COMM_CHILD): run them instead");
     let rank: usize = std::env::var("RANK").unwrap().parse().unwrap();
     let addrs = parse_addrs(&std::env::var("ADDRS").unwrap());
     let seed: u64 = std::env::var("SEED").unwrap().parse().unwrap();

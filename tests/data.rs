@@ -5,7 +5,6 @@
 //! JPEG max|diff| <= 0.06 and mean|diff| <= 0.005. We hold ourselves to more: pixels equal
 //! PIL's up to float rounding of the normalization (1e-6), JPEGs included, since we decode
 //! with the same libjpeg-turbo and resize with a port of Pillow's fixed-point bicubic.
-#![cfg(feature = "torch")]
 
 mod common;
 

@@ -4,7 +4,6 @@
 //! (`otter data synth`) so no freed heap of ours can hide growth, the peak counter is
 //! reset (`/proc/self/clear_refs` = 5) once libtorch is loaded, and the peak is taken
 //! relative to the resident size at that point.
-#![cfg(feature = "torch")]
 
 mod common;
 

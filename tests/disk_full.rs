@@ -4,7 +4,6 @@
 //! make the job degraded, and a job whose final weights could not be written ends as
 //! failed, naming them and the checkpoint to resume from. Skipped (with a printed reason)
 //! only where mounting is not permitted.
-#![cfg(feature = "torch")]
 
 mod common;
 

@@ -2,7 +2,6 @@
 //! `otter-worker join` processes on loopback. What the product promises, as tests:
 //! equal losses to one process, exactly-once data through a kill -9, admission of a new
 //! worker with identical state, a coordinator restart that training survives, refusals.
-#![cfg(feature = "torch")]
 
 mod common;
 
@@ -140,12 +139,12 @@ fn wrong_token_and_malformed_job_are_refused_clearly() {
 
     let bad = d.path().join("bad.yaml");
     std::fs::write(&bad, std::fs::read_to_string(&job).unwrap().replace("max_nodes: 2", "max_nodes: 1")).unwrap();
-    let o = Command::new(COORD).args(["start", "--config", bad.to_str().unwrap(), "--listen", "127.0.0.1:0"]).output().unwrap();
+    let o = Command::new(coord_bin()).args(["start", "--config", bad.to_str().unwrap(), "--listen", "127.0.0.1:0"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("coord.max_nodes"), "{err}");
     let typo = d.path().join("typo.yaml");
     std::fs::write(&typo, std::fs::read_to_string(&job).unwrap().replace("last_call:", "last_cal:")).unwrap();
-    let o = Command::new(COORD).args(["start", "--config", typo.to_str().unwrap(), "--listen", "127.0.0.1:0"]).output().unwrap();
+    let o = Command::new(coord_bin()).args(["start", "--config", typo.to_str().unwrap(), "--listen", "127.0.0.1:0"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("last_cal"), "{err}");
 }
@@ -181,7 +180,7 @@ fn start_etcd(dir: &Path) -> Etcd {
 }
 
 fn start_coord_etcd(config: &Path, etcd: &str, listen: &str, log: &Path) -> Child {
-    Command::new(COORD)
+    Command::new(coord_bin())
         .args(["start", "--config", config.to_str().unwrap(), "--listen", listen, "--etcd", etcd])
         .env("OTTER_JOIN_TOKEN", TOKEN)
         .stdout(Stdio::null())
@@ -255,9 +254,9 @@ fn with_tls_configured_the_job_runs_over_tls_and_plaintext_clients_are_refused()
     std::fs::write(&job, text).unwrap();
     let c = start_coord(&job, &d.path().join("coord"), "127.0.0.1:0");
     let addr = c.addr.replace("127.0.0.1", "localhost");
-    let plain = Command::new(COORD).args(["status", "--coord", &addr]).env("OTTER_JOIN_TOKEN", TOKEN).env_remove("OTTER_TLS_CA").output().unwrap();
+    let plain = Command::new(coord_bin()).args(["status", "--coord", &addr]).env("OTTER_JOIN_TOKEN", TOKEN).env_remove("OTTER_TLS_CA").output().unwrap();
     assert!(!plain.status.success(), "a plaintext client must not get through");
-    let tls_status = Command::new(COORD).args(["status", "--coord", &addr]).env("OTTER_JOIN_TOKEN", TOKEN).env("OTTER_TLS_CA", &ca).output().unwrap();
+    let tls_status = Command::new(coord_bin()).args(["status", "--coord", &addr]).env("OTTER_JOIN_TOKEN", TOKEN).env("OTTER_TLS_CA", &ca).output().unwrap();
     assert!(tls_status.status.success(), "{}", String::from_utf8_lossy(&tls_status.stderr));
     let workers: Vec<Worker> = ["a", "b"]
         .iter()

@@ -1,6 +1,5 @@
 //! Greedy generation: the KV cache changes nothing but speed, and generated tokens keep
 //! attending to the last image (upstream's cached path loses it after the first token).
-#![cfg(feature = "torch")]
 
 mod common;
 

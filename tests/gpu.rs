@@ -1,6 +1,5 @@
 //! Checks that need a CUDA device. Ignored in the default (CPU) run; `scripts/gpu-check.sh`
 //! runs them with `--ignored` and fails if no GPU is visible. Each prints its numbers.
-#![cfg(feature = "torch")]
 
 mod common;
 
@@ -44,7 +43,7 @@ fn gpu_parity_f32_matches_upstream() {
 #[ignore = "needs a CUDA device: scripts/gpu-check.sh"]
 fn gpu_bf16_loss_tracks_upstream_f32() {
     let model = Otter::load_dir(&tiny_model(), LoadOptions { device: cuda(), frozen_kind: Kind::BFloat16 }).unwrap();
-    for (name, p) in &model.params.tensors {
+    for (name, p) in model.params.tensors() {
         let want = if p.requires_grad() { Kind::Float } else { Kind::BFloat16 };
         assert_eq!(p.kind(), want, "{name}: trainable master weights f32, frozen bf16");
     }

@@ -1,7 +1,6 @@
 //! Data parallelism's sync point: only trainable gradients, bucketed in name order,
 //! undefined gradients as zeros, averaged over ranks, written back; and a 2-rank
 //! data-parallel Trainer equals one process accumulating both micro-batches.
-#![cfg(feature = "torch")]
 
 mod common;
 

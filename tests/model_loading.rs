@@ -1,5 +1,4 @@
 //! Strict loading, config errors and parameter counts: every problem is named.
-#![cfg(feature = "torch")]
 
 mod common;
 

@@ -1,6 +1,5 @@
 //! Traces over OTLP: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, `otter train` exports the
 //! spans of its step phases (OTLP/HTTP protobuf POSTs to `/v1/traces`). The collector here is a minimal in-test HTTP receiver.
-#![cfg(feature = "torch")]
 
 mod common;
 
@@ -62,8 +61,53 @@ fn run_config(dir: &std::path::Path) -> std::path::PathBuf {
     p
 }
 
-fn contains(hay: &[u8], needle: &str) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+/// The parts of OTLP's `ExportTraceServiceRequest` (opentelemetry-proto, trace/v1) this
+/// test reads; prost skips the rest.
+mod otlp {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ExportTraceServiceRequest {
+        #[prost(message, repeated, tag = "1")]
+        pub resource_spans: Vec<ResourceSpans>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResourceSpans {
+        #[prost(message, optional, tag = "1")]
+        pub resource: Option<Resource>,
+        #[prost(message, repeated, tag = "2")]
+        pub scope_spans: Vec<ScopeSpans>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Resource {
+        #[prost(message, repeated, tag = "1")]
+        pub attributes: Vec<KeyValue>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct KeyValue {
+        #[prost(string, tag = "1")]
+        pub key: String,
+        #[prost(message, optional, tag = "2")]
+        pub value: Option<AnyValue>,
+    }
+    /// `AnyValue`'s `string_value` (field 1 of its oneof).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AnyValue {
+        #[prost(string, tag = "1")]
+        pub string_value: String,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ScopeSpans {
+        #[prost(message, repeated, tag = "2")]
+        pub spans: Vec<Span>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Span {
+        #[prost(bytes = "vec", tag = "2")]
+        pub span_id: Vec<u8>,
+        #[prost(bytes = "vec", tag = "4")]
+        pub parent_span_id: Vec<u8>,
+        #[prost(string, tag = "5")]
+        pub name: String,
+    }
 }
 
 #[test]
@@ -80,10 +124,26 @@ fn with_an_otlp_endpoint_otter_train_exports_its_step_phase_spans() {
     let got = got.lock().unwrap();
     assert!(!got.is_empty(), "no OTLP export reached the collector");
     assert!(got.iter().all(|(p, _)| p == "/v1/traces"), "{:?}", got.iter().map(|g| &g.0).collect::<Vec<_>>());
-    let all: Vec<u8> = got.iter().flat_map(|(_, b)| b.clone()).collect();
-    for span in ["step", "data", "forward", "backward", "optimizer", "checkpoint"] {
-        assert!(contains(&all, span), "span {span} exported");
+    use prost::Message;
+    let requests: Vec<otlp::ExportTraceServiceRequest> =
+        got.iter().map(|(_, b)| otlp::ExportTraceServiceRequest::decode(b.as_slice()).expect("a valid OTLP trace export")).collect();
+    let resources: Vec<&otlp::ResourceSpans> = requests.iter().flat_map(|r| &r.resource_spans).collect();
+    let services: Vec<&str> = resources
+        .iter()
+        .flat_map(|r| r.resource.iter().flat_map(|res| &res.attributes))
+        .filter(|kv| kv.key == "service.name")
+        .filter_map(|kv| kv.value.as_ref().map(|v| v.string_value.as_str()))
+        .collect();
+    assert!(!services.is_empty() && services.iter().all(|s| *s == "otter"), "service.name: {services:?}");
+    let spans: Vec<&otlp::Span> = resources.iter().flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans).collect();
+    let named = |name: &str| spans.iter().filter(|s| s.name == name).collect::<Vec<_>>();
+    let steps = named("step");
+    assert!(!steps.is_empty(), "step spans: {:?}", spans.iter().map(|s| &s.name).collect::<std::collections::BTreeSet<_>>());
+    for phase in ["data", "forward", "backward", "optimizer"] {
+        let found = named(phase);
+        assert!(!found.is_empty(), "span {phase} exported");
+        assert!(found.iter().all(|p| steps.iter().any(|s| s.span_id == p.parent_span_id)), "every {phase} span is a child of a step span");
     }
-    assert!(contains(&all, "otter"), "service.name");
-    println!("{} OTLP export(s), {} bytes of spans", got.len(), all.len());
+    assert!(!named("checkpoint").is_empty(), "span checkpoint exported");
+    println!("{} OTLP export(s), {} spans", got.len(), spans.len());
 }

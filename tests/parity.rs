@@ -3,7 +3,6 @@
 //! Reference: tests/fixtures/parity/*.safetensors (upstream forward + backward, f32 CPU).
 //! Tolerances (fixtures README): logits max|diff| <= 1e-4, loss |diff| <= 1e-5,
 //! each grad max|diff| <= 1e-4 * max(1, max|grad|).
-#![cfg(feature = "torch")]
 
 mod common;
 
@@ -89,7 +88,7 @@ fn frozen_parameters_get_no_gradient_and_trainable_set_is_upstreams() {
     let inputs = TensorFile::read(&fixtures().join("parity/incontext.safetensors")).unwrap();
     evaluate(&model, &inputs, true).unwrap();
     let mut trainable = 0;
-    for (name, t) in &model.params.tensors {
+    for (name, t) in model.params.tensors() {
         let is_trainable = name.starts_with("perceiver.")
             || name.contains("gated_cross_attn_layer")
             || name.ends_with("embed_tokens.weight")
@@ -130,13 +129,49 @@ fn frozen_weights_are_read_from_the_memory_map_without_a_copy() {
     let model = load_tiny();
     let frozen: u64 = model
         .params
-        .tensors
+        .tensors()
         .iter()
         .filter(|(_, t)| !t.requires_grad())
         .map(|(_, t)| (t.numel() * 4) as u64)
         .sum();
     assert!(frozen > 0);
     assert_eq!(model.params.mapped_bytes(), frozen, "every frozen f32 weight views the mmap");
+}
+
+const FROZEN: &str = "lang_encoder.model.layers.2.decoder_layer.self_attn.q_proj.weight";
+
+#[test]
+fn a_frozen_weight_taken_out_of_the_model_outlives_it() {
+    let kept = {
+        let model = load_tiny();
+        model.params.get(FROZEN)
+    }; // the model, its maps' other holders and the loader are gone
+    let want = TensorFile::read(&tiny_model().join("model.safetensors")).unwrap();
+    assert_eq!(max_abs_diff(&kept, want.get(FROZEN).unwrap()), 0.0, "the map lives as long as a tensor over it");
+}
+
+/// The body of the child process of the next test.
+#[test]
+#[ignore = "run by a_write_to_a_frozen_weight_faults_at_once as a child process"]
+fn write_to_a_frozen_weight() {
+    assert!(std::env::var_os("OTTER_PARITY_CHILD").is_some(), "a child of a_write_to_a_frozen_weight_faults_at_once: run that instead");
+    let model = load_tiny();
+    let mut w = model.params.get(FROZEN);
+    let _ = w.f_add_scalar_(1.0);
+    println!("the write went through");
+}
+
+#[test]
+fn a_write_to_a_frozen_weight_faults_at_once() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "write_to_a_frozen_weight", "--nocapture"])
+        .env("OTTER_PARITY_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("the write went through"), "{stdout}");
+    assert_eq!(out.status.signal(), Some(libc::SIGSEGV), "an in-place write to a read-only mapped weight must fault: {:?}", out.status);
 }
 
 #[test]

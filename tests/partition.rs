@@ -8,11 +8,11 @@
 //! on; when the link is back and the back-off is over, the left-out node is admitted
 //! again; exactly-once throughout. Skipped (with a printed reason) only where the kernel
 //! or the sandbox forbids network namespaces or nftables.
-#![cfg(feature = "torch")]
 
 mod common;
 
 use common::cluster::*;
+use common::coord_bin;
 use common::job;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -110,7 +110,7 @@ impl Drop for Net {
 
 /// The job's status, asked from inside the hub.
 fn hub_status(net: &Net, addr: &str) -> Option<serde_json::Value> {
-    let out = net.exec("hub", COORD).args(["status", "--coord", addr]).env("OTTER_JOIN_TOKEN", TOKEN).output().ok()?;
+    let out = net.exec("hub", coord_bin()).args(["status", "--coord", addr]).env("OTTER_JOIN_TOKEN", TOKEN).output().ok()?;
     serde_json::from_slice(&out.stdout).ok()
 }
 
@@ -151,7 +151,7 @@ fn workers_partitioned_from_each_other_are_named_and_one_is_left_out_until_the_l
     // The coordinator, in the hub.
     let state = d.path().join("coord");
     let mut coord = net
-        .exec("hub", COORD)
+        .exec("hub", coord_bin())
         .args(["start", "--config", job.to_str().unwrap(), "--listen", &format!("{}:0", net.addr(1)), "--http-listen", "off"])
         .args(["--state-dir", state.to_str().unwrap()])
         .env("OTTER_JOIN_TOKEN", TOKEN)

@@ -2,7 +2,6 @@
 //! a running tiny job on loopback: the coordinator's `/metrics` and each worker node's
 //! merged `/metrics`. Its HTTP API must then answer queries for the job's loss and
 //! step-time series, and hold every metric the Grafana dashboard's panels query.
-#![cfg(feature = "torch")]
 
 mod common;
 

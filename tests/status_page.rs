@@ -2,7 +2,6 @@
 //! `chromium`, installed by scripts/setup.sh): the rendered DOM lists the members and the
 //! loss curve, and the screenshot (saved to `target/test-artifacts/status-page.png`)
 //! shows the curve's pixels.
-#![cfg(feature = "torch")]
 
 mod common;
 

@@ -3,7 +3,6 @@
 //! Reference: tests/fixtures/train/adamw_cosine.* (8 steps of torch AdamW + cosine warmup
 //! + clip_grad_norm_ on one batch). Tolerances (fixtures README): losses |diff| <= 1e-4,
 //! final params max|diff| <= 1e-4. Also: stop + resume of `otter train` is exact.
-#![cfg(feature = "torch")]
 
 mod common;
 

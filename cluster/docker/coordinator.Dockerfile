@@ -1,5 +1,5 @@
-# The coordinator image: `otter-coord` only, built without libtorch (feature `torch` off),
-# on a distroless runtime. From the repository root:
+# The coordinator image: `otter-coord` only, built from the otter-core package (which never
+# links libtorch), on a distroless runtime. From the repository root:
 #
 #   docker build -f cluster/docker/coordinator.Dockerfile -t otter-coord:dev .
 #
@@ -16,7 +16,7 @@ COPY . .
 # target/ is a cache mount, so the binary is copied out in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --no-default-features --bin otter-coord \
+    cargo build --release --locked -p otter-core --bin otter-coord \
  && install -D -m 0755 target/release/otter-coord /out/otter-coord
 
 # glibc + libgcc + libstdc++ and nothing else: no shell, no package manager.

@@ -68,6 +68,7 @@ fn token(file: Option<PathBuf>) -> Result<String> {
 
 fn main() -> Result<()> {
     otter::model::nn::bound_kernel_caches();
+    otter::train::keep_freed_memory();
     let _otel = otter::otel::init("otter-worker", "warn");
     match Cli::parse().command {
         Command::Join { coord, gpus, cpu_ranks, node_id, advertise_host, token_file, metrics_port } => {
@@ -92,6 +93,8 @@ fn main() -> Result<()> {
                 job_file,
                 token: std::env::var("OTTER_JOIN_TOKEN").unwrap_or_default(),
                 advertise_host,
+                // End-to-end tests kill or freeze a rank in the middle of a checkpoint write.
+                fault_ckpt_stall: std::env::var("OTTER_FAULT_CKPT_STALL").ok().and_then(|v| v.parse().ok()),
             });
             match r {
                 Err(e) if e.downcast_ref::<otter::worker::rank::RestartFresh>().is_some() => {

@@ -1,10 +1,11 @@
 //! The tensor side of checkpoints: staging a rank's share to host memory, writing shards
-//! in the background, loading (with resharding) into a [`Trainer`].
+//! in the background, loading (with resharding) into whatever holds the state: anything
+//! [`Stateful`] (the trainer; next, a sharded optimizer).
 
 use super::*;
-use crate::train::{ReadFence, Trainer};
+use crate::train::ReadFence;
 use safetensors::tensor::Dtype;
-use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -26,35 +27,55 @@ fn copy_to_host(t: &Tensor, buf: &mut Vec<u8>) -> Vec<usize> {
     if buf.len() != n {
         *buf = vec![0u8; n];
     }
-    // SAFETY: `t` is a contiguous f32 CPU tensor of exactly `n` bytes (little-endian host,
-    // as safetensors wants), alive for the copy; `buf` holds `n` bytes.
+    if n == 0 {
+        return shape; // an empty tensor's data pointer may be null: nothing to copy
+    }
+    // SAFETY: `t` is a contiguous f32 CPU tensor of exactly `n > 0` bytes (little-endian
+    // host, as safetensors wants), so its data pointer is valid; alive for the copy; `buf`
+    // holds `n` bytes.
     unsafe { std::ptr::copy_nonoverlapping(t.data_ptr() as *const u8, buf.as_mut_ptr(), n) };
     shape
 }
 
-/// Bytes of each trainable parameter (the partition's weights).
-pub fn param_sizes(trainer: &Trainer) -> Vec<(String, u64)> {
-    trainer.model.trainable().iter().map(|(n, t)| (n.to_string(), t.numel() as u64 * 4)).collect()
+/// What a checkpoint saves and restores, whatever holds it: a set of *units* (a
+/// trainable parameter with its optimizer moments), each a few f32 tensors under their
+/// checkpoint keys (`param.<unit>`, `exp_avg.<unit>`, `exp_avg_sq.<unit>`). The partition
+/// spreads units over ranks by bytes; a load reads each unit from whichever shard holds
+/// it, so any world size resumes any other. The state changes only in place, and only
+/// after [`Stateful::wait_for_readers`], so a background save can read it meanwhile.
+/// (The data position is not tensors: the caller puts it in the manifest.)
+pub trait Stateful {
+    /// Every unit, by name, with the bytes the partition balances.
+    fn units(&self) -> Vec<(String, u64)>;
+    /// The tensors of `unit` under their checkpoint keys, as handles (no copy).
+    fn unit_tensors(&self, unit: &str) -> Vec<(String, Tensor)>;
+    /// Overwrites `unit`'s tensors in place with `read(key, like)`, which returns the
+    /// checkpoint's tensor of that key, checked against `like`'s shape. An unknown unit
+    /// is an error naming it.
+    fn load_unit(&mut self, unit: &str, read: &mut dyn FnMut(&str, &Tensor) -> Result<Tensor, String>) -> Result<(), String>;
+    /// The optimizer steps the state holds (after a load: the checkpoint's).
+    fn set_steps(&mut self, steps: u64);
+    /// A background reader is copying the state: the next in-place write waits for `fence`.
+    fn hold_writes_until(&mut self, fence: ReadFence);
+    /// Waits for background readers before writing the state.
+    fn wait_for_readers(&mut self);
 }
 
-/// Copies this rank's share (weights and AdamW moments of `names`) to host memory, on
-/// the calling thread. `reuse`: the buffers of the previous save (same share: no
-/// allocation, no page faults). The savers do this on their background thread instead.
-pub fn stage(trainer: &Trainer, names: &[String], rank: usize, world: usize, reuse: Option<Staged>) -> Staged {
-    stage_tensors(&share(trainer, names), rank, world, reuse)
+/// Bytes of each unit (the partition's weights).
+pub fn param_sizes(state: &dyn Stateful) -> Vec<(String, u64)> {
+    state.units()
+}
+
+/// Copies this rank's share (the tensors of `names`) to host memory, on the calling
+/// thread. `reuse`: the buffers of the previous save (same share: no allocation, no page
+/// faults). The savers do this on their background thread instead.
+pub fn stage(state: &dyn Stateful, names: &[String], rank: usize, world: usize, reuse: Option<Staged>) -> Staged {
+    stage_tensors(&share(state, names), rank, world, reuse)
 }
 
 /// This rank's share as tensor handles (no copy): what a background stager reads.
-fn share(trainer: &Trainer, names: &[String]) -> Vec<(String, Tensor)> {
-    let params: BTreeMap<&str, &Tensor> = trainer.model.trainable().into_iter().collect();
-    let mut items = Vec::with_capacity(names.len() * 3);
-    for n in names {
-        let m = &trainer.opt.state[n];
-        items.push((format!("param.{n}"), params[n.as_str()].shallow_clone()));
-        items.push((format!("exp_avg.{n}"), m.exp_avg.shallow_clone()));
-        items.push((format!("exp_avg_sq.{n}"), m.exp_avg_sq.shallow_clone()));
-    }
-    items
+fn share(state: &dyn Stateful, names: &[String]) -> Vec<(String, Tensor)> {
+    names.iter().flat_map(|n| state.unit_tensors(n)).collect()
 }
 
 /// Stages `items` on the calling (background) thread, then releases `fence`: from then on
@@ -200,14 +221,14 @@ impl AsyncSaver {
     /// update waits for it, see [`ReadFence`]), then writes the shard, the manifest (last)
     /// and applies retention. Returns the hand-off time. `manifest` supplies everything
     /// but the partition and shards.
-    pub fn save(&mut self, trainer: &mut Trainer, ckpt_dir: &Path, manifest: Manifest, keep_last: usize) -> Result<Duration, CkptError> {
+    pub fn save(&mut self, state: &mut dyn Stateful, ckpt_dir: &Path, manifest: Manifest, keep_last: usize) -> Result<Duration, CkptError> {
         self.wait()?;
         let t = Instant::now();
-        let mut names: Vec<String> = param_sizes(trainer).into_iter().map(|(n, _)| n).collect();
+        let mut names: Vec<String> = state.units().into_iter().map(|(n, _)| n).collect();
         names.sort();
-        let items = share(trainer, &names);
+        let items = share(state, &names);
         let fence = ReadFence::new();
-        trainer.hold_updates_until(fence.clone());
+        state.hold_writes_until(fence.clone());
         let spare = self.spare.take();
         let dir = step_dir(ckpt_dir, manifest.step);
         let ckpt_dir = ckpt_dir.to_path_buf();
@@ -271,23 +292,22 @@ pub struct ShardSaver {
     spare: Option<Staged>,
     frozen_paths: Vec<PathBuf>,
     frozen: std::sync::Arc<std::sync::Mutex<Option<Vec<FrozenFile>>>>,
-}
-
-/// Fault injection for tests: `OTTER_FAULT_CKPT_STALL=N` makes the writer of `step-N`
-/// stall (for an hour) before writing, so a test can kill or freeze the rank
-/// mid-checkpoint.
-fn fault_stall(steps: u64) {
-    if std::env::var("OTTER_FAULT_CKPT_STALL").ok().and_then(|v| v.parse::<u64>().ok()) == Some(steps) {
-        eprintln!("checkpoint step-{steps}: stalling the shard write (OTTER_FAULT_CKPT_STALL)");
-        std::thread::sleep(Duration::from_secs(3600));
-    }
+    /// A test's fault: stall (for an hour) before writing the shard of `step-N`.
+    stall_at: Option<u64>,
 }
 
 impl ShardSaver {
+    /// The fault injection end-to-end tests use to kill or freeze a rank in the middle of
+    /// a checkpoint write: the writer of `step-{steps}` stalls for an hour before writing.
+    /// Never set by the library itself (the worker binary sets it from a test's variable).
+    pub fn stall_before_writing(&mut self, steps: Option<u64>) {
+        self.stall_at = steps;
+    }
+
     /// `frozen_paths`: the frozen weight files to checksum (once) and report; empty on
     /// every rank but one.
     pub fn new(frozen_paths: Vec<PathBuf>) -> Self {
-        Self { pending: None, last_steps: None, spare: None, frozen_paths, frozen: Default::default() }
+        Self { pending: None, last_steps: None, spare: None, frozen_paths, frozen: Default::default(), stall_at: None }
     }
 
     /// Saves this rank's share of the state after `steps` steps in the background:
@@ -297,7 +317,7 @@ impl ShardSaver {
     #[allow(clippy::type_complexity)]
     pub fn save(
         &mut self,
-        trainer: &mut Trainer,
+        state: &mut dyn Stateful,
         ckpt_dir: &Path,
         steps: u64,
         rank: usize,
@@ -307,21 +327,24 @@ impl ShardSaver {
         let previous = self.wait();
         self.last_steps = Some(steps);
         let t = Instant::now();
-        let names = partition(&param_sizes(trainer), world).swap_remove(rank);
+        let names = partition(&state.units(), world).swap_remove(rank);
         let spare = self.spare.take().filter(|s| s.rank == rank && s.world == world);
-        let items = share(trainer, &names);
+        let items = share(state, &names);
         let fence = ReadFence::new();
-        trainer.hold_updates_until(fence.clone());
+        state.hold_writes_until(fence.clone());
         let blocked = t.elapsed();
         let dir = step_dir(ckpt_dir, steps);
-        let (paths, cache) = (self.frozen_paths.clone(), self.frozen.clone());
+        let (paths, cache, stall) = (self.frozen_paths.clone(), self.frozen.clone(), self.stall_at == Some(steps));
         self.pending = Some((
             tag,
             std::thread::spawn(move || {
                 let t_write = Instant::now();
                 let staged = stage_then_release(&items, rank, world, spare, &fence);
                 drop(items);
-                fault_stall(steps);
+                if stall {
+                    eprintln!("checkpoint step-{steps}: stalling the shard write (test fault injection)");
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
                 let write = || {
                     let info = write_shard(&dir, &staged)?;
                     let frozen = if paths.is_empty() {
@@ -400,12 +423,12 @@ pub fn shard_tensors(dir: &Path, info: &ShardInfo) -> Result<Vec<(String, Tensor
         .collect()
 }
 
-/// Loads a committed step into `trainer`, whatever world size wrote it: every shard that
-/// holds a trainable parameter is read (and checked). Sets the optimizer step.
-pub fn load(dir: &Path, trainer: &mut Trainer) -> Result<Manifest, CkptError> {
-    trainer.wait_for_readers(); // a save still staging the state it is about to overwrite
+/// Loads a committed step into `state`, whatever world size wrote it: every shard that
+/// holds a unit is read (and checked against its CRC). Sets the optimizer step.
+pub fn load(dir: &Path, state: &mut dyn Stateful) -> Result<Manifest, CkptError> {
+    state.wait_for_readers(); // a save still staging the state it is about to overwrite
     let m = read_manifest(dir)?;
-    let params: BTreeMap<String, Tensor> = trainer.model.trainable().into_iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
+    let units: usize = state.units().len();
     let _g = tch::no_grad_guard();
     let mut seen = 0usize;
     for (rank, (names, info)) in m.partition.iter().zip(&m.shards).enumerate() {
@@ -414,32 +437,24 @@ pub fn load(dir: &Path, trainer: &mut Trainer) -> Result<Manifest, CkptError> {
         }
         let bytes = read_shard(dir, info)?;
         let path = dir.join(&info.file);
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| CkptError::Format { path: path.clone(), message: e.to_string() })?;
-        let get = |key: String, like: &Tensor| -> Result<Tensor, CkptError> {
-            let v = st.tensor(&key).map_err(|_| CkptError::Format { path: path.clone(), message: format!("rank {rank}'s shard lacks `{key}`") })?;
+        let format = |message: String| CkptError::Format { path: path.clone(), message };
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format(e.to_string()))?;
+        let mut read = |key: &str, like: &Tensor| -> Result<Tensor, String> {
+            let v = st.tensor(key).map_err(|_| format!("rank {rank}'s shard lacks `{key}`"))?;
             let want: Vec<usize> = like.size().iter().map(|&d| d as usize).collect();
             if v.dtype() != Dtype::F32 || v.shape() != want.as_slice() {
-                return Err(CkptError::Format { path: path.clone(), message: format!("`{key}`: {:?} {:?}, expected F32 {want:?}", v.dtype(), v.shape()) });
+                return Err(format!("`{key}`: {:?} {:?}, expected F32 {want:?}", v.dtype(), v.shape()));
             }
-            Tensor::f_from_data_size(v.data(), &like.size(), Kind::Float).map_err(|e| CkptError::Format { path: path.clone(), message: e.to_string() })
+            Tensor::f_from_data_size(v.data(), &like.size(), Kind::Float).map_err(|e| e.to_string())
         };
         for n in names {
-            let Some(p) = params.get(n) else {
-                return Err(CkptError::Format { path: path.clone(), message: format!("parameter `{n}` is not trainable in this model") });
-            };
-            let mut p = p.shallow_clone();
-            p.copy_(&get(format!("param.{n}"), &p)?);
-            let st_m = trainer.opt.state.get_mut(n).expect("every trainable parameter has moments");
-            let ea = get(format!("exp_avg.{n}"), &st_m.exp_avg)?;
-            st_m.exp_avg.copy_(&ea);
-            let es = get(format!("exp_avg_sq.{n}"), &st_m.exp_avg_sq)?;
-            st_m.exp_avg_sq.copy_(&es);
+            state.load_unit(n, &mut read).map_err(format)?;
             seen += 1;
         }
     }
-    if seen != params.len() {
-        return Err(CkptError::Format { path: dir.join(MANIFEST), message: format!("holds {seen} of the model's {} trainable parameters", params.len()) });
+    if seen != units {
+        return Err(CkptError::Format { path: dir.join(MANIFEST), message: format!("holds {seen} of the model's {units} trainable parameters") });
     }
-    trainer.opt.step = m.step;
+    state.set_steps(m.step);
     Ok(m)
 }

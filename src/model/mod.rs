@@ -1,5 +1,5 @@
-//! The Otter model. `config` and `spec` are plain Rust (no libtorch), so the
-//! coordinator and `model-info` can use them; the tch modules sit behind `torch`.
+//! The Otter model. `config` and `spec` are plain Rust (no libtorch), in `otter-core`, so
+//! the coordinator can use them; re-exported here beside the tch modules.
 //!
 //! | file          | what                                                         |
 //! |---------------|--------------------------------------------------------------|
@@ -14,26 +14,16 @@
 //! | `otter.rs`    | composition, input checks, causal-LM loss                    |
 //! | `generate.rs` | greedy decoding with a KV cache                              |
 
-pub mod config;
-pub mod spec;
+pub use otter_core::model::{config, spec};
 
-#[cfg(feature = "torch")]
 pub mod clip;
-#[cfg(feature = "torch")]
 pub mod generate;
-#[cfg(feature = "torch")]
 pub mod llama;
-#[cfg(feature = "torch")]
 pub mod nn;
-#[cfg(feature = "torch")]
 pub mod otter;
-#[cfg(feature = "torch")]
 pub mod perceiver;
-#[cfg(feature = "torch")]
 pub mod weights;
-#[cfg(feature = "torch")]
 pub mod xattn;
 
 pub use config::OtterConfig;
-#[cfg(feature = "torch")]
 pub use otter::{causal_lm_loss, Otter};

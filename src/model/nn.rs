@@ -111,7 +111,7 @@ fn try_onednn_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     // with a NUL-terminated message in `err`.
     let y = unsafe { otter_onednn_linear(x.as_ptr(), w.as_ptr(), b.map_or(std::ptr::null(), |b| b.as_ptr()), err.as_mut_ptr(), err.len()) };
     if y.is_null() {
-        // SAFETY: the shim NUL-terminates `err` when it returns null.
+        // SAFETY: the shim NUL-terminates `err` (a local buffer) when it returns null.
         return Err(unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned());
     }
     // SAFETY: `y` is a fresh heap `at::Tensor` nobody else owns.
@@ -180,7 +180,7 @@ mod onednn_tests {
     /// and with a frozen one (which then gets no gradient).
     #[test]
     fn onednn_linear_equals_libtorch_linear() {
-        // SAFETY: a query without arguments.
+        // SAFETY: a query without arguments or state.
         assert!(unsafe { otter_onednn_available() } == 1, "libtorch is built with oneDNN");
         if !onednn_runs_here() {
             // This CPU cannot run it (no AVX-512): `linear` must fall back, not panic.

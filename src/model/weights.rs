@@ -2,9 +2,12 @@
 //! `model.safetensors.index.json`).
 //!
 //! Files are memory-mapped. Frozen weights that need no conversion become tensors over
-//! the mapped pages themselves (`Tensor::from_blob`): no host copy, and processes on one
-//! node share the page cache. Trainable weights are always copied into owned f32 master
-//! tensors with `requires_grad`. Loading checks every key against
+//! the mapped pages themselves: no host copy, and processes on one node share the page
+//! cache. Each such tensor's storage holds a reference to its map (`at::from_blob` with a
+//! deleter, src/model/mapped_tensor.cpp), so no clone of it, wherever it goes, can outlive
+//! the mapping; the pages are mapped read-only, so an in-place write to a frozen weight
+//! faults at once (SIGSEGV) instead of changing it. Trainable weights are always copied
+//! into owned f32 master tensors with `requires_grad`. Loading checks every key against
 //! [`parameter_specs`](super::spec::parameter_specs) and reports *all* missing,
 //! unexpected and mis-shaped keys at once before failing.
 
@@ -171,9 +174,8 @@ impl MappedCheckpoint {
         m
     }
 
-    /// The tensor `name` as stored, as a CPU tensor viewing the mapped bytes (no copy).
-    /// The returned tensor must not outlive `self` (the model keeps the maps alive) and
-    /// must never be written to (the pages are read-only).
+    /// The tensor `name` as stored, as a CPU tensor viewing the mapped bytes (no copy);
+    /// its storage keeps the map alive. The pages are read-only: writing to it faults.
     fn view(&self, name: &str) -> Result<Tensor, LoadError> {
         let e = &self.entries[name];
         let kind = kind_of(e.dtype).ok_or_else(|| LoadError::Dtype {
@@ -184,15 +186,64 @@ impl MappedCheckpoint {
         let bytes = &self.maps[e.file][e.start..e.end];
         let shape: Vec<i64> = e.shape.iter().map(|&d| d as i64).collect();
         if (bytes.as_ptr() as usize) % kind.elt_size_in_bytes() == 0 {
-            // SAFETY: the bytes are a valid, aligned tensor of this kind and shape (checked
-            // by the safetensors parser), and the map outlives every tensor over it.
-            let t = unsafe { Tensor::f_from_blob(bytes.as_ptr(), &shape, &[], kind, Device::Cpu) };
-            t.map_err(|source| LoadError::Torch { name: name.to_string(), source })
+            view_owned(&self.maps[e.file], bytes, &shape, kind).map_err(|message| LoadError::Format { path: self.paths[e.file].clone(), message: format!("`{name}`: {message}") })
         } else {
             Tensor::f_from_data_size(bytes, &shape, kind)
                 .map_err(|source| LoadError::Torch { name: name.to_string(), source })
         }
     }
+}
+
+extern "C" {
+    fn otter_from_blob_owned(
+        data: *mut std::ffi::c_void,
+        sizes: *const i64,
+        ndim: usize,
+        scalar_type: std::ffi::c_int,
+        owner: *mut std::ffi::c_void,
+        release: extern "C" fn(*mut std::ffi::c_void),
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> *mut torch_sys::C_tensor;
+}
+
+/// Drops the map reference a tensor's storage held (its deleter).
+extern "C" fn release_map(owner: *mut std::ffi::c_void) {
+    // SAFETY: `owner` came from `Arc::into_raw` in `view_owned`, and libtorch calls the
+    // deleter exactly once, when the storage is freed.
+    drop(unsafe { Arc::from_raw(owner as *const Mmap) });
+}
+
+/// c10's ScalarType of the float kinds a checkpoint may hold.
+fn scalar_type(kind: Kind) -> Option<std::ffi::c_int> {
+    Some(match kind {
+        Kind::Half => 5,
+        Kind::Float => 6,
+        Kind::Double => 7,
+        Kind::BFloat16 => 15,
+        _ => return None,
+    })
+}
+
+/// A CPU tensor over `bytes` (inside `map`) whose storage holds a reference to `map`.
+fn view_owned(map: &Arc<Mmap>, bytes: &[u8], shape: &[i64], kind: Kind) -> Result<Tensor, String> {
+    let st = scalar_type(kind).ok_or_else(|| format!("{kind:?} cannot be mapped"))?;
+    let owner = Arc::into_raw(map.clone()) as *mut std::ffi::c_void;
+    let mut err = [0 as std::ffi::c_char; 256];
+    // SAFETY: `bytes` is a valid, aligned tensor of this kind and shape (checked by the
+    // safetensors parser) inside the map `owner` keeps alive; the shim returns a new
+    // `at::Tensor*` whose storage calls `release_map(owner)` when freed, or null (then it
+    // did not take `owner`).
+    let t = unsafe {
+        otter_from_blob_owned(bytes.as_ptr() as *mut _, shape.as_ptr(), shape.len(), st, owner, release_map, err.as_mut_ptr(), err.len())
+    };
+    if t.is_null() {
+        release_map(owner);
+        // SAFETY: the shim NUL-terminates `err` (a local buffer) when it returns null.
+        return Err(unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned());
+    }
+    // SAFETY: `t` is a fresh heap `at::Tensor` nobody else owns (tch frees it on drop).
+    Ok(unsafe { Tensor::from_ptr(t) })
 }
 
 fn read_index(path: &Path) -> Result<Vec<String>, LoadError> {
@@ -231,18 +282,43 @@ pub struct LoadOptions {
     pub frozen_kind: Kind,
 }
 
+impl LoadOptions {
+    /// Weights for a run on `device` in `dtype` (a run config's `train.device` /
+    /// `train.dtype`).
+    pub fn for_run(device: crate::train::config::DeviceSpec, dtype: crate::train::config::Precision) -> Self {
+        Self { device: tch_device(device), frozen_kind: tch_kind(dtype) }
+    }
+}
+
+/// libtorch's device for a parsed device.
+pub fn tch_device(d: crate::train::config::DeviceSpec) -> Device {
+    match d {
+        crate::train::config::DeviceSpec::Cpu => Device::Cpu,
+        crate::train::config::DeviceSpec::Cuda(n) => Device::Cuda(n),
+    }
+}
+
+/// libtorch's kind for a precision.
+pub fn tch_kind(p: crate::train::config::Precision) -> Kind {
+    match p {
+        crate::train::config::Precision::F32 => Kind::Float,
+        crate::train::config::Precision::Bf16 => Kind::BFloat16,
+    }
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         Self { device: Device::Cpu, frozen_kind: Kind::Float }
     }
 }
 
-/// The model's parameters by name, plus the maps that frozen tensors may view.
+/// The model's parameters by name.
 pub struct Params {
-    pub tensors: BTreeMap<String, Tensor>,
-    pub trainable: BTreeMap<String, bool>,
-    /// Keeps the mmaps alive for zero-copy frozen tensors.
-    _maps: Vec<Arc<Mmap>>,
+    tensors: BTreeMap<String, Tensor>,
+    trainable: BTreeMap<String, bool>,
+    /// Address ranges of the maps frozen tensors view (for [`Params::mapped_bytes`]; the
+    /// tensors themselves keep the maps alive).
+    mapped: Vec<(usize, usize)>,
 }
 
 impl Params {
@@ -271,7 +347,8 @@ impl Params {
             trainable.insert(s.name.clone(), s.trainable);
             tensors.insert(s.name.clone(), t);
         }
-        Ok(Self { tensors, trainable, _maps: ckpt.maps.clone() })
+        let mapped = ckpt.maps.iter().map(|m| (m.as_ptr() as usize, m.as_ptr() as usize + m.len())).collect();
+        Ok(Self { tensors, trainable, mapped })
     }
 
     /// Randomly initialised parameters (upstream-like init: normal(0, 0.02) weights,
@@ -297,14 +374,13 @@ impl Params {
             trainable.insert(s.name.clone(), s.trainable);
             tensors.insert(s.name, t);
         }
-        Self { tensors, trainable, _maps: Vec::new() }
+        Self { tensors, trainable, mapped: Vec::new() }
     }
 
     /// Bytes of parameters whose storage is the memory-mapped checkpoint itself
     /// (zero-copy frozen weights).
     pub fn mapped_bytes(&self) -> u64 {
-        let ranges: Vec<(usize, usize)> =
-            self._maps.iter().map(|m| (m.as_ptr() as usize, m.as_ptr() as usize + m.len())).collect();
+        let ranges = &self.mapped;
         self.tensors
             .values()
             .filter(|t| t.device() == Device::Cpu)
@@ -314,6 +390,15 @@ impl Params {
             })
             .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
             .sum()
+    }
+
+    /// Every parameter by name (frozen ones may view a mapped file: never write to them).
+    pub fn tensors(&self) -> &BTreeMap<String, Tensor> {
+        &self.tensors
+    }
+
+    pub fn is_trainable(&self, name: &str) -> bool {
+        self.trainable.get(name).copied().unwrap_or(false)
     }
 
     pub fn get(&self, name: &str) -> Tensor {

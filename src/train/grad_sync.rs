@@ -29,8 +29,13 @@ fn with_host_slice(t: &mut Tensor, f: &mut dyn FnMut(&mut [f32]) -> Result<(), C
     let direct = t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous();
     let host = if direct { t.shallow_clone() } else { t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous() };
     let n = host.numel();
-    // SAFETY: `host` is a contiguous f32 CPU tensor of `n` elements that nothing else
-    // touches while `f` runs.
+    if n == 0 {
+        // An empty tensor's data pointer may be null, which no slice may hold: every rank
+        // still takes part in the collective, with nothing.
+        return f(&mut []);
+    }
+    // SAFETY: `host` is a contiguous f32 CPU tensor of `n > 0` elements (so its data
+    // pointer is valid and aligned) that nothing else touches while `f` runs.
     let data = unsafe { std::slice::from_raw_parts_mut(host.data_ptr() as *mut f32, n) };
     f(data)?;
     if !direct {

@@ -4,24 +4,18 @@
 //!
 //! | file          | what                                                  |
 //! |---------------|-------------------------------------------------------|
-//! | `config.rs`   | the `train:` section of a run config      [no torch]  |
-//! | `schedule.rs` | cosine-with-warmup LR as a pure function  [no torch]  |
+//! | `config.rs`   | the `train:` section of a run config      [otter-core]|
+//! | `schedule.rs` | cosine-with-warmup LR as a pure function  [otter-core]|
 //! | `optim.rs`    | AdamW on tensors (state exposed), clip_grad_norm      |
 //! | `step.rs`     | `TensorBatch`, `Trainer::step`                        |
 //! | `grad_sync.rs`| gradient buckets, all-reduce of trainable grads only  |
 //! | `run.rs`      | `otter train`: the loop, metrics, resumable state     |
 
-pub mod config;
-pub mod schedule;
+pub use otter_core::train::{config, schedule};
 
-#[cfg(feature = "torch")]
 pub mod grad_sync;
-#[cfg(feature = "torch")]
 pub mod optim;
-#[cfg(feature = "torch")]
 pub mod run;
-#[cfg(feature = "torch")]
 mod step;
 
-#[cfg(feature = "torch")]
-pub use step::{ReadFence, StepConfig, StepStats, TensorBatch, Trainer};
+pub use step::{keep_freed_memory, ReadFence, StepConfig, StepStats, TensorBatch, Trainer};

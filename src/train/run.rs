@@ -63,9 +63,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let source_kind = run_cfg.model_source(args.config)?;
     let tc: TrainConfig = run_cfg.train.clone().with_context(|| format!("{}: no `train` section", args.config.display()))?;
     let data_cfg = run_cfg.data.clone().with_context(|| format!("{}: no `data` section", args.config.display()))?;
-    let device = crate::cmd::parse_device(&tc.device)?;
-    crate::cmd::check_device(device)?;
-    let opts = LoadOptions { device, frozen_kind: crate::cmd::parse_dtype(&tc.dtype)? };
+    let opts = LoadOptions::for_run(tc.device, tc.dtype);
+    let device = opts.device;
+    crate::cuda::ensure(device).map_err(|e| anyhow::anyhow!("{}: train.device {}: {e}", args.config.display(), tc.device))?;
 
     // --- model and data -------------------------------------------------------------
     let model = match &source_kind {

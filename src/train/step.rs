@@ -79,7 +79,14 @@ pub struct Trainer {
 /// checkpoint load, a state broadcast), so staging can overlap the next step's forward
 /// and backward, which only read them.
 #[derive(Clone, Default)]
-pub struct ReadFence(std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+pub struct ReadFence(std::sync::Arc<(std::sync::Mutex<FenceState>, std::sync::Condvar)>);
+
+#[derive(Default)]
+struct FenceState {
+    released: bool,
+    /// A writer is blocked in [`ReadFence::wait`].
+    writer_waiting: bool,
+}
 
 fn wait_for(reader: &mut Option<ReadFence>) -> std::time::Duration {
     let t = std::time::Instant::now();
@@ -97,8 +104,8 @@ impl ReadFence {
     /// The reader is done (also called by [`ReadFence::release_on_drop`]'s guard, so a
     /// reader that panics still releases).
     pub fn release(&self) {
-        let (done, cv) = &*self.0;
-        *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        let (state, cv) = &*self.0;
+        state.lock().unwrap_or_else(|p| p.into_inner()).released = true;
         cv.notify_all();
     }
 
@@ -113,11 +120,24 @@ impl ReadFence {
         Guard(self.clone())
     }
 
+    /// Blocks the writer until the reader is done.
     pub fn wait(&self) {
-        let (done, cv) = &*self.0;
-        let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
-        while !*d {
-            d = cv.wait(d).unwrap_or_else(|p| p.into_inner());
+        let (state, cv) = &*self.0;
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        s.writer_waiting = true;
+        cv.notify_all();
+        while !s.released {
+            s = cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Blocks until a writer is waiting for this fence (tests use it to read the state at
+    /// the very moment an update is held back, instead of guessing with a sleep).
+    pub fn wait_for_writer(&self) {
+        let (state, cv) = &*self.0;
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        while !s.writer_waiting && !s.released {
+            s = cv.wait(s).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
@@ -128,8 +148,9 @@ impl ReadFence {
 /// and re-allocates the same activations every time; by default each of those returns to
 /// the kernel and comes back as new pages the kernel must zero and fault in (page zeroing
 /// alone was 4.5% of a compute-bound CPU step). The process keeps its peak heap instead,
-/// as PyTorch's CUDA caching allocator does on GPUs. Process-wide and idempotent; only
-/// training processes call it (through [`Trainer::new`]).
+/// as PyTorch's CUDA caching allocator does on GPUs. Process-wide and idempotent: the
+/// binaries that train (`otter`, `otter-worker`) call it first thing in `main`; a library
+/// never changes its host process's allocator behind its back.
 pub fn keep_freed_memory() {
     // SAFETY: mallopt only sets allocator parameters; both values are within glibc's
     // limits (the mmap threshold's maximum on 64-bit is 32 MB).
@@ -140,9 +161,7 @@ pub fn keep_freed_memory() {
 }
 
 impl Trainer {
-    /// Also tunes this process's allocator for training ([`keep_freed_memory`]).
     pub fn new(model: Otter, cfg: StepConfig) -> Self {
-        keep_freed_memory();
         let opt = AdamW::new(cfg.adamw, &model.trainable());
         Self { model, opt, cfg, reader: None }
     }
@@ -164,6 +183,54 @@ impl Trainer {
     pub fn step_count(&self) -> u64 {
         self.opt.step
     }
+}
+
+/// A checkpoint's view of the trainer: a unit per trainable parameter, with its AdamW
+/// moments.
+impl crate::ckpt::Stateful for Trainer {
+    fn units(&self) -> Vec<(String, u64)> {
+        self.model.trainable().iter().map(|(n, t)| (n.to_string(), t.numel() as u64 * 4)).collect()
+    }
+
+    fn unit_tensors(&self, unit: &str) -> Vec<(String, Tensor)> {
+        let Some((_, p)) = self.model.trainable().into_iter().find(|(n, _)| *n == unit) else { return Vec::new() };
+        let m = &self.opt.state[unit];
+        vec![
+            (format!("param.{unit}"), p.shallow_clone()),
+            (format!("exp_avg.{unit}"), m.exp_avg.shallow_clone()),
+            (format!("exp_avg_sq.{unit}"), m.exp_avg_sq.shallow_clone()),
+        ]
+    }
+
+    fn load_unit(&mut self, unit: &str, read: &mut dyn FnMut(&str, &Tensor) -> Result<Tensor, String>) -> Result<(), String> {
+        let Some((_, p)) = self.model.trainable().into_iter().find(|(n, _)| *n == unit) else {
+            return Err(format!("parameter `{unit}` is not trainable in this model"));
+        };
+        let mut p = p.shallow_clone();
+        let _g = tch::no_grad_guard();
+        p.copy_(&read(&format!("param.{unit}"), &p)?);
+        let m = self.opt.state.get_mut(unit).ok_or_else(|| format!("parameter `{unit}` has no optimizer state"))?;
+        let ea = read(&format!("exp_avg.{unit}"), &m.exp_avg)?;
+        m.exp_avg.copy_(&ea);
+        let es = read(&format!("exp_avg_sq.{unit}"), &m.exp_avg_sq)?;
+        m.exp_avg_sq.copy_(&es);
+        Ok(())
+    }
+
+    fn set_steps(&mut self, steps: u64) {
+        self.opt.step = steps;
+    }
+
+    fn hold_writes_until(&mut self, fence: ReadFence) {
+        self.hold_updates_until(fence);
+    }
+
+    fn wait_for_readers(&mut self) {
+        Trainer::wait_for_readers(self);
+    }
+}
+
+impl Trainer {
 
     /// One optimizer step over `micro` micro-batches: each loss is scaled by 1/n and
     /// back-propagated (gradients accumulate onto whatever the parameters hold, as in

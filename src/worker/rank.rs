@@ -54,6 +54,8 @@ pub struct RankArgs {
     pub advertise_host: String,
     /// Serve this process's Prometheus /metrics here.
     pub metrics_addr: Option<String>,
+    /// Tests only: the shard write of this checkpoint (`step-N`) stalls for an hour.
+    pub fault_ckpt_stall: Option<u64>,
 }
 
 /// Exit status of a rank process that must start again fresh: the state it holds is not
@@ -262,9 +264,9 @@ impl Rank {
         let cfg = RunConfig::from_file(&args.job_file)?;
         let tc = cfg.train.clone().context("job: no `train` section")?;
         let data_cfg = cfg.data.clone().context("job: no `data` section")?;
-        let device = crate::cmd::parse_device(&tc.device)?;
-        crate::cmd::check_device(device)?;
-        let opts = LoadOptions { device, frozen_kind: crate::cmd::parse_dtype(&tc.dtype)? };
+        let opts = LoadOptions::for_run(tc.device, tc.dtype);
+        let device = opts.device;
+        crate::cuda::ensure(device).map_err(|e| anyhow::anyhow!("train.device {}: {e}", tc.device))?;
         let me = format!("{}/{}", args.node_id, args.local_rank);
 
         // --- model, data, trainer (identical on every rank: same seed) ----------------
@@ -298,7 +300,8 @@ impl Rank {
         // Rank 0 of each generation reports the frozen weights' checksums (the saver
         // computes them once, in the background); every node checksums its own copy.
         let frozen = crate::train::run::frozen_files(&cfg.model_source(&args.job_file)?)?;
-        let saver = crate::ckpt::ShardSaver::new(if args.local_rank == 0 { frozen } else { Vec::new() });
+        let mut saver = crate::ckpt::ShardSaver::new(if args.local_rank == 0 { frozen } else { Vec::new() });
+        saver.stall_before_writing(args.fault_ckpt_stall);
 
         // --- metrics (docs/metrics.md) ---------------------------------------------------
         let metrics = Arc::new(Mutex::new(crate::metrics::RankMetrics::new(&args.node_id)));

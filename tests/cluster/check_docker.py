@@ -46,12 +46,22 @@ def dockerfile(path):
 
 
 def cargo_toml(root):
-    text = open(os.path.join(root, "Cargo.toml")).read()
-    if tomllib:
-        t = tomllib.loads(text)
-        return {b["name"] for b in t.get("bin", [])}, set(t.get("features", {}))
-    bins = set(re.findall(r'\[\[bin\]\]\s*name\s*=\s*"([^"]+)"', text))
-    feats = set(re.findall(r"^([A-Za-z0-9_-]+)\s*=\s*\[", text.split("[features]", 1)[1].split("\n[", 1)[0], re.M))
+    """[[bin]] names and features of the workspace's packages (the root and crates/*)."""
+    bins, feats = set(), set()
+    paths = [os.path.join(root, "Cargo.toml")]
+    crates = os.path.join(root, "crates")
+    if os.path.isdir(crates):
+        paths += [os.path.join(crates, c, "Cargo.toml") for c in sorted(os.listdir(crates))]
+    for path in paths:
+        text = open(path).read()
+        if tomllib:
+            t = tomllib.loads(text)
+            bins |= {b["name"] for b in t.get("bin", [])}
+            feats |= set(t.get("features", {}))
+            continue
+        bins |= set(re.findall(r'\[\[bin\]\]\s*name\s*=\s*"([^"]+)"', text))
+        if "[features]" in text:
+            feats |= set(re.findall(r"^([A-Za-z0-9_-]+)\s*=\s*\[", text.split("[features]", 1)[1].split("\n[", 1)[0], re.M))
     return bins, feats
 
 
@@ -97,8 +107,8 @@ def main(argv):
                             errors.append(f"{where}: feature {f} is not in Cargo.toml")
             if "--locked" not in words or "--release" not in words:
                 errors.append(f"{where}: cargo build without --release --locked")
-            if name == "coordinator" and "--no-default-features" not in words:
-                errors.append(f"{where}: the coordinator must build without default features (no libtorch)")
+            if name == "coordinator" and " ".join(words).find("-p otter-core") < 0:
+                errors.append(f"{where}: the coordinator must be built from the otter-core package (-p otter-core: no libtorch)")
             if f"--bin {binary}" not in " ".join(words):
                 errors.append(f"{where}: does not build {binary}")
         if name == "worker":

@@ -16,7 +16,6 @@ pub static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
-pub const COORD: &str = env!("CARGO_BIN_EXE_otter-coord");
 pub const WORKER: &str = env!("CARGO_BIN_EXE_otter-worker");
 
 /// A synthetic dataset of `samples` queries (once per test binary size).
@@ -98,7 +97,7 @@ pub fn start_worker_env(coord: &str, node: &str, dir: &Path, env: &[(&str, &str)
 }
 
 pub fn status(addr: &str) -> Option<serde_json::Value> {
-    let out = Command::new(COORD).args(["status", "--coord", addr]).env("OTTER_JOIN_TOKEN", TOKEN).output().ok()?;
+    let out = Command::new(coord_bin()).args(["status", "--coord", addr]).env("OTTER_JOIN_TOKEN", TOKEN).output().ok()?;
     serde_json::from_slice(&out.stdout).ok()
 }
 

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-pub const COORD: &str = env!("CARGO_BIN_EXE_otter-coord");
 pub const WORKER: &str = env!("CARGO_BIN_EXE_otter-worker");
 const TOKEN: &str = "live-job-token";
 
@@ -50,7 +49,7 @@ pub fn which(bin: &str) -> Option<PathBuf> {
 /// `otter-coord start` on `config`, its state in `state`, its stderr in `log`; returns the
 /// process (killed on drop) and the gRPC address it announced on its first stdout line.
 pub fn spawn_coord(config: &Path, state: &Path, listen: &str, http_listen: &str, token: &str, log: &Path) -> (Killed, String) {
-    let mut child = Command::new(COORD)
+    let mut child = Command::new(coord_bin())
         .args(["start", "--config", config.to_str().unwrap(), "--listen", listen, "--http-listen", http_listen])
         .args(["--state-dir", state.to_str().unwrap()])
         .env("OTTER_JOIN_TOKEN", token)

@@ -23,6 +23,20 @@ pub fn tiny_model() -> PathBuf {
     fixtures().join("tiny_otter")
 }
 
+/// The coordinator binary, `otter-coord`, which the workspace's otter-core package builds
+/// beside the test binaries (`target/<profile>/otter-coord`; `cargo test` builds it for
+/// otter-core's own integration test).
+pub fn coord_bin() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps/<test>");
+        let bin = dir.join("otter-coord");
+        assert!(bin.is_file(), "{} is missing: build the workspace first (`cargo build`; scripts/test.sh does)", bin.display());
+        bin.to_string_lossy().into_owned()
+    })
+}
+
 pub fn otter_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_otter"))
 }

@@ -32,11 +32,11 @@ pub struct TrainConfig {
     #[serde(default)]
     pub seed: u64,
     /// `cpu`, `cuda`, `cuda:N`.
-    #[serde(default = "default_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: DeviceSpec,
     /// `f32`, or `bf16` (frozen weights + autocast on CUDA; masters stay f32).
-    #[serde(default = "default_dtype")]
-    pub dtype: String,
+    #[serde(default)]
+    pub dtype: Precision,
     /// Run directory: metrics.jsonl, state/, final_weights.safetensors. Relative to the
     /// YAML file.
     pub out_dir: PathBuf,
@@ -72,15 +72,88 @@ fn default_wd() -> f64 {
 fn default_clip() -> f64 {
     1.0
 }
-fn default_device() -> String {
-    "cpu".into()
-}
-fn default_dtype() -> String {
-    "f32".into()
-}
 fn default_save() -> u64 {
     100
 }
+
+/// Where a process computes: `cpu`, `cuda` (GPU 0) or `cuda:N`. Parsed once, where the
+/// config or the command line is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => Err(format!("unknown device `{s}` (cpu, cuda, cuda:N)")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Precision of frozen weights and of compute: `f32`, or `bf16` (on CUDA: bf16 frozen
+/// weights and autocast; trainable master weights stay f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            _ => Err(format!("unknown dtype `{s}` (f32, bf16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+/// Serde as the text form (`cpu`, `cuda:1`, `bf16`), with the parse error as the message.
+macro_rules! serde_as_text {
+    ($t:ty) => {
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+serde_as_text!(DeviceSpec);
+serde_as_text!(Precision);
 
 impl TrainConfig {
     pub fn validate(&mut self, base: &std::path::Path) -> Result<(), (String, String)> {
@@ -108,14 +181,6 @@ impl TrainConfig {
         }
         if self.save_every == 0 {
             return err("train.save_every", "must be positive".into());
-        }
-        for (f, v, ok) in [
-            ("train.device", &self.device, self.device == "cpu" || self.device.starts_with("cuda")),
-            ("train.dtype", &self.dtype, self.dtype == "f32" || self.dtype == "bf16"),
-        ] {
-            if !ok {
-                return err(f, format!("`{v}` is not supported"));
-            }
         }
         if self.out_dir.is_relative() {
             self.out_dir = base.join(&self.out_dir);

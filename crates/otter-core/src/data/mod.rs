@@ -24,6 +24,6 @@ pub mod tokenize;
 pub mod transform;
 
 pub use config::{DataConfig, DatasetConfig, OnBadSample, TaskGroup};
-pub use loader::{DataSource, Loader};
+pub use loader::{epoch_batches, DataSource, Loader};
 pub use order::{Cursor, EpochPlan};
 pub use sample::{Batch, Sample, SampleError};

@@ -128,6 +128,21 @@ impl RingGroup {
     /// world)` and the acceptor drops any that is not the expected previous rank of this
     /// incarnation (or says nothing for [`HELLO_TIMEOUT`]), and keeps waiting.
     pub fn form(rank: usize, addrs: &[SocketAddr], listener: &TcpListener, timeouts: RingTimeouts, tag: u64, abort: Abort) -> Result<Self, CommError> {
+        let shm = std::env::var("OTTER_RING_SHM").map_or(true, |v| v != "0");
+        Self::form_with(rank, addrs, listener, timeouts, tag, abort, shm)
+    }
+
+    /// [`RingGroup::form`], trying the shared-memory path only if `shared_memory` (the
+    /// environment's `OTTER_RING_SHM=0` turns it off for `form`).
+    pub fn form_with(
+        rank: usize,
+        addrs: &[SocketAddr],
+        listener: &TcpListener,
+        timeouts: RingTimeouts,
+        tag: u64,
+        abort: Abort,
+        shared_memory: bool,
+    ) -> Result<Self, CommError> {
         let world = addrs.len();
         if world == 0 || rank >= world {
             return Err(CommError::Invalid(format!("rank {rank} of a world of {world}")));
@@ -136,12 +151,12 @@ impl RingGroup {
         if world == 1 {
             return Ok(g);
         }
-        let r = g.connect_ring(addrs, listener, timeouts, tag);
+        let r = g.connect_ring(addrs, listener, timeouts, tag, shared_memory);
         r.map_err(|e| g.abort.explain(rank, e))?;
         Ok(g)
     }
 
-    fn connect_ring(&mut self, addrs: &[SocketAddr], listener: &TcpListener, timeouts: RingTimeouts, tag: u64) -> Result<(), CommError> {
+    fn connect_ring(&mut self, addrs: &[SocketAddr], listener: &TcpListener, timeouts: RingTimeouts, tag: u64, shared_memory: bool) -> Result<(), CommError> {
         let (rank, world) = (self.rank, self.world);
         let next_rank = (rank + 1) % world;
         let prev_rank = (rank + world - 1) % world;
@@ -220,7 +235,7 @@ impl RingGroup {
         }
         self.next = Some((next, next_addr));
         self.prev = Some((prev, addrs[prev_rank]));
-        if std::env::var("OTTER_RING_SHM").map_or(true, |v| v != "0") {
+        if shared_memory {
             self.shm = self.try_shared_memory()?;
         }
         Ok(())
@@ -528,6 +543,12 @@ mod tests {
 
     /// `world` ranks on threads over loopback TCP; `f(rank, group)` per rank.
     fn run_ring<T: Send>(world: usize, f: impl Fn(usize, &mut RingGroup) -> T + Sync) -> Vec<T> {
+        run_ring_with(world, RingTimeouts::uniform(Duration::from_secs(5)), true, |r, _, mut g| f(r, &mut g))
+    }
+
+    /// `world` ranks on threads over loopback TCP, each forming the group with
+    /// `timeouts` and its own [`Abort`], then running `f(rank, abort, group)`.
+    fn run_ring_with<T: Send>(world: usize, timeouts: RingTimeouts, shm: bool, f: impl Fn(usize, Abort, RingGroup) -> T + Sync) -> Vec<T> {
         let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
         let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
         std::thread::scope(|s| {
@@ -537,8 +558,9 @@ mod tests {
                 .map(|(r, l)| {
                     let (addrs, f) = (&addrs, &f);
                     s.spawn(move || {
-                        let mut g = RingGroup::connect(r, addrs, l, Duration::from_secs(5)).unwrap();
-                        f(r, &mut g)
+                        let abort = Abort::new();
+                        let g = RingGroup::form_with(r, addrs, l, timeouts, 1, abort.clone(), shm).unwrap();
+                        f(r, abort, g)
                     })
                 })
                 .collect();
@@ -609,32 +631,20 @@ mod tests {
 
     #[test]
     fn a_dead_peer_is_an_error_within_the_timeout_on_every_survivor() {
-        let listeners: Vec<TcpListener> = (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
         let timeout = Duration::from_secs(2);
-        let results: Vec<Option<(Duration, String)>> = std::thread::scope(|s| {
-            let hs: Vec<_> = listeners
-                .iter()
-                .enumerate()
-                .map(|(r, l)| {
-                    let addrs = &addrs;
-                    s.spawn(move || {
-                        let mut g = RingGroup::connect(r, addrs, l, timeout).unwrap();
-                        let mut big = vec![1f32; 8_000_000];
-                        if r == 2 {
-                            drop(g); // dies before the all-reduce: sockets close
-                            return None;
-                        }
-                        let t = Instant::now();
-                        let e = g.all_reduce_mean(&mut [&mut big[..]]).expect_err("a dead peer must fail the collective");
-                        Some((t.elapsed(), e.to_string()))
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        let results = run_ring_with(3, RingTimeouts::uniform(timeout), true, |r, _, mut g| {
+            let mut big = vec![1f32; 8_000_000];
+            if r == 2 {
+                drop(g); // dies before the all-reduce: sockets close
+                return None;
+            }
+            let t = Instant::now();
+            let e = g.all_reduce_mean(&mut [&mut big[..]]).expect_err("a dead peer must fail the collective");
+            Some((t.elapsed(), e.to_string(), e.blamed_peer()))
         });
-        for (elapsed, msg) in results.into_iter().flatten() {
+        for (elapsed, msg, blamed) in results.into_iter().flatten() {
             assert!(elapsed <= timeout + Duration::from_millis(500), "took {elapsed:?}: {msg}");
+            assert_eq!(blamed, None, "a closed connection blames nobody: {msg}");
         }
         // ... and the survivors can form a new, smaller group and all-reduce correctly.
         let out = run_ring(2, |r, g| {
@@ -647,33 +657,48 @@ mod tests {
 
     #[test]
     fn a_stalled_peer_is_an_error_within_the_timeout() {
-        let listeners: Vec<TcpListener> = (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
         let timeout = Duration::from_secs(2);
-        let results: Vec<Option<Duration>> = std::thread::scope(|s| {
-            let hs: Vec<_> = listeners
-                .iter()
-                .enumerate()
-                .map(|(r, l)| {
-                    let addrs = &addrs;
-                    s.spawn(move || {
-                        let mut g = RingGroup::connect(r, addrs, l, timeout).unwrap();
-                        if r == 2 {
-                            std::thread::sleep(Duration::from_secs(4)); // alive, silent
-                            return None;
-                        }
-                        let mut big = vec![1f32; 8_000_000];
-                        let t = Instant::now();
-                        assert!(g.all_reduce_mean(&mut [&mut big[..]]).is_err());
-                        Some(t.elapsed())
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        let results = run_ring_with(3, RingTimeouts::uniform(timeout), true, |r, _, mut g| {
+            if r == 2 {
+                std::thread::sleep(Duration::from_secs(4)); // alive, silent
+                return None;
+            }
+            let mut big = vec![1f32; 8_000_000];
+            let t = Instant::now();
+            assert!(g.all_reduce_mean(&mut [&mut big[..]]).is_err());
+            Some(t.elapsed())
         });
         for elapsed in results.into_iter().flatten() {
             println!("stalled peer: error after {elapsed:?}");
             assert!(elapsed <= timeout + Duration::from_millis(500), "a stalled peer held a rank for {elapsed:?}");
+        }
+    }
+
+    #[test]
+    fn an_abort_releases_ranks_blocked_on_a_silent_peer_long_before_the_timeout() {
+        // Shared memory and TCP alike: a hung peer neither answers nor closes; the others
+        // are released by their abort (the coordinator's notice), not the 60 s timeout.
+        for shm in [true, false] {
+            let timeouts = RingTimeouts { op: Duration::from_secs(60), connect: Duration::from_secs(10), peer: Duration::from_secs(60) };
+            let results = run_ring_with(3, timeouts, shm, |r, abort, mut g| {
+                if r == 2 {
+                    std::thread::sleep(Duration::from_secs(3)); // hung: holds its sockets open
+                    return None;
+                }
+                let fire = std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(300));
+                    abort.abort("generation 2 formed");
+                });
+                let mut big = vec![1f32; 4_000_000];
+                let t = Instant::now();
+                let e = g.all_reduce_mean(&mut [&mut big[..]]).expect_err("released");
+                fire.join().unwrap();
+                Some((t.elapsed(), e))
+            });
+            for (elapsed, e) in results.into_iter().flatten() {
+                assert!(matches!(&e, CommError::Aborted { reason, .. } if reason == "generation 2 formed"), "shm {shm}: {e}");
+                assert!(elapsed < Duration::from_secs(2), "shm {shm}: released after {elapsed:?}");
+            }
         }
     }
 }

@@ -54,8 +54,16 @@ pub enum OpenError {
 
 impl Dataset {
     pub fn open(cfg: &DatasetConfig) -> Result<Self, OpenError> {
+        let mut d = Self::open_metadata(cfg)?;
+        d.images = cfg.images.as_ref().map(|p| open_store(p)).transpose()?;
+        Ok(d)
+    }
+
+    /// The instructions and the train config only (no image index): enough to plan the
+    /// epochs, not to build samples.
+    pub fn open_metadata(cfg: &DatasetConfig) -> Result<Self, OpenError> {
         let instructions = Instructions::open(&cfg.instructions)?;
-        let images = cfg.images.as_ref().map(|p| open_store(p)).transpose()?;
+        let images = None;
         let queries: Vec<(String, Vec<String>)> = match &cfg.train_config {
             Some(p) => read_train_config(p)?.into_iter().collect(),
             None => {

@@ -2,26 +2,36 @@
 //! calls across coordinator restarts and failovers.
 
 use crate::coord::rpc::pb;
-use anyhow::{bail, Result};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
 pub type Client = pb::coordinator_client::CoordinatorClient<Channel>;
 
+/// Why no connection to a coordinator was made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("OTTER_TLS_CA={path}: {source}")]
+    TlsCa { path: String, source: std::io::Error },
+    #[error("coordinator address {addr:?}: {source}")]
+    Address { addr: String, source: tonic::transport::Error },
+    #[error("no coordinator reachable at {addrs} for {patience:?}")]
+    Unreachable { addrs: String, patience: Duration },
+}
+
 /// TLS towards the coordinator: `OTTER_TLS_CA` names the PEM file of the CA that signed
 /// the coordinator's certificate (its presence turns TLS on); `OTTER_TLS_DOMAIN` the name
 /// to verify (default: the host part of the address). Environment, so the agent's rank
 /// processes inherit it.
-fn tls_for(host: &str) -> Result<Option<tonic::transport::ClientTlsConfig>> {
+fn tls_for(host: &str) -> Result<Option<tonic::transport::ClientTlsConfig>, ConnectError> {
     let Ok(ca) = std::env::var("OTTER_TLS_CA") else { return Ok(None) };
-    let pem = std::fs::read(&ca).map_err(|e| anyhow::anyhow!("OTTER_TLS_CA={ca}: {e}"))?;
+    let pem = std::fs::read(&ca).map_err(|source| ConnectError::TlsCa { path: ca.clone(), source })?;
     let domain = std::env::var("OTTER_TLS_DOMAIN").unwrap_or_else(|_| host.to_string());
     Ok(Some(tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem)).domain_name(domain)))
 }
 
 /// Connects to the first coordinator address that answers (HA: several replicas, one
 /// active), retrying for up to `patience`.
-pub async fn connect(addrs: &[String], patience: Duration) -> Result<Client> {
+pub async fn connect(addrs: &[String], patience: Duration) -> Result<Client, ConnectError> {
     let until = Instant::now() + patience;
     loop {
         for a in addrs {
@@ -29,16 +39,20 @@ pub async fn connect(addrs: &[String], patience: Duration) -> Result<Client> {
             let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
             let tls = tls_for(host)?;
             let url = format!("{}://{hostport}", if tls.is_some() { "https" } else { "http" });
-            let mut ep = Channel::from_shared(url.clone())?.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true);
+            let bad = |source| ConnectError::Address { addr: a.clone(), source };
+            let mut ep = tonic::transport::Endpoint::try_from(url.clone())
+                .map_err(bad)?
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true);
             if let Some(t) = tls {
-                ep = ep.tls_config(t)?;
+                ep = ep.tls_config(t).map_err(|source| ConnectError::Address { addr: a.clone(), source })?;
             }
             if let Ok(ch) = ep.connect().await {
                 return Ok(pb::coordinator_client::CoordinatorClient::new(ch));
             }
         }
         if Instant::now() > until {
-            bail!("no coordinator reachable at {} for {patience:?}", addrs.join(","));
+            return Err(ConnectError::Unreachable { addrs: addrs.join(","), patience });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -30,10 +30,18 @@ pub enum ImageStoreError {
 
 /// A lazily read collection of encoded images.
 pub trait ImageStore: Send + Sync {
+    /// Which ids it holds, and where it lives.
+    fn ids(&self) -> &dyn Ids;
     /// Where the images live (for error messages).
-    fn path(&self) -> &Path;
-    fn contains(&self, id: &str) -> bool;
-    fn len(&self) -> usize;
+    fn path(&self) -> &Path {
+        self.ids().path()
+    }
+    fn contains(&self, id: &str) -> bool {
+        self.ids().contains(id)
+    }
+    fn len(&self) -> usize {
+        self.ids().len()
+    }
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -47,6 +55,43 @@ pub trait ImageStore: Send + Sync {
             id: id.to_string(),
             message,
         })
+    }
+}
+
+/// The ids of a store, as [`ImageStore`] sees them.
+pub trait Ids {
+    fn path(&self) -> &Path;
+    fn contains(&self, id: &str) -> bool;
+    fn len(&self) -> usize;
+}
+
+/// A store's index: each id and where its base64 text is (a byte range of a JSON file, a
+/// row of a Parquet file, the text itself), with the file it is in.
+pub struct Index<L> {
+    path: PathBuf,
+    entries: HashMap<String, L>,
+}
+
+impl<L> Index<L> {
+    pub fn new(path: &Path, entries: HashMap<String, L>) -> Self {
+        Self { path: path.to_path_buf(), entries }
+    }
+
+    /// Where `id` is, or the error naming the file and the id.
+    pub fn locate(&self, id: &str) -> Result<&L, ImageStoreError> {
+        self.entries.get(id).ok_or_else(|| ImageStoreError::Missing { path: self.path.clone(), id: id.to_string() })
+    }
+}
+
+impl<L> Ids for Index<L> {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn contains(&self, id: &str) -> bool {
+        self.entries.contains_key(id)
+    }
+    fn len(&self) -> usize {
+        self.entries.len()
     }
 }
 
@@ -98,9 +143,8 @@ struct Range {
 }
 
 pub struct JsonImageStore {
-    path: PathBuf,
     file: File,
-    index: HashMap<String, Range>,
+    index: Index<Range>,
 }
 
 /// A byte-at-a-time reader over a file, through its own 1 MiB buffer, that tracks the
@@ -232,36 +276,25 @@ impl JsonImageStore {
         if s.next_non_ws().map_err(io)?.is_some() {
             return Err(bad(&s, "trailing data after the JSON object"));
         }
-        Ok(Self { path: path.to_path_buf(), file, index })
+        Ok(Self { file, index: Index::new(path, index) })
     }
 }
 
 impl ImageStore for JsonImageStore {
-    fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn contains(&self, id: &str) -> bool {
-        self.index.contains_key(id)
-    }
-
-    fn len(&self) -> usize {
-        self.index.len()
+    fn ids(&self) -> &dyn Ids {
+        &self.index
     }
 
     fn base64(&self, id: &str) -> Result<Vec<u8>, ImageStoreError> {
-        let r = self
-            .index
-            .get(id)
-            .ok_or_else(|| ImageStoreError::Missing { path: self.path.clone(), id: id.to_string() })?;
+        let r = self.index.locate(id)?;
         let mut buf = vec![0u8; r.len as usize];
         self.file
             .read_exact_at(&mut buf, r.offset)
-            .map_err(|source| ImageStoreError::Io { path: self.path.clone(), source })?;
+            .map_err(|source| ImageStoreError::Io { path: self.path().to_path_buf(), source })?;
         if r.escaped {
             let quoted = [b"\"".as_slice(), &buf, b"\""].concat();
             let s: String = serde_json::from_slice(&quoted).map_err(|e| ImageStoreError::Base64 {
-                path: self.path.clone(),
+                path: self.path().to_path_buf(),
                 id: id.to_string(),
                 message: format!("bad JSON string: {e}"),
             })?;
@@ -277,10 +310,10 @@ impl ImageStore for JsonImageStore {
 // ---------------------------------------------------------------------------------------
 
 pub struct ParquetImageStore {
-    path: PathBuf,
     meta: parquet::arrow::arrow_reader::ArrowReaderMetadata,
     base64_leaf: usize,
-    index: HashMap<String, (usize, usize)>,
+    /// id -> (row group, row).
+    index: Index<(usize, usize)>,
 }
 
 impl ParquetImageStore {
@@ -338,35 +371,25 @@ impl ParquetImageStore {
                 }
             }
         }
-        Ok(Self { path: path.to_path_buf(), meta, base64_leaf, index })
+        Ok(Self { meta, base64_leaf, index: Index::new(path, index) })
     }
 }
 
 impl ImageStore for ParquetImageStore {
-    fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn contains(&self, id: &str) -> bool {
-        self.index.contains_key(id)
-    }
-
-    fn len(&self) -> usize {
-        self.index.len()
+    fn ids(&self) -> &dyn Ids {
+        &self.index
     }
 
     fn base64(&self, id: &str) -> Result<Vec<u8>, ImageStoreError> {
         use arrow_array::{cast::AsArray, Array};
         use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
         use parquet::arrow::ProjectionMask;
-        let pq = |message: String| ImageStoreError::Parquet { path: self.path.clone(), message };
-        let &(rg, row) = self
-            .index
-            .get(id)
-            .ok_or_else(|| ImageStoreError::Missing { path: self.path.clone(), id: id.to_string() })?;
+        let path = self.path();
+        let pq = |message: String| ImageStoreError::Parquet { path: path.to_path_buf(), message };
+        let &(rg, row) = self.index.locate(id)?;
         // A fresh descriptor per lookup: parquet's reader seeks and reads, and cloned
         // descriptors share one file offset, so concurrent loader threads would race.
-        let file = File::open(&self.path).map_err(|source| ImageStoreError::Io { path: self.path.clone(), source })?;
+        let file = File::open(path).map_err(|source| ImageStoreError::Io { path: path.to_path_buf(), source })?;
         let descr = self.meta.metadata().file_metadata().schema_descr_ptr();
         let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.meta.clone())
             .with_row_groups(vec![rg])
@@ -382,7 +405,7 @@ impl ImageStore for ParquetImageStore {
             }
             let col = batch.column(0);
             if col.is_null(0) {
-                return Err(ImageStoreError::Base64 { path: self.path.clone(), id: id.into(), message: "null".into() });
+                return Err(ImageStoreError::Base64 { path: path.to_path_buf(), id: id.into(), message: "null".into() });
             }
             let bytes = if let Some(a) = col.as_string_opt::<i32>() {
                 a.value(0).as_bytes().to_vec()
@@ -399,33 +422,34 @@ impl ImageStore for ParquetImageStore {
     }
 }
 
-/// An in-memory store for tests.
+/// An in-memory store (for tests): id -> base64 text.
 pub struct MemImageStore {
-    pub path: PathBuf,
-    pub images: HashMap<String, Vec<u8>>,
+    pub images: Index<Vec<u8>>,
 }
 
 impl ImageStore for MemImageStore {
-    fn path(&self) -> &Path {
-        &self.path
-    }
-    fn contains(&self, id: &str) -> bool {
-        self.images.contains_key(id)
-    }
-    fn len(&self) -> usize {
-        self.images.len()
+    fn ids(&self) -> &dyn Ids {
+        &self.images
     }
     fn base64(&self, id: &str) -> Result<Vec<u8>, ImageStoreError> {
-        self.images
-            .get(id)
-            .cloned()
-            .ok_or_else(|| ImageStoreError::Missing { path: self.path.clone(), id: id.to_string() })
+        self.images.locate(id).cloned()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_decodes_what_it_holds_and_names_the_file_and_id_of_what_it_lacks() {
+        let images = HashMap::from([("img1".to_string(), b"aGVsbG8=".to_vec())]);
+        let store = MemImageStore { images: Index::new(Path::new("mem.json"), images) };
+        assert_eq!((store.len(), store.contains("img1"), store.contains("img2")), (1, true, false));
+        assert_eq!(store.get("img1").unwrap(), b"hello");
+        let err = store.get("img2").unwrap_err();
+        assert!(matches!(&err, ImageStoreError::Missing { id, .. } if id == "img2"));
+        assert_eq!(err.to_string(), "mem.json: image id `img2` not found");
+    }
 
     #[test]
     fn both_base64_alphabets_decode_to_the_same_bytes() {

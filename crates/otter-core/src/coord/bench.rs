@@ -33,19 +33,9 @@ async fn client(addr: std::net::SocketAddr) -> Result<pb::coordinator_client::Co
 /// `join_timeout`: how long the nodes may take to join (60 s in the benchmark).
 pub async fn rendezvous(nodes: usize, file_store: Option<&std::path::Path>, join_timeout: Duration) -> Result<BenchResult> {
     let cfg = CoordConfig {
-        min_nodes: nodes.saturating_sub(1).max(1),
-        max_nodes: nodes,
         join_timeout,
-        last_call: Duration::from_secs(30),
         heartbeat_timeout: Duration::from_secs(30),
-        batches_per_rank_step: 1,
-        lease_ahead_steps: 4,
-        max_steps: None,
-        epochs: 1,
-        exclusion_backoff: Duration::from_secs(60),
-        max_failed_generations: 10,
-        keep_checkpoints: 2,
-        max_failed_saves: 3,
+        ..CoordConfig::new(nodes.saturating_sub(1).max(1), nodes)
     };
     let machine = Machine::new(cfg, vec![nodes as u64 * 100])?;
     let (store, store_name): (Box<dyn StateStore>, String) = match file_store {

@@ -442,6 +442,31 @@ pub struct CheckpointCommit {
     pub ledger: Ledger,
 }
 
+/// The shards of a checkpoint, and what the coordinator adds, as its manifest records them:
+/// a pure function, so the tables can test what a commit point says.
+impl Machine {
+    /// The manifest of `c`: `template` supplies what the ranks do not report (seeds, peak
+    /// LR, the resolved config); the rest is the checkpoint's (step, epoch, world size,
+    /// partition, shards with CRCs, frozen weights, generation) and the job's (schedule
+    /// length and warmup from `warmup_ratio`, the ledger to resume from).
+    pub fn checkpoint_manifest(&self, c: &CheckpointCommit, template: &crate::ckpt::Manifest, warmup_ratio: f64) -> crate::ckpt::Manifest {
+        let total = self.total_steps().unwrap_or(0);
+        crate::ckpt::Manifest {
+            step: c.steps,
+            epoch: c.ledger.last_committed().map_or(0, |st| st.epoch),
+            world_size: c.shards.len(),
+            partition: c.shards.iter().map(|sh| sh.names.clone()).collect(),
+            shards: c.shards.iter().map(|sh| crate::ckpt::ShardInfo { file: sh.file.clone(), bytes: sh.bytes, crc32: sh.crc32 }).collect(),
+            warmup_steps: crate::train::schedule::warmup_steps(warmup_ratio, total),
+            total_steps: total,
+            data: serde_json::json!({ "ledger": c.ledger }),
+            frozen: c.shards.iter().find_map(|sh| sh.frozen.as_deref()).and_then(|j| serde_json::from_str(j).ok()).unwrap_or_default(),
+            generation: Some(c.generation),
+            ..template.clone()
+        }
+    }
+}
+
 /// The coordinator's whole state. Serialize it after every event; deserialize to resume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Machine {
@@ -506,6 +531,10 @@ pub struct Machine {
     /// Where rank 0 wrote the final weights (durably), once it did.
     #[serde(default)]
     final_weights: Option<String>,
+    /// Optimizer steps of the whole job (the LR schedule's length), fixed when the first
+    /// generation completes its rendezvous.
+    #[serde(default)]
+    total_steps: Option<u64>,
 }
 
 /// The blame log keeps this many of the latest reports.
@@ -578,6 +607,7 @@ impl Machine {
             save_failures: BTreeMap::new(),
             last_save_failure: None,
             final_weights: None,
+            total_steps: None,
         })
     }
 
@@ -684,6 +714,19 @@ impl Machine {
     /// many there were in all (for metrics).
     pub fn blame(&self) -> (&VecDeque<Blame>, u64) {
         (&self.blame, self.blame_total)
+    }
+
+    /// Optimizer steps of the whole job (the LR schedule's length): the data's batches over
+    /// a step's (the first generation's world x `batches_per_rank_step`), capped by
+    /// `max_steps`; fixed when the first generation completes its rendezvous.
+    pub fn total_steps(&self) -> Option<u64> {
+        self.total_steps
+    }
+
+    /// Adopts the schedule length a state saved by the previous version kept beside the
+    /// machine.
+    pub fn adopt_total_steps(&mut self, total: Option<u64>) {
+        self.total_steps = self.total_steps.or(total);
     }
 
     /// Why the job is degraded, if it is: `max_failed_saves` checkpoint saves in a row
@@ -1532,6 +1575,11 @@ impl Machine {
         self.checkpoints.retain(|&n| n <= keep);
         self.pending_checkpoints.retain(|&step, _| step < keep);
         let start_step = applied.map_or(0, |a| a + 1);
+        if self.total_steps.is_none() {
+            let per_step = world as u64 * self.config.batches_per_rank_step;
+            let by_data = self.ledger.total() / per_step.max(1);
+            self.total_steps = Some(self.config.max_steps.map_or(by_data, |m| m.min(by_data)).max(1));
+        }
         self.voters = Some(checkins.iter().map(|c| c.slot.clone()).collect());
         self.run = Some(RunState {
             start_step,

@@ -72,18 +72,25 @@ fn tempfile_dir() -> Result<PathBuf> {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Start { .. }) { "info" } else { "warn" };
-    let otel = otter::otel::init("otter-coord", default_level);
+    let otel = otter_core::otel::init("otter-coord", default_level);
     match cli.command {
         Command::Start { config, listen, http_listen, state_dir, etcd, token_file } => {
             let http_listen = (http_listen != "off").then_some(http_listen);
-            let ok = otter::coord::job::start(otter::coord::job::StartArgs { config, listen, state_dir, etcd, token: token(token_file)?, http_listen }).await?;
+            let r = otter_core::coord::job::start(otter_core::coord::job::StartArgs { config, listen, state_dir, etcd, token: token(token_file)?, http_listen }).await;
             drop(otel); // flush traces: exit skips destructors
-            std::process::exit(if ok { 0 } else { 1 });
+            match r {
+                Ok(ok) => std::process::exit(if ok { 0 } else { 1 }),
+                Err(e) if e.downcast_ref::<otter_core::coord::job::Deposed>().is_some() => {
+                    eprintln!("otter-coord: {e}; exiting");
+                    std::process::exit(3);
+                }
+                Err(e) => return Err(e),
+            }
         }
         Command::Bench { nodes } => {
             let dir = tempfile_dir()?;
             for store in [None, Some(dir.as_path())] {
-                let r = otter::coord::bench::rendezvous(nodes, store, std::time::Duration::from_secs(60)).await?;
+                let r = otter_core::coord::bench::rendezvous(nodes, store, std::time::Duration::from_secs(60)).await?;
                 println!(
                     "nodes={} store={} join_s={:.3} join_max_s={:.3} rendezvous_s={:.3} recovery_s={:.3}",
                     r.nodes,
@@ -99,8 +106,8 @@ async fn main() -> Result<()> {
         }
         Command::Status { coord, token_file } => {
             let token = token(token_file)?.unwrap_or_default();
-            let mut c = otter::coord::client::connect(&coord, std::time::Duration::from_secs(5)).await?;
-            let r = c.status(otter::coord::rpc::with_token(otter::coord::rpc::pb::StatusRequest {}, &token)).await?;
+            let mut c = otter_core::coord::client::connect(&coord, std::time::Duration::from_secs(5)).await?;
+            let r = c.status(otter_core::coord::rpc::with_token(otter_core::coord::rpc::pb::StatusRequest {}, &token)).await?;
             println!("{}", r.into_inner().json);
             Ok(())
         }

@@ -10,6 +10,23 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+/// What the epoch plans are made from: each dataset's weight and its queries' (T, F).
+fn shapes(datasets: &[Dataset], video_frames: usize) -> Vec<DatasetShape> {
+    datasets
+        .iter()
+        .map(|d| DatasetShape { weight: d.cfg.weight, shapes: (0..d.queries.len()).map(|q| d.shape(q, video_frames)).collect() })
+        .collect()
+}
+
+/// The number of batches of each of `epochs` epochs, from the instructions and
+/// train-config files alone (no tokenizer, no image index): what the coordinator needs to
+/// lease the data, without the images mounted.
+pub fn epoch_batches(cfg: &DataConfig, epochs: u64) -> Result<Vec<u64>, OpenError> {
+    let datasets = cfg.datasets.iter().map(Dataset::open_metadata).collect::<Result<Vec<_>, _>>()?;
+    let shapes = shapes(&datasets, cfg.video_frames);
+    Ok((0..epochs).map(|e| EpochPlan::new(cfg.seed, e, &shapes, cfg.batch_size, cfg.shard_batches).batches.len() as u64).collect())
+}
+
 /// Everything needed to build samples: datasets, tokenizer, builder.
 pub struct DataSource {
     pub cfg: DataConfig,
@@ -27,15 +44,7 @@ impl DataSource {
     }
 
     pub fn plan(&self, epoch: u64) -> EpochPlan {
-        let shapes: Vec<DatasetShape> = self
-            .datasets
-            .iter()
-            .map(|d| DatasetShape {
-                weight: d.cfg.weight,
-                shapes: (0..d.queries.len()).map(|q| d.shape(q, self.cfg.video_frames)).collect(),
-            })
-            .collect();
-        EpochPlan::new(self.cfg.seed, epoch, &shapes, self.cfg.batch_size, self.cfg.shard_batches)
+        EpochPlan::new(self.cfg.seed, epoch, &shapes(&self.datasets, self.cfg.video_frames), self.cfg.batch_size, self.cfg.shard_batches)
     }
 
     /// Builds batch `index` of `plan`: bad samples are dropped (and reported in
@@ -191,5 +200,33 @@ impl Drop for Loader {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+    use crate::data::synth::{synth, ImagesFormat, SynthSpec};
+
+    #[test]
+    fn the_epochs_are_counted_from_the_metadata_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let files = synth(d.path(), &SynthSpec { samples: 37, format: ImagesFormat::Json, seed: 3, image_px: 8, distinct_images: 4 }).unwrap();
+        let tokenizer = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny_otter/tokenizer.json");
+        let yaml = format!(
+            "tokenizer: {}\nimage_size: 8\nbatch_size: 3\nshard_batches: 2\nseed: 5\ndatasets:\n  - {{name: SYN, group: IMAGE_TEXT_IN_CONTEXT, instructions: {}, images: {}, train_config: {}}}\n",
+            tokenizer.display(),
+            files.instructions.display(),
+            files.images.display(),
+            files.train_config.display()
+        );
+        let cfg: DataConfig = serde_yaml_ng::from_str(&yaml).unwrap();
+        let full = DataSource::open(&cfg, None).unwrap();
+        let want: Vec<u64> = (0..3).map(|e| full.plan(e).batches.len() as u64).collect();
+        // What the coordinator sees: no images (and no tokenizer) where it runs.
+        std::fs::remove_file(&files.images).unwrap();
+        assert!(DataSource::open(&cfg, None).is_err(), "building samples needs the images");
+        assert_eq!(epoch_batches(&cfg, 3).unwrap(), want);
+        assert!(want.iter().all(|&n| n > 0));
     }
 }

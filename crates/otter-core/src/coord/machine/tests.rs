@@ -8,19 +8,11 @@ const SEC: u64 = 1000;
 
 fn cfg(min: usize, max: usize) -> CoordConfig {
     CoordConfig {
-        min_nodes: min,
-        max_nodes: max,
         join_timeout: Duration::from_secs(60),
         last_call: Duration::from_secs(5),
         heartbeat_timeout: Duration::from_secs(10),
-        batches_per_rank_step: 1,
         lease_ahead_steps: 2,
-        max_steps: None,
-        epochs: 1,
-        exclusion_backoff: Duration::from_secs(60),
-        max_failed_generations: 10,
-        keep_checkpoints: 2,
-        max_failed_saves: 3,
+        ..CoordConfig::new(min, max)
     }
 }
 
@@ -1128,4 +1120,33 @@ fn a_long_jobs_saved_state_stops_growing() {
     assert!(sizes[1] <= sizes[0] + sizes[0] / 50, "{sizes:?}");
     assert_eq!(sim.m.summary().steps_committed, 12_000);
     sim.m.check_exactly_once().unwrap();
+}
+
+#[test]
+fn the_schedule_length_is_fixed_at_the_first_rendezvous_and_a_manifest_records_what_it_must() {
+    let mut c = cfg(2, 3);
+    c.max_steps = Some(30);
+    let mut sim = running(c, vec![40], &["a", "b"]);
+    // 40 batches, 2 ranks x 1 a step: 20 steps by the data, under max_steps.
+    assert_eq!(sim.m.total_steps(), Some(20));
+    for _ in 0..3 {
+        sim.step_all();
+    }
+    sim.m.checkpoint_done(sim.t(), 1, 0, 1, shard(0)).unwrap();
+    let commit = sim.m.checkpoint_done(sim.t(), 1, 1, 1, ShardReport { frozen: Some(r#"[{"path":"/m/w.safetensors","bytes":9,"crc32":7}]"#.into()), ..shard(1) }).unwrap().unwrap();
+    let mut template = crate::ckpt::Manifest::new(0, 0);
+    template.model_seed = 11;
+    let m = sim.m.checkpoint_manifest(&commit, &template, 0.1);
+    assert_eq!((m.step, m.world_size, m.total_steps, m.warmup_steps, m.generation, m.model_seed), (2, 2, 20, 2, Some(1), 11));
+    assert_eq!(m.partition, vec![vec!["p0".to_string()], vec!["p1".to_string()]]);
+    assert_eq!(m.shards.iter().map(|s| (s.file.as_str(), s.bytes, s.crc32)).collect::<Vec<_>>(), vec![("shard-0", 10, 7), ("shard-1", 10, 7)]);
+    assert_eq!(m.frozen.len(), 1, "rank 1 reported the frozen weights");
+    let ledger: Ledger = serde_json::from_value(m.data["ledger"].clone()).unwrap();
+    assert_eq!(ledger.committed_through(), Some(2), "the ledger as of the commit");
+    // A node that joins later does not change the schedule.
+    sim.join("c", 1);
+    sim.step_all();
+    sim.check_in_all();
+    assert_eq!(sim.m.world(), 3);
+    assert_eq!(sim.m.total_steps(), Some(20));
 }

@@ -74,7 +74,11 @@ pub mod job;
 pub mod ledger;
 pub mod machine;
 pub mod rpc;
+pub mod manifests;
+pub mod persist;
 pub mod server;
+pub mod service;
+pub mod telemetry;
 pub mod store;
 pub mod straggler;
 
@@ -197,6 +201,26 @@ pub struct ConfigError {
 }
 
 impl CoordConfig {
+    /// `min_nodes` to `max_nodes` nodes, every other setting its default (what a job YAML
+    /// that names only those two gets).
+    pub fn new(min_nodes: usize, max_nodes: usize) -> Self {
+        Self {
+            min_nodes,
+            max_nodes,
+            join_timeout: default_join_timeout(),
+            last_call: default_last_call(),
+            heartbeat_timeout: default_heartbeat_timeout(),
+            batches_per_rank_step: 1,
+            lease_ahead_steps: default_lease_ahead(),
+            max_steps: None,
+            epochs: 1,
+            exclusion_backoff: default_exclusion_backoff(),
+            max_failed_generations: default_max_failed_generations(),
+            keep_checkpoints: default_keep_checkpoints(),
+            max_failed_saves: default_max_failed_saves(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |field, message: &str| Err(ConfigError { field, message: message.to_string() });
         if self.min_nodes == 0 {

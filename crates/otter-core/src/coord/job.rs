@@ -4,10 +4,10 @@
 use super::machine::{Machine, Phase};
 use super::server::Coordinator;
 use super::store::{FileStore, StateStore};
-use crate::data::DataSource;
 use crate::run_config::RunConfig;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub struct StartArgs {
@@ -51,9 +51,9 @@ pub fn load_job(config: &Path) -> Result<(RunConfig, String, Machine, Duration)>
     let coord = cfg.coord.as_ref().with_context(|| format!("{origin}: field `coord`: a distributed job needs a `coord:` section"))?;
     let train = cfg.train.as_ref().with_context(|| format!("{origin}: field `train`: missing"))?;
     let data = cfg.data.as_ref().with_context(|| format!("{origin}: field `data`: missing"))?;
-    let model = cfg.model_source(config)?.config()?;
-    let source = DataSource::open(data, Some(model.text.vocab_size)).with_context(|| format!("{origin}: opening the data"))?;
-    let epoch_batches: Vec<u64> = (0..train.epochs).map(|e| source.plan(e).batches.len() as u64).collect();
+    // The data's size, from its instructions and train-config files alone: the coordinator
+    // needs neither the images nor the model mounted.
+    let epoch_batches = crate::data::epoch_batches(data, train.epochs).with_context(|| format!("{origin}: reading the data's metadata"))?;
     let machine = Machine::new(coord.machine_config(train), epoch_batches).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
     let yaml = serde_yaml_ng::to_string(&cfg)?;
     Ok((cfg.clone(), yaml, machine, coord.heartbeat_interval))
@@ -79,6 +79,12 @@ fn restore_from_checkpoints(mut machine: Machine, ckpt_dir: &Path) -> Result<Mac
     eprintln!("otter-coord: job state from checkpoint {} ({steps} steps), unless the state store holds a newer one", dir.display());
     Ok(machine)
 }
+
+/// Another coordinator replica took over (its save was fenced off): this one stopped
+/// serving without acting further. `otter-coord` exits with status 3.
+#[derive(Debug, thiserror::Error)]
+#[error("lost leadership: another coordinator is active ({0})")]
+pub struct Deposed(pub String);
 
 /// A line on stdout; a closed stdout (the launcher went away) must not stop the job.
 fn say(line: &str) {
@@ -168,15 +174,23 @@ pub async fn start(args: StartArgs) -> Result<bool> {
             }
         }
     };
-    let shutdown = async move {
-        tokio::select! {
-            _ = over => {}
-            _ = tokio::signal::ctrl_c() => eprintln!("otter-coord: interrupted; state is saved, restart to resume"),
+    let deposed = Arc::new(std::sync::Mutex::new(None));
+    let shutdown = {
+        let (coord, deposed) = (coord.clone(), deposed.clone());
+        async move {
+            tokio::select! {
+                _ = over => {}
+                _ = tokio::signal::ctrl_c() => eprintln!("otter-coord: interrupted; state is saved, restart to resume"),
+                why = coord.deposed() => *deposed.lock().expect("not poisoned") = Some(why),
+            }
         }
     };
     super::server::serve_tls(coord.clone(), token, listener, tls, shutdown).await?;
+    if let Some(why) = deposed.lock().expect("not poisoned").take() {
+        return Err(Deposed(why).into());
+    }
     if let Err(e) = coord.flush().await {
-        eprintln!("otter-coord: the final state was not saved: {}", e.message());
+        eprintln!("otter-coord: the final state was not saved: {e}");
     }
     let status = coord.status_json().await;
     let _ = std::fs::create_dir_all(&state_dir);

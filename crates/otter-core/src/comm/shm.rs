@@ -215,6 +215,10 @@ impl ShmSegment {
             }
             self.barrier(timeout, alive)?;
             let (ps, pn) = split(len, n, r);
+            // SAFETY: after the barrier every rank's slot of this bank is published; this
+            // rank writes only part `r` of its own slot (in bounds: `ps + pn <= len <=
+            // SLOT/4`) and reads part `r` of the others', which nobody writes until the
+            // next barrier.
             unsafe {
                 let mine = std::slice::from_raw_parts_mut(self.slot(bank, r).add(ps), pn);
                 for j in (0..n).filter(|&j| j != r) {
@@ -230,6 +234,9 @@ impl ShmSegment {
             self.barrier(timeout, alive)?;
             for j in 0..n {
                 let (s, k) = split(len, n, j);
+                // SAFETY: after the second barrier part `j` of slot `j` is final; `s + k <=
+                // len` fits both the slot and `seg`, which do not overlap (the slot is in
+                // the shared mapping, `seg` in this process's buffer).
                 unsafe {
                     std::ptr::copy_nonoverlapping(self.slot(bank, j).add(s), seg.as_mut_ptr().add(s), k);
                 }
