@@ -7,10 +7,13 @@
 //! loading it costs ~0.4 GB of RSS and ~0.5 s at every start, CPU-only runs included. It
 //! is dlopen'ed when a CUDA device is asked for (src/cuda.rs).
 //!
-//! Three small C++ shims are compiled against the headers beside libtorch:
+//! Small C++ shims are compiled against the headers beside libtorch:
 //! `src/train/adamw_shim.cpp` (the fused AdamW kernel, which tch does not bind),
-//! `src/model/onednn_linear.cpp` (CPU linear layers on oneDNN's GEMM) and
-//! `src/model/mapped_tensor.cpp` (tensors over memory-mapped weights that keep the map alive).
+//! `src/train/grad_hooks.cpp` (autograd post-accumulate-grad hooks, for overlapping the
+//! gradient all-reduce with backward), `src/model/onednn_linear.cpp` (CPU linear layers on
+//! oneDNN's GEMM), `src/model/mapped_tensor.cpp` (tensors over memory-mapped weights that
+//! keep the map alive) and `src/comm/store_shim.cpp` (c10d's TCPStore, in libtorch_cpu:
+//! a generation's bootstrap store).
 //!
 //! Feature `nccl`: compiles `src/comm/nccl_shim.cpp` against the torch wheel's c10d
 //! headers (plus the wheel's NCCL and CUDA headers, see ../shared/docs/toolchain.md) and
@@ -28,12 +31,19 @@ fn main() {
 }
 
 /// The libtorch calls tch cannot make: `at::_fused_adamw_` (takes tensor lists;
-/// src/train/adamw_shim.cpp), oneDNN's dense f32 GEMM behind an autograd node
-/// (src/model/onednn_linear.cpp), and `at::from_blob` with a deleter
-/// (src/model/mapped_tensor.cpp). Compiled against the headers that ship beside libtorch
+/// src/train/adamw_shim.cpp), post-accumulate-grad hooks (src/train/grad_hooks.cpp),
+/// oneDNN's dense f32 GEMM behind an autograd node (src/model/onednn_linear.cpp),
+/// `at::from_blob` with a deleter (src/model/mapped_tensor.cpp) and c10d's TCPStore
+/// (src/comm/store_shim.cpp). Compiled against the headers that ship beside libtorch
 /// (`<lib>/../include`), including only what they use.
 fn torch_ops(lib: Option<&str>) {
-    let files = ["src/train/adamw_shim.cpp", "src/model/onednn_linear.cpp", "src/model/mapped_tensor.cpp"];
+    let files = [
+        "src/train/adamw_shim.cpp",
+        "src/train/grad_hooks.cpp",
+        "src/model/onednn_linear.cpp",
+        "src/model/mapped_tensor.cpp",
+        "src/comm/store_shim.cpp",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -72,6 +72,45 @@ fn kill_9_of_one_of_three_workers_recovers_in_seconds_and_loses_no_sample() {
     assert!(tail < 2, "tail {tail}: smaller than one step of the 2 survivors");
 }
 
+/// NCCL does not fail a collective when a peer dies: it blocks until its communicator is
+/// aborted. With groups that fail that way (`comm::emulated`, standing in for a CUDA
+/// rank's NCCL group) a `kill -9` still costs seconds, not the collective timeout: the
+/// coordinator's notice (the generation watch) aborts the survivors' communicators, and
+/// they regroup in the same processes, without a restart or a reload.
+#[test]
+fn with_groups_that_block_like_nccl_a_dead_peer_costs_seconds_and_no_restart() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let data = synth(d.path(), 96);
+    let out = d.path().join("out");
+    let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 3)), out: &out });
+    // Only the abort can release the survivors in time.
+    edit_yaml(&job, &[("comm:\n  timeout: 60s\n", "comm:\n  timeout: 300s\n")]);
+    let c = start_coord(&job, &d.path().join("coord"), "127.0.0.1:0");
+    let nccl_like = [("OTTER_TEST_EMULATE_NCCL", "1")];
+    let a = start_worker_env(&c.addr, "a", d.path(), &nccl_like);
+    let mut b = start_worker_env(&c.addr, "b", d.path(), &nccl_like);
+    let cw = start_worker_env(&c.addr, "c", d.path(), &nccl_like);
+    let before = wait_for(&c.addr, "3 ranks training", Duration::from_secs(60), |s| s["summary"]["world"] == 3 && steps_committed(s) >= 3);
+    let generation = before["summary"]["generation"].as_u64().unwrap();
+    let survivors = || -> Vec<u32> { [&a, &cw].iter().flat_map(|w| process_tree(w.child.0.id())).collect() };
+    let processes = survivors();
+    assert_eq!(processes.len(), 4, "two agents and their rank processes: {processes:?}");
+    let killed = Instant::now();
+    b.child.0.kill().unwrap();
+    wait_for(&c.addr, "training to continue", Duration::from_secs(120), |s| {
+        s["steps"].as_array().is_some_and(|v| v.iter().any(|x| x["generation"].as_u64() > Some(generation)))
+    });
+    let recovery = killed.elapsed();
+    println!("NCCL-like groups, kill -9 of worker b: a step committed again {:.2} s later", recovery.as_secs_f64());
+    assert!(recovery < Duration::from_secs(30), "recovery took {recovery:?}: the survivors waited for the collective timeout");
+    assert_eq!(survivors(), processes, "the survivors regrouped in the same processes");
+    let s = finish(c, Duration::from_secs(90));
+    assert_exactly_once(&s);
+    let released: usize = [&a, &cw].iter().map(|w| std::fs::read_to_string(&w.log).unwrap().matches("the communicator was aborted").count()).sum();
+    assert!(released >= 1, "a survivor blocked in a collective was released by aborting its communicator:\n{}", logs(d.path()));
+}
+
 #[test]
 fn a_worker_added_mid_run_gets_identical_state_and_training_continues() {
     let _serial = serial();

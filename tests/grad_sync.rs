@@ -1,13 +1,16 @@
-//! Data parallelism's sync point: only trainable gradients, bucketed in name order,
-//! undefined gradients as zeros, averaged over ranks, written back; and a 2-rank
-//! data-parallel Trainer equals one process accumulating both micro-batches.
+//! Data parallelism's sync point: only trainable gradients, bucketed in backward order,
+//! undefined gradients as zeros, averaged over ranks, written back; overlapped with
+//! backward it gives the same bits, launching buckets while backward still runs; and a
+//! 2-rank data-parallel Trainer equals one process accumulating both micro-batches.
 
 mod common;
 
 use common::*;
 use otter::comm::ring::RingGroup;
 use otter::tensors::TensorFile;
-use otter::train::grad_sync::GradBuckets;
+use otter::comm::CommError;
+use otter::train::grad_sync::{GradBuckets, TensorCollective};
+use otter::train::GradSync;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 use tch::{Kind, Tensor};
@@ -35,7 +38,7 @@ fn buckets_average_gradients_by_name_with_undefined_ones_as_zeros() {
         let a = Tensor::arange(12, (Kind::Float, tch::Device::Cpu)).reshape([3, 4]).set_requires_grad(true);
         let b = Tensor::from_slice(&[1f32, -2.0, 3.0, 0.5, 7.0]).set_requires_grad(true);
         let c = Tensor::from_slice(&[4f32, 5.0]).set_requires_grad(true);
-        // Each rank lists its parameters in a different order; the layout sorts by name.
+        // Each rank lists its parameters in a different order; the layout is the same.
         let params: Vec<(&str, &Tensor)> = if rank == 0 { vec![("a", &a), ("b", &b), ("c", &c)] } else { vec![("c", &c), ("b", &b), ("a", &a)] };
         let loss = if rank == 0 {
             (&a * 2.0).sum(Kind::Float) + (&b * &b).sum(Kind::Float) // c: no gradient
@@ -43,8 +46,8 @@ fn buckets_average_gradients_by_name_with_undefined_ones_as_zeros() {
             (&a * 4.0).sum(Kind::Float) + (&c * 3.0).sum(Kind::Float) // b: no gradient
         };
         loss.backward();
-        let buckets = GradBuckets::new(&params, 40); // a (48 B) alone, then b + c
-        assert_eq!(buckets.num_buckets(), 2);
+        let buckets = GradBuckets::new(&params, 40); // backward order (names c, b, a): c + b, then a (48 B)
+        assert_eq!(buckets.layout(), [vec!["c", "b"], vec!["a"]]);
         buckets.all_reduce_mean(&params, g).unwrap();
         (Vec::<f32>::try_from(a.grad().reshape([-1])).unwrap(), Vec::<f32>::try_from(b.grad()).unwrap(), Vec::<f32>::try_from(c.grad()).unwrap())
     });
@@ -53,6 +56,121 @@ fn buckets_average_gradients_by_name_with_undefined_ones_as_zeros() {
         assert_eq!(b, &[1.0, -2.0, 3.0, 0.5, 7.0], "b: mean of 2b and zeros");
         assert_eq!(c, &[1.5, 1.5], "c: mean of zeros and 3");
     }
+}
+
+/// A small network whose parameters get final gradients at different points of backward,
+/// with `unused` outside the graph on the ranks listed: (names, params, loss).
+fn little_net(rank: usize, unused_on: &[usize]) -> (Vec<(&'static str, Tensor)>, Tensor) {
+    let seed = |i: i64| Tensor::arange(i, (Kind::Float, tch::Device::Cpu)).sin();
+    let x = (seed(24) * (rank as f64 + 1.0)).reshape([4, 6]);
+    let w1 = (seed(42) * 0.3).reshape([6, 7]).set_requires_grad(true);
+    let w2 = (seed(21).cos() * 0.2).reshape([7, 3]).set_requires_grad(true);
+    let w3 = seed(3).set_requires_grad(true);
+    let bias = seed(7).set_requires_grad(true);
+    let unused = seed(5).set_requires_grad(true);
+    let h = (x.matmul(&w1) + &bias).tanh();
+    let mut loss = (h.matmul(&w2) * &w3).sum(Kind::Float);
+    if !unused_on.contains(&rank) {
+        loss = loss + (&unused * &unused).sum(Kind::Float);
+    }
+    (vec![("w1", w1), ("w2", w2), ("w3", w3), ("bias", bias), ("unused", unused)], loss)
+}
+
+fn grads(params: &[(&str, Tensor)]) -> Vec<Tensor> {
+    params.iter().map(|(_, p)| p.grad()).map(|g| if g.defined() { g.copy() } else { g }).collect()
+}
+
+#[test]
+fn overlapped_sync_gives_the_same_bits_as_sync_after_backward() {
+    for world in [2, 3] {
+        for bucket_bytes in [1, 40, 100, 25 << 20] {
+            // Rank 1 never reaches `unused`: its bucket goes after backward, as zeros there.
+            let out = on_ranks(world, |rank, g| {
+                let (params, loss) = little_net(rank, &[1]);
+                let local = {
+                    loss.backward();
+                    let local = grads(&params);
+                    for (_, p) in &params {
+                        p.shallow_clone().zero_grad();
+                    }
+                    local
+                };
+                let (params_a, loss_a) = little_net(rank, &[1]);
+                let named: Vec<(&str, &Tensor)> = params_a.iter().map(|(n, p)| (*n, p)).collect();
+                let buckets = GradBuckets::new(&named, bucket_bytes);
+                loss_a.backward();
+                buckets.all_reduce_mean(&named, g).unwrap();
+                let after = grads(&params_a);
+                let (params_b, loss_b) = little_net(rank, &[1]);
+                let named: Vec<(&str, &Tensor)> = params_b.iter().map(|(n, p)| (*n, p)).collect();
+                let times = buckets.backward_and_sync(&named, g, &mut || loss_b.backward()).unwrap();
+                assert!(times.comm > Duration::ZERO);
+                (local, after, grads(&params_b), buckets.num_buckets())
+            });
+            for (rank, (_, after, overlapped, buckets)) in out.iter().enumerate() {
+                for (i, (a, o)) in after.iter().zip(overlapped).enumerate() {
+                    assert!(a.equal(o), "world {world}, {buckets} buckets ({bucket_bytes} B), rank {rank}, parameter {i}: overlapped differs");
+                }
+                // And both are the mean of the ranks' own gradients (no gradient: zeros).
+                for i in 0..after.len() {
+                    let locals: Vec<Tensor> = out.iter().map(|(l, ..)| if l[i].defined() { l[i].shallow_clone() } else { after[i].zeros_like() }).collect();
+                    let mean = Tensor::stack(&locals, 0).mean_dim(0, false, Kind::Float);
+                    assert!(max_abs_diff(&mean, &after[i]) <= 1e-6, "world {world}, parameter {i}: not the mean");
+                }
+            }
+        }
+    }
+}
+
+/// A collective that reports each bucket it is given and leaves it as it is (the mean of
+/// identical ranks).
+struct Probe(std::sync::mpsc::Sender<usize>);
+
+impl TensorCollective for Probe {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        2
+    }
+    fn all_reduce_mean_tensors(&mut self, tensors: &mut [Tensor]) -> Result<(), CommError> {
+        for t in tensors {
+            let _ = self.0.send(t.numel());
+        }
+        Ok(())
+    }
+    fn broadcast_tensor(&mut self, _: &mut Tensor, _: usize) -> Result<(), CommError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_bucket_is_all_reduced_while_backward_still_runs() {
+    // Backward in two parts: the first finishes w3's gradient only. Overlapped, its bucket
+    // reaches the collective before the second part starts; after-backward sync would
+    // never deliver it in time and the wait below fails.
+    let x = Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).reshape([2, 3]);
+    let w1 = Tensor::ones([3, 3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    let w3 = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    let h = x.matmul(&w1);
+    let first = (h.detach() * &w3).sum(Kind::Float);
+    let second = (h * w3.detach()).sum(Kind::Float);
+    let named: Vec<(&str, &Tensor)> = vec![("w1", &w1), ("w3", &w3)];
+    let buckets = GradBuckets::new(&named, 1); // one parameter a bucket: w3 first (name order reversed)
+    assert_eq!(buckets.layout(), [vec!["w3"], vec!["w1"]]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut probe = Probe(tx);
+    let mut during_backward = None;
+    buckets
+        .backward_and_sync(&named, &mut probe, &mut || {
+            first.backward();
+            during_backward = rx.recv_timeout(Duration::from_secs(10)).ok();
+            second.backward();
+        })
+        .unwrap();
+    assert_eq!(during_backward, Some(3), "w3's bucket (3 elements) went before the rest of backward");
+    assert_eq!(rx.try_iter().collect::<Vec<_>>(), [9], "then w1's");
+    assert_eq!(Vec::<f32>::try_from(&w3.grad()).unwrap(), [15.0, 15.0, 15.0]);
 }
 
 fn fixture_micro_batches() -> Vec<otter::train::TensorBatch> {
@@ -82,11 +200,17 @@ fn two_data_parallel_ranks_equal_one_process_accumulating_both_micro_batches() {
     let micro = fixture_micro_batches();
     let mut single = trainer();
     let want: Vec<f64> = (0..steps).map(|_| single.step(&micro).loss).collect();
+    // Rank 0 syncs after backward, rank 1 overlapped: the same collectives either way.
     let ranks = on_ranks(2, |rank, g| {
         let mut t = trainer();
         let mine = fixture_micro_batches().swap_remove(rank);
         let buckets = GradBuckets::new(&t.model.trainable(), 64 << 10);
-        let losses: Vec<f64> = (0..steps).map(|_| t.step_synced(std::slice::from_ref(&mine), Some((&buckets, g))).unwrap().loss).collect();
+        let losses: Vec<f64> = (0..steps)
+            .map(|_| {
+                let sync = GradSync { buckets: &buckets, comm: &mut *g, overlap: rank == 1 };
+                t.step_synced(std::slice::from_ref(&mine), Some(sync)).unwrap().loss
+            })
+            .collect();
         let params: Vec<(String, Tensor)> = t.model.trainable().into_iter().map(|(n, p)| (n.to_string(), p.copy())).collect();
         (losses, params)
     });

@@ -39,7 +39,10 @@ fn a_real_prometheus_scrapes_a_running_job_and_answers_loss_and_step_time_querie
     let prometheus = which("prometheus").expect("the `prometheus` binary (Debian package `prometheus`; scripts/setup.sh installs it)");
     let d = tempfile::tempdir().unwrap();
     let mut job = start_live_job(d.path(), 100, 20);
-    let prom = format!("127.0.0.1:{}", free_port_pair());
+    // Not a port a worker is about to bind for its metrics (node page p, ranks p+1...).
+    let taken: Vec<u16> = job.node_metrics.iter().filter_map(|m| m.rsplit_once(':')?.1.parse().ok()).collect();
+    let port = std::iter::repeat_with(free_port_pair).find(|p| taken.iter().all(|t| p.abs_diff(*t) > 4)).unwrap();
+    let prom = format!("127.0.0.1:{port}");
     let cfg = d.path().join("prometheus.yml");
     std::fs::write(
         &cfg,
@@ -63,7 +66,8 @@ fn a_real_prometheus_scrapes_a_running_job_and_answers_loss_and_step_time_querie
             .unwrap(),
     );
     let t = Instant::now();
-    while http_get(&prom, "/-/ready").is_none() {
+    // Ready, and really Prometheus (not some other server on that port).
+    while !http_get(&prom, "/-/ready").is_some_and(|b| b.contains("Prometheus")) {
         assert!(t.elapsed() < Duration::from_secs(30), "prometheus did not become ready: {}", std::fs::read_to_string(d.path().join("prometheus.log")).unwrap_or_default());
         std::thread::sleep(Duration::from_millis(200));
     }

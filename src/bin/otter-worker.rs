@@ -95,6 +95,7 @@ fn main() -> Result<()> {
                 advertise_host,
                 // End-to-end tests kill or freeze a rank in the middle of a checkpoint write.
                 fault_ckpt_stall: std::env::var("OTTER_FAULT_CKPT_STALL").ok().and_then(|v| v.parse().ok()),
+                emulate_nccl: std::env::var("OTTER_TEST_EMULATE_NCCL").is_ok_and(|v| v == "1"),
             });
             match r {
                 Err(e) if e.downcast_ref::<otter::worker::rank::RestartFresh>().is_some() => {

@@ -183,6 +183,18 @@ enum BenchCommand {
         /// done synchronously.
         #[arg(long)]
         ckpt_dir: Option<PathBuf>,
+        /// Data-parallel ranks (local processes through the CPU ring); each prints its
+        /// compute, communication and exposed communication per step.
+        #[arg(long, default_value_t = 1)]
+        world: usize,
+        /// With --world: all-reduce after backward instead of overlapped with it.
+        #[arg(long)]
+        no_overlap: bool,
+        /// One rank of a --world run (spawned by it).
+        #[arg(long, hide = true, requires = "addrs")]
+        rank: Option<usize>,
+        #[arg(long, hide = true)]
+        addrs: Option<String>,
     },
     /// Per-sample data pipeline throughput on one thread.
     Data {
@@ -289,8 +301,9 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::AllreduceRank { rank, addrs, size_mb, iters }) => {
             cmd::bench::allreduce_rank(rank, &addrs, &size_mb, iters)
         }
-        Command::Bench(BenchCommand::TrainStep { model_config, batch, seq, steps, warmup, ckpt_dir }) => {
-            cmd::bench::train_step(&model_config, batch, seq, steps, warmup, ckpt_dir.as_deref())
+        Command::Bench(BenchCommand::TrainStep { model_config, batch, seq, steps, warmup, ckpt_dir, world, no_overlap, rank, addrs }) => {
+            let member = rank.zip(addrs.as_deref());
+            cmd::bench::train_step(&model_config, batch, seq, steps, warmup, ckpt_dir.as_deref(), world, !no_overlap, member)
         }
         Command::Data(d) => match d {
             DataCommand::Synth { out, samples, images_format, seed, image_px, tokenizer } => {

@@ -68,7 +68,50 @@ pub fn data(config: &Path, samples: usize) -> Result<()> {
 /// train` saves. Reports `ckpt_blocked_s`, the mean time a save blocked the loop (hand-off
 /// plus the next update's wait for staging), and `ckpt_sync_s`, one save of the same
 /// state done synchronously (stage, write, fsync), after the timed steps.
-pub fn train_step(model_config: &Path, batch: i64, seq: i64, steps: usize, warmup: usize, ckpt_dir: Option<&Path>) -> Result<()> {
+///
+/// With `world > 1` (`--world N`): `N` local rank processes train data-parallel through the
+/// real group code (the CPU ring, gradient buckets, overlapped with backward unless
+/// `overlap` is false), each on `cores / N` threads; rank 0 prints, per timed step, the
+/// step's compute, its communication (the collectives' running time) and the exposed
+/// communication (what the step waited for after backward), then the means.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    model_config: &Path,
+    batch: i64,
+    seq: i64,
+    steps: usize,
+    warmup: usize,
+    ckpt_dir: Option<&Path>,
+    world: usize,
+    overlap: bool,
+    member: Option<(usize, &str)>,
+) -> Result<()> {
+    anyhow::ensure!(world >= 1, "--world must be positive");
+    anyhow::ensure!(world == 1 || ckpt_dir.is_none(), "--ckpt-dir times one process: leave out --world");
+    if world > 1 && member.is_none() {
+        return spawn_ranks(world, |r, addrs| {
+            let mut args: Vec<String> = ["bench", "train-step", "--model-config"].map(String::from).to_vec();
+            args.push(model_config.display().to_string());
+            for (k, v) in [("--batch", batch.to_string()), ("--seq", seq.to_string()), ("--steps", steps.to_string()), ("--warmup", warmup.to_string())] {
+                args.extend([k.to_string(), v]);
+            }
+            args.extend(["--world".into(), world.to_string(), "--rank".into(), r.to_string(), "--addrs".into(), addrs.to_string()]);
+            if !overlap {
+                args.push("--no-overlap".into());
+            }
+            args
+        });
+    }
+    let mut group = match member {
+        Some((rank, addrs)) => {
+            let addrs: Vec<std::net::SocketAddr> = addrs.split(',').map(|a| a.parse()).collect::<Result<_, _>>()?;
+            let listener = std::net::TcpListener::bind(addrs[rank]).with_context(|| format!("rank {rank}: bind {}", addrs[rank]))?;
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            tch::set_num_threads((cores / world).max(1) as i32);
+            Some(crate::comm::ring::RingGroup::connect(rank, &addrs, &listener, std::time::Duration::from_secs(60))?)
+        }
+        None => None,
+    };
     use crate::model::config::HfOtterConfig;
     use crate::model::spec::{count, parameter_specs};
     use crate::model::weights::{LoadOptions, Params};
@@ -82,6 +125,7 @@ pub fn train_step(model_config: &Path, batch: i64, seq: i64, steps: usize, warmu
     let c = count(&parameter_specs(&cfg));
     let step_cfg = StepConfig { lr: 1e-5, warmup_steps: 0, total_steps: 1000, clip: Some(1.0), adamw: AdamWConfig::default() };
     let mut trainer = Trainer::new(model, step_cfg);
+    let buckets = crate::train::grad_sync::GradBuckets::new(&trainer.model.trainable(), crate::train::grad_sync::DEFAULT_BUCKET_BYTES);
     let s = cfg.vision.image_size as i64;
     tch::manual_seed(1);
     let ids = Tensor::randint(cfg.tokens.end_of_chunk, [batch, seq], (Kind::Int64, tch::Device::Cpu));
@@ -92,8 +136,13 @@ pub fn train_step(model_config: &Path, batch: i64, seq: i64, steps: usize, warmu
         labels: ids.copy(),
         input_ids: ids,
     };
+    let rank = member.map_or(0, |(r, _)| r);
+    let mut step = |trainer: &mut Trainer| -> Result<crate::train::StepStats> {
+        let sync = group.as_mut().map(|g| crate::train::GradSync { buckets: &buckets, comm: g, overlap });
+        Ok(trainer.step_synced(std::slice::from_ref(&b), sync)?)
+    };
     for _ in 0..warmup {
-        trainer.step(std::slice::from_ref(&b));
+        step(&mut trainer)?;
     }
     if let Some(d) = ckpt_dir {
         let _ = std::fs::remove_dir_all(d);
@@ -101,9 +150,23 @@ pub fn train_step(model_config: &Path, batch: i64, seq: i64, steps: usize, warmu
     let mut saver = crate::ckpt::AsyncSaver::default();
     let t = Instant::now();
     let (mut opt, mut blocked, mut handoff) = (0.0, 0.0, 0.0);
-    for _ in 0..steps {
-        let s = trainer.step(std::slice::from_ref(&b));
+    let (mut compute, mut comm, mut exposed) = (0.0, 0.0, 0.0);
+    for i in 0..steps {
+        let t_step = Instant::now();
+        let s = step(&mut trainer)?;
         opt += s.optimizer.as_secs_f64();
+        compute += s.compute.as_secs_f64();
+        comm += s.allreduce.as_secs_f64();
+        exposed += s.allreduce_exposed.as_secs_f64();
+        if world > 1 && rank == 0 {
+            println!(
+                "step={i} step_s={:.4} compute_s={:.4} comm_s={:.4} exposed_s={:.4}",
+                t_step.elapsed().as_secs_f64(),
+                s.compute.as_secs_f64(),
+                s.allreduce.as_secs_f64(),
+                s.allreduce_exposed.as_secs_f64()
+            );
+        }
         blocked += handoff + s.checkpoint_wait.as_secs_f64();
         if let Some(d) = ckpt_dir {
             let step = trainer.step_count();
@@ -118,9 +181,19 @@ pub fn train_step(model_config: &Path, batch: i64, seq: i64, steps: usize, warmu
         tch::get_num_threads(),
         opt / steps as f64
     );
+    if world > 1 {
+        let n = steps as f64;
+        line += &format!(
+            " world={world} overlap={overlap} buckets={} compute_s={:.4} comm_s={:.4} exposed_s={:.4}",
+            buckets.num_buckets(),
+            compute / n,
+            comm / n,
+            exposed / n
+        );
+    }
     if let Some(d) = ckpt_dir {
         // The last save's cost to the loop: one more step's wait.
-        blocked += handoff + trainer.step(std::slice::from_ref(&b)).checkpoint_wait.as_secs_f64();
+        blocked += handoff + step(&mut trainer)?.checkpoint_wait.as_secs_f64();
         saver.wait()?;
         let names: Vec<String> = crate::ckpt::partition(&crate::ckpt::param_sizes(&trainer), 1).swap_remove(0);
         let sync_dir = d.join("sync");
@@ -135,26 +208,24 @@ pub fn train_step(model_config: &Path, batch: i64, seq: i64, steps: usize, warmu
         line += &format!(" ckpt_bytes={} ckpt_blocked_s={:.4} ckpt_sync_s={sync_s:.4}", info.bytes, blocked / steps as f64);
         let _ = std::fs::remove_dir_all(d);
     }
-    println!("{line}");
+    if rank == 0 {
+        println!("{line}");
+    }
     Ok(())
 }
 
-/// `otter bench allreduce`: spawns `world` local rank processes running the CPU ring and
-/// prints, per size, `algbw` and `busbw` in GB/s (nccl-tests definitions:
-/// algbw = bytes / time, busbw = algbw * 2(n-1)/n).
-pub fn allreduce(world: usize, sizes_mb: &[f64], iters: usize) -> Result<()> {
-    anyhow::ensure!(world >= 1, "--world must be positive");
+/// Runs `world` local rank processes of this binary (`args(rank, addrs)`: the command
+/// line of each, with the ring addresses they share); rank 0's output is shown.
+fn spawn_ranks(world: usize, args: impl Fn(usize, &str) -> Vec<String>) -> Result<()> {
     let listeners: Vec<std::net::TcpListener> =
         (0..world).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
     let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<std::io::Result<_>>()?;
     drop(listeners); // each rank re-binds its own address
-    let exe = std::env::current_exe()?;
-    let sizes: Vec<String> = sizes_mb.iter().map(|s| s.to_string()).collect();
+    let (exe, addrs) = (std::env::current_exe()?, addrs.join(","));
     let children: Vec<std::process::Child> = (0..world)
         .map(|r| {
             std::process::Command::new(&exe)
-                .args(["bench", "allreduce-rank", "--rank", &r.to_string(), "--addrs", &addrs.join(",")])
-                .args(["--iters", &iters.to_string(), "--size-mb", &sizes.join(",")])
+                .args(args(r, &addrs))
                 .stdout(if r == 0 { std::process::Stdio::inherit() } else { std::process::Stdio::null() })
                 .spawn()
         })
@@ -167,6 +238,19 @@ pub fn allreduce(world: usize, sizes_mb: &[f64], iters: usize) -> Result<()> {
     }
     anyhow::ensure!(failed == 0, "{failed} rank(s) failed");
     Ok(())
+}
+
+/// `otter bench allreduce`: spawns `world` local rank processes running the CPU ring and
+/// prints, per size, `algbw` and `busbw` in GB/s (nccl-tests definitions:
+/// algbw = bytes / time, busbw = algbw * 2(n-1)/n).
+pub fn allreduce(world: usize, sizes_mb: &[f64], iters: usize) -> Result<()> {
+    anyhow::ensure!(world >= 1, "--world must be positive");
+    let sizes: Vec<String> = sizes_mb.iter().map(|s| s.to_string()).collect();
+    spawn_ranks(world, |r, addrs| {
+        let mut args: Vec<String> = ["bench", "allreduce-rank", "--rank"].map(String::from).to_vec();
+        args.extend([r.to_string(), "--addrs".into(), addrs.to_string(), "--iters".into(), iters.to_string(), "--size-mb".into(), sizes.join(",")]);
+        args
+    })
 }
 
 /// One rank of `otter bench allreduce`.
@@ -206,10 +290,11 @@ pub fn nccl_check() -> Result<()> {
     crate::cuda::load().map_err(|e| anyhow::anyhow!(e))?;
     anyhow::ensure!(tch::Cuda::is_available(), "no CUDA device");
     let dev = Device::Cuda(0);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let t = Instant::now();
-    let mut g = NcclGroup::new("127.0.0.1", port, 0, 1, std::time::Duration::from_secs(30))?;
-    println!("ok init (TCPStore on port {port}) in {:.2} s", t.elapsed().as_secs_f64());
+    let store = crate::comm::store::GenerationStore::serve(&listener, 1, std::time::Duration::from_secs(30))?;
+    let mut g = NcclGroup::new(&store, 0, 1, 0, std::time::Duration::from_secs(30))?;
+    println!("ok init (generation 1's store on {}) in {:.2} s", listener.local_addr()?, t.elapsed().as_secs_f64());
     let mut bufs: Vec<Tensor> = [0i64, 1, 1000, 6_553_700].iter().map(|&n| Tensor::arange(n, (Kind::Float, dev)) * 0.5).collect();
     let want: Vec<Tensor> = bufs.iter().map(|b| b.copy()).collect();
     g.all_reduce_mean_tensors(&mut bufs)?;

@@ -1,9 +1,11 @@
-// C ABI over libtorch's own c10d (feature `nccl`): a TCPStore rendezvous and a
-// ProcessGroupNCCL, so the Rust side gets NCCL without a separate binding crate.
+// C ABI over libtorch's own c10d (feature `nccl`): a ProcessGroupNCCL bootstrapped through
+// a generation's TCPStore (store_shim.cpp, under a PrefixStore of the generation's
+// prefix), so the Rust side gets NCCL without a separate binding crate.
 // Tensors arrive as `at::Tensor*` (tch's `Tensor::as_ptr`). Every entry point catches
 // C++ exceptions and returns them as a message; a failed or timed-out collective aborts
 // the communicator so no rank is left hanging inside NCCL.
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <chrono>
@@ -53,20 +55,21 @@ void wait(Group* g, const c10::intrusive_ptr<c10d::Work>& w) {
 
 extern "C" {
 
-void* otter_nccl_new(const char* host, uint16_t port, int rank, int world, int64_t timeout_ms, char* err, size_t len) {
+// `store`: a `c10::intrusive_ptr<c10d::Store>*` from otter_store_new (shared, not taken
+// over); `prefix`: the generation's key prefix. The communicator is created eagerly on
+// CUDA device `device`, so a failing init surfaces here, not at the first collective.
+void* otter_nccl_new(void* store, const char* prefix, int rank, int world, int device, int64_t timeout_ms, char* err, size_t len) {
   auto* g = new Group();
   g->timeout = std::chrono::milliseconds(timeout_ms);
   int rc = guarded(nullptr, err, len, [&] {
-    c10d::TCPStoreOptions o;
-    o.port = port;
-    o.isServer = rank == 0;
-    o.numWorkers = world;
-    o.waitWorkers = true;
-    o.timeout = g->timeout;
-    g->store = c10::make_intrusive<c10d::TCPStore>(std::string(host), o);
+    auto* base = static_cast<c10::intrusive_ptr<c10d::Store>*>(store);
+    g->store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), *base);
     auto opts = c10d::ProcessGroupNCCL::Options::create();
     opts->timeout = g->timeout;
     g->pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(g->store, rank, world, opts);
+    at::Device dev(at::kCUDA, static_cast<c10::DeviceIndex>(device));
+    g->pg->setBoundDeviceId(dev);
+    g->pg->eagerConnectSingleDevice(dev);
   });
   if (rc != 0) {
     delete g;

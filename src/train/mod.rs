@@ -18,4 +18,4 @@ pub mod optim;
 pub mod run;
 mod step;
 
-pub use step::{keep_freed_memory, ReadFence, StepConfig, StepStats, TensorBatch, Trainer};
+pub use step::{keep_freed_memory, GradSync, ReadFence, StepConfig, StepStats, TensorBatch, Trainer};

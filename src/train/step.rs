@@ -3,7 +3,7 @@
 use crate::data::Batch;
 use crate::model::{causal_lm_loss, Otter};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use super::grad_sync::{GradBuckets, TensorCollective};
+use super::grad_sync::{GradBuckets, SyncTimes, TensorCollective};
 use super::schedule;
 use crate::comm::CommError;
 use tch::{Device, Tensor};
@@ -56,13 +56,25 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// Forward + backward of the micro-batches.
     pub compute: std::time::Duration,
-    /// The gradient all-reduce (zero without a collective).
+    /// The gradient all-reduce (zero without a collective): the time its collectives ran.
     pub allreduce: std::time::Duration,
+    /// The part of the step that waited on the all-reduce: all of `allreduce` when it runs
+    /// after backward, what backward did not hide when overlapped.
+    pub allreduce_exposed: std::time::Duration,
     /// Clip + AdamW + zeroing the gradients.
     pub optimizer: std::time::Duration,
     /// Waiting, before the update, for a checkpoint to finish staging the state (what an
     /// asynchronous save costs the loop beyond handing the job off).
     pub checkpoint_wait: std::time::Duration,
+}
+
+/// How a step syncs its gradients over the data-parallel group.
+pub struct GradSync<'a> {
+    pub buckets: &'a GradBuckets,
+    pub comm: &'a mut (dyn TensorCollective + Send),
+    /// All-reduce each bucket while the last micro-batch's backward still runs
+    /// (`comm.overlap`), rather than after it.
+    pub overlap: bool,
 }
 
 pub struct Trainer {
@@ -242,35 +254,50 @@ impl Trainer {
     }
 
     /// [`Trainer::step`] with data parallelism: the sync point averages the trainable
-    /// gradients over the group. On a communication error the update is *not* applied (the
-    /// gradients are zeroed), so the model still holds the previous step's state.
-    pub fn step_synced(&mut self, micro: &[TensorBatch], sync: Option<(&GradBuckets, &mut dyn TensorCollective)>) -> Result<StepStats, CommError> {
+    /// gradients over the group, after backward or overlapped with the last micro-batch's
+    /// backward (the same bits either way). On a communication error the update is *not*
+    /// applied (the gradients are zeroed), so the model still holds the previous step's
+    /// state.
+    pub fn step_synced(&mut self, micro: &[TensorBatch], mut sync: Option<GradSync<'_>>) -> Result<StepStats, CommError> {
         use std::time::Instant;
         let params = self.model.trainable();
         let n = micro.len().max(1) as f64;
         let mut loss_sum = 0.0;
+        let mut times: Option<Result<SyncTimes, CommError>> = None;
         let t0 = Instant::now();
-        for mb in micro {
+        for (i, mb) in micro.iter().enumerate() {
             let loss = tracing::info_span!("forward").in_scope(|| {
                 let logits = self.model.forward(&mb.vision_x, &mb.input_ids, &mb.attention_mask);
                 causal_lm_loss(&logits, &mb.labels)
             });
             loss_sum += loss.double_value(&[]);
-            tracing::info_span!("backward").in_scope(|| (loss / n).backward());
+            let mut backward = || tracing::info_span!("backward").in_scope(|| (&loss / n).backward());
+            match sync.as_mut().filter(|s| s.overlap && i + 1 == micro.len()) {
+                Some(s) => times = Some(s.buckets.backward_and_sync(&params, &mut *s.comm, &mut backward)),
+                None => backward(),
+            }
         }
-        let compute = t0.elapsed();
-        let t1 = Instant::now();
-        if let Some((buckets, comm)) = sync {
-            let _span = tracing::info_span!("allreduce", buckets = buckets.num_buckets()).entered();
-            if let Err(e) = buckets.all_reduce_mean(&params, comm) {
+        let mut compute = t0.elapsed();
+        let overlapped = times.is_some();
+        if let (None, Some(s)) = (&times, sync.as_mut()) {
+            let _span = tracing::info_span!("allreduce", buckets = s.buckets.num_buckets()).entered();
+            let t1 = Instant::now();
+            times = Some(s.buckets.all_reduce_mean(&params, &mut *s.comm).map(|()| SyncTimes { comm: t1.elapsed(), exposed: t1.elapsed() }));
+        }
+        let SyncTimes { comm: allreduce, exposed: allreduce_exposed } = match times.unwrap_or(Ok(SyncTimes::default())) {
+            Ok(t) => t,
+            Err(e) => {
                 for (_, p) in &params {
                     let mut p = p.shallow_clone();
                     p.zero_grad();
                 }
                 return Err(e);
             }
+        };
+        if overlapped {
+            // Overlapped: the wait after backward was counted in the loop's time.
+            compute = compute.saturating_sub(allreduce_exposed);
         }
-        let allreduce = t1.elapsed();
         // The update writes the weights and moments in place: a checkpoint still staging
         // them (overlapped with this step's forward and backward) must finish first.
         let checkpoint_wait = wait_for(&mut self.reader); // (`params` borrows the model)
@@ -286,6 +313,6 @@ impl Trainer {
             let mut p = p.shallow_clone();
             p.zero_grad();
         }
-        Ok(StepStats { loss: loss_sum / n, lr, grad_norm, compute, allreduce, optimizer: t2.elapsed(), checkpoint_wait })
+        Ok(StepStats { loss: loss_sum / n, lr, grad_norm, compute, allreduce, allreduce_exposed, optimizer: t2.elapsed(), checkpoint_wait })
     }
 }

@@ -74,6 +74,12 @@ pub async fn join(args: JoinArgs) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let job_file = dir.join("job.yaml");
     std::fs::write(&job_file, &reply.job_yaml)?;
+    // Every rank of a job trains on the job's device, so a group is all NCCL or all ring;
+    // a node that cannot run it says so instead of joining a group it would break.
+    let device = crate::run_config::RunConfig::from_file(&job_file)?.train.map(|t| t.device);
+    if let (Some(d @ crate::train::config::DeviceSpec::Cuda(_)), false) = (device, gpus) {
+        bail!("node {node_id}: the job trains on {d} (train.device) and this node joined with CPU ranks: start it with --gpus N");
+    }
     let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(100));
 
     // Watch stream: held open for the node's lifetime (its closing tells the coordinator
@@ -147,6 +153,11 @@ pub async fn join(args: JoinArgs) -> Result<()> {
             .kill_on_drop(true);
         if gpus {
             cmd.env("CUDA_VISIBLE_DEVICES", i.to_string());
+            // On an NCCL error or timeout, abort the communicator and let the rank regroup
+            // in the same process (PyTorch's default, 3, tears the process down).
+            if std::env::var_os("TORCH_NCCL_ASYNC_ERROR_HANDLING").is_none() {
+                cmd.env("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2");
+            }
         }
         // SAFETY: prctl in the child between fork and exec only sets a process attribute.
         unsafe {

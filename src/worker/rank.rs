@@ -36,7 +36,7 @@ use crate::train::config::TrainConfig;
 use crate::train::grad_sync::{GradBuckets, TensorCollective};
 use crate::train::optim::AdamWConfig;
 use crate::train::schedule::warmup_steps;
-use crate::train::{StepConfig, TensorBatch, Trainer};
+use crate::train::{GradSync, StepConfig, TensorBatch, Trainer};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener};
@@ -56,6 +56,9 @@ pub struct RankArgs {
     pub metrics_addr: Option<String>,
     /// Tests only: the shard write of this checkpoint (`step-N`) stalls for an hour.
     pub fault_ckpt_stall: Option<u64>,
+    /// Tests only: a CPU rank's group fails the way NCCL does (a collective with a dead
+    /// peer blocks until the generation is aborted; `comm::emulated`).
+    pub emulate_nccl: bool,
 }
 
 /// Exit status of a rank process that must start again fresh: the state it holds is not
@@ -439,6 +442,8 @@ impl Rank {
     fn collective_failed(&mut self, a: &pb::Assignment, what: &str, e: CommError) -> Outcome {
         match &e {
             CommError::Aborted { reason, .. } => println!("{}: generation {}: {what} released: {reason}", self.me, a.generation),
+            // The coordinator has moved on: nothing to report, rendezvous again.
+            CommError::StaleGeneration { .. } => println!("{}: generation {}: {what}: {e}", self.me, a.generation),
             _ => {
                 let blame = e.blamed_peer().map_or(String::new(), |p| format!(" (blaming rank {p} at {})", a.comm_addrs.get(p).map_or("?", String::as_str)));
                 eprintln!("{}: generation {}: {what} failed: {e}{blame}", self.me, a.generation);
@@ -557,14 +562,12 @@ impl Rank {
         self.data.threads = self.threads.data;
         self.metrics.lock().expect("not poisoned").threads(self.threads.intra_op, self.threads.data);
         let abort = self.watch.arm(a.generation);
-        let comm = &self.cfg.comm;
-        let timeouts = RingTimeouts { op: comm.timeout, connect: comm.connect_timeout, peer: comm.peer_timeout };
-        let mut group = match RingGroup::form(rank, &addrs, &self.listener, timeouts, a.generation, abort) {
+        let mut group = match self.form_group(&a, &addrs, abort) {
             Ok(g) => g,
             Err(e) => return Ok(self.collective_failed(&a, "forming the group", e)),
         };
         if let Some(root) = a.sync_from {
-            if let Err(e) = sync_state(&mut self.trainer, &mut group, root as usize) {
+            if let Err(e) = sync_state(&mut self.trainer, &mut *group, root as usize) {
                 return Ok(self.collective_failed(&a, "the state sync", e));
             }
         }
@@ -593,7 +596,45 @@ impl Rank {
             t_rdzv.elapsed().as_secs_f64(),
             param_checksum(&self.trainer)
         );
-        self.train_steps(a, &mut group)
+        self.train_steps(a, &mut *group)
+    }
+
+    /// Generation `a`'s group, by device: NCCL for a CUDA rank (bootstrapped through the
+    /// generation's store, which rank 0 serves on its collective listener), the CPU ring
+    /// otherwise. Either is released by `abort` (the coordinator moved on): the ring
+    /// through its sockets, NCCL by aborting its communicator.
+    fn form_group(&self, a: &pb::Assignment, addrs: &[SocketAddr], abort: Abort) -> Result<Box<dyn TensorCollective + Send>, CommError> {
+        let (rank, world, generation) = (a.rank as usize, a.world as usize, a.generation);
+        let comm = &self.cfg.comm;
+        if let tch::Device::Cuda(device) = self.device {
+            return self.form_nccl(rank, world, generation, addrs, device, abort);
+        }
+        let timeouts = RingTimeouts { op: comm.timeout, connect: comm.connect_timeout, peer: comm.peer_timeout };
+        if self.args.emulate_nccl {
+            let g = crate::comm::emulated::NcclLike::form(rank, addrs, &self.listener, timeouts, generation, &abort)?;
+            return Ok(Box::new(g));
+        }
+        Ok(Box::new(RingGroup::form(rank, addrs, &self.listener, timeouts, generation, abort)?))
+    }
+
+    #[cfg(feature = "nccl")]
+    fn form_nccl(&self, rank: usize, world: usize, generation: u64, addrs: &[SocketAddr], device: usize, abort: Abort) -> Result<Box<dyn TensorCollective + Send>, CommError> {
+        use crate::comm::store::GenerationStore;
+        let comm = &self.cfg.comm;
+        let store = match rank {
+            0 => GenerationStore::serve(&self.listener, generation, comm.connect_timeout)?,
+            _ => GenerationStore::join(addrs[0], rank, generation, comm.connect_timeout)?,
+        };
+        let group = crate::comm::nccl::NcclGroup::new(&store, rank, world, device, comm.timeout)?;
+        abort.on_abort(group.abort_hook());
+        Ok(Box::new(group))
+    }
+
+    #[cfg(not(feature = "nccl"))]
+    fn form_nccl(&self, _: usize, _: usize, _: u64, _: &[SocketAddr], device: usize, _: Abort) -> Result<Box<dyn TensorCollective + Send>, CommError> {
+        Err(CommError::Invalid(format!(
+            "a rank on cuda:{device} needs NCCL, and this otter-worker was built without it (build with --features nccl, as the worker image is)"
+        )))
     }
 
     /// Every step is trained: rank 0 writes the final weights (complete and durable, or not
@@ -636,7 +677,7 @@ impl Rank {
     }
 
     /// The steps of one generation.
-    fn train_steps(&mut self, a: pb::Assignment, group: &mut RingGroup) -> Result<Outcome> {
+    fn train_steps(&mut self, a: pb::Assignment, group: &mut (dyn TensorCollective + Send)) -> Result<Outcome> {
         let (rank, world) = (a.rank as usize, a.world as usize);
         let me = self.me.clone();
         let mut leases: BTreeMap<u64, Vec<BatchRef>> = a.leases.iter().cloned().map(lease_from_pb).map(|l| (l.step, l.items)).collect();
@@ -653,7 +694,8 @@ impl Rank {
             let data_wait = t0.elapsed();
             next = leases.get(&(step + 1)).map(|items| self.data.prepare(step + 1, items));
             let micro: Vec<TensorBatch> = batches.iter().filter(|b| b.b > 0).map(|b| TensorBatch::from_batch(b, self.device)).collect();
-            let stats = match self.trainer.step_synced(&micro, Some((&self.buckets, &mut *group))) {
+            let sync = GradSync { buckets: &self.buckets, comm: &mut *group, overlap: self.cfg.comm.overlap };
+            let stats = match self.trainer.step_synced(&micro, Some(sync)) {
                 Ok(s) => s,
                 Err(e) => return Ok(self.collective_failed(&a, &format!("step {step}: the all-reduce"), e)),
             };
@@ -680,6 +722,7 @@ impl Rank {
                     samples: batches.iter().map(|b| b.b as u64).sum(),
                     data_wait: data_wait.as_secs_f64(),
                     allreduce_seconds: stats.allreduce.as_secs_f64(),
+                    allreduce_exposed_seconds: stats.allreduce_exposed.as_secs_f64(),
                     allreduce_bytes: self.allreduce_bytes,
                     world,
                     mfu: self.peak_flops.map(|p| self.flops_per_token * tokens as f64 / step_time.as_secs_f64() / p),
@@ -693,7 +736,7 @@ impl Rank {
                 step,
                 loss: stats.loss,
                 step_seconds: step_time.as_secs_f64(),
-                compute_seconds: step_time.saturating_sub(stats.allreduce).as_secs_f64(),
+                compute_seconds: step_time.saturating_sub(stats.allreduce_exposed).as_secs_f64(),
             };
             let token = self.args.token.clone();
             let reply = match self.rt.block_on(call(&mut self.client, &self.args.coord, |mut c| {

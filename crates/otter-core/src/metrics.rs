@@ -38,6 +38,7 @@ pub struct RankMetrics {
     rank: String,
     step_duration: HistogramVec,
     allreduce_duration: HistogramVec,
+    allreduce_exposed: HistogramVec,
     tokens_per_second: GaugeVec,
     tokens: IntCounterVec,
     samples: IntCounterVec,
@@ -68,6 +69,8 @@ pub struct StepSample {
     pub samples: u64,
     pub data_wait: f64,
     pub allreduce_seconds: f64,
+    /// The part of the step that waited on the all-reduce.
+    pub allreduce_exposed_seconds: f64,
     /// Bytes all-reduced (for the nccl-tests bus bandwidth).
     pub allreduce_bytes: u64,
     pub world: usize,
@@ -84,7 +87,11 @@ impl RankMetrics {
         let h = |name: &str, help: &str| reg(&r, HistogramVec::new(HistogramOpts::new(name, help).buckets(STEP_BUCKETS.to_vec()), l).expect("valid"));
         Self {
             step_duration: h("otter_step_duration_seconds", "Wall time of one optimizer step (data wait, forward, backward, all-reduce, update)."),
-            allreduce_duration: h("otter_allreduce_duration_seconds", "Time in the gradient all-reduce of one step."),
+            allreduce_duration: h("otter_allreduce_duration_seconds", "Time the gradient all-reduce of one step ran (overlapped with backward or not)."),
+            allreduce_exposed: h(
+                "otter_allreduce_exposed_seconds",
+                "Time one step waited on its gradient all-reduce after backward (all of it without overlap).",
+            ),
             tokens_per_second: g("otter_tokens_per_second", "Input tokens this rank processed per second in its last step."),
             tokens: c("otter_tokens_total", "Input tokens this rank trained on."),
             samples: c("otter_samples_total", "Samples this rank trained on."),
@@ -127,6 +134,7 @@ impl RankMetrics {
         if r != self.rank {
             self.step_duration.reset();
             self.allreduce_duration.reset();
+            self.allreduce_exposed.reset();
             self.tokens_per_second.reset();
             self.tokens.reset();
             self.samples.reset();
@@ -152,6 +160,7 @@ impl RankMetrics {
         let l = self.labels();
         self.step_duration.with_label_values(&l).observe(s.seconds);
         self.allreduce_duration.with_label_values(&l).observe(s.allreduce_seconds);
+        self.allreduce_exposed.with_label_values(&l).observe(s.allreduce_exposed_seconds);
         if s.seconds > 0.0 {
             self.tokens_per_second.with_label_values(&l).set(s.tokens as f64 / s.seconds);
         }
@@ -417,8 +426,9 @@ mod tests {
     fn rank_metrics_carry_node_and_rank_and_drop_the_old_rank_on_a_new_generation() {
         let mut m = RankMetrics::new("n1");
         m.set_rank(3, 1);
-        m.observe_step(&StepSample { step: 7, seconds: 0.5, loss: 2.25, tokens: 100, samples: 4, allreduce_seconds: 0.1, allreduce_bytes: 1_000_000, world: 4, ..Default::default() });
+        m.observe_step(&StepSample { step: 7, seconds: 0.5, loss: 2.25, tokens: 100, samples: 4, allreduce_seconds: 0.1, allreduce_exposed_seconds: 0.025, allreduce_bytes: 1_000_000, world: 4, ..Default::default() });
         let page = m.encode();
+        assert!(page.contains(r#"otter_allreduce_exposed_seconds_sum{node="n1",rank="3"} 0.025"#), "{page}");
         assert!(page.contains(r#"otter_loss{node="n1",rank="3"} 2.25"#), "{page}");
         assert!(page.contains(r#"otter_tokens_per_second{node="n1",rank="3"} 200"#), "{page}");
         assert!(page.contains(r#"otter_step_duration_seconds_count{node="n1",rank="3"} 1"#), "{page}");

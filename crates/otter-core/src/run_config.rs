@@ -132,11 +132,20 @@ pub struct CommSection {
     /// Gradient bucket size in MiB (DDP's default: 25).
     #[serde(default = "bucket_mb")]
     pub bucket_mb: f64,
+    /// All-reduce each gradient bucket as soon as backward has finished it, on a
+    /// communication thread, while backward goes on (DDP's overlap); `false`: after
+    /// backward. The gradients are the same bits either way.
+    #[serde(default = "yes")]
+    pub overlap: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for CommSection {
     fn default() -> Self {
-        Self { timeout: d60(), connect_timeout: d30(), peer_timeout: d10(), bucket_mb: bucket_mb() }
+        Self { timeout: d60(), connect_timeout: d30(), peer_timeout: d10(), bucket_mb: bucket_mb(), overlap: true }
     }
 }
 

@@ -7,11 +7,16 @@
 //!   and pipelined so sending, receiving and reducing overlap). No libtorch.
 //!
 //! * `otter::comm::nccl::NcclGroup` (the `otter` crate, feature `nccl`): NCCL through
-//!   libtorch's c10d, on device tensors.
+//!   libtorch's c10d, on device tensors, bootstrapped through a generation's store
+//!   (`otter::comm::store`).
 //! * [`shm`]: the ring's same-host all-reduce through shared memory.
+//! * [`emulated::NcclLike`]: a test double that fails the way NCCL does (a collective
+//!   with a dead peer blocks until the group is aborted), so the release path NCCL needs
+//!   is tested on CPUs.
 //!
 //! Buffers are plain `f32` slices here; the training side flattens gradients into buckets.
 
+pub mod emulated;
 pub mod ring;
 pub mod shm;
 
@@ -32,6 +37,10 @@ pub enum CommError {
     /// formed a new generation, so this one's operations can never complete.
     #[error("rank {rank}: aborted: {reason}")]
     Aborted { rank: usize, reason: String },
+    /// This rank's generation is older than the one its group's store already serves:
+    /// it may not join (it rendezvouses again).
+    #[error("rank {rank}: generation {mine} is stale: the group's store serves generation {current}")]
+    StaleGeneration { rank: usize, mine: u64, current: u64 },
     #[error("invalid group: {0}")]
     Invalid(String),
 }
@@ -65,6 +74,8 @@ struct AbortInner {
     aborted: AtomicBool,
     reason: Mutex<Option<String>>,
     sockets: Mutex<Vec<TcpStream>>,
+    /// Releases a group that is not made of our sockets (NCCL's communicator).
+    hooks: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl Abort {
@@ -78,10 +89,28 @@ impl Abort {
             let mut r = self.0.reason.lock().unwrap_or_else(|e| e.into_inner());
             r.get_or_insert_with(|| reason.into());
         }
-        self.0.aborted.store(true, Ordering::SeqCst);
+        if self.0.aborted.swap(true, Ordering::SeqCst) {
+            return;
+        }
         for s in self.0.sockets.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
+        for hook in self.0.hooks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            hook();
+        }
+    }
+
+    /// Runs `hook` on abort (at once if already aborted): how a group that is not made of
+    /// registered sockets is released, e.g. `ProcessGroupNCCL::abort()`, which fails the
+    /// collective blocked on another thread. Runs once, on the aborting thread.
+    pub fn on_abort(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        let mut hooks = self.0.hooks.lock().unwrap_or_else(|e| e.into_inner());
+        if self.is_aborted() {
+            drop(hooks);
+            hook();
+            return;
+        }
+        hooks.push(hook);
     }
 
     pub fn is_aborted(&self) -> bool {
@@ -178,6 +207,26 @@ mod tests {
         let late = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         a.register(&late).unwrap();
         assert!(std::io::Write::write_all(&mut &late, &[1u8; 1 << 20]).is_err(), "registered after the abort: shut at once");
+    }
+
+    #[test]
+    fn an_abort_runs_each_release_hook_once_and_late_hooks_at_once() {
+        use std::sync::atomic::AtomicUsize;
+        let a = Abort::new();
+        let fired = Arc::new(AtomicUsize::new(0));
+        let f = fired.clone();
+        a.on_abort(Box::new(move || {
+            f.fetch_add(1, Ordering::SeqCst);
+        }));
+        assert_eq!(fired.load(Ordering::SeqCst), 0, "not before the abort");
+        a.abort("generation 4 formed");
+        a.abort("again");
+        assert_eq!(fired.load(Ordering::SeqCst), 1, "once");
+        let f = fired.clone();
+        a.on_abort(Box::new(move || {
+            f.fetch_add(10, Ordering::SeqCst);
+        }));
+        assert_eq!(fired.load(Ordering::SeqCst), 11, "a hook added after the abort runs at once");
     }
 
     #[test]

@@ -51,6 +51,37 @@ pub fn is_trainable(name: &str) -> bool {
         || name == "lang_encoder.lm_head.weight"
 }
 
+/// Where a parameter's gradient becomes final in a backward pass, as a sort key (earliest
+/// first): the output head; the language model's layers from the last to the first (each
+/// with its gated cross-attention block); the perceiver, from its final norm back to its
+/// first layer and latents (its output feeds every block, so it finishes after all of
+/// them); the vision encoder; the input embeddings last. That is the reverse of the
+/// forward order in which [`parameter_specs`] lists the model, computed from the name
+/// alone so that every rank derives the same order: gradient buckets are packed and
+/// launched in it, so that each bucket's all-reduce can start while backward still runs
+/// (DDP packs in reverse registration order for the same reason).
+pub fn backward_order(name: &str) -> (u8, std::cmp::Reverse<usize>, std::cmp::Reverse<&str>) {
+    use std::cmp::Reverse;
+    let stage = if name == "lang_encoder.lm_head.weight" {
+        0
+    } else if name == "lang_encoder.model.embed_tokens.weight" {
+        4
+    } else if name.starts_with("lang_encoder.") {
+        1
+    } else if name.starts_with("perceiver.") {
+        2
+    } else {
+        3
+    };
+    // The layer index; a part after every layer (a final norm) comes first.
+    let layer = match name.split_once(".layers.") {
+        Some((_, rest)) => rest.split('.').next().and_then(|i| i.parse().ok()).unwrap_or(0),
+        None if name.contains(".norm.") => usize::MAX,
+        None => 0,
+    };
+    (stage, Reverse(layer), Reverse(name))
+}
+
 fn group_of(name: &str) -> Group {
     if name.starts_with("vision_encoder.") {
         Group::VisionEncoder
@@ -208,6 +239,37 @@ mod tests {
         assert_eq!(g(Group::Embeddings), 2 * 131_088_384);
         assert_eq!(g(Group::VisionEncoder) + g(Group::LanguageModel), 0);
         assert!((8_100_000_000..8_300_000_000).contains(&c.total), "{}", c.total);
+    }
+
+    #[test]
+    fn gradients_are_ordered_as_backward_finishes_them() {
+        let mut names = vec![
+            "lang_encoder.model.embed_tokens.weight",
+            "perceiver.latents",
+            "perceiver.layers.0.to_q.weight",
+            "perceiver.layers.1.to_q.weight",
+            "perceiver.norm.weight",
+            "lang_encoder.model.layers.3.gated_cross_attn_layer.attn_gate",
+            "lang_encoder.model.layers.11.gated_cross_attn_layer.ff_gate",
+            "lang_encoder.model.layers.11.gated_cross_attn_layer.attn_gate",
+            "lang_encoder.lm_head.weight",
+        ];
+        names.sort_by_key(|n| backward_order(n));
+        assert_eq!(
+            names,
+            [
+                "lang_encoder.lm_head.weight",
+                "lang_encoder.model.layers.11.gated_cross_attn_layer.ff_gate",
+                "lang_encoder.model.layers.11.gated_cross_attn_layer.attn_gate",
+                "lang_encoder.model.layers.3.gated_cross_attn_layer.attn_gate",
+                "perceiver.norm.weight",
+                "perceiver.layers.1.to_q.weight",
+                "perceiver.layers.0.to_q.weight",
+                "perceiver.latents",
+                "lang_encoder.model.embed_tokens.weight",
+            ],
+            "layer 11 before layer 3 (not name order, where 11 < 3)"
+        );
     }
 
     #[test]
