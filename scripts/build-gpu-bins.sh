@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the GPU test binaries for a machine that has a GPU and a PyTorch install but no
+# Builds the GPU test binaries (and otter-worker, otter, otter-coord, which the
+# worker-level check runs) for a machine that has a GPU and a PyTorch install but no
 # Rust toolchain or network: links them against the *target's* torch version (from PyPI,
 # cached in its own venv) and strips them. Run there with
 #   LD_LIBRARY_PATH=<its site-packages>/torch/lib OTTER_GPU_BINS=DIR scripts/gpu-check.sh
@@ -52,6 +53,10 @@ for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="gpu": print(m["executable"])' \
   > "$CARGO_TARGET_DIR/gpu-bins.txt"
+# The worker-level check runs a real job: the binaries come along (OTTER_GPU_BINS).
+cargo build $features --bin otter-worker --bin otter --quiet
+cargo build -p otter-core --bin otter-coord --quiet
+for b in otter-worker otter otter-coord; do echo "$CARGO_TARGET_DIR/debug/$b"; done >> "$CARGO_TARGET_DIR/gpu-bins.txt"
 cd - >/dev/null
 mkdir -p "$out"
 while read -r exe; do

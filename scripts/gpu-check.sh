@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# GPU checks: everything in tests/gpu.rs (CUDA parity in f32 and bf16; later issues add
-# their own; with feature nccl the NCCL world-1 check), run with --ignored so that a missing GPU is a failure, not a skip.
+# GPU checks: everything in tests/gpu.rs (CUDA parity in f32 and bf16, bf16 overfit, step
+# time of a 1B config; with feature nccl: the NCCL world-1 check, the overlapped gradient
+# sync's compute / communication / exposed time on the 1B config, and a real job:
+# otter-coord + otter-worker join --gpus 1 over NCCL through a forced regroup), run with
+# --ignored so that a missing GPU is a failure, not a skip.
 #
 #   scripts/gpu-check.sh                 # on a GPU machine: set up, build, run
 #   OTTER_GPU_BINS=DIR scripts/gpu-check.sh
@@ -18,4 +21,6 @@ if [ -n "${OTTER_GPU_BINS:-}" ]; then
   exit $status
 fi
 bash scripts/setup.sh
+cargo build --features nccl --bins
+cargo build -p otter-core --bin otter-coord
 cargo test --features nccl --test gpu -- --ignored --nocapture --test-threads=1

@@ -111,6 +111,39 @@ fn with_groups_that_block_like_nccl_a_dead_peer_costs_seconds_and_no_restart() {
     assert!(released >= 1, "a survivor blocked in a collective was released by aborting its communicator:\n{}", logs(d.path()));
 }
 
+/// A forced regroup (`OTTER_FAULT_ABORT_AT_STEP`: a rank aborts its generation's group
+/// before a step's collectives and reports the failure, as after an NCCL error): the job
+/// forms the next generation with the same processes, which keep their state, and every
+/// batch is still trained once. scripts/gpu-check.sh runs the same on a GPU over NCCL.
+#[test]
+fn a_forced_regroup_reforms_the_group_in_the_same_processes() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let data = synth(d.path(), 48);
+    let out = d.path().join("out");
+    let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: Some(10), epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
+    let c = start_coord(&job, &d.path().join("coord"), "127.0.0.1:0");
+    let a = start_worker_env(&c.addr, "a", d.path(), &[("OTTER_FAULT_ABORT_AT_STEP", "3")]);
+    let b = start_worker(&c.addr, "b", d.path());
+    let first = wait_for(&c.addr, "2 ranks training", Duration::from_secs(60), |s| s["summary"]["world"] == 2);
+    let generation = first["summary"]["generation"].as_u64().unwrap();
+    let processes: Vec<u32> = [&a, &b].iter().flat_map(|w| process_tree(w.child.0.id())).collect();
+    assert_eq!(processes.len(), 4, "two agents and their rank processes: {processes:?}");
+    wait_for(&c.addr, "a step of a later generation", Duration::from_secs(60), |s| {
+        s["steps"].as_array().is_some_and(|v| v.iter().any(|x| x["generation"].as_u64() > Some(generation)))
+    });
+    let after: Vec<u32> = [&a, &b].iter().flat_map(|w| process_tree(w.child.0.id())).collect();
+    assert_eq!(after, processes, "the same processes trained on");
+    let s = finish(c, Duration::from_secs(120));
+    assert_exactly_once(&s);
+    let steps = s["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 10, "{}", s["summary"]);
+    let generations: std::collections::BTreeSet<u64> = steps.iter().filter_map(|x| x["generation"].as_u64()).collect();
+    assert!(generations.len() >= 2, "steps after the fault ran in a new generation: {generations:?}");
+    let log = std::fs::read_to_string(&a.log).unwrap();
+    assert!(log.contains("fault injection: aborting generation"), "{log}");
+}
+
 #[test]
 fn a_worker_added_mid_run_gets_identical_state_and_training_continues() {
     let _serial = serial();
@@ -160,6 +193,27 @@ fn the_job_survives_a_coordinator_restart_on_its_state_dir() {
     let s = finish(c, Duration::from_secs(90));
     assert_exactly_once(&s);
     assert_eq!(s["summary"]["phase"], "Finished");
+}
+
+/// A group is all ring or all NCCL: every rank runs on the job's `train.device`, and a
+/// node without GPUs refuses a job that trains on CUDA instead of joining its group.
+#[test]
+fn a_cpu_node_refuses_a_job_that_trains_on_cuda() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let data = synth(d.path(), 16);
+    let out = d.path().join("out");
+    let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: Some(2), epochs: 1, grad_accum: 1, coord: Some((1, 1)), out: &out });
+    edit_yaml(&job, &[("train:\n", "train:\n  device: cuda\n")]);
+    let c = start_coord(&job, &d.path().join("coord"), "127.0.0.1:0");
+    let o = Command::new(WORKER)
+        .args(["join", "--coord", &c.addr, "--node-id", "cpu-only", "--cpu-ranks", "1", "--advertise-host", "127.0.0.1"])
+        .env("OTTER_JOIN_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the node must not run a CUDA job on CPU ranks");
+    assert!(err.contains("the job trains on cuda:0 (train.device) and this node joined with CPU ranks: start it with --gpus N"), "{err}");
 }
 
 #[test]

@@ -96,6 +96,7 @@ fn main() -> Result<()> {
                 // End-to-end tests kill or freeze a rank in the middle of a checkpoint write.
                 fault_ckpt_stall: std::env::var("OTTER_FAULT_CKPT_STALL").ok().and_then(|v| v.parse().ok()),
                 emulate_nccl: std::env::var("OTTER_TEST_EMULATE_NCCL").is_ok_and(|v| v == "1"),
+                fault_abort_at_step: std::env::var("OTTER_FAULT_ABORT_AT_STEP").ok().and_then(|v| v.parse().ok()),
             });
             match r {
                 Err(e) if e.downcast_ref::<otter::worker::rank::RestartFresh>().is_some() => {

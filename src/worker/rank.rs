@@ -59,6 +59,10 @@ pub struct RankArgs {
     /// Tests only: a CPU rank's group fails the way NCCL does (a collective with a dead
     /// peer blocks until the generation is aborted; `comm::emulated`).
     pub emulate_nccl: bool,
+    /// Tests only: before this step's collectives, the generation's group is aborted (as
+    /// the generation watch does) and the failure reported: a forced regroup, in the same
+    /// process. Once per process.
+    pub fault_abort_at_step: Option<u64>,
 }
 
 /// Exit status of a rank process that must start again fresh: the state it holds is not
@@ -562,7 +566,8 @@ impl Rank {
         self.data.threads = self.threads.data;
         self.metrics.lock().expect("not poisoned").threads(self.threads.intra_op, self.threads.data);
         let abort = self.watch.arm(a.generation);
-        let mut group = match self.form_group(&a, &addrs, abort) {
+        let t_group = Instant::now();
+        let mut group = match self.form_group(&a, &addrs, abort.clone()) {
             Ok(g) => g,
             Err(e) => return Ok(self.collective_failed(&a, "forming the group", e)),
         };
@@ -596,7 +601,16 @@ impl Rank {
             t_rdzv.elapsed().as_secs_f64(),
             param_checksum(&self.trainer)
         );
-        self.train_steps(a, &mut *group)
+        if self.device.is_cuda() {
+            println!(
+                "{}: generation {}: NCCL group of {world} formed on {:?} through rank 0's store ({:.2} s)",
+                self.me,
+                a.generation,
+                self.device,
+                t_group.elapsed().as_secs_f64()
+            );
+        }
+        self.train_steps(a, &mut *group, &abort)
     }
 
     /// Generation `a`'s group, by device: NCCL for a CUDA rank (bootstrapped through the
@@ -677,7 +691,7 @@ impl Rank {
     }
 
     /// The steps of one generation.
-    fn train_steps(&mut self, a: pb::Assignment, group: &mut (dyn TensorCollective + Send)) -> Result<Outcome> {
+    fn train_steps(&mut self, a: pb::Assignment, group: &mut (dyn TensorCollective + Send), abort: &Abort) -> Result<Outcome> {
         let (rank, world) = (a.rank as usize, a.world as usize);
         let me = self.me.clone();
         let mut leases: BTreeMap<u64, Vec<BatchRef>> = a.leases.iter().cloned().map(lease_from_pb).map(|l| (l.step, l.items)).collect();
@@ -694,6 +708,13 @@ impl Rank {
             let data_wait = t0.elapsed();
             next = leases.get(&(step + 1)).map(|items| self.data.prepare(step + 1, items));
             let micro: Vec<TensorBatch> = batches.iter().filter(|b| b.b > 0).map(|b| TensorBatch::from_batch(b, self.device)).collect();
+            if self.args.fault_abort_at_step == Some(step) {
+                self.args.fault_abort_at_step = None;
+                println!("{me}: fault injection: aborting generation {}'s group at step {step}", a.generation);
+                abort.abort(format!("fault injection at step {step}"));
+                let e = CommError::Protocol { rank, message: format!("fault injection: the group was aborted at step {step}") };
+                return Ok(self.collective_failed(&a, &format!("step {step}"), e));
+            }
             let sync = GradSync { buckets: &self.buckets, comm: &mut *group, overlap: self.cfg.comm.overlap };
             let stats = match self.trainer.step_synced(&micro, Some(sync)) {
                 Ok(s) => s,

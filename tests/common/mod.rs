@@ -26,9 +26,14 @@ pub fn tiny_model() -> PathBuf {
 /// The coordinator binary, `otter-coord`, which the workspace's otter-core package builds
 /// beside the test binaries (`target/<profile>/otter-coord`; `cargo test` builds it for
 /// otter-core's own integration test).
+/// With `OTTER_GPU_BINS` set (prebuilt binaries on a machine without cargo, see
+/// scripts/build-gpu-bins.sh), every binary comes from that directory instead.
 pub fn coord_bin() -> &'static str {
     static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {
+        if let Some(b) = prebuilt("otter-coord") {
+            return b.to_string_lossy().into_owned();
+        }
         let exe = std::env::current_exe().expect("the test binary's path");
         let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps/<test>");
         let bin = dir.join("otter-coord");
@@ -38,7 +43,19 @@ pub fn coord_bin() -> &'static str {
 }
 
 pub fn otter_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_otter"))
+    prebuilt("otter").unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_otter")))
+}
+
+/// `otter-worker` (from `OTTER_GPU_BINS` where set).
+pub fn worker_bin() -> PathBuf {
+    prebuilt("otter-worker").unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_otter-worker")))
+}
+
+fn prebuilt(name: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("OTTER_GPU_BINS")?;
+    let bin = PathBuf::from(dir).join(name);
+    assert!(bin.is_file(), "OTTER_GPU_BINS has no {}", bin.display());
+    Some(bin)
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
