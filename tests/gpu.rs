@@ -207,7 +207,7 @@ fn gpu_overlapped_gradient_sync_reports_compute_comm_and_exposed_time() {
             tch::Cuda::synchronize(0);
             let t = std::time::Instant::now();
             for _ in 0..n {
-                let sync = GradSync { buckets: &buckets, comm: &mut group, overlap };
+                let sync = GradSync { buckets: &buckets, comm: &mut group, overlap, step_micro_batches: 2 };
                 let s = trainer.step_synced(std::slice::from_ref(&batch), Some(sync)).unwrap();
                 (compute, comm, exposed, loss) = (compute + s.compute.as_secs_f64(), comm + s.allreduce.as_secs_f64(), exposed + s.allreduce_exposed.as_secs_f64(), s.loss);
             }

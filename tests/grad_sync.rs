@@ -207,7 +207,7 @@ fn two_data_parallel_ranks_equal_one_process_accumulating_both_micro_batches() {
         let buckets = GradBuckets::new(&t.model.trainable(), 64 << 10);
         let losses: Vec<f64> = (0..steps)
             .map(|_| {
-                let sync = GradSync { buckets: &buckets, comm: &mut *g, overlap: rank == 1 };
+                let sync = GradSync { buckets: &buckets, comm: &mut *g, overlap: rank == 1, step_micro_batches: 2 };
                 t.step_synced(std::slice::from_ref(&mine), Some(sync)).unwrap().loss
             })
             .collect();

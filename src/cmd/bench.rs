@@ -138,7 +138,7 @@ pub fn train_step(
     };
     let rank = member.map_or(0, |(r, _)| r);
     let mut step = |trainer: &mut Trainer| -> Result<crate::train::StepStats> {
-        let sync = group.as_mut().map(|g| crate::train::GradSync { buckets: &buckets, comm: g, overlap });
+        let sync = group.as_mut().map(|g| crate::train::GradSync { buckets: &buckets, comm: g, overlap, step_micro_batches: world });
         Ok(trainer.step_synced(std::slice::from_ref(&b), sync)?)
     };
     for _ in 0..warmup {

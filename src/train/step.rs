@@ -75,6 +75,9 @@ pub struct GradSync<'a> {
     /// All-reduce each bucket while the last micro-batch's backward still runs
     /// (`comm.overlap`), rather than after it.
     pub overlap: bool,
+    /// The step's micro-batches over the whole group (the job's global batch in batches;
+    /// ranks may hold different numbers of them). 0: this rank's count times the world.
+    pub step_micro_batches: usize,
 }
 
 pub struct Trainer {
@@ -262,6 +265,10 @@ impl Trainer {
         use std::time::Instant;
         let params = self.model.trainable();
         let n = micro.len().max(1) as f64;
+        // The gradient is the mean over the step's micro-batches, however the group split
+        // them: alone, each loss is divided by n; in a group of `world` whose all-reduce
+        // averages, each is scaled by world / (the step's micro-batches over all ranks).
+        let scale = sync.as_ref().filter(|s| s.step_micro_batches > 0).map(|s| s.comm.world() as f64 / s.step_micro_batches as f64);
         let mut loss_sum = 0.0;
         let mut times: Option<Result<SyncTimes, CommError>> = None;
         let t0 = Instant::now();
@@ -271,7 +278,12 @@ impl Trainer {
                 causal_lm_loss(&logits, &mb.labels)
             });
             loss_sum += loss.double_value(&[]);
-            let mut backward = || tracing::info_span!("backward").in_scope(|| (&loss / n).backward());
+            let mut backward = || {
+                tracing::info_span!("backward").in_scope(|| match scale {
+                    Some(s) => (&loss * s).backward(),
+                    None => (&loss / n).backward(),
+                })
+            };
             match sync.as_mut().filter(|s| s.overlap && i + 1 == micro.len()) {
                 Some(s) => times = Some(s.buckets.backward_and_sync(&params, &mut *s.comm, &mut backward)),
                 None => backward(),

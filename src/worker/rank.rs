@@ -24,7 +24,7 @@
 
 use crate::comm::ring::{RingGroup, RingTimeouts};
 use crate::comm::{Abort, CommError};
-use crate::coord::client::{call, connect, Client};
+use crate::coord::client::{call, call_with_patience, connect, Client, DEFAULT_PATIENCE};
 use crate::coord::ledger::BatchRef;
 use crate::coord::rpc::{lease_from_pb, pb, refusal_code, with_token, RENDEZVOUS_PENDING};
 use crate::data::order::EpochPlan;
@@ -393,7 +393,8 @@ impl Rank {
         let mut said = (String::new(), Instant::now());
         loop {
             let token = self.args.token.clone();
-            let answer = self.rt.block_on(call(&mut self.client, &self.args.coord, |mut c| {
+            let patience = self.cfg.coord.as_ref().map_or(DEFAULT_PATIENCE, |c| c.join_timeout.max(DEFAULT_PATIENCE));
+            let answer = self.rt.block_on(call_with_patience(&mut self.client, &self.args.coord, patience, |mut c| {
                 let r = with_token(req.clone(), &token);
                 async move { c.rendezvous(r).await }
             }));
@@ -715,7 +716,12 @@ impl Rank {
                 let e = CommError::Protocol { rank, message: format!("fault injection: the group was aborted at step {step}") };
                 return Ok(self.collective_failed(&a, &format!("step {step}"), e));
             }
-            let sync = GradSync { buckets: &self.buckets, comm: &mut *group, overlap: self.cfg.comm.overlap };
+            let sync = GradSync {
+                buckets: &self.buckets,
+                comm: &mut *group,
+                overlap: self.cfg.comm.overlap,
+                step_micro_batches: a.batches_per_step as usize,
+            };
             let stats = match self.trainer.step_synced(&micro, Some(sync)) {
                 Ok(s) => s,
                 Err(e) => return Ok(self.collective_failed(&a, &format!("step {step}: the all-reduce"), e)),
@@ -758,6 +764,7 @@ impl Rank {
                 loss: stats.loss,
                 step_seconds: step_time.as_secs_f64(),
                 compute_seconds: step_time.saturating_sub(stats.allreduce_exposed).as_secs_f64(),
+                lr: stats.lr,
             };
             let token = self.args.token.clone();
             let reply = match self.rt.block_on(call(&mut self.client, &self.args.coord, |mut c| {

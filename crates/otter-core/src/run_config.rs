@@ -36,10 +36,10 @@ pub struct CoordSection {
     /// Most nodes: the first rendezvous completes at once when this many have joined.
     pub max_nodes: usize,
     /// How long the first nodes may take to reach min_nodes, and a member rank to check in.
-    #[serde(with = "crate::coord::duration", default = "d300")]
+    #[serde(with = "crate::coord::duration", default = "crate::coord::default_join_timeout")]
     pub join_timeout: std::time::Duration,
     /// With min_nodes joined, wait this long after the last join for more.
-    #[serde(with = "crate::coord::duration", default = "d1")]
+    #[serde(with = "crate::coord::duration", default = "crate::coord::default_last_call")]
     pub last_call: std::time::Duration,
     /// Workers send a heartbeat this often.
     #[serde(with = "crate::coord::duration", default = "d1")]
@@ -91,9 +91,6 @@ fn straggler_steps() -> u32 {
     5
 }
 
-fn d300() -> std::time::Duration {
-    std::time::Duration::from_secs(300)
-}
 fn d1() -> std::time::Duration {
     std::time::Duration::from_secs(1)
 }
@@ -159,7 +156,8 @@ impl CoordSection {
     }
 
     /// The coordinator state machine's config: this section plus `train:`'s limits.
-    pub fn machine_config(&self, train: &crate::train::config::TrainConfig) -> crate::coord::CoordConfig {
+    /// `batch_size`: the data's (`global_batch` counts samples; the machine counts batches).
+    pub fn machine_config(&self, train: &crate::train::config::TrainConfig, batch_size: u64) -> crate::coord::CoordConfig {
         crate::coord::CoordConfig {
             min_nodes: self.min_nodes,
             max_nodes: self.max_nodes,
@@ -167,6 +165,7 @@ impl CoordSection {
             last_call: self.last_call,
             heartbeat_timeout: self.heartbeat_timeout,
             batches_per_rank_step: train.grad_accum,
+            global_batches: train.global_batch.map(|g| g / batch_size.max(1)),
             lease_ahead_steps: self.lease_ahead_steps,
             max_steps: train.max_steps,
             epochs: train.epochs,
@@ -258,7 +257,13 @@ impl RunConfig {
         }
         if let Some(coord) = &cfg.coord {
             let train = cfg.train.as_ref().ok_or_else(|| invalid(("train".into(), "a job with `coord:` needs a `train:` section".into())))?;
-            coord.machine_config(train).validate().map_err(|e| invalid((format!("coord.{}", e.field), e.message)))?;
+            let batch_size = cfg.data.as_ref().map_or(1, |d| d.batch_size as u64);
+            if let Some(g) = train.global_batch {
+                if g == 0 || g % batch_size != 0 {
+                    return Err(invalid(("train.global_batch".into(), format!("{g} samples: must be a positive multiple of data.batch_size {batch_size}"))));
+                }
+            }
+            coord.machine_config(train, batch_size).validate().map_err(|e| invalid((format!("coord.{}", e.field), e.message)))?;
             if coord.tls_cert.is_some() != coord.tls_key.is_some() {
                 return Err(invalid(("coord.tls_key".into(), "give both tls_cert and tls_key, or neither".into())));
             }
@@ -346,5 +351,30 @@ mod tests {
         let p = write(d.path(), "model: {}\n");
         let cfg = RunConfig::from_file(&p).unwrap();
         assert!(cfg.model_source(&p).unwrap_err().to_string().contains("`model`"));
+    }
+
+    #[test]
+    fn a_job_yaml_and_the_machine_share_one_default_for_each_timing() {
+        let section: CoordSection = serde_yaml_ng::from_str("min_nodes: 2\nmax_nodes: 4\n").unwrap();
+        let train: crate::train::config::TrainConfig = serde_yaml_ng::from_str("out_dir: /tmp/x\n").unwrap();
+        let (from_yaml, machine) = (section.machine_config(&train, 2), crate::coord::CoordConfig::new(2, 4));
+        assert_eq!((from_yaml.last_call, from_yaml.join_timeout), (machine.last_call, machine.join_timeout));
+    }
+
+    #[test]
+    fn the_global_batch_counts_samples_and_must_fill_whole_batches() {
+        let d = tempfile::tempdir().unwrap();
+        let job = |g: u64| {
+            format!(
+                "data:\n  tokenizer: t.json\n  batch_size: 4\n  datasets:\n    - {{name: T, group: TEXT_ONLY, instructions: t.json}}\ntrain:\n  out_dir: out\n  global_batch: {g}\ncoord:\n  min_nodes: 1\n  max_nodes: 2\n"
+            )
+        };
+        let p = write(d.path(), &job(10));
+        let e = RunConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("train.global_batch") && e.contains("multiple of data.batch_size 4"), "{e}");
+        let p = write(d.path(), &job(12));
+        let cfg = RunConfig::from_file(&p).unwrap_or_else(|e| panic!("{e}"));
+        let m = cfg.coord.as_ref().unwrap().machine_config(cfg.train.as_ref().unwrap(), 4);
+        assert_eq!(m.global_batches, Some(3), "12 samples = 3 batches of 4");
     }
 }

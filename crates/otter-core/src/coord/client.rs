@@ -61,12 +61,26 @@ pub async fn connect(addrs: &[String], patience: Duration) -> Result<Client, Con
 /// Calls `f` until it succeeds, reconnecting while the coordinator is unreachable or
 /// restarting (UNAVAILABLE / connection errors); refusals, and answers that carry a code
 /// (such as a pending rendezvous), are returned.
-pub async fn call<T, F, Fut>(client: &mut Client, addrs: &[String], mut f: F) -> Result<T, tonic::Status>
+pub async fn call<T, F, Fut>(client: &mut Client, addrs: &[String], f: F) -> Result<T, tonic::Status>
 where
     F: FnMut(Client) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let until = Instant::now() + Duration::from_secs(120);
+    call_with_patience(client, addrs, DEFAULT_PATIENCE, f).await
+}
+
+/// How long [`call`] retries an unreachable coordinator (a restart, a failover).
+pub const DEFAULT_PATIENCE: Duration = Duration::from_secs(120);
+
+/// [`call`], retrying an unreachable coordinator for `patience` (a rank's rendezvous waits
+/// as long as the job's `join_timeout`: giving up sooner would take its node out of a job
+/// that still waits for nodes).
+pub async fn call_with_patience<T, F, Fut>(client: &mut Client, addrs: &[String], patience: Duration, mut f: F) -> Result<T, tonic::Status>
+where
+    F: FnMut(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let until = Instant::now() + patience;
     loop {
         match f(client.clone()).await {
             Ok(r) => return Ok(r.into_inner()),

@@ -62,7 +62,9 @@ pub fn escape(s: &str) -> String {
 }
 
 /// The loss curve as an inline SVG polyline (at most ~600 points).
-fn loss_svg(losses: &[(u64, f64)]) -> String {
+/// The loss curve; `worlds`: (step, world) of each committed step, where a change of world
+/// (a node lost or joined) is drawn as a dashed line labelled with the new world.
+fn loss_svg(losses: &[(u64, f64)], worlds: &[(u64, u64)]) -> String {
     let pts: Vec<(u64, f64)> = losses.iter().copied().filter(|(_, l)| l.is_finite()).collect();
     if pts.len() < 2 {
         return "<p>(not enough committed steps for a curve yet)</p>".into();
@@ -80,10 +82,25 @@ fn loss_svg(losses: &[(u64, f64)]) -> String {
         let y = h - pad - (l - lo) / span * (h - 2.0 * pad);
         let _ = write!(poly, "{x:.1},{y:.1} ");
     }
+    let mut changes = String::new();
+    for pair in worlds.windows(2) {
+        let ((_, before), (s, world)) = (pair[0], pair[1]);
+        if world != before && (x0..=x1).contains(&(s as f64)) {
+            let x = pad + (s as f64 - x0) / (x1 - x0).max(1.0) * (w - 2.0 * pad);
+            let _ = write!(
+                changes,
+                "<line class=\"world-change\" x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{pad}\" y2=\"{}\" stroke=\"#d62728\" stroke-dasharray=\"4 3\"/>\
+                 <text x=\"{:.1}\" y=\"{}\" font-size=\"10\" fill=\"#d62728\">world {world}</text>",
+                h - pad,
+                x + 2.0,
+                pad + 10.0
+            );
+        }
+    }
     format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" role=\"img\" aria-label=\"loss curve\">\
          <rect width=\"100%\" height=\"100%\" fill=\"#fafafa\" stroke=\"#ccc\"/>\
-         <polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{poly}\"/>\
+         <polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{poly}\"/>{changes}\
          <text x=\"4\" y=\"{pad}\" font-size=\"11\">{hi:.4}</text><text x=\"4\" y=\"{}\" font-size=\"11\">{lo:.4}</text>\
          <text x=\"{pad}\" y=\"{}\" font-size=\"11\">step {x0}</text><text x=\"{}\" y=\"{}\" font-size=\"11\" text-anchor=\"end\">step {x1}</text></svg>",
         h - pad,
@@ -160,7 +177,11 @@ pub fn render_status(status: &serde_json::Value, ranks: &[(usize, Option<f64>, b
         .as_array()
         .map(|v| v.iter().filter_map(|s| Some((s["step"].as_u64()?, s["loss"].as_f64()?))).collect())
         .unwrap_or_default();
-    let _ = write!(h, "<h2>Loss</h2>{}", loss_svg(&losses));
+    let worlds: Vec<(u64, u64)> = status["steps"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|s| Some((s["step"].as_u64()?, s["world"].as_u64()?))).collect())
+        .unwrap_or_default();
+    let _ = write!(h, "<h2>Loss</h2>{}", loss_svg(&losses, &worlds));
     h.push_str("<h2>Members</h2><table><tr><th>node</th><th>local ranks</th><th>first rank</th></tr>");
     for m in status["members"].as_array().into_iter().flatten() {
         let _ = write!(h, "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", escape(m["node_id"].as_str().unwrap_or("?")), m["local_ranks"], m["first_rank"]);
@@ -208,7 +229,7 @@ mod tests {
                         "batches_committed": 6, "batches_pending": 10, "recoveries": 1, "rollbacks": 0, "last_loss": 1.5},
             "total_steps": 12,
             "members": [{"node_id": "<script>alert(1)</script>", "local_ranks": 1, "first_rank": 0}],
-            "steps": [{"step": 0, "loss": 2.0}, {"step": 1, "loss": 1.8}, {"step": 2, "loss": 1.5}],
+            "steps": [{"step": 0, "loss": 2.0, "world": 3}, {"step": 1, "loss": 1.8, "world": 3}, {"step": 2, "loss": 1.5, "world": 2}],
             "checkpoints": [2],
             "events": [{"at": 5, "generation": 2, "kind": "NodeLost", "reason": "node b lost: <watch closed>"}],
         });
@@ -221,6 +242,8 @@ mod tests {
         }
         assert!(!page.contains("src=") && !page.contains("<link"), "no external assets");
         assert!(page.contains("<polyline") && page.contains("3 of 12 steps committed (25.0%)"));
+        assert_eq!(page.matches("class=\"world-change\"").count(), 1, "the world changed once, at step 2");
+        assert!(page.contains(">world 2</text>"));
         assert!(page.contains("Running") && page.contains("step-2") && page.contains("ETA 12 s"));
         assert!(page.contains("<td class=\"warn\">yes</td>"), "the straggler is marked");
         assert!(page.contains("node b lost: &lt;watch closed&gt;"));

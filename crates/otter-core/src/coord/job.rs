@@ -54,7 +54,7 @@ pub fn load_job(config: &Path) -> Result<(RunConfig, String, Machine, Duration)>
     // The data's size, from its instructions and train-config files alone: the coordinator
     // needs neither the images nor the model mounted.
     let epoch_batches = crate::data::epoch_batches(data, train.epochs).with_context(|| format!("{origin}: reading the data's metadata"))?;
-    let machine = Machine::new(coord.machine_config(train), epoch_batches).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    let machine = Machine::new(coord.machine_config(train, data.batch_size as u64), epoch_batches).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
     let yaml = serde_yaml_ng::to_string(&cfg)?;
     Ok((cfg.clone(), yaml, machine, coord.heartbeat_interval))
 }

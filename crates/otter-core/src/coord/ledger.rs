@@ -50,6 +50,9 @@ pub struct LeasedStep {
     pub per_rank: Vec<Vec<BatchRef>>,
     /// Loss each rank reported for this step, if it did (non-finite losses are not kept).
     pub losses: Vec<Option<f64>>,
+    /// The learning rate the step was trained at (every rank reports the same).
+    #[serde(default)]
+    pub lr: Option<f64>,
 }
 
 /// A step whose batches are trained into the job's model state.
@@ -60,9 +63,11 @@ pub struct CommittedStep {
     pub generation: u64,
     /// By rank of `generation`, dead ranks included.
     pub per_rank: Vec<Vec<BatchRef>>,
-    /// Mean of the losses its ranks reported (ranks that died before reporting are
-    /// missing from it).
+    /// Mean loss over its micro-batches: the ranks' reported means weighted by their
+    /// batch counts (ranks that died before reporting are missing from it).
     pub mean_loss: Option<f64>,
+    #[serde(default)]
+    pub lr: Option<f64>,
 }
 
 /// What is kept of a committed step once it is compacted (and shown for every step).
@@ -75,6 +80,12 @@ pub struct StepSummary {
     /// The highest epoch among its batches.
     pub epoch: u64,
     pub mean_loss: Option<f64>,
+    /// The learning rate it was trained at.
+    #[serde(default)]
+    pub lr: Option<f64>,
+    /// Its micro-batches (data batches), over all ranks: the job's global batch.
+    #[serde(default)]
+    pub micro_batches: u64,
 }
 
 impl CommittedStep {
@@ -85,6 +96,8 @@ impl CommittedStep {
             world: self.per_rank.len() as u64,
             epoch: self.per_rank.iter().flatten().map(|b| b.epoch).max().unwrap_or(0),
             mean_loss: self.mean_loss,
+            lr: self.lr,
+            micro_batches: self.per_rank.iter().map(|r| r.len() as u64).sum(),
         }
     }
 }
@@ -344,13 +357,13 @@ impl Ledger {
         Some(StepLease { step, items: per_rank.get(rank)?.clone() })
     }
 
-    /// Leases `step` to `world` ranks of `generation`, `k` batches each, from the front of
-    /// the pending pool. False (and nothing changes) if fewer than `world * k` batches are
-    /// left: the data is exhausted for this world size.
-    pub(crate) fn lease(&mut self, step: u64, generation: u64, world: usize, k: u64) -> bool {
+    /// Leases `step` to `world` ranks of `generation`: the next `n` batches of the pending
+    /// pool (a step's batches do not depend on the world), rank `r` taking part `r` of
+    /// [`crate::comm::split`] (contiguous; the first `n % world` ranks one more). False
+    /// (and nothing changes) if fewer than `n` batches are left: the data is exhausted.
+    pub(crate) fn lease(&mut self, step: u64, generation: u64, world: usize, n: u64) -> bool {
         debug_assert!(self.leased.last_key_value().map_or(true, |(&s, _)| s < step));
-        let Some(n) = (world as u64).checked_mul(k) else { return false };
-        if world == 0 || k == 0 || self.pending_batches() < n {
+        if world == 0 || n == 0 || self.pending_batches() < n {
             return false;
         }
         let from_returned = (self.returned.len() as u64).min(n) as usize;
@@ -358,14 +371,24 @@ impl Ledger {
         let fresh = n - from_returned as u64;
         items.extend(self.stream_from(self.next).take(fresh as usize));
         self.next += fresh;
-        let per_rank = items.chunks(k as usize).map(<[BatchRef]>::to_vec).collect();
-        self.leased.insert(step, LeasedStep { generation, per_rank, losses: vec![None; world] });
+        let per_rank = (0..world)
+            .map(|r| {
+                let (start, len) = crate::comm::split(items.len(), world, r);
+                items[start..start + len].to_vec()
+            })
+            .collect();
+        self.leased.insert(step, LeasedStep { generation, per_rank, losses: vec![None; world], lr: None });
         true
     }
 
-    pub(crate) fn record_loss(&mut self, step: u64, rank: usize, loss: f64) {
-        if let Some(slot) = self.leased.get_mut(&step).and_then(|l| l.losses.get_mut(rank)) {
-            *slot = loss.is_finite().then_some(loss);
+    pub(crate) fn record_loss(&mut self, step: u64, rank: usize, loss: f64, lr: f64) {
+        if let Some(l) = self.leased.get_mut(&step) {
+            if let Some(slot) = l.losses.get_mut(rank) {
+                *slot = loss.is_finite().then_some(loss);
+            }
+            if lr.is_finite() {
+                l.lr.get_or_insert(lr);
+            }
         }
     }
 
@@ -375,9 +398,15 @@ impl Ledger {
             return false;
         }
         let Some(l) = self.leased.remove(&step) else { return false };
-        let losses: Vec<f64> = l.losses.iter().flatten().copied().collect();
-        let mean_loss = (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64);
-        self.committed.push(CommittedStep { step, generation: l.generation, per_rank: l.per_rank, mean_loss });
+        // Weighted by batch counts: the mean over the step's micro-batches, whatever the split.
+        let (sum, n) = l
+            .losses
+            .iter()
+            .zip(&l.per_rank)
+            .filter_map(|(loss, items)| Some((loss.as_ref()?, items.len() as f64)))
+            .fold((0.0, 0.0), |(s, n), (loss, k)| (s + loss * k, n + k));
+        let mean_loss = (n > 0.0).then(|| sum / n);
+        self.committed.push(CommittedStep { step, generation: l.generation, per_rank: l.per_rank, mean_loss, lr: l.lr });
         true
     }
 
@@ -497,8 +526,8 @@ mod tests {
     fn steps_take_consecutive_runs_and_span_epochs_and_skip_empty_ones() {
         let mut l = Ledger::new(vec![3, 0, 4]);
         assert_eq!(l.total(), 7);
-        assert!(l.lease(0, 1, 2, 1));
-        assert!(l.lease(1, 1, 2, 1));
+        assert!(l.lease(0, 1, 2, 2));
+        assert!(l.lease(1, 1, 2, 2));
         assert_eq!(l.leased[&0].per_rank, vec![vec![b(0, 0)], vec![b(0, 1)]]);
         assert_eq!(l.leased[&1].per_rank, vec![vec![b(0, 2)], vec![b(2, 0)]], "a step spans the boundary");
         assert!(l.lease(2, 1, 1, 3));
@@ -513,7 +542,7 @@ mod tests {
             let batches = 100;
             let (mut many, mut one) = (Ledger::new(vec![batches, batches]), Ledger::new(vec![batches, batches]));
             let mut step = 0;
-            while many.lease(step, 1, world, k) {
+            while many.lease(step, 1, world, world as u64 * k) {
                 assert!(one.lease(step, 1, 1, world as u64 * k));
                 assert_eq!(flat(&many.leased[&step]), flat(&one.leased[&step]), "step {step}, W={world}, k={k}");
                 let r = world - 1;
@@ -530,7 +559,7 @@ mod tests {
     fn settle_commits_up_to_the_applied_step_and_returns_the_rest_in_order() {
         let mut l = Ledger::new(vec![20]);
         for s in 0..4 {
-            assert!(l.lease(s, 1, 2, 2));
+            assert!(l.lease(s, 1, 2, 4));
         }
         assert!(l.commit(0));
         assert!(!l.commit(2), "commits go in order");
@@ -538,9 +567,9 @@ mod tests {
         assert_eq!((s.committed, s.returned, s.batches_back), (vec![1], vec![2, 3], 8));
         assert_eq!(l.committed_through(), Some(1));
         // Returned batches go out first, in their old order, cut to the new world's size.
-        assert!(l.lease(2, 2, 3, 1));
+        assert!(l.lease(2, 2, 3, 3));
         assert_eq!(flat(&l.leased[&2]), vec![b(0, 8), b(0, 9), b(0, 10)]);
-        assert!(l.lease(3, 2, 3, 2));
+        assert!(l.lease(3, 2, 3, 6));
         assert_eq!(flat(&l.leased[&3]), (11..17).map(|i| b(0, i)).collect::<Vec<_>>());
         l.check_exactly_once().unwrap();
     }
@@ -549,7 +578,7 @@ mod tests {
     fn batches_returned_twice_keep_their_order_ahead_of_older_returns() {
         let mut l = Ledger::new(vec![12]);
         for s in 0..3 {
-            assert!(l.lease(s, 1, 2, 2));
+            assert!(l.lease(s, 1, 2, 4));
         }
         assert!(l.commit(0));
         l.settle(Some(0)); // steps 1, 2 (batches 4..12) go back
@@ -576,10 +605,29 @@ mod tests {
     }
 
     #[test]
+    fn a_step_takes_the_same_batches_whatever_the_world_split_unevenly() {
+        let mut l = Ledger::new(vec![20]);
+        assert!(l.lease(0, 1, 2, 5));
+        let sizes: Vec<usize> = l.leased()[&0].per_rank.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [3, 2], "the first 5 % 2 ranks take one more");
+        assert!(l.lease(1, 2, 3, 5));
+        let sizes: Vec<usize> = l.leased()[&1].per_rank.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [2, 2, 1]);
+        let batches: Vec<u64> = l.leased()[&1].per_rank.iter().flatten().map(|b| b.batch).collect();
+        assert_eq!(batches, [5, 6, 7, 8, 9], "the next 5 of the stream, in order");
+        // The step's loss is the mean over its micro-batches: rank 0's mean counts 3 times.
+        l.record_loss(0, 0, 1.0, 2e-4);
+        l.record_loss(0, 1, 2.0, 2e-4);
+        assert!(l.commit(0));
+        let s = l.committed[0].summary();
+        assert_eq!((s.mean_loss, s.lr, s.micro_batches, s.world), (Some((3.0 * 1.0 + 2.0 * 2.0) / 5.0), Some(2e-4), 5, 2));
+    }
+
+    #[test]
     fn the_check_catches_what_it_claims_to() {
         let mut good = Ledger::new(vec![10]);
         for s in 0..3 {
-            assert!(good.lease(s, 1, 2, 1));
+            assert!(good.lease(s, 1, 2, 2));
             assert!(good.commit(s));
         }
         good.close(LedgerEnd::DataExhausted { step_batches: 2 });
@@ -603,7 +651,7 @@ mod tests {
         gap.committed.remove(1);
         assert!(matches!(gap.check_exactly_once(), Err(LedgerError::StepGap { index: 1, step: 2 })));
         let mut open = good.clone();
-        assert!(open.lease(3, 1, 2, 1));
+        assert!(open.lease(3, 1, 2, 2));
         open.close(LedgerEnd::MaxSteps);
         assert!(matches!(open.check_exactly_once(), Err(LedgerError::OpenLeasesAtEnd { .. })));
     }
@@ -611,11 +659,11 @@ mod tests {
     #[test]
     fn losses_average_over_the_ranks_that_reported_finite_ones() {
         let mut l = Ledger::new(vec![8]);
-        assert!(l.lease(0, 1, 3, 1));
-        l.record_loss(0, 0, 1.0);
-        l.record_loss(0, 1, f64::NAN);
-        l.record_loss(0, 2, 3.0);
-        l.record_loss(0, 7, 3.0);
+        assert!(l.lease(0, 1, 3, 3));
+        l.record_loss(0, 0, 1.0, 1e-3);
+        l.record_loss(0, 1, f64::NAN, 1e-3);
+        l.record_loss(0, 2, 3.0, 1e-3);
+        l.record_loss(0, 7, 3.0, 1e-3);
         assert!(l.commit(0));
         assert_eq!(l.committed[0].mean_loss, Some(2.0));
     }
@@ -624,8 +672,8 @@ mod tests {
     /// every `every` steps as the machine does when a checkpoint commits.
     fn long_run(l: &mut Ledger, steps: u64, world: usize, k: u64, every: u64) {
         for step in l.steps_committed()..steps {
-            assert!(l.lease(step, 1, world, k));
-            l.record_loss(step, 0, step as f64);
+            assert!(l.lease(step, 1, world, world as u64 * k));
+            l.record_loss(step, 0, step as f64, 1e-3);
             assert!(l.commit(step));
             if (step + 1) % every == 0 {
                 l.compact_through(step + 1);
@@ -650,7 +698,7 @@ mod tests {
         // A recovery rolls back only what follows the compacted steps.
         full.settle(Some(49));
         compact.settle(Some(49));
-        assert!(full.lease(50, 2, 3, 1) && compact.lease(50, 2, 3, 1));
+        assert!(full.lease(50, 2, 3, 3) && compact.lease(50, 2, 3, 3));
         assert_eq!(full.leased()[&50], compact.leased()[&50]);
         compact.check_exactly_once().unwrap();
         // The compacted state survives the snapshot round trip.
@@ -666,8 +714,8 @@ mod tests {
         let mut history = Vec::new();
         let mut run = |l: &mut Ledger, steps: u64| {
             for step in l.steps_committed()..steps {
-                assert!(l.lease(step, 1, 64, 2));
-                l.record_loss(step, 0, step as f64);
+                assert!(l.lease(step, 1, 64, 128));
+                l.record_loss(step, 0, step as f64, 1e-3);
                 assert!(l.commit(step));
                 if (step + 1) % 50 == 0 {
                     history.extend(l.compact_through(step + 1));

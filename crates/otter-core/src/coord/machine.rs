@@ -535,6 +535,10 @@ pub struct Machine {
     /// generation completes its rendezvous.
     #[serde(default)]
     total_steps: Option<u64>,
+    /// Data batches (micro-batches) every step consumes, whatever the world: the job's
+    /// global batch, fixed with `total_steps`.
+    #[serde(default)]
+    batches_per_step: Option<u64>,
 }
 
 /// The blame log keeps this many of the latest reports.
@@ -608,6 +612,7 @@ impl Machine {
             last_save_failure: None,
             final_weights: None,
             total_steps: None,
+            batches_per_step: None,
         })
     }
 
@@ -717,10 +722,22 @@ impl Machine {
     }
 
     /// Optimizer steps of the whole job (the LR schedule's length): the data's batches over
-    /// a step's (the first generation's world x `batches_per_rank_step`), capped by
-    /// `max_steps`; fixed when the first generation completes its rendezvous.
+    /// a step's ([`Machine::batches_per_step`]), capped by `max_steps`; fixed when the first
+    /// generation completes its rendezvous, never changed by later world sizes.
     pub fn total_steps(&self) -> Option<u64> {
         self.total_steps
+    }
+
+    /// Data batches every step consumes, whatever the world (the job's global batch):
+    /// `global_batches`, or else the first generation's world x `batches_per_rank_step`;
+    /// fixed when the first generation completes its rendezvous.
+    pub fn batches_per_step(&self) -> Option<u64> {
+        self.batches_per_step
+    }
+
+    /// A step's batches (before the first rendezvous fixes them: the current world's).
+    fn step_batches(&self) -> u64 {
+        self.batches_per_step.unwrap_or(self.world as u64 * self.config.batches_per_rank_step)
     }
 
     /// Adopts the schedule length a state saved by the previous version kept beside the
@@ -980,6 +997,7 @@ impl Machine {
         rank: usize,
         step: u64,
         loss: f64,
+        lr: f64,
     ) -> Result<StepReply, Refusal> {
         self.check_generation(generation)?;
         let (Phase::Running { .. }, Some(run)) = (&self.phase, self.run.as_ref()) else {
@@ -1011,7 +1029,7 @@ impl Machine {
                 format!("generation {generation}: rank {rank} reported loss {loss} at step {step}"),
             );
         }
-        let reply_before_boundary = self.record_step(now, rank, step, Some(loss));
+        let reply_before_boundary = self.record_step(now, rank, step, Some((loss, lr)));
         Ok(reply_before_boundary)
     }
 
@@ -1575,8 +1593,9 @@ impl Machine {
         self.checkpoints.retain(|&n| n <= keep);
         self.pending_checkpoints.retain(|&step, _| step < keep);
         let start_step = applied.map_or(0, |a| a + 1);
+        // (A state saved before the global batch existed adopts this world's.)
+        let per_step = *self.batches_per_step.get_or_insert(self.config.global_batches.unwrap_or(world as u64 * self.config.batches_per_rank_step));
         if self.total_steps.is_none() {
-            let per_step = world as u64 * self.config.batches_per_rank_step;
             let by_data = self.ledger.total() / per_step.max(1);
             self.total_steps = Some(self.config.max_steps.map_or(by_data, |m| m.min(by_data)).max(1));
         }
@@ -1641,13 +1660,13 @@ impl Machine {
     /// Records that `rank` applied `step`, commits what every rank has reported, extends
     /// the leases, and at the stop step (once all ranks reached it) ends the job or forms
     /// the next generation. Returns the rank's reply as of before that transition.
-    fn record_step(&mut self, now: Millis, rank: usize, step: u64, loss: Option<f64>) -> StepReply {
+    fn record_step(&mut self, now: Millis, rank: usize, step: u64, loss: Option<(f64, f64)>) -> StepReply {
         let Some(run) = self.run.as_mut() else { return self.step_reply(rank, step) };
         run.reported[rank] = Some(step);
         let all_through = run.reported.iter().min().copied().flatten();
         let highest = run.reported.iter().flatten().max().copied().unwrap_or(step);
-        if let Some(loss) = loss {
-            self.ledger.record_loss(step, rank, loss);
+        if let Some((loss, lr)) = loss {
+            self.ledger.record_loss(step, rank, loss, lr);
         }
         if let Some(m) = all_through {
             while let Some(next) = self.ledger.committed_through().map_or(Some(0), |c| c.checked_add(1)) {
@@ -1704,11 +1723,12 @@ impl Machine {
     /// finding the data exhausted fixes the job's last step.
     fn extend_leases(&mut self, now: Millis, through: u64) {
         let limit = self.stop_after().map_or(through, |b| b.min(through));
-        let (g, world, k) = (self.generation, self.world, self.config.batches_per_rank_step);
+        let (g, world) = (self.generation, self.world);
+        let n = self.step_batches();
         let Some(run) = self.run.as_mut() else { return };
         let mut step = self.ledger.last_step().map_or(0, |s| s + 1).max(run.start_step);
         while step <= limit {
-            if !self.ledger.lease(step, g, world, k) {
+            if !self.ledger.lease(step, g, world, n) {
                 run.data_end = Some(step);
                 let left = self.ledger.pending_batches();
                 let last = step.checked_sub(1).filter(|&l| l >= run.start_step);
@@ -1716,8 +1736,7 @@ impl Machine {
                     now,
                     EventKind::StopScheduled,
                     format!(
-                        "generation {g}: the data is exhausted: {left} batches left, a step of {world} ranks takes {}; {}",
-                        world as u64 * k,
+                        "generation {g}: the data is exhausted: {left} batches left, a step takes {n}; {}",
                         last.map_or("no step left to run".into(), |l| format!("step {l} is the last")),
                     ),
                 );
@@ -1759,7 +1778,7 @@ impl Machine {
         let steps = self.ledger.steps_committed();
         let (finish, end, why) = if data_bound {
             let dropped_tail = self.ledger.pending_batches();
-            let step_batches = self.world as u64 * self.config.batches_per_rank_step;
+            let step_batches = self.step_batches();
             (
                 Finish::DataExhausted { dropped_tail },
                 LedgerEnd::DataExhausted { step_batches },

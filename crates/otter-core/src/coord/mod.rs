@@ -132,9 +132,16 @@ pub struct CoordConfig {
     /// A node not heard from for this long is lost.
     #[serde(with = "duration", default = "default_heartbeat_timeout")]
     pub heartbeat_timeout: Duration,
-    /// Data batches each rank consumes per optimizer step (its gradient accumulation).
+    /// Data batches each rank consumes per optimizer step (its gradient accumulation) in
+    /// the first generation, when `global_batches` is not given: a step then takes the
+    /// first generation's world x this many, for the whole job.
     #[serde(default = "one")]
     pub batches_per_rank_step: u64,
+    /// Data batches every optimizer step consumes, whatever the world (the job's global
+    /// batch over the data's batch size): split over the ranks, unevenly when they do not
+    /// divide it.
+    #[serde(default)]
+    pub global_batches: Option<u64>,
     /// How many steps of data leases each rank holds beyond the step it finished.
     #[serde(default = "default_lease_ahead")]
     pub lease_ahead_steps: u64,
@@ -167,11 +174,13 @@ pub struct CoordConfig {
 fn one() -> u64 {
     1
 }
-fn default_join_timeout() -> Duration {
+/// The one default of `coord.join_timeout` (the job YAML's and the machine's).
+pub fn default_join_timeout() -> Duration {
     Duration::from_secs(300)
 }
-fn default_last_call() -> Duration {
-    Duration::from_secs(30)
+/// The one default of `coord.last_call` (the job YAML's and the machine's).
+pub fn default_last_call() -> Duration {
+    Duration::from_secs(1)
 }
 fn default_heartbeat_timeout() -> Duration {
     Duration::from_secs(10)
@@ -211,6 +220,7 @@ impl CoordConfig {
             last_call: default_last_call(),
             heartbeat_timeout: default_heartbeat_timeout(),
             batches_per_rank_step: 1,
+            global_batches: None,
             lease_ahead_steps: default_lease_ahead(),
             max_steps: None,
             epochs: 1,
@@ -238,6 +248,9 @@ impl CoordConfig {
             if d.is_zero() {
                 return err(field, "must be positive");
             }
+        }
+        if self.global_batches == Some(0) {
+            return err("global_batches", "must be at least 1");
         }
         if self.batches_per_rank_step == 0 {
             return err("batches_per_rank_step", "must be at least 1");

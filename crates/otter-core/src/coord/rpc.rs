@@ -16,7 +16,7 @@ pub fn lease_from_pb(l: pb::StepLease) -> StepLease {
     StepLease { step: l.step, items: l.items.into_iter().map(|i| BatchRef { epoch: i.epoch, batch: i.batch }).collect() }
 }
 
-pub fn assignment_to_pb(a: Assignment, total_steps: u64) -> pb::Assignment {
+pub fn assignment_to_pb(a: Assignment, total_steps: u64, batches_per_step: u64) -> pb::Assignment {
     pb::Assignment {
         generation: a.generation,
         rank: a.rank as u32,
@@ -28,6 +28,7 @@ pub fn assignment_to_pb(a: Assignment, total_steps: u64) -> pb::Assignment {
         total_steps,
         restore_step: a.restore_step,
         final_weights_only: a.final_weights_only,
+        batches_per_step,
     }
 }
 

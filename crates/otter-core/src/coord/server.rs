@@ -198,7 +198,10 @@ impl Coordinator {
         let steps: Vec<serde_json::Value> = l
             .history()
             .map(|c| {
-                let mut v = serde_json::json!({"step": c.step, "generation": c.generation, "world": c.world, "epoch": c.epoch, "loss": c.mean_loss});
+                let mut v = serde_json::json!({
+                    "step": c.step, "generation": c.generation, "world": c.world, "epoch": c.epoch,
+                    "loss": c.mean_loss, "lr": c.lr, "micro_batches": c.micro_batches,
+                });
                 if let Some(full) = l.committed_step(c.step) {
                     v["per_rank"] = serde_json::json!(full.per_rank);
                 }
@@ -211,6 +214,7 @@ impl Coordinator {
             "history_file": history,
             "members": m.members(),
             "total_steps": m.total_steps(),
+            "batches_per_step": m.batches_per_step(),
             "checkpoints": m.checkpoints(),
             "unreadable_checkpoints": m.unreadable_checkpoints(),
             "blame": m.blame().0,

@@ -127,13 +127,13 @@ impl pb::coordinator_server::Coordinator for Service {
             {
                 let mut s = c.state.lock().await;
                 if let Some(a) = mine(&s.machine) {
-                    let total = s.machine.total_steps().unwrap_or(0);
+                    let (total, per_step) = (s.machine.total_steps().unwrap_or(0), s.machine.batches_per_step().unwrap_or(0));
                     // The assignment may come from another request's change: answer once
                     // the state holding it is saved.
                     let v = c.current_version();
                     drop(s);
                     c.durable(v).await?;
-                    return Ok(Response::new(super::rpc::assignment_to_pb(a, total)));
+                    return Ok(Response::new(super::rpc::assignment_to_pb(a, total, per_step)));
                 }
                 if s.machine.phase().is_over() {
                     return Err(refused(Refusal::JobOver { phase: s.machine.phase().clone() }));
@@ -156,7 +156,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let r = req.into_inner();
         let c = &self.0;
         let mut s = c.state.lock().await;
-        let reply = s.machine.step_done(c.now(), r.generation, r.rank as usize, r.step, r.loss).map_err(refused)?;
+        let reply = s.machine.step_done(c.now(), r.generation, r.rank as usize, r.step, r.loss, r.lr).map_err(refused)?;
         c.observe_step_time(r.generation, s.machine.world(), r.rank as usize, r.step, r.compute_seconds);
         let manifest = c.prepare_manifest(&s);
         let v = c.commit(&mut s, String::new());

@@ -25,9 +25,16 @@ pub struct TrainConfig {
     /// Global-norm gradient clipping (upstream: 1.0); 0 disables.
     #[serde(default = "default_clip")]
     pub clip: f64,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step (per rank, in a distributed job's first
+    /// generation, unless `global_batch` is given).
     #[serde(default = "one")]
     pub grad_accum: u64,
+    /// Distributed jobs: samples every optimizer step trains on, whatever the number of
+    /// ranks (a multiple of `data.batch_size`). Default: `batch_size x grad_accum x` the
+    /// first generation's world. A node lost or joined changes how the step's batches are
+    /// split over the ranks, never the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_batch: Option<u64>,
     /// Seed for random initialisation (presets).
     #[serde(default)]
     pub seed: u64,

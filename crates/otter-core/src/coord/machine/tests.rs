@@ -136,7 +136,7 @@ impl Sim {
         let p = &self.procs[s];
         let (step, rank, generation) = (p.next, p.rank, p.generation);
         let items = p.leases.get(&step).cloned().unwrap_or_else(|| panic!("{s} holds no lease for step {step}"));
-        let reply = self.m.step_done(self.t(), generation, rank, step, step as f64).unwrap();
+        let reply = self.m.step_done(self.t(), generation, rank, step, step as f64, 1e-3).unwrap();
         let p = self.procs.get_mut(s).unwrap();
         p.applied = Some(step);
         p.next = step + 1;
@@ -320,12 +320,12 @@ fn refusals_name_the_problem_and_change_nothing() {
         ),
         (
             "stale generation",
-            |m| m.step_done(Millis(SEC), 0, 0, 0, 1.0).map(drop),
+            |m| m.step_done(Millis(SEC), 0, 0, 0, 1.0, 1e-3).map(drop),
             Refusal::StaleGeneration { got: 0, current: 1 },
         ),
         (
             "future generation",
-            |m| m.step_done(Millis(SEC), 2, 0, 0, 1.0).map(drop),
+            |m| m.step_done(Millis(SEC), 2, 0, 0, 1.0, 1e-3).map(drop),
             Refusal::FutureGeneration { got: 2, current: 1 },
         ),
         (
@@ -340,12 +340,12 @@ fn refusals_name_the_problem_and_change_nothing() {
         ),
         (
             "no such rank",
-            |m| m.step_done(Millis(SEC), 1, 2, 0, 1.0).map(drop),
+            |m| m.step_done(Millis(SEC), 1, 2, 0, 1.0, 1e-3).map(drop),
             Refusal::UnknownRank { rank: 2, world: 2, generation: 1 },
         ),
         (
             "skipped step",
-            |m| m.step_done(Millis(SEC), 1, 0, 1, 1.0).map(drop),
+            |m| m.step_done(Millis(SEC), 1, 0, 1, 1.0, 1e-3).map(drop),
             Refusal::UnexpectedStep { rank: 0, expected: 0, got: 1 },
         ),
         (
@@ -380,9 +380,9 @@ fn refusals_name_the_problem_and_change_nothing() {
     // After a re-form, the old generation's reports are stale.
     let mut sim = running(cfg(2, 2), vec![20], &["a", "b"]);
     sim.m.rank_failed(t, 1, 1, "peer closed", None).unwrap();
-    assert_eq!(sim.m.step_done(t, 1, 0, 0, 1.0), Err(Refusal::StaleGeneration { got: 1, current: 2 }));
+    assert_eq!(sim.m.step_done(t, 1, 0, 0, 1.0, 1e-3), Err(Refusal::StaleGeneration { got: 1, current: 2 }));
     assert_eq!(
-        sim.m.step_done(t, 2, 0, 0, 1.0),
+        sim.m.step_done(t, 2, 0, 0, 1.0, 1e-3),
         Err(Refusal::NotRunning { phase: Phase::Rendezvous { generation: 2 } })
     );
     // Before anything ran, no process can hold a trained state.
@@ -450,10 +450,10 @@ fn kill_during_step_2(a_applied: bool, b_applied: bool) -> Sim {
 fn a_node_killed_mid_step_commits_exactly_what_the_survivors_applied() {
     // (a applied 2, b applied 2, start step, sync from, committed through, dropped tail)
     let cases = [
-        (true, false, 3, Some(0), Some(2), 2),
-        (true, true, 3, None, Some(2), 2),
-        (false, true, 3, Some(1), Some(2), 2),
-        (false, false, 2, None, Some(1), 0),
+        (true, false, 3, Some(0), Some(2), 4),
+        (true, true, 3, None, Some(2), 4),
+        (false, true, 3, Some(1), Some(2), 4),
+        (false, false, 2, None, Some(1), 4),
     ];
     for (a_applied, b_applied, start, sync, through, tail) in cases {
         let name = format!("a applied 2: {a_applied}, b applied 2: {b_applied}");
@@ -465,7 +465,7 @@ fn a_node_killed_mid_step_commits_exactly_what_the_survivors_applied() {
             .contains("generation 1: node c lost (training process exited"));
         assert!(sim.last_event(EventKind::NodeLost).reason.contains("2 of 3 nodes remain (min 2)"));
         if b_applied {
-            let refused = sim.m.step_done(sim.t(), 1, 1, 2, 0.5);
+            let refused = sim.m.step_done(sim.t(), 1, 1, 2, 0.5, 1e-3);
             assert_eq!(refused, Err(Refusal::StaleGeneration { got: 1, current: 2 }), "{name}");
         }
         sim.check_in_all();
@@ -477,14 +477,14 @@ fn a_node_killed_mid_step_commits_exactly_what_the_survivors_applied() {
             assert_eq!(step2.generation, 1);
             assert_eq!(step2.per_rank.len(), 3, "{name}: the dead rank's lease is committed too");
             assert_eq!(step2.per_rank.concat(), positions(12..18));
-            assert_eq!(a.leases[0].items, positions(18..20), "{name}: the next batches follow on");
+            assert_eq!(a.leases[0].items, positions(18..21), "{name}: the next batches follow on, a step still takes 6");
         } else {
             assert_eq!(
                 a.leases[0],
-                StepLease { step: 2, items: positions(12..14) },
-                "{name}: step 2 is leased again first"
+                StepLease { step: 2, items: positions(12..15) },
+                "{name}: step 2 is leased again first, the same 6 batches over 2 ranks"
             );
-            assert_eq!(sim.assignment("b", 0).leases[0].items, positions(14..16));
+            assert_eq!(sim.assignment("b", 0).leases[0].items, positions(15..18));
         }
         sim.run_to_end();
         let cover = sim.m.check_exactly_once().unwrap();
@@ -776,7 +776,9 @@ fn generations_that_keep_failing_without_progress_end_the_job() {
 
 #[test]
 fn a_node_joining_a_running_job_is_admitted_at_one_step_boundary_for_all_ranks() {
-    let mut sim = Sim::new(cfg(2, 3), vec![100]);
+    let mut c = cfg(2, 3);
+    c.global_batches = Some(6);
+    let mut sim = Sim::new(c, vec![100]);
     sim.join("a", 1);
     sim.join("b", 1);
     sim.now = 5 * SEC;
@@ -804,10 +806,10 @@ fn a_node_joining_a_running_job_is_admitted_at_one_step_boundary_for_all_ranks()
     sim.check_in_all();
     let (aa, ac) = (sim.assignment("a", 0), sim.assignment("c", 0));
     assert_eq!((aa.world, aa.start_step, aa.sync_from), (3, 4, Some(0)), "c is fresh and copies rank 0's state");
-    assert_eq!((ac.rank, ac.leases[0].clone()), (2, StepLease { step: 4, items: positions(10..11) }));
+    assert_eq!((ac.rank, ac.leases[0].clone()), (2, StepLease { step: 4, items: positions(28..30) }), "a step still takes 6: 2 a rank now");
     assert_eq!(sim.m.summary().recoveries, 0, "a join is not a failure");
     sim.run_to_end();
-    assert_eq!(sim.m.check_exactly_once().unwrap().dropped_tail, Some(2), "8 batches at world 2, then 30 steps of 3");
+    assert_eq!(sim.m.check_exactly_once().unwrap().dropped_tail, Some(4), "16 steps of 6 batches, whatever the world");
 }
 
 #[test]
@@ -892,7 +894,7 @@ fn a_rank_re_entering_without_a_stop_re_forms_the_generation() {
 fn retried_reports_are_answered_again_without_counting_twice() {
     let mut sim = running(cfg(2, 2), vec![30], &["a", "b"]);
     let first = sim.step(&slot("a", 0));
-    let again = sim.m.step_done(sim.t(), 1, 0, 0, 9.0).unwrap();
+    let again = sim.m.step_done(sim.t(), 1, 0, 0, 9.0, 1e-3).unwrap();
     assert_eq!(again, first);
     sim.step(&slot("b", 0));
     assert_eq!(sim.m.ledger().committed()[0].mean_loss, Some(0.0), "the retried loss did not count");
@@ -932,7 +934,7 @@ fn the_job_ends_at_max_steps() {
     assert_eq!(s.final_weights.as_deref(), Some("out/final_weights.safetensors"));
     assert_eq!((s.steps_committed, s.finish, s.dropped_tail), (3, Some(Finish::MaxSteps { steps: 3 }), None));
     assert_eq!(sim.m.check_exactly_once().unwrap().pending_batches, 94);
-    assert!(matches!(sim.m.step_done(sim.t(), 1, 0, 3, 1.0), Err(Refusal::JobOver { .. })));
+    assert!(matches!(sim.m.step_done(sim.t(), 1, 0, 3, 1.0, 1e-3), Err(Refusal::JobOver { .. })));
     assert_eq!(sim.m.heartbeat(sim.t(), "a", 1).unwrap().phase, Phase::Finished, "agents learn the end");
 }
 
