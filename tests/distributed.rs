@@ -44,18 +44,20 @@ fn two_workers_train_with_the_same_losses_as_one_process() {
 }
 
 /// Runs `job` to the end with workers `a`, `b`, `c`; if `elastic`, `b` is killed (`kill
-/// -9`) after step `kill_after` and `d` joins after step `join_after`. Returns the final
-/// status and the final weights.
-fn run_three(d: &Path, job: &Path, out: &Path, elastic: Option<(u64, u64)>) -> (serde_json::Value, otter::tensors::TensorFile) {
+/// -9`) after step `kill_after` and, once the 2 survivors trained a step, `d` joins.
+/// Returns the final status and the final weights.
+fn run_three(d: &Path, job: &Path, out: &Path, elastic: Option<u64>) -> (serde_json::Value, otter::tensors::TensorFile) {
     let c = start_coord(job, &d.join("coord"), "127.0.0.1:0");
     let _a = start_worker(&c.addr, "a", d);
     let mut b = start_worker(&c.addr, "b", d);
     let _c = start_worker(&c.addr, "c", d);
     let mut _late = None;
-    if let Some((kill_after, join_after)) = elastic {
+    if let Some(kill_after) = elastic {
         wait_for(&c.addr, "3 ranks past the kill step", Duration::from_secs(60), |s| s["summary"]["world"] == 3 && steps_committed(s) > kill_after);
         b.child.0.kill().unwrap();
-        wait_for(&c.addr, "2 ranks past the join step", Duration::from_secs(60), |s| s["summary"]["world"] == 2 && steps_committed(s) > join_after);
+        wait_for(&c.addr, "2 ranks training", Duration::from_secs(60), |s| {
+            s["steps"].as_array().is_some_and(|v| v.iter().any(|x| x["world"] == 2))
+        });
         _late = Some(start_worker(&c.addr, "d", d));
         wait_for(&c.addr, "3 ranks again", Duration::from_secs(60), |s| s["summary"]["world"] == 3);
     }
@@ -73,10 +75,10 @@ fn run_three(d: &Path, job: &Path, out: &Path, elastic: Option<(u64, u64)>) -> (
 fn an_elastic_run_computes_the_same_run_as_an_uninterrupted_one() {
     let _serial = serial();
     let d = tempfile::tempdir().unwrap();
-    let data = synth(d.path(), 96);
+    let data = synth(d.path(), 192);
     let job_for = |name: &str| {
         let out = d.path().join(name);
-        let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: Some(14), epochs: 1, grad_accum: 1, coord: Some((2, 3)), out: &out });
+        let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: Some(30), epochs: 1, grad_accum: 1, coord: Some((2, 3)), out: &out });
         edit_yaml(&job, &[("train:\n", "train:\n  global_batch: 6\n")]);
         job
     };
@@ -84,12 +86,13 @@ fn an_elastic_run_computes_the_same_run_as_an_uninterrupted_one() {
     std::fs::create_dir_all(&calm_dir).unwrap();
     std::fs::create_dir_all(&elastic_dir).unwrap();
     let (calm, calm_w) = run_three(&calm_dir, &job_for("calm"), &d.path().join("calm"), None);
-    let (elastic, elastic_w) = run_three(&elastic_dir, &job_for("elastic"), &d.path().join("elastic"), Some((4, 8)));
+    let (elastic, elastic_w) = run_three(&elastic_dir, &job_for("elastic"), &d.path().join("elastic"), Some(4));
     let steps = |s: &serde_json::Value| s["steps"].as_array().unwrap().clone();
     let (a, b) = (steps(&calm), steps(&elastic));
-    assert_eq!((a.len(), b.len()), (14, 14));
+    assert_eq!((a.len(), b.len()), (30, 30));
     let worlds: std::collections::BTreeSet<u64> = b.iter().filter_map(|x| x["world"].as_u64()).collect();
-    assert!(worlds.contains(&2) && worlds.contains(&3), "the elastic run changed worlds: {worlds:?}");
+    let changes = b.windows(2).filter(|w| w[0]["world"] != w[1]["world"]).count();
+    assert!(worlds.contains(&2) && changes >= 2, "the elastic run shrank and grew again: {worlds:?}, {changes} changes");
     let mut worst = 0f64;
     for (x, y) in a.iter().zip(&b) {
         let step = x["step"].as_u64().unwrap();
@@ -98,7 +101,7 @@ fn an_elastic_run_computes_the_same_run_as_an_uninterrupted_one() {
         assert_eq!(x["lr"].as_f64(), y["lr"].as_f64(), "step {step}: one schedule");
         worst = worst.max((x["loss"].as_f64().unwrap() - y["loss"].as_f64().unwrap()).abs());
     }
-    println!("elastic (kill after step 4, join after step 8) vs uninterrupted: max |loss diff| {worst:.2e} over 14 steps");
+    println!("elastic (kill after step 4, a join after) vs uninterrupted: max |loss diff| {worst:.2e} over 30 steps");
     assert!(worst <= 1e-5, "max |loss diff| {worst:.2e}");
     let mut wdiff = 0f64;
     for (name, t) in &calm_w.tensors {

@@ -43,6 +43,21 @@ fn the_status_page_of_a_running_job_renders_members_and_loss_curve_in_chromium()
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    // The JSON pages its step list (a snapshot; polling it does not rebuild it per request).
+    let t = Instant::now();
+    let paged = loop {
+        let p: serde_json::Value = serde_json::from_str(&http_get(&job.http, "/status.json?since=1&limit=2").unwrap()).unwrap();
+        if !p["steps_page"]["next"].is_null() {
+            break p;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "fewer than 4 steps committed: {}", p["steps_page"]);
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let steps: Vec<u64> = paged["steps"].as_array().unwrap().iter().map(|s| s["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2], "{}", paged["steps_page"]);
+    assert_eq!(paged["steps_page"]["next"], 3);
+    assert!(http_get(&job.http, "/status.json?since=soon").is_none(), "a bad parameter is a 400");
+
     let dom = chromium(&d.path().join("profile-dom")).args(["--dump-dom", &url]).output().unwrap();
     assert!(dom.status.success(), "{}", String::from_utf8_lossy(&dom.stderr));
     let dom = String::from_utf8_lossy(&dom.stdout);

@@ -1,12 +1,19 @@
 //! The coordinator's HTTP side (`--http-listen`): `/metrics` (Prometheus), `/status` (a
 //! self-contained HTML page: no scripts, styles or images from anywhere else),
-//! `/status.json`, `/healthz`.
+//! `/status.json` (`?since=STEP&limit=N` pages its step list), `/healthz`. Both status
+//! endpoints serve a snapshot at most [`STATUS_MAX_AGE`] old, so polling them costs the
+//! job one status build per interval, not one per request.
 
 use super::server::Coordinator;
 use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How old a status snapshot the HTTP endpoints may serve.
+pub const STATUS_MAX_AGE: Duration = Duration::from_millis(500);
 
 pub fn router(coord: Arc<Coordinator>) -> axum::Router {
     let (m, s, j) = (coord.clone(), coord.clone(), coord);
@@ -23,7 +30,7 @@ pub fn router(coord: Arc<Coordinator>) -> axum::Router {
             get(move || {
                 let c = s.clone();
                 async move {
-                    let status = c.status_json().await;
+                    let status = c.status_snapshot(STATUS_MAX_AGE).await;
                     let ranks = rank_rows(&c);
                     ([(CONTENT_TYPE, "text/html; charset=utf-8")], render_status(&status, &ranks, &c.eta(&status)))
                 }
@@ -31,12 +38,60 @@ pub fn router(coord: Arc<Coordinator>) -> axum::Router {
         )
         .route(
             "/status.json",
-            get(move || {
+            get(move |uri: axum::http::Uri| {
                 let c = j.clone();
-                async move { axum::Json(c.status_json().await) }
+                async move {
+                    let status = c.status_snapshot(STATUS_MAX_AGE).await;
+                    match StepsPage::parse(uri.query()) {
+                        Ok(page) => axum::Json(page.apply(&status)).into_response(),
+                        Err(e) => (axum::http::StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+                    }
+                }
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
+}
+
+/// `?since=STEP&limit=N` of a `/status.json` request: the committed steps from `STEP` on,
+/// at most `N` of them (every one kept, by default).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepsPage {
+    pub since: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+impl StepsPage {
+    /// Parses a query string; an unknown key or a value that is not a number is an error
+    /// naming it.
+    pub fn parse(query: Option<&str>) -> Result<Self, String> {
+        let mut page = Self::default();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let bad = || format!("query parameter `{k}`: `{v}` is not a non-negative integer");
+            match k {
+                "since" => page.since = Some(v.parse().map_err(|_| bad())?),
+                "limit" => page.limit = Some(v.parse().map_err(|_| bad())?),
+                _ => return Err(format!("unknown query parameter `{k}` (since, limit)")),
+            }
+        }
+        Ok(page)
+    }
+
+    /// `status` with its `steps` cut to this page, and `steps_page` saying what was cut:
+    /// `next` is the `since` of the following page, if there is one.
+    pub fn apply(&self, status: &serde_json::Value) -> serde_json::Value {
+        let mut out = status.clone();
+        if *self == Self::default() {
+            return out;
+        }
+        let all = status["steps"].as_array().cloned().unwrap_or_default();
+        let from: Vec<serde_json::Value> = all.into_iter().filter(|s| s["step"].as_u64() >= self.since.or(Some(0))).collect();
+        let limit = self.limit.unwrap_or(usize::MAX);
+        let next = from.get(limit).and_then(|s| s["step"].as_u64());
+        out["steps"] = serde_json::Value::Array(from.into_iter().take(limit).collect());
+        out["steps_page"] = serde_json::json!({"since": self.since, "limit": self.limit, "next": next});
+        out
+    }
 }
 
 /// (rank, last compute seconds, flagged as straggler).
@@ -248,6 +303,22 @@ mod tests {
         assert!(page.contains("<td class=\"warn\">yes</td>"), "the straggler is marked");
         assert!(page.contains("node b lost: &lt;watch closed&gt;"));
         assert!(!page.contains("class=\"warn\">DEGRADED"), "a healthy job raises no alert");
+    }
+
+    #[test]
+    fn the_step_list_pages_by_since_and_limit() {
+        let steps: Vec<serde_json::Value> = (0..10).map(|s| serde_json::json!({"step": s, "loss": 1.0})).collect();
+        let status = serde_json::json!({"summary": {}, "steps": steps});
+        let page = StepsPage::parse(Some("since=4&limit=3")).unwrap();
+        let out = page.apply(&status);
+        let got: Vec<u64> = out["steps"].as_array().unwrap().iter().map(|s| s["step"].as_u64().unwrap()).collect();
+        assert_eq!(got, [4, 5, 6]);
+        assert_eq!(out["steps_page"]["next"], 7);
+        let last = StepsPage::parse(Some("since=7")).unwrap().apply(&status);
+        assert_eq!((last["steps"].as_array().unwrap().len(), &last["steps_page"]["next"]), (3, &serde_json::Value::Null));
+        assert_eq!(StepsPage::parse(None).unwrap().apply(&status), status, "no query: everything");
+        assert_eq!(StepsPage::parse(Some("since=x")).unwrap_err(), "query parameter `since`: `x` is not a non-negative integer");
+        assert!(StepsPage::parse(Some("step=1")).unwrap_err().contains("unknown query parameter `step`"));
     }
 
     #[test]

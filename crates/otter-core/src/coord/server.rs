@@ -86,6 +86,9 @@ pub struct Coordinator {
     pub(super) phase_seen: std::sync::Mutex<(u64, String)>,
     /// Node agents holding a watch stream open now.
     pub(super) agents_watching: std::sync::atomic::AtomicUsize,
+    /// The last status built for the HTTP endpoints, and when: requests within
+    /// [`STATUS_MAX_AGE`] share it instead of each building one under the state lock.
+    pub(super) status_cache: Mutex<Option<(std::time::Instant, Arc<serde_json::Value>)>>,
     pub(super) updates: watch::Sender<pb::JobUpdate>,
     pub(super) job_yaml: String,
     pub(super) heartbeat_interval: Duration,
@@ -131,7 +134,7 @@ impl Coordinator {
             manifest_in_flight: Default::default(),
             metrics: crate::metrics::CoordMetrics::new(),
             telemetry: std::sync::Mutex::new(telemetry),
-            state: Mutex::new(state), store, changed: Notify::new(), phase_seen: Default::default(), agents_watching: Default::default(), updates, job_yaml, heartbeat_interval });
+            state: Mutex::new(state), store, changed: Notify::new(), phase_seen: Default::default(), agents_watching: Default::default(), status_cache: Mutex::new(None), updates, job_yaml, heartbeat_interval });
         c.persist(&*c.state.lock().await).await?;
         tokio::spawn(Self::flusher(Arc::downgrade(&c)));
         Ok(c)
@@ -222,6 +225,21 @@ impl Coordinator {
             "steps": steps,
             "events": m.events().iter().rev().take(200).collect::<Vec<_>>(),
         })
+    }
+
+    /// The status as of at most `max_age` ago, for the unauthenticated HTTP endpoints:
+    /// however many clients poll, it is built (under the state lock) at most once per
+    /// `max_age`; concurrent requests wait for that one build.
+    pub async fn status_snapshot(&self, max_age: Duration) -> Arc<serde_json::Value> {
+        let mut cache = self.status_cache.lock().await;
+        if let Some((at, v)) = cache.as_ref() {
+            if at.elapsed() < max_age {
+                return v.clone();
+            }
+        }
+        let v = Arc::new(self.status_json().await);
+        *cache = Some((std::time::Instant::now(), v.clone()));
+        v
     }
 
     /// How many node agents hold a watch stream open (they close it once they have seen
