@@ -343,7 +343,8 @@ fn start_etcd(dir: &Path) -> Etcd {
 
 fn start_coord_etcd(config: &Path, etcd: &str, listen: &str, log: &Path) -> Child {
     Command::new(coord_bin())
-        .args(["start", "--config", config.to_str().unwrap(), "--listen", listen, "--etcd", etcd])
+        // Each replica its own HTTP port: two on one host must not share the default.
+        .args(["start", "--config", config.to_str().unwrap(), "--listen", listen, "--etcd", etcd, "--http-listen", "127.0.0.1:0"])
         .env("OTTER_JOIN_TOKEN", TOKEN)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
@@ -392,6 +393,57 @@ fn two_coordinators_on_etcd_survive_killing_the_active_one() {
 }
 
 /// A throwaway CA and a `localhost` certificate signed by it (openssl CLI).
+/// A coordinator whose etcd lease is revoked (as when etcd expires it behind a partition)
+/// stops acting as leader within one lease TTL (3 s), and the standby takes over.
+#[test]
+fn a_coordinator_whose_etcd_lease_is_revoked_stops_within_one_ttl() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let etcd = start_etcd(d.path());
+    let data = synth(d.path(), 48);
+    let out = d.path().join("out");
+    let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let (addr_a, addr_b) = (free(), free());
+    let mut active = start_coord_etcd(&job, &etcd.1, &addr_a, &d.path().join("coord-a.log"));
+    wait_for(&addr_a, "coordinator a elected", Duration::from_secs(30), |_| true);
+    let mut standby = start_coord_etcd(&job, &etcd.1, &addr_b, &d.path().join("coord-b.log"));
+    std::thread::sleep(Duration::from_millis(500)); // b campaigns
+    assert!(status(&addr_b).is_none(), "the standby does not serve");
+    // The leader is the campaign key created first; revoke the lease it is attached to.
+    let etcdctl = |args: &[&str]| {
+        let o = Command::new("etcdctl").env("ETCDCTL_API", "3").arg(format!("--endpoints={}", etcd.1)).args(args).output().unwrap();
+        assert!(o.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let keys: serde_json::Value = serde_json::from_str(&etcdctl(&["get", "--prefix", "otter/leader", "--sort-by=CREATE", "-w", "json"])).unwrap();
+    let lease = keys["kvs"][0]["lease"].as_i64().expect("the leader key has a lease");
+    let revoked = Instant::now();
+    etcdctl(&["lease", "revoke", &format!("{lease:x}")]);
+    let code = loop {
+        if let Some(c) = active.try_wait().unwrap() {
+            break c;
+        }
+        assert!(revoked.elapsed() < Duration::from_secs(10), "a still acts 10 s after its lease was revoked");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stopped = revoked.elapsed();
+    let log_a = std::fs::read_to_string(d.path().join("coord-a.log")).unwrap();
+    println!("lease revoked: the coordinator stopped {:.2} s later (TTL 3 s), exit {code}", stopped.as_secs_f64());
+    assert!(stopped < Duration::from_secs(3), "stopped {stopped:?} after the revoke: more than one lease TTL\n{log_a}");
+    assert!(log_a.contains("was revoked or has expired"), "{log_a}");
+    assert_eq!(code.code(), Some(3), "deposed: {log_a}");
+    let t = Instant::now();
+    while status(&addr_b).is_none() {
+        let log_b = std::fs::read_to_string(d.path().join("coord-b.log")).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(30), "the standby did not take over: {:?}\n{log_b}", standby.try_wait());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("the standby answered {:.2} s after the revoke", revoked.elapsed().as_secs_f64());
+    let _ = standby.kill();
+    let _ = standby.wait();
+}
+
 fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let run = |args: &[&str]| {
         let o = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");

@@ -182,6 +182,7 @@ pub async fn start(args: StartArgs) -> Result<bool> {
                 _ = over => {}
                 _ = tokio::signal::ctrl_c() => eprintln!("otter-coord: interrupted; state is saved, restart to resume"),
                 why = coord.deposed() => *deposed.lock().expect("not poisoned") = Some(why),
+                why = coord.leadership_lost() => *deposed.lock().expect("not poisoned") = Some(why),
             }
         }
     };

@@ -242,6 +242,12 @@ impl Coordinator {
         v
     }
 
+    /// Resolves once the store says this replica may no longer act (its etcd lease is
+    /// gone); never for the embedded stores.
+    pub async fn leadership_lost(&self) -> String {
+        self.store.leadership_lost().await.unwrap_or_else(|e| e.to_string())
+    }
+
     /// How many node agents hold a watch stream open (they close it once they have seen
     /// the job end).
     pub fn agents_watching(&self) -> usize {

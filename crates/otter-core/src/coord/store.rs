@@ -30,6 +30,12 @@ pub trait StateStore: Send + Sync {
     fn save(&self, bytes: Vec<u8>) -> StoreFuture<'_, ()>;
     /// Human-readable location, for logs.
     fn describe(&self) -> String;
+    /// Resolves, with the reason, once this replica has lost the right to act for the job
+    /// (its etcd lease was revoked or expired): it must stop answering at once. Stores
+    /// without leadership never resolve it.
+    fn leadership_lost(&self) -> StoreFuture<'_, String> {
+        Box::pin(std::future::pending())
+    }
 }
 
 #[derive(Default)]
