@@ -75,10 +75,12 @@ fn run_three(d: &Path, job: &Path, out: &Path, elastic: Option<u64>) -> (serde_j
 fn an_elastic_run_computes_the_same_run_as_an_uninterrupted_one() {
     let _serial = serial();
     let d = tempfile::tempdir().unwrap();
-    let data = synth(d.path(), 192);
+    // Enough steps after the kill that the joiner's start-up (a second or so on a loaded
+    // machine) always finds the job still running.
+    let data = synth(d.path(), 384);
     let job_for = |name: &str| {
         let out = d.path().join(name);
-        let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: Some(30), epochs: 1, grad_accum: 1, coord: Some((2, 3)), out: &out });
+        let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: Some(60), epochs: 1, grad_accum: 1, coord: Some((2, 3)), out: &out });
         edit_yaml(&job, &[("train:\n", "train:\n  global_batch: 6\n")]);
         job
     };
@@ -89,10 +91,11 @@ fn an_elastic_run_computes_the_same_run_as_an_uninterrupted_one() {
     let (elastic, elastic_w) = run_three(&elastic_dir, &job_for("elastic"), &d.path().join("elastic"), Some(4));
     let steps = |s: &serde_json::Value| s["steps"].as_array().unwrap().clone();
     let (a, b) = (steps(&calm), steps(&elastic));
-    assert_eq!((a.len(), b.len()), (30, 30));
+    assert_eq!((a.len(), b.len()), (60, 60));
     let worlds: std::collections::BTreeSet<u64> = b.iter().filter_map(|x| x["world"].as_u64()).collect();
     let changes = b.windows(2).filter(|w| w[0]["world"] != w[1]["world"]).count();
     assert!(worlds.contains(&2) && changes >= 2, "the elastic run shrank and grew again: {worlds:?}, {changes} changes");
+    let table: Vec<String> = a.iter().zip(&b).map(|(x, y)| format!("step {} world {}: {} vs {}", x["step"], y["world"], x["loss"], y["loss"])).collect();
     let mut worst = 0f64;
     for (x, y) in a.iter().zip(&b) {
         let step = x["step"].as_u64().unwrap();
@@ -101,8 +104,8 @@ fn an_elastic_run_computes_the_same_run_as_an_uninterrupted_one() {
         assert_eq!(x["lr"].as_f64(), y["lr"].as_f64(), "step {step}: one schedule");
         worst = worst.max((x["loss"].as_f64().unwrap() - y["loss"].as_f64().unwrap()).abs());
     }
-    println!("elastic (kill after step 4, a join after) vs uninterrupted: max |loss diff| {worst:.2e} over 30 steps");
-    assert!(worst <= 1e-5, "max |loss diff| {worst:.2e}");
+    println!("elastic (kill after step 4, a join after) vs uninterrupted: max |loss diff| {worst:.2e} over 60 steps");
+    assert!(worst <= 1e-5, "max |loss diff| {worst:.2e}:\n{}", table.join("\n"));
     let mut wdiff = 0f64;
     for (name, t) in &calm_w.tensors {
         wdiff = wdiff.max(max_abs_diff(t, elastic_w.get(name).unwrap()));

@@ -49,7 +49,9 @@ pub struct StepConfig {
 
 #[derive(Debug, Clone, Copy)]
 pub struct StepStats {
-    /// Mean of the micro-batch losses (before the update).
+    /// Mean of the step's micro-batch losses (before the update): in a group, over every
+    /// rank's micro-batches of the step (one more scalar all-reduce), so every rank
+    /// reports the step's loss.
     pub loss: f64,
     pub lr: f64,
     /// Global gradient norm before clipping.
@@ -296,6 +298,16 @@ impl Trainer {
             let t1 = Instant::now();
             times = Some(s.buckets.all_reduce_mean(&params, &mut *s.comm).map(|()| SyncTimes { comm: t1.elapsed(), exposed: t1.elapsed() }));
         }
+        // The step's loss over the whole group (the mean over its micro-batches), so that
+        // any rank's report is the step's loss, even if another died before reporting.
+        let mut loss = loss_sum / n;
+        if let (Some(s), Some(Ok(_))) = (sync.as_mut(), times.as_ref()) {
+            if s.comm.world() > 1 {
+                let mut t = [Tensor::from_slice(&[(loss_sum * scale.unwrap_or(1.0 / n)) as f32])];
+                times = Some(s.comm.all_reduce_mean_tensors(&mut t).map(|()| times.take().and_then(Result::ok).unwrap_or_default()));
+                loss = t[0].double_value(&[0]);
+            }
+        }
         let SyncTimes { comm: allreduce, exposed: allreduce_exposed } = match times.unwrap_or(Ok(SyncTimes::default())) {
             Ok(t) => t,
             Err(e) => {
@@ -325,6 +337,6 @@ impl Trainer {
             let mut p = p.shallow_clone();
             p.zero_grad();
         }
-        Ok(StepStats { loss: loss_sum / n, lr, grad_norm, compute, allreduce, allreduce_exposed, optimizer: t2.elapsed(), checkpoint_wait })
+        Ok(StepStats { loss, lr, grad_norm, compute, allreduce, allreduce_exposed, optimizer: t2.elapsed(), checkpoint_wait })
     }
 }
