@@ -303,7 +303,9 @@ impl Trainer {
         let mut loss = loss_sum / n;
         if let (Some(s), Some(Ok(_))) = (sync.as_mut(), times.as_ref()) {
             if s.comm.world() > 1 {
-                let mut t = [Tensor::from_slice(&[(loss_sum * scale.unwrap_or(1.0 / n)) as f32])];
+                // On the gradients' device: NCCL reduces device tensors only.
+                let device = params.first().map_or(Device::Cpu, |(_, p)| p.device());
+                let mut t = [Tensor::from_slice(&[(loss_sum * scale.unwrap_or(1.0 / n)) as f32]).to_device(device)];
                 times = Some(s.comm.all_reduce_mean_tensors(&mut t).map(|()| times.take().and_then(Result::ok).unwrap_or_default()));
                 loss = t[0].double_value(&[0]);
             }
