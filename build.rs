@@ -44,7 +44,7 @@ fn torch_ops(lib: Option<&str>) {
         "src/model/mapped_tensor.cpp",
         "src/comm/store_shim.cpp",
     ];
-    for f in files {
+    for f in files.iter().chain(&["src/ffi_guard.h"]) {
         println!("cargo:rerun-if-changed={f}");
     }
     let lib = std::path::PathBuf::from(lib.expect("torch-sys did not report libtorch's lib dir"));

@@ -8,6 +8,8 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "../ffi_guard.h"
+
 #include <chrono>
 #include <cstring>
 #include <string>
@@ -20,22 +22,11 @@ struct Group {
   std::chrono::milliseconds timeout;
 };
 
-void set_err(char* err, size_t len, const char* msg) {
-  if (err && len) {
-    std::strncpy(err, msg, len - 1);
-    err[len - 1] = 0;
-  }
-}
-
+// otter::guarded, and a failure aborts the communicator so no rank is left hanging.
 template <class F>
 int guarded(Group* g, char* err, size_t len, F&& f) {
-  try {
-    f();
+  if (otter::guarded(err, len, std::forward<F>(f)) == 0) {
     return 0;
-  } catch (const std::exception& e) {
-    set_err(err, len, e.what());
-  } catch (...) {
-    set_err(err, len, "unknown C++ exception");
   }
   if (g && g->pg) {
     try {

@@ -5,6 +5,8 @@
 // clients. Every entry point catches C++ exceptions and returns them as a message.
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "../ffi_guard.h"
+
 #include <unistd.h>
 
 #include <chrono>
@@ -12,27 +14,6 @@
 #include <string>
 #include <vector>
 
-namespace {
-void set_err(char* err, size_t len, const char* msg) {
-  if (err && len) {
-    std::strncpy(err, msg, len - 1);
-    err[len - 1] = 0;
-  }
-}
-
-template <class F>
-int guarded(char* err, size_t len, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    set_err(err, len, e.what());
-  } catch (...) {
-    set_err(err, len, "unknown C++ exception");
-  }
-  return 1;
-}
-}  // namespace
 
 extern "C" {
 
@@ -40,7 +21,7 @@ extern "C" {
 // (`listen_fd >= 0`) takes over a duplicate of that bound, listening socket.
 void* otter_store_new(const char* host, uint16_t port, int listen_fd, int64_t timeout_ms, char* err, size_t len) {
   c10::intrusive_ptr<c10d::Store>* out = nullptr;
-  int rc = guarded(err, len, [&] {
+  int rc = otter::guarded(err, len, [&] {
     c10d::TCPStoreOptions o;
     o.port = port;
     o.isServer = listen_fd >= 0;
@@ -61,14 +42,14 @@ void* otter_store_new(const char* host, uint16_t port, int listen_fd, int64_t ti
 
 int otter_store_set(void* h, const char* key, const uint8_t* value, size_t n, char* err, size_t len) {
   auto* s = static_cast<c10::intrusive_ptr<c10d::Store>*>(h);
-  return guarded(err, len, [&] { (*s)->set(std::string(key), std::vector<uint8_t>(value, value + n)); });
+  return otter::guarded(err, len, [&] { (*s)->set(std::string(key), std::vector<uint8_t>(value, value + n)); });
 }
 
 // Blocks until `key` exists (or the store's timeout): copies at most `cap` bytes of its
 // value to `out` and its full length to `*n`.
 int otter_store_get(void* h, const char* key, uint8_t* out, size_t cap, size_t* n, char* err, size_t len) {
   auto* s = static_cast<c10::intrusive_ptr<c10d::Store>*>(h);
-  return guarded(err, len, [&] {
+  return otter::guarded(err, len, [&] {
     auto v = (*s)->get(std::string(key));
     *n = v.size();
     std::memcpy(out, v.data(), std::min(cap, v.size()));

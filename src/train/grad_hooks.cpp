@@ -7,6 +7,8 @@
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include "../ffi_guard.h"
+
 #include <cstring>
 #include <memory>
 
@@ -20,29 +22,16 @@ struct RustHook : torch::autograd::PostAccumulateGradHook {
   void* ctx;
   size_t index;
 };
-
-void set_err(char* err, size_t len, const char* msg) {
-  if (err && len) {
-    std::strncpy(err, msg, len - 1);
-    err[len - 1] = 0;
-  }
-}
 }  // namespace
 
 extern "C" {
 
 // Returns 0, or 1 with a message in `err` (the tensor is not a leaf that requires grad).
 int otter_set_post_acc_grad_hook(at::Tensor* t, Callback cb, void* ctx, size_t index, char* err, size_t len) {
-  try {
+  return otter::guarded(err, len, [&] {
     TORCH_CHECK(t->is_leaf() && t->requires_grad(), "a post-accumulate-grad hook needs a leaf that requires grad");
     torch::autograd::impl::set_post_acc_grad_hooks(*t, std::make_unique<RustHook>(cb, ctx, index));
-    return 0;
-  } catch (const std::exception& e) {
-    set_err(err, len, e.what());
-  } catch (...) {
-    set_err(err, len, "unknown C++ exception");
-  }
-  return 1;
+  });
 }
 
 void otter_clear_post_acc_grad_hook(at::Tensor* t) {
