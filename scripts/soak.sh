@@ -6,6 +6,7 @@
 # after warm-up (the first 20% of the steps), absolute and relative to the size.
 #
 #   scripts/soak.sh [--steps N] [--interval S]      (default: 10000 steps, every 20 s)
+#   OTTER_BIN_DIR=target/debug scripts/soak.sh ...   (skip the release build)
 #
 # Release binaries; OMP_NUM_THREADS is left to the ranks (they split the cores).
 set -euo pipefail
@@ -20,8 +21,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 bash scripts/setup.sh
-cargo build --quiet --release --bins
-bin=target/release
+# OTTER_BIN_DIR: prebuilt binaries (e.g. target/debug) instead of a release build.
+bin="${OTTER_BIN_DIR:-target/release}"
+if [ -z "${OTTER_BIN_DIR:-}" ]; then
+  cargo build --quiet --release --bins
+fi
 work=out/soak
 rm -rf "$work"
 mkdir -p "$work"
