@@ -33,7 +33,8 @@ fn main() {
 /// The libtorch calls tch cannot make: `at::_fused_adamw_` (takes tensor lists;
 /// src/train/adamw_shim.cpp), post-accumulate-grad hooks (src/train/grad_hooks.cpp),
 /// oneDNN's dense f32 GEMM behind an autograd node (src/model/onednn_linear.cpp),
-/// `at::from_blob` with a deleter (src/model/mapped_tensor.cpp) and c10d's TCPStore
+/// `at::from_blob` with a deleter (src/model/mapped_tensor.cpp), a custom autograd node for
+/// activation checkpointing (src/model/checkpoint.cpp) and c10d's TCPStore
 /// (src/comm/store_shim.cpp). Compiled against the headers that ship beside libtorch
 /// (`<lib>/../include`), including only what they use.
 fn torch_ops(lib: Option<&str>) {
@@ -42,6 +43,7 @@ fn torch_ops(lib: Option<&str>) {
         "src/train/grad_hooks.cpp",
         "src/model/onednn_linear.cpp",
         "src/model/mapped_tensor.cpp",
+        "src/model/checkpoint.cpp",
         "src/comm/store_shim.cpp",
     ];
     for f in files.iter().chain(&["src/ffi_guard.h"]) {
@@ -70,6 +72,7 @@ fn libtorch_cpp(include: &std::path::Path) -> cc::Build {
 fn nccl(lib: Option<&str>) {
     use std::path::PathBuf;
     println!("cargo:rerun-if-changed=src/comm/nccl_shim.cpp");
+    println!("cargo:rerun-if-changed=src/cuda_memory.cpp");
     println!("cargo:rerun-if-env-changed=OTTER_TORCH_SITE");
     let lib = PathBuf::from(lib.expect("feature nccl: torch-sys did not report libtorch's lib dir"));
     // <site>/torch/lib -> <site>
@@ -86,6 +89,7 @@ fn nccl(lib: Option<&str>) {
     assert!(!cuda.is_empty(), "feature nccl: no CUDA headers under {}/nvidia; run scripts/setup.sh", site.display());
     libtorch_cpp(&torch.join("include"))
         .file("src/comm/nccl_shim.cpp")
+        .file("src/cuda_memory.cpp")
         .define("USE_C10D_NCCL", None)
         .include(&nccl)
         .includes(&cuda)

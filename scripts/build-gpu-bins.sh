@@ -34,7 +34,9 @@ esac
 src="$CACHE/src-torch-$version"
 mkdir -p "$src"
 tar --exclude=./target --exclude=./.git --exclude=./.gpu-bins -cf - . | tar -xf - -C "$src"
-sed -i -E "s/^(tch|torch-sys) = \{ version = \"=[0-9.]+\"/\1 = { version = \"=$tch\"/" "$src/Cargo.toml"
+sed -i -E -e "s/^(tch|torch-sys) = \{ version = \"=[0-9.]+\"/\1 = { version = \"=$tch\"/" \
+  -e "s/^(tch|torch-sys) = \"=[0-9.]+\"/\1 = \"=$tch\"/" "$src/Cargo.toml"
+grep -q "^tch = .*=$tch" "$src/Cargo.toml" || { echo "could not pin tch $tch in $src/Cargo.toml" >&2; exit 2; }
 rm -f "$src/Cargo.lock"
 cd "$src"
 export LIBTORCH="$site/torch" OTTER_TORCH_SITE="$site" CARGO_TARGET_DIR="$CACHE/target-torch-$version"

@@ -54,3 +54,59 @@ pub fn load() -> Result<(), String> {
         })
         .clone()
 }
+
+/// The CUDA caching allocator's accounting for one device, in bytes (feature `nccl`, which
+/// builds against the CUDA headers).
+#[cfg(feature = "nccl")]
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryStats {
+    pub allocated: u64,
+    pub peak_allocated: u64,
+    pub reserved: u64,
+    pub peak_reserved: u64,
+    /// The device's memory, as the driver reports it.
+    pub total: u64,
+}
+
+#[cfg(feature = "nccl")]
+pub mod memory {
+    use super::MemoryStats;
+    use std::ffi::{c_char, c_int, CStr};
+
+    extern "C" {
+        fn otter_cuda_memory(device: c_int, out: *mut i64, err: *mut c_char, len: usize) -> c_int;
+        fn otter_cuda_reset_peak(device: c_int, err: *mut c_char, len: usize) -> c_int;
+        fn otter_cuda_set_memory_fraction(device: c_int, fraction: f64, err: *mut c_char, len: usize) -> c_int;
+    }
+
+    fn checked(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
+        let mut err = [0 as c_char; 512];
+        if f(err.as_mut_ptr(), err.len()) == 0 {
+            return Ok(());
+        }
+        // SAFETY: the shim NUL-terminates `err` when it fails.
+        Err(unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned())
+    }
+
+    /// Allocated and reserved bytes, now and at their peaks since the last
+    /// [`reset_peak`], and the device's total.
+    pub fn stats(device: usize) -> Result<MemoryStats, String> {
+        let mut v = [0i64; 5];
+        // SAFETY: `v` has the five slots the shim writes.
+        checked(|e, l| unsafe { otter_cuda_memory(device as c_int, v.as_mut_ptr(), e, l) })?;
+        let u = |i: usize| v[i].max(0) as u64;
+        Ok(MemoryStats { allocated: u(0), peak_allocated: u(1), reserved: u(2), peak_reserved: u(3), total: u(4) })
+    }
+
+    pub fn reset_peak(device: usize) -> Result<(), String> {
+        // SAFETY: plain values.
+        checked(|e, l| unsafe { otter_cuda_reset_peak(device as c_int, e, l) })
+    }
+
+    /// Caps what the allocator may take from `device` at `fraction` of its memory (an
+    /// allocation past it fails as out of memory would).
+    pub fn set_fraction(device: usize, fraction: f64) -> Result<(), String> {
+        // SAFETY: plain values.
+        checked(|e, l| unsafe { otter_cuda_set_memory_fraction(device as c_int, fraction, e, l) })
+    }
+}

@@ -273,3 +273,86 @@ fn gpu_worker_trains_over_nccl_and_survives_a_forced_regroup() {
     println!("{}", formed.join("\n"));
     assert!(formed.len() >= 2, "an NCCL group per generation, in one process:\n{text}");
 }
+
+/// Issue 18: one training step of the full Otter-7B shape (LLaMA-7B + CLIP ViT-L/14,
+/// random weights: bf16 frozen, f32 trainable masters + AdamW) at the seed's recipe, batch
+/// 4 x 2048 tokens with one 224 px image each, decoder layers checkpointed, world 1, on a
+/// GPU capped at 80 GB (the caching allocator's memory fraction, so a larger card checks
+/// the 80 GB fit). Prints the allocator's bytes after loading, after the first step
+/// (gradients and optimizer state exist) and the peak over the timed steps, with
+/// tokens/s and MFU (model FLOPs as `otter_mfu_ratio` counts them, against
+/// OTTER_PEAK_TFLOPS, default 989: H100/H200 SXM dense bf16).
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "needs a CUDA device with 80 GB: scripts/gpu-check.sh"]
+fn gpu_otter_7b_step_fits_in_80_gb_with_decoder_checkpointing() {
+    use otter::cuda::memory;
+    use otter::model::checkpoint::ActivationCheckpointing;
+    use otter::model::config::OtterConfig;
+    use otter::model::spec::{count, parameter_specs};
+    use otter::model::weights::Params;
+    use otter::train::optim::AdamWConfig;
+    use otter::train::{StepConfig, TensorBatch, Trainer};
+    use otter::model::flops::{FlopsModel, StepShape};
+    let dev = cuda();
+    let gb = |b: u64| b as f64 / 1e9;
+    let total = memory::stats(0).unwrap().total;
+    let cap = 80e9;
+    if (total as f64) > cap {
+        memory::set_fraction(0, cap / total as f64).unwrap();
+    }
+    let cfg = OtterConfig::otter_llama7b();
+    let c = count(&parameter_specs(&cfg));
+    let opts = LoadOptions { device: dev, frozen_kind: Kind::BFloat16 };
+    let mut model = Otter::new(cfg.clone(), Params::random(&cfg, 0, opts), opts);
+    model.set_activation_checkpointing(ActivationCheckpointing::DecoderLayers);
+    tch::Cuda::synchronize(0);
+    let loaded = memory::stats(0).unwrap().allocated;
+    let step_cfg = StepConfig { lr: 1e-5, warmup_steps: 0, total_steps: 100, clip: Some(1.0), adamw: AdamWConfig::default() };
+    let mut trainer = Trainer::new(model, step_cfg);
+    let (b, l) = (4i64, 2048i64);
+    let ids = Tensor::randint(32000, [b, l], (Kind::Int64, dev));
+    let _ = ids.narrow(1, 0, 1).fill_(cfg.tokens.media);
+    let batch = TensorBatch {
+        vision_x: Tensor::randn([b, 1, 1, 3, 224, 224], (Kind::Float, dev)),
+        attention_mask: ids.ones_like(),
+        labels: ids.copy(),
+        input_ids: ids,
+    };
+    let first = trainer.step(std::slice::from_ref(&batch));
+    tch::Cuda::synchronize(0);
+    let after_first = memory::stats(0).unwrap();
+    memory::reset_peak(0).unwrap();
+    let n = 3;
+    let t = std::time::Instant::now();
+    let mut loss = first.loss;
+    for _ in 0..n {
+        loss = trainer.step(std::slice::from_ref(&batch)).loss;
+    }
+    tch::Cuda::synchronize(0);
+    let dt = t.elapsed().as_secs_f64() / n as f64;
+    let m = memory::stats(0).unwrap();
+    assert!(loss.is_finite(), "loss {loss}");
+    let flops = FlopsModel::new(&cfg, 1, true, false).step(StepShape { text_tokens: (b * l) as u64, media: b as u64, frames: 1 });
+    let peak_tflops: f64 = std::env::var("OTTER_PEAK_TFLOPS").ok().and_then(|v| v.parse().ok()).unwrap_or(989.0);
+    println!(
+        "gpu Otter-7B shape ({:.3} B params, {:.3} B trainable), bf16, batch {b}x{l}, decoder layers checkpointed, device total {:.1} GB capped at {:.0} GB:\n  \
+         allocated after load {:.2} GB, after the first step {:.2} GB (reserved {:.2} GB)\n  \
+         peak allocated {:.2} GB, peak reserved {:.2} GB over {n} steps\n  \
+         step {:.3} s, {:.0} tokens/s, MFU {:.3} ({:.1} useful TFLOP/step + {:.1} recomputed, peak {peak_tflops} TFLOP/s), loss {loss:.3}",
+        c.total as f64 / 1e9,
+        c.trainable as f64 / 1e9,
+        gb(total),
+        cap / 1e9,
+        gb(loaded),
+        gb(after_first.allocated),
+        gb(after_first.reserved),
+        gb(m.peak_allocated),
+        gb(m.peak_reserved),
+        dt,
+        (b * l) as f64 / dt,
+        flops.useful / dt / (peak_tflops * 1e12),
+        flops.useful / 1e12,
+        flops.recomputed / 1e12,
+    );
+}

@@ -23,6 +23,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The memory one data-parallel rank needs for a job (weights, gradients, optimizer
+    /// state, buckets, activations), from the config alone, and whether it fits a device.
+    Plan {
+        /// The job's run YAML.
+        #[arg(long)]
+        config: PathBuf,
+        /// A preset (otter_llama7b, tiny) or model directory instead of the job's `model`.
+        #[arg(long)]
+        model: Option<String>,
+        /// Data-parallel ranks.
+        #[arg(long, default_value_t = 1)]
+        world: u64,
+        /// Device memory in GB (1e9 bytes): says whether the job fits and the largest
+        /// micro-batch that does.
+        #[arg(long)]
+        gpu_mem: Option<f64>,
+        /// Media items (images) per sample.
+        #[arg(long, default_value_t = 1)]
+        media_per_sample: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// One forward (and backward with --grads) pass on saved inputs.
     Eval {
         /// HF model directory (config.json, safetensors, optional tokenizer.json).
@@ -255,6 +277,14 @@ fn main() -> Result<()> {
     let _otel = otter::otel::init("otter", "info");
     match Cli::parse().command {
         Command::ModelInfo { config, json } => cmd::model_info::run(&config, json),
+        Command::Plan { config, model, world, gpu_mem, media_per_sample, json } => cmd::plan::run(cmd::plan::PlanArgs {
+            config: &config,
+            model: model.as_deref(),
+            world,
+            gpu_mem_gb: gpu_mem,
+            media_per_sample,
+            json,
+        }),
         Command::Eval { model, inputs, out, grads, device, dtype } => cmd::eval::run(cmd::eval::EvalArgs {
             model: &model,
             inputs: &inputs,

@@ -7,6 +7,7 @@ pub mod export;
 pub mod generate;
 pub mod model_info;
 pub mod overfit;
+pub mod plan;
 
 use anyhow::Result;
 use tch::{Device, Kind};

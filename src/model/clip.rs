@@ -6,7 +6,7 @@
 //! Keys: `vision_encoder.vision_model.{embeddings.*, pre_layrnorm, encoder.layers.N.*}`.
 
 use super::config::ClipVisionConfig;
-use super::nn::{LayerNorm, Linear};
+use super::nn::{fused_attention, sdpa, LayerNorm, Linear};
 use super::weights::Vb;
 use tch::{Kind, Tensor};
 
@@ -45,9 +45,13 @@ impl EncoderLayer {
         let q = split(self.q_proj.forward(x));
         let k = split(self.k_proj.forward(x));
         let v = split(self.v_proj.forward(x));
-        let scores = q.matmul(&k.transpose(-2, -1)) * (hd as f64).powf(-0.5);
-        let attn = scores.softmax(-1, Kind::Float).to_kind(q.kind());
-        let out = attn.matmul(&v).transpose(1, 2).reshape([n, s, d]);
+        let out = if fused_attention(&q) {
+            sdpa(&q, &k, &v, None, false, None)
+        } else {
+            let scores = q.matmul(&k.transpose(-2, -1)) * (hd as f64).powf(-0.5);
+            scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
+        };
+        let out = out.transpose(1, 2).reshape([n, s, d]);
         self.out_proj.forward(&out)
     }
 

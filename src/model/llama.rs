@@ -5,7 +5,7 @@
 //! `lang_encoder.model.layers.N.decoder_layer.*`.
 
 use super::config::LlamaConfig;
-use super::nn::{finfo_min, Linear};
+use super::nn::{finfo_min, fused_attention, sdpa, Linear};
 use super::weights::Vb;
 use tch::{Device, Kind, Tensor};
 
@@ -92,9 +92,9 @@ impl Attention {
         }
     }
 
-    /// x (B, L, H); rope tables for these L positions; additive mask (B, 1, L, S) where
+    /// x (B, L, H); rope tables for these L positions; the mask of (B, 1, L, S) where
     /// S = cached + L.
-    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
+    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &AttnMask, cache: Option<&mut KvCache>) -> Tensor {
         let (b, l, _) = x.size3().expect("(B, L, H)");
         let hd = self.head_dim;
         let shape = |t: Tensor, h: i64| t.view([b, l, h, hd]).transpose(1, 2); // (B, h, L, hd)
@@ -114,9 +114,16 @@ impl Attention {
             k = k.repeat_interleave_self_int(rep, 1, None);
             v = v.repeat_interleave_self_int(rep, 1, None);
         }
-        let scores = q.matmul(&k.transpose(-2, -1)) * (hd as f64).powf(-0.5) + mask;
-        let attn = scores.softmax(-1, Kind::Float).to_kind(q.kind());
-        let out = attn.matmul(&v).transpose(1, 2).reshape([b, l, self.heads * hd]);
+        let out = if fused_attention(&q) {
+            match mask.plain_causal {
+                true => sdpa(&q, &k, &v, None, true, None),
+                false => sdpa(&q, &k, &v, Some(&mask.additive), false, None),
+            }
+        } else {
+            let scores = q.matmul(&k.transpose(-2, -1)) * (hd as f64).powf(-0.5) + &mask.additive;
+            scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
+        };
+        let out = out.transpose(1, 2).reshape([b, l, self.heads * hd]);
         self.o_proj.forward(&out)
     }
 }
@@ -143,11 +150,36 @@ impl DecoderLayer {
         }
     }
 
-    pub fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
+    pub fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &AttnMask, cache: Option<&mut KvCache>) -> Tensor {
         let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask, cache);
         let h = self.post_attention_layernorm.forward(&x);
         let mlp = self.down_proj.forward(&(self.gate_proj.forward(&h).silu() * self.up_proj.forward(&h)));
         x + mlp
+    }
+}
+
+/// The self-attention mask of one forward.
+pub struct AttnMask {
+    /// HF's additive mask (B, 1, L, S), see [`causal_mask`].
+    pub additive: Tensor,
+    /// No padding and no cached positions: the mask is plain causal, which the fused
+    /// kernels apply without reading a tensor (and then can take the flash kernel).
+    pub plain_causal: bool,
+}
+
+impl AttnMask {
+    /// The mask for L queries after `offset` cached positions; `key_mask` (B, S) is 1 for
+    /// real tokens. Looks for the plain causal case (one host sync) only where the fused
+    /// kernels run.
+    pub fn new(key_mask: &Tensor, l: i64, offset: i64, device: tch::Device) -> Self {
+        let additive = causal_mask(key_mask, l, offset, Kind::Float);
+        let fused = super::nn::fused_attention(&additive) && device.is_cuda();
+        let plain_causal = fused && offset == 0 && key_mask.ne(0).all().int64_value(&[]) == 1;
+        Self { additive, plain_causal }
+    }
+
+    pub fn shallow_clone(&self) -> Self {
+        Self { additive: self.additive.shallow_clone(), plain_causal: self.plain_causal }
     }
 }
 

@@ -12,10 +12,12 @@
 //! | `xattn.rs`    | gated cross-attention + media mask (trainable)               |
 //! | `llama.rs`    | LLaMA decoder, RoPE, RMSNorm, KV cache, causal mask          |
 //! | `otter.rs`    | composition, input checks, causal-LM loss                    |
+//! | `checkpoint.rs` | activation checkpointing (node in `checkpoint.cpp`)        |
 //! | `generate.rs` | greedy decoding with a KV cache                              |
 
-pub use otter_core::model::{config, spec};
+pub use otter_core::model::{config, flops, spec};
 
+pub mod checkpoint;
 pub mod clip;
 pub mod generate;
 pub mod llama;

@@ -224,3 +224,20 @@ mod onednn_tests {
         }
     }
 }
+
+/// Whether attention on `q`'s device goes through libtorch's fused
+/// `scaled_dot_product_attention` (flash or memory-efficient kernels): on CUDA, unless
+/// `OTTER_ATTENTION=eager` (the upstream-shaped path every device can take, kept for
+/// parity checks). On the CPU the eager path is the faster one at Otter's shapes.
+pub fn fused_attention(q: &Tensor) -> bool {
+    static EAGER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    q.device().is_cuda() && !*EAGER.get_or_init(|| std::env::var("OTTER_ATTENTION").is_ok_and(|v| v == "eager"))
+}
+
+/// `softmax(q k^T * scale + mask) v` through libtorch's fused kernels; `mask` is
+/// additive (broadcast to (B, h, L, S)) and cast to `q`'s kind, `causal` a top-left causal
+/// mask without a tensor (which lets the flash kernel run).
+pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: Option<f64>) -> Tensor {
+    let mask = mask.map(|m| m.to_kind(q.kind()));
+    Tensor::scaled_dot_product_attention(q, k, v, mask.as_ref(), 0.0, causal, scale, false)
+}

@@ -7,11 +7,13 @@
 
 use super::clip::ClipVision;
 use super::config::OtterConfig;
-use super::llama::{causal_mask, rope_tables, DecoderLayer, KvCache, RmsNorm};
+use super::checkpoint::{checkpoint, grad_enabled, ActivationCheckpointing};
+use super::llama::{rope_tables, AttnMask, DecoderLayer, KvCache, RmsNorm};
 use super::perceiver::PerceiverResampler;
 use super::weights::{LoadError, LoadOptions, MappedCheckpoint, Params, Vb};
 use super::xattn::{GatedCrossAttention, MediaMask};
 use std::path::Path;
+use std::sync::Arc;
 use tch::{Device, Kind, Reduction, Tensor};
 
 /// Input that does not fit the model, named by tensor.
@@ -30,17 +32,35 @@ struct Layer {
     decoder: DecoderLayer,
 }
 
+// SAFETY: a layer is a set of tensor handles that its forward only reads (no in-place op,
+// no handle replaced); libtorch tensors may be read from several threads at once. Shared
+// with a checkpointed segment, which runs it again in backward on autograd's thread.
+unsafe impl Sync for Layer {}
+
+impl Layer {
+    /// The cross-attention block (if any) over `media`, then the decoder layer.
+    fn forward(&self, x: &Tensor, media: &Tensor, mask: &MediaMask, rope: &(Tensor, Tensor), attn_mask: &AttnMask, cache: Option<&mut KvCache>) -> Tensor {
+        let x = match &self.xattn {
+            Some(xattn) => xattn.forward(x, media, mask),
+            None => x.shallow_clone(),
+        };
+        self.decoder.forward(&x, rope, attn_mask, cache)
+    }
+}
+
 pub struct Otter {
     pub cfg: OtterConfig,
     pub params: Params,
     vision: ClipVision,
     perceiver: PerceiverResampler,
     embed_tokens: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<Arc<Layer>>,
     norm: RmsNorm,
     lm_head: Tensor,
     /// bf16 autocast on CUDA (`LoadOptions::frozen_kind == BFloat16`).
     autocast: bool,
+    /// Segments recomputed in backward (`train.activation_checkpointing`).
+    checkpointing: ActivationCheckpointing,
 }
 
 impl Otter {
@@ -58,10 +78,10 @@ impl Otter {
         let layers = (0..cfg.text.num_hidden_layers)
             .map(|i| {
                 let l = lm.pp(format!("layers.{i}"));
-                Layer {
+                Arc::new(Layer {
                     xattn: cfg.has_xattn(i).then(|| GatedCrossAttention::new(&l.pp("gated_cross_attn_layer"), &cfg.xattn)),
                     decoder: DecoderLayer::new(&l.pp("decoder_layer"), &cfg.text),
-                }
+                })
             })
             .collect();
         Self {
@@ -72,9 +92,20 @@ impl Otter {
             norm: RmsNorm::new(&lm.pp("norm"), cfg.text.rms_norm_eps),
             lm_head: vb.get("lang_encoder.lm_head.weight"),
             autocast: opts.device.is_cuda() && opts.frozen_kind == Kind::BFloat16,
+            checkpointing: ActivationCheckpointing::None,
             cfg,
             params,
         }
+    }
+
+    /// Recompute these segments' activations in backward instead of keeping them. Same
+    /// gradients (the segments have no randomness); less memory, one more forward of them.
+    pub fn set_activation_checkpointing(&mut self, mode: ActivationCheckpointing) {
+        self.checkpointing = mode;
+    }
+
+    pub fn activation_checkpointing(&self) -> ActivationCheckpointing {
+        self.checkpointing
     }
 
     pub fn device(&self) -> Device {
@@ -137,7 +168,8 @@ impl Otter {
             self.vision.forward(&pixels) // (B*T*F, v, D)
         });
         let fs = feats.size();
-        self.perceiver.forward(&feats.reshape([b, t, f, fs[1], fs[2]]))
+        let checkpointed = self.checkpointing.perceiver_layers() && grad_enabled();
+        self.perceiver.forward(&feats.reshape([b, t, f, fs[1], fs[2]]), checkpointed.then_some(self.autocast))
     }
 
     /// Full forward: logits (B, L, V) in f32. Inputs must pass [`Self::check_inputs`].
@@ -173,17 +205,33 @@ impl Otter {
         }
         let offset = if use_cache { caches[0].len() } else { 0 };
         let rope = rope_tables(&self.cfg.text, offset, l, self.device());
-        let attn_mask = causal_mask(key_mask, l, offset, Kind::Float);
+        let attn_mask = AttnMask::new(key_mask, l, offset, self.device());
+        let checkpointed = self.checkpointing.decoder_layers() && !use_cache && grad_enabled();
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
         for (i, layer) in self.layers.iter().enumerate() {
-            if let Some(xattn) = &layer.xattn {
-                x = xattn.forward(&x, &media_flat, &mask);
-            }
-            let cache = if use_cache { Some(&mut caches[i]) } else { None };
-            x = layer.decoder.forward(&x, &rope, &attn_mask, cache);
+            x = if checkpointed {
+                self.checkpointed_layer(layer, &x, &media_flat, &mask, &rope, &attn_mask)
+            } else {
+                let cache = if use_cache { Some(&mut caches[i]) } else { None };
+                layer.forward(&x, &media_flat, &mask, &rope, &attn_mask, cache)
+            };
         }
         let x = self.norm.forward(&x);
         super::nn::linear(&x, &self.lm_head, None).to_kind(Kind::Float)
+    }
+
+    /// One layer (cross-attention block and decoder layer) as a checkpointed segment: its
+    /// inputs are the hidden states and, where it has a cross-attention block, the media
+    /// latents (both carry gradients); the masks and rope tables are constants it owns.
+    fn checkpointed_layer(&self, layer: &Arc<Layer>, x: &Tensor, media: &Tensor, mask: &MediaMask, rope: &(Tensor, Tensor), attn_mask: &AttnMask) -> Tensor {
+        let layer = Arc::clone(layer);
+        let (mask, rope, attn_mask, autocast) = (mask.shallow_clone(), (rope.0.shallow_clone(), rope.1.shallow_clone()), attn_mask.shallow_clone(), self.autocast);
+        if layer.xattn.is_some() {
+            checkpoint(&[x, media], move |t| tch::autocast(autocast, || layer.forward(&t[0], &t[1], &mask, &rope, &attn_mask, None)))
+        } else {
+            let media = media.shallow_clone(); // unused by a layer without cross-attention
+            checkpoint(&[x], move |t| tch::autocast(autocast, || layer.forward(&t[0], &media, &mask, &rope, &attn_mask, None)))
+        }
     }
 
     /// Trainable parameters in name order.

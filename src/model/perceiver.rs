@@ -4,7 +4,7 @@
 //! Trainable. Keys: `perceiver.{latents, frame_embs?, layers.N.*, norm.*}`.
 
 use super::config::PerceiverConfig;
-use super::nn::{FeedForward, LayerNorm, Linear};
+use super::nn::{fused_attention, sdpa, FeedForward, LayerNorm, Linear};
 use super::weights::Vb;
 use tch::Tensor;
 
@@ -18,6 +18,10 @@ struct PerceiverBlock {
     heads: i64,
     dim_head: i64,
 }
+
+// SAFETY: tensor handles that `forward` only reads; libtorch tensors may be read from
+// several threads at once (a checkpointed block runs again on autograd's thread).
+unsafe impl Sync for PerceiverBlock {}
 
 impl PerceiverBlock {
     fn new(vb: &Vb, cfg: &PerceiverConfig) -> Self {
@@ -43,14 +47,23 @@ impl PerceiverBlock {
             let s = t.size();
             t.view([s[0], s[1], s[2], h, dh]).permute([0, 3, 1, 2, 4])
         };
-        let q = split(self.to_q.forward(&lat)) * (dh as f64).powf(-0.5);
+        let q = split(self.to_q.forward(&lat));
         let kv = self.to_kv.forward(&Tensor::cat(&[&x, &lat], -2));
         let kv = kv.chunk(2, -1);
         let (k, v) = (split(kv[0].shallow_clone()), split(kv[1].shallow_clone()));
-        let sim = q.matmul(&k.transpose(-2, -1)); // (B, h, T, n, M+n)
-        let sim = &sim - sim.amax([-1], true).detach();
-        let attn = sim.softmax(-1, sim.kind());
-        let out = attn.matmul(&v); // (B, h, T, n, dh)
+        let out = if fused_attention(&q) {
+            // The fused kernels take (batch, heads, L, E): fold T into the heads.
+            let four = |t: &Tensor| {
+                let s = t.size();
+                t.reshape([s[0], s[1] * s[2], s[3], s[4]])
+            };
+            sdpa(&four(&q), &four(&k), &four(&v), None, false, None).view(q.size().as_slice())
+        } else {
+            let q = q * (dh as f64).powf(-0.5);
+            let sim = q.matmul(&k.transpose(-2, -1)); // (B, h, T, n, M+n)
+            let sim = &sim - sim.amax([-1], true).detach();
+            sim.softmax(-1, sim.kind()).matmul(&v) // (B, h, T, n, dh)
+        };
         let s = out.size();
         let out = out.permute([0, 2, 3, 1, 4]).reshape([s[0], s[2], s[3], h * dh]);
         let latents = self.to_out.forward(&out) + latents;
@@ -61,7 +74,7 @@ impl PerceiverBlock {
 pub struct PerceiverResampler {
     latents: Tensor,
     frame_embs: Option<Tensor>,
-    layers: Vec<PerceiverBlock>,
+    layers: Vec<std::sync::Arc<PerceiverBlock>>,
     norm: LayerNorm,
 }
 
@@ -71,13 +84,14 @@ impl PerceiverResampler {
         Self {
             latents: vb.get("latents"),
             frame_embs: vb.contains("frame_embs").then(|| vb.get("frame_embs")),
-            layers: (0..cfg.depth).map(|i| PerceiverBlock::new(&vb.pp(format!("layers.{i}")), cfg)).collect(),
+            layers: (0..cfg.depth).map(|i| std::sync::Arc::new(PerceiverBlock::new(&vb.pp(format!("layers.{i}")), cfg))).collect(),
             norm: LayerNorm::new(&vb.pp("norm"), 1e-5),
         }
     }
 
-    /// x (B, T, F, v, D) -> (B, T, n, D).
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    /// x (B, T, F, v, D) -> (B, T, n, D). `checkpointed: Some(autocast)` runs each layer
+    /// as a checkpointed segment (recomputed in backward, in autocast if set).
+    pub fn forward(&self, x: &Tensor, checkpointed: Option<bool>) -> Tensor {
         let s = x.size();
         let (b, t, f, v, d) = (s[0], s[1], s[2], s[3], s[4]);
         let x = match &self.frame_embs {
@@ -89,7 +103,13 @@ impl PerceiverResampler {
         let n = self.latents.size()[0];
         let mut latents = self.latents.view([1, 1, n, d]).expand([b, t, n, d], false);
         for block in &self.layers {
-            latents = block.forward(&x, &latents);
+            latents = match checkpointed {
+                Some(autocast) => {
+                    let block = std::sync::Arc::clone(block);
+                    super::checkpoint::checkpoint(&[&x, &latents], move |t| tch::autocast(autocast, || block.forward(&t[0], &t[1])))
+                }
+                None => block.forward(&x, &latents),
+            };
         }
         self.norm.forward(&latents)
     }

@@ -14,7 +14,7 @@
 //! Trainable. Keys: `lang_encoder.model.layers.N.gated_cross_attn_layer.*`.
 
 use super::config::XattnConfig;
-use super::nn::{finfo_max, FeedForward, LayerNorm, Linear};
+use super::nn::{finfo_max, fused_attention, sdpa, FeedForward, LayerNorm, Linear};
 use super::weights::Vb;
 use tch::{Kind, Tensor};
 
@@ -37,6 +37,10 @@ impl MediaMask {
         let allowed = text_time.view([b, 1, l, 1]).eq_tensor(&media_time.view([1, 1, 1, num_media * latents]));
         let no_media = text_time.eq(0).view([b, 1, l, 1]);
         Self { allowed, no_media }
+    }
+
+    pub fn shallow_clone(&self) -> Self {
+        Self { allowed: self.allowed.shallow_clone(), no_media: self.no_media.shallow_clone() }
     }
 }
 
@@ -83,14 +87,22 @@ impl GatedCrossAttention {
             t.view([s[0], s[1], h, dh]).transpose(1, 2) // (B, h, S, dh)
         };
         let x = self.norm.forward(x);
-        let q = split(self.to_q.forward(&x)) * (dh as f64).powf(-0.5);
+        let q = split(self.to_q.forward(&x));
         let kv = self.to_kv.forward(media).chunk(2, -1);
         let (k, v) = (split(kv[0].shallow_clone()), split(kv[1].shallow_clone()));
-        let sim = q.matmul(&k.transpose(-2, -1)); // (B, h, L, T*n)
-        let sim = sim.masked_fill(&mask.allowed.logical_not(), -finfo_max(sim.kind()));
-        let sim = &sim - sim.amax([-1], true).detach();
-        let attn = sim.softmax(-1, sim.kind()).masked_fill(&mask.no_media, 0.0);
-        let out = attn.matmul(&v); // (B, h, L, dh)
+        let out = if fused_attention(&q) {
+            // The same finite fill, so a row with no media is uniform (not NaN) before it
+            // is zeroed; zeroing the output row equals zeroing its attention row.
+            let fill = Tensor::zeros_like(&mask.allowed).to_kind(q.kind()).masked_fill(&mask.allowed.logical_not(), -finfo_max(q.kind()));
+            sdpa(&q, &k, &v, Some(&fill), false, None).masked_fill(&mask.no_media, 0.0)
+        } else {
+            let q = q * (dh as f64).powf(-0.5);
+            let sim = q.matmul(&k.transpose(-2, -1)); // (B, h, L, T*n)
+            let sim = sim.masked_fill(&mask.allowed.logical_not(), -finfo_max(sim.kind()));
+            let sim = &sim - sim.amax([-1], true).detach();
+            let attn = sim.softmax(-1, sim.kind()).masked_fill(&mask.no_media, 0.0);
+            attn.matmul(&v) // (B, h, L, dh)
+        };
         let s = out.size();
         let out = out.transpose(1, 2).reshape([s[0], s[2], h * dh]);
         self.to_out.forward(&out)

@@ -11,7 +11,7 @@
 //! | `grad_sync.rs`| gradient buckets, all-reduce of trainable grads only  |
 //! | `run.rs`      | `otter train`: the loop, metrics, resumable state     |
 
-pub use otter_core::train::{config, schedule};
+pub use otter_core::train::{config, plan, schedule};
 
 pub mod grad_sync;
 pub mod optim;

@@ -68,7 +68,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     crate::cuda::ensure(device).map_err(|e| anyhow::anyhow!("{}: train.device {}: {e}", args.config.display(), tc.device))?;
 
     // --- model and data -------------------------------------------------------------
-    let model = match &source_kind {
+    let mut model = match &source_kind {
         ModelSource::Dir(dir) => Otter::load_dir(dir, opts)?,
         ModelSource::Preset(_) => {
             let cfg = source_kind.config()?;
@@ -76,6 +76,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             Otter::new(cfg, params, opts)
         }
     };
+    model.set_activation_checkpointing(tc.activation_checkpointing);
     if data_cfg.image_size != model.cfg.vision.image_size {
         bail!(
             "{}: field `data.image_size`: {} does not match the model's vision image_size {}",

@@ -277,7 +277,7 @@ impl Rank {
         let me = format!("{}/{}", args.node_id, args.local_rank);
 
         // --- model, data, trainer (identical on every rank: same seed) ----------------
-        let model = match cfg.model_source(&args.job_file)? {
+        let mut model = match cfg.model_source(&args.job_file)? {
             ModelSource::Dir(dir) => Otter::load_dir(&dir, opts)?,
             src @ ModelSource::Preset(_) => {
                 let mcfg = src.config()?;
@@ -285,6 +285,7 @@ impl Rank {
                 Otter::new(mcfg, params, opts)
             }
         };
+        model.set_activation_checkpointing(tc.activation_checkpointing);
         let source = Arc::new(DataSource::open(&data_cfg, Some(model.cfg.text.vocab_size))?);
         let step_cfg = StepConfig {
             lr: tc.lr,

@@ -3,6 +3,7 @@
 //! trainability (`spec.rs`). The modules that compute are in the `otter` crate.
 
 pub mod config;
+pub mod flops;
 pub mod spec;
 
 pub use config::OtterConfig;

@@ -58,6 +58,12 @@ pub struct TrainConfig {
     /// the usable cores (affinity, cgroup quota) divided among the ranks sharing the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_threads: Option<usize>,
+    /// `none`, `decoder_layers` (each LLaMA decoder layer, with its cross-attention block,
+    /// runs again in backward instead of keeping its activations) or `all` (the perceiver's
+    /// layers too). The frozen CLIP encoder runs without autograd and keeps nothing either
+    /// way.
+    #[serde(default, skip_serializing_if = "ActivationCheckpointing::is_none")]
+    pub activation_checkpointing: ActivationCheckpointing,
 }
 
 fn default_keep() -> usize {
@@ -144,6 +150,53 @@ impl std::fmt::Display for Precision {
     }
 }
 
+/// Which model segments recompute their activations in backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActivationCheckpointing {
+    #[default]
+    None,
+    DecoderLayers,
+    All,
+}
+
+impl ActivationCheckpointing {
+    pub fn is_none(&self) -> bool {
+        *self == Self::None
+    }
+
+    /// Whether each decoder layer (with its cross-attention block) is checkpointed.
+    pub fn decoder_layers(self) -> bool {
+        self != Self::None
+    }
+
+    /// Whether each perceiver layer is checkpointed.
+    pub fn perceiver_layers(self) -> bool {
+        self == Self::All
+    }
+}
+
+impl std::str::FromStr for ActivationCheckpointing {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "decoder_layers" => Ok(Self::DecoderLayers),
+            "all" => Ok(Self::All),
+            _ => Err(format!("unknown activation_checkpointing `{s}` (none, decoder_layers, all)")),
+        }
+    }
+}
+
+impl std::fmt::Display for ActivationCheckpointing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::DecoderLayers => "decoder_layers",
+            Self::All => "all",
+        })
+    }
+}
+
 /// Serde as the text form (`cpu`, `cuda:1`, `bf16`), with the parse error as the message.
 macro_rules! serde_as_text {
     ($t:ty) => {
@@ -161,6 +214,7 @@ macro_rules! serde_as_text {
 }
 serde_as_text!(DeviceSpec);
 serde_as_text!(Precision);
+serde_as_text!(ActivationCheckpointing);
 
 impl TrainConfig {
     pub fn validate(&mut self, base: &std::path::Path) -> Result<(), (String, String)> {
