@@ -88,9 +88,16 @@ pub mod memory {
         Err(unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned())
     }
 
+    /// The caching allocator keeps no accounting for a device before its first CUDA
+    /// tensor: make one.
+    fn init(device: usize) {
+        let _ = tch::Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cuda(device)));
+    }
+
     /// Allocated and reserved bytes, now and at their peaks since the last
     /// [`reset_peak`], and the device's total.
     pub fn stats(device: usize) -> Result<MemoryStats, String> {
+        init(device);
         let mut v = [0i64; 5];
         // SAFETY: `v` has the five slots the shim writes.
         checked(|e, l| unsafe { otter_cuda_memory(device as c_int, v.as_mut_ptr(), e, l) })?;
@@ -99,6 +106,7 @@ pub mod memory {
     }
 
     pub fn reset_peak(device: usize) -> Result<(), String> {
+        init(device);
         // SAFETY: plain values.
         checked(|e, l| unsafe { otter_cuda_reset_peak(device as c_int, e, l) })
     }
@@ -106,6 +114,7 @@ pub mod memory {
     /// Caps what the allocator may take from `device` at `fraction` of its memory (an
     /// allocation past it fails as out of memory would).
     pub fn set_fraction(device: usize, fraction: f64) -> Result<(), String> {
+        init(device);
         // SAFETY: plain values.
         checked(|e, l| unsafe { otter_cuda_set_memory_fraction(device as c_int, fraction, e, l) })
     }

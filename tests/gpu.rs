@@ -258,11 +258,20 @@ fn gpu_worker_trains_over_nccl_and_survives_a_forced_regroup() {
             .spawn()
             .unwrap(),
     );
-    let first = wait_for(&c.addr, "the GPU rank training", Duration::from_secs(180), |s| s["summary"]["world"] == 1 && steps_committed(s) >= 1);
+    // On a failure, the coordinator's and the worker's logs say why.
+    let with_logs = |f: &mut dyn FnMut() -> serde_json::Value| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|e| {
+            eprintln!("{}", logs(d.path()));
+            std::panic::resume_unwind(e)
+        })
+    };
+    let first = with_logs(&mut || wait_for(&c.addr, "the GPU rank training", Duration::from_secs(90), |s| s["summary"]["world"] == 1 && steps_committed(s) >= 1));
     let generation = first["summary"]["generation"].as_u64().unwrap();
     let processes = process_tree(worker.0.id());
-    wait_for(&c.addr, "a step of a later generation", Duration::from_secs(180), |s| {
-        s["steps"].as_array().is_some_and(|v| v.iter().any(|x| x["generation"].as_u64() > Some(generation)))
+    with_logs(&mut || {
+        wait_for(&c.addr, "a step of a later generation", Duration::from_secs(60), |s| {
+            s["steps"].as_array().is_some_and(|v| v.iter().any(|x| x["generation"].as_u64() > Some(generation)))
+        })
     });
     assert_eq!(process_tree(worker.0.id()), processes, "the same rank process trained on");
     let s = finish(c, Duration::from_secs(180));
@@ -333,7 +342,7 @@ fn gpu_otter_7b_step_fits_in_80_gb_with_decoder_checkpointing() {
     let dt = t.elapsed().as_secs_f64() / n as f64;
     let m = memory::stats(0).unwrap();
     assert!(loss.is_finite(), "loss {loss}");
-    let flops = FlopsModel::new(&cfg, 1, true, false).step(StepShape { text_tokens: (b * l) as u64, media: b as u64, frames: 1 });
+    let flops = FlopsModel::new(&cfg, true, false).step(StepShape { text_tokens: (b * l) as u64, media: b as u64, frames: 1 });
     let peak_tflops: f64 = std::env::var("OTTER_PEAK_TFLOPS").ok().and_then(|v| v.parse().ok()).unwrap_or(989.0);
     println!(
         "gpu Otter-7B shape ({:.3} B params, {:.3} B trainable), bf16, batch {b}x{l}, decoder layers checkpointed, device total {:.1} GB capped at {:.0} GB:\n  \

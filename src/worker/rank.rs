@@ -244,7 +244,7 @@ struct Rank {
     useful: Duration,
     allreduce_bytes: u64,
     peak_flops: Option<f64>,
-    flops_per_token: f64,
+    flops: crate::model::flops::FlopsModel,
     /// The last step whose update this process's state holds (`None`: fresh).
     applied: Option<u64>,
     last_generation: Option<u64>,
@@ -321,12 +321,12 @@ impl Rank {
         }
         let allreduce_bytes = buckets.bytes(&trainer.model.trainable());
         // MFU where the accelerator's peak is given (OTTER_PEAK_TFLOPS, e.g. 989 for an
-        // H100's dense bf16): model FLOPs per text token = 2N forward + 2N activation
-        // gradients + 2N' weight gradients of the N' trainable parameters (the vision
-        // encoder's per-image FLOPs are left out, so this slightly understates it).
+        // H100's dense bf16): model FLOPs of a partly frozen model (model::flops: the
+        // vision encoder per image, weight gradients only where weights train,
+        // checkpointing's recomputation not counted).
         let peak_flops = std::env::var("OTTER_PEAK_TFLOPS").ok().and_then(|v| v.parse::<f64>().ok()).filter(|_| device.is_cuda()).map(|t| t * 1e12);
-        let counts = crate::model::spec::count(&crate::model::spec::parameter_specs(&trainer.model.cfg));
-        let flops_per_token = (4 * counts.total + 2 * counts.trainable) as f64;
+        let ckpt = trainer.model.activation_checkpointing();
+        let flops = crate::model::flops::FlopsModel::new(&trainer.model.cfg, ckpt.decoder_layers(), ckpt.perceiver_layers());
 
         Ok(Self {
             ckpt_dir: tc.out_dir.join("checkpoints"),
@@ -349,7 +349,7 @@ impl Rank {
             useful: Duration::ZERO,
             allreduce_bytes,
             peak_flops,
-            flops_per_token,
+            flops,
             applied: None,
             last_generation: None,
             watch,
@@ -753,7 +753,17 @@ impl Rank {
                     allreduce_exposed_seconds: stats.allreduce_exposed.as_secs_f64(),
                     allreduce_bytes: self.allreduce_bytes,
                     world,
-                    mfu: self.peak_flops.map(|p| self.flops_per_token * tokens as f64 / step_time.as_secs_f64() / p),
+                    mfu: self.peak_flops.map(|p| {
+                        let useful: f64 = batches
+                            .iter()
+                            .map(|b| {
+                                let text_tokens = b.attention_mask.iter().filter(|&&m| m != 0).count() as u64;
+                                let shape = crate::model::flops::StepShape { text_tokens, media: (b.b * b.t) as u64, frames: b.f as u64 };
+                                self.flops.step(shape).useful
+                            })
+                            .sum();
+                        useful / step_time.as_secs_f64() / p
+                    }),
                 });
                 m.bad_samples(batches.iter().map(|b| b.dropped.len() as u64).sum());
                 m.goodput(self.useful, self.started.elapsed());

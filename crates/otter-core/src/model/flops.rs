@@ -37,21 +37,23 @@ pub struct StepFlops {
     pub recomputed: f64,
 }
 
-/// Per-unit FLOPs: `per_text_token * tokens + per_media * media` is a step's useful
-/// FLOPs (frames folded into `per_media`).
+/// Per-unit FLOPs: `per_text_token * tokens + per_media * media + per_frame * media *
+/// frames` is a step's useful FLOPs.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct FlopsModel {
     pub per_text_token: f64,
     pub per_media: f64,
-    /// Recomputed FLOPs per text token and per media item under the checkpointing mode.
+    pub per_frame: f64,
+    /// Recomputed FLOPs under the checkpointing mode, per the same units.
     pub recomputed_per_text_token: f64,
     pub recomputed_per_media: f64,
+    pub recomputed_per_frame: f64,
 }
 
 impl FlopsModel {
-    /// `frames`: frames per media item; `recompute_decoder` / `recompute_perceiver`: the
-    /// segments activation checkpointing runs again.
-    pub fn new(cfg: &OtterConfig, frames: u64, recompute_decoder: bool, recompute_perceiver: bool) -> Self {
+    /// `recompute_decoder` / `recompute_perceiver`: the segments activation checkpointing
+    /// runs again.
+    pub fn new(cfg: &OtterConfig, recompute_decoder: bool, recompute_perceiver: bool) -> Self {
         let v = &cfg.vision;
         let patches = v.num_patches() as u64;
         let latents = cfg.perceiver.num_latents as u64;
@@ -74,19 +76,22 @@ impl FlopsModel {
             match s.group {
                 Group::VisionEncoder => {
                     let tokens = if name.contains("patch_embedding") { patches } else { patches + 1 };
-                    m.per_media += per_token * (tokens * frames) as f64;
+                    m.per_frame += per_token * tokens as f64;
                 }
                 Group::Perceiver => {
-                    let tokens = if name.ends_with("to_kv.weight") {
-                        frames * patches + latents
+                    // (tokens per frame, tokens per media item)
+                    let (frame, media) = if name.ends_with("to_kv.weight") {
+                        (patches, latents)
                     } else if name.contains("norm_media") {
-                        frames * patches
+                        (patches, 0)
                     } else {
-                        latents
+                        (0, latents)
                     };
-                    m.per_media += per_token * tokens as f64;
+                    m.per_frame += per_token * frame as f64;
+                    m.per_media += per_token * media as f64;
                     if recompute_perceiver && name.starts_with("perceiver.layers.") {
-                        m.recomputed_per_media += recompute * tokens as f64;
+                        m.recomputed_per_frame += recompute * frame as f64;
+                        m.recomputed_per_media += recompute * media as f64;
                     }
                 }
                 Group::CrossAttention if name.ends_with("attn.to_kv.weight") => {
@@ -107,10 +112,10 @@ impl FlopsModel {
     }
 
     pub fn step(&self, shape: StepShape) -> StepFlops {
-        let (t, media) = (shape.text_tokens as f64, shape.media as f64);
+        let (t, media, frames) = (shape.text_tokens as f64, shape.media as f64, (shape.media * shape.frames) as f64);
         StepFlops {
-            useful: self.per_text_token * t + self.per_media * media,
-            recomputed: self.recomputed_per_text_token * t + self.recomputed_per_media * media,
+            useful: self.per_text_token * t + self.per_media * media + self.per_frame * frames,
+            recomputed: self.recomputed_per_text_token * t + self.recomputed_per_media * media + self.recomputed_per_frame * frames,
         }
     }
 }
@@ -150,21 +155,25 @@ mod tests {
         // lm_head trains: 6 per parameter; embed_tokens is a lookup.
         let lm_head = 6.0 * t.vocab_size as f64 * h;
 
-        let m = FlopsModel::new(&cfg, 1, false, false);
+        let m = FlopsModel::new(&cfg, false, false);
         let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
-        assert!(close(m.per_media, clip + perceiver + xattn_media), "per media: {} vs {}", m.per_media, clip + perceiver + xattn_media);
+        let one_frame = m.per_media + m.per_frame;
+        assert!(close(one_frame, clip + perceiver + xattn_media), "per media: {one_frame} vs {}", clip + perceiver + xattn_media);
+        // A second frame adds CLIP and the perceiver's per-patch work, not the latents'.
+        let per_patch_perceiver = 6.0 * p.depth as f64 * (2.0 * d * patches + 2.0 * inner * d * patches);
+        assert!(close(m.per_frame, clip + per_patch_perceiver), "per frame: {} vs {}", m.per_frame, clip + per_patch_perceiver);
         assert!(close(m.per_text_token, xattn_text + llama + lm_head), "per token: {} vs {}", m.per_text_token, xattn_text + llama + lm_head);
         assert_eq!(m.recomputed_per_text_token, 0.0);
 
         // Checkpointing the decoder layers adds their second forward (2 per parameter),
         // reported apart; the useful count does not move.
-        let c = FlopsModel::new(&cfg, 1, true, false);
-        assert_eq!((c.per_text_token, c.per_media), (m.per_text_token, m.per_media));
+        let c = FlopsModel::new(&cfg, true, false);
+        assert_eq!((c.per_text_token, c.per_media, c.per_frame), (m.per_text_token, m.per_media, m.per_frame));
         let recomputed_text = xattn_text / 3.0 + (llama - 4.0 * h) / 2.0; // not the final norm
         assert!(close(c.recomputed_per_text_token, recomputed_text), "{} vs {recomputed_text}", c.recomputed_per_text_token);
         assert!(close(c.recomputed_per_media, xattn_media / 3.0));
         let s = c.step(StepShape { text_tokens: 10, media: 3, frames: 1 });
-        assert!(close(s.useful, 10.0 * m.per_text_token + 3.0 * m.per_media));
+        assert!(close(s.useful, 10.0 * m.per_text_token + 3.0 * one_frame));
     }
 
     /// Otter-7B: 4 x the frozen LLaMA (6.5 B) + 6 x the trainable text-side parameters per
@@ -172,7 +181,7 @@ mod tests {
     #[test]
     fn otter_7b_per_token_is_near_the_6n_4n_rule() {
         let cfg = OtterConfig::otter_llama7b();
-        let m = FlopsModel::new(&cfg, 1, false, false);
+        let m = FlopsModel::new(&cfg, false, false);
         let per_token = m.per_text_token / 1e9;
         assert!((28.0..40.0).contains(&per_token), "{per_token} GFLOP per text token");
     }
