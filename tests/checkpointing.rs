@@ -14,6 +14,10 @@ use otter::tensors::TensorFile;
 use std::collections::BTreeMap;
 use tch::Tensor;
 
+/// The recomputation counter is per process: tests that run checkpointed segments take
+/// turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn tiny(mode: ActivationCheckpointing) -> Otter {
     let mut m = Otter::load_dir(&tiny_model(), LoadOptions::default()).expect("tiny fixture loads");
     m.set_activation_checkpointing(mode);
@@ -33,6 +37,7 @@ fn loss_and_grads(mode: ActivationCheckpointing, case: &str) -> (f64, BTreeMap<S
 #[test]
 fn checkpointed_layers_give_the_gradients_of_the_plain_forward() {
     use ActivationCheckpointing::*;
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for case in ["incontext", "pretext"] {
         let (loss, want, none) = loss_and_grads(None, case);
         assert_eq!(none, 0, "{case}: nothing is recomputed without checkpointing");
@@ -65,4 +70,62 @@ fn checkpointing_is_read_from_the_train_config() {
     std::fs::write(&p, yaml("layers")).unwrap();
     let err = otter::run_config::RunConfig::from_file(&p).unwrap_err().to_string();
     assert!(err.contains("activation_checkpointing") && err.contains("decoder_layers"), "{err}");
+}
+
+/// A group whose other rank computed exactly what this one did: the mean is the tensor
+/// itself, but every bucket still goes through the sync path (flatten, launch on the
+/// communication thread when overlapped, write back).
+struct Mirror;
+
+impl otter::train::grad_sync::TensorCollective for Mirror {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        2
+    }
+    fn all_reduce_mean_tensors(&mut self, _: &mut [Tensor]) -> Result<(), otter::comm::CommError> {
+        Ok(())
+    }
+    fn broadcast_tensor(&mut self, _: &mut Tensor, _: usize) -> Result<(), otter::comm::CommError> {
+        Ok(())
+    }
+}
+
+/// The overlapped sync launches a bucket once its gradients are final; with checkpointing
+/// they become final inside the recomputation's nested backward. A bucket launched too
+/// early would carry a partial gradient: the updated weights would differ.
+#[test]
+fn overlapped_sync_with_checkpointing_updates_the_weights_as_without() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    use otter::train::grad_sync::GradBuckets;
+    use otter::train::optim::AdamWConfig;
+    use otter::train::{GradSync, StepConfig, TensorBatch, Trainer};
+    let inputs = TensorFile::read(&fixtures().join("parity/incontext.safetensors")).unwrap();
+    let batch = TensorBatch {
+        vision_x: inputs.get("vision_x").unwrap().shallow_clone(),
+        input_ids: inputs.get("input_ids").unwrap().shallow_clone(),
+        attention_mask: inputs.get("attention_mask").unwrap().shallow_clone(),
+        labels: inputs.get("labels").unwrap().shallow_clone(),
+    };
+    let weights_after_steps = |mode: ActivationCheckpointing, overlap: bool| {
+        let step_cfg = StepConfig { lr: 1e-3, warmup_steps: 0, total_steps: 10, clip: Some(1.0), adamw: AdamWConfig::default() };
+        let mut trainer = Trainer::new(tiny(mode), step_cfg);
+        // Small buckets: many launches, interleaved with the recomputed layers' backward.
+        let buckets = GradBuckets::new(&trainer.model.trainable(), 16 << 10);
+        assert!(buckets.num_buckets() > 8);
+        for _ in 0..2 {
+            let sync = GradSync { buckets: &buckets, comm: &mut Mirror, overlap, step_micro_batches: 2 };
+            trainer.step_synced(std::slice::from_ref(&batch), Some(sync)).unwrap();
+        }
+        trainer.model.trainable().into_iter().map(|(n, t)| (n.to_string(), t.copy())).collect::<Vec<_>>()
+    };
+    let want = weights_after_steps(ActivationCheckpointing::None, false);
+    for (mode, overlap) in [(ActivationCheckpointing::None, true), (ActivationCheckpointing::All, true), (ActivationCheckpointing::All, false)] {
+        let got = weights_after_steps(mode, overlap);
+        for ((name, w), (_, g)) in want.iter().zip(&got) {
+            let d = max_abs_diff(g, w);
+            assert!(d <= 1e-6, "{mode}, overlap {overlap}: {name} differs by {d} after two steps");
+        }
+    }
 }

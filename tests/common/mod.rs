@@ -15,7 +15,8 @@ pub fn fixtures() -> PathBuf {
     if built.exists() {
         built
     } else {
-        PathBuf::from("tests/fixtures")
+        // Absolute: job files written by tests name fixtures relative to their own folder.
+        std::env::current_dir().expect("a working directory").join("tests/fixtures")
     }
 }
 
