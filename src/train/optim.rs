@@ -43,6 +43,12 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// Bytes of the moments this optimizer holds.
+    pub fn state_bytes(&self) -> u64 {
+        let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        self.state.values().map(|m| bytes(&m.exp_avg) + bytes(&m.exp_avg_sq)).sum()
+    }
+
     pub fn new(cfg: AdamWConfig, params: &[(&str, &Tensor)]) -> Self {
         let state = params
             .iter()

@@ -764,6 +764,7 @@ impl Rank {
                             .sum();
                         useful / step_time.as_secs_f64() / p
                     }),
+                    optimizer_state_bytes: self.trainer.opt.state_bytes(),
                 });
                 m.bad_samples(batches.iter().map(|b| b.dropped.len() as u64).sum());
                 m.goodput(self.useful, self.started.elapsed());

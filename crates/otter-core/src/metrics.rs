@@ -48,6 +48,7 @@ pub struct RankMetrics {
     allreduce_busbw: GaugeVec,
     data_wait: prometheus::CounterVec,
     mfu: GaugeVec,
+    optimizer_state_bytes: IntGaugeVec,
     bad_samples: IntCounterVec,
     ckpt_blocking: GaugeVec,
     ckpt_duration: GaugeVec,
@@ -76,6 +77,8 @@ pub struct StepSample {
     pub world: usize,
     /// Model FLOPs utilisation, where the accelerator's peak is known.
     pub mfu: Option<f64>,
+    /// Bytes of optimizer state (AdamW's moments) this rank holds.
+    pub optimizer_state_bytes: u64,
 }
 
 impl RankMetrics {
@@ -109,6 +112,10 @@ impl RankMetrics {
             ckpt_duration: g("otter_checkpoint_duration_seconds", "Total time of the last checkpoint shard write (staging to durable)."),
             goodput: g("otter_goodput_ratio", "Time in completed steps / wall time since this process started."),
             step: reg(&r, IntGaugeVec::new(Opts::new("otter_step", "Last optimizer step this rank applied."), l).expect("valid")),
+            optimizer_state_bytes: reg(
+                &r,
+                IntGaugeVec::new(Opts::new("otter_optimizer_state_bytes", "Bytes of optimizer state (AdamW's moments) this rank holds."), l).expect("valid"),
+            ),
             generation: reg(&r, IntGaugeVec::new(Opts::new("otter_rank_generation", "Generation this rank runs in."), l).expect("valid")),
             cpu_threads: reg(
                 &r,
@@ -149,6 +156,7 @@ impl RankMetrics {
             self.ckpt_duration.reset();
             self.goodput.reset();
             self.step.reset();
+            self.optimizer_state_bytes.reset();
             self.generation.reset();
             self.cpu_threads.reset();
             self.rank = r;
@@ -178,6 +186,7 @@ impl RankMetrics {
         // dashboard shows a gap, nobody reads a made-up number.
         self.mfu.with_label_values(&l).set(s.mfu.unwrap_or(f64::NAN));
         self.step.with_label_values(&l).set(s.step as i64);
+        self.optimizer_state_bytes.with_label_values(&l).set(s.optimizer_state_bytes as i64);
     }
 
     /// The threads this rank chose (after every change).
@@ -426,9 +435,10 @@ mod tests {
     fn rank_metrics_carry_node_and_rank_and_drop_the_old_rank_on_a_new_generation() {
         let mut m = RankMetrics::new("n1");
         m.set_rank(3, 1);
-        m.observe_step(&StepSample { step: 7, seconds: 0.5, loss: 2.25, tokens: 100, samples: 4, allreduce_seconds: 0.1, allreduce_exposed_seconds: 0.025, allreduce_bytes: 1_000_000, world: 4, ..Default::default() });
+        m.observe_step(&StepSample { step: 7, seconds: 0.5, loss: 2.25, tokens: 100, samples: 4, allreduce_seconds: 0.1, allreduce_exposed_seconds: 0.025, allreduce_bytes: 1_000_000, world: 4, optimizer_state_bytes: 4096, ..Default::default() });
         let page = m.encode();
         assert!(page.contains(r#"otter_allreduce_exposed_seconds_sum{node="n1",rank="3"} 0.025"#), "{page}");
+        assert!(page.contains(r#"otter_optimizer_state_bytes{node="n1",rank="3"} 4096"#), "{page}");
         assert!(page.contains(r#"otter_loss{node="n1",rank="3"} 2.25"#), "{page}");
         assert!(page.contains(r#"otter_tokens_per_second{node="n1",rank="3"} 200"#), "{page}");
         assert!(page.contains(r#"otter_step_duration_seconds_count{node="n1",rank="3"} 1"#), "{page}");
