@@ -8,7 +8,7 @@ use otter::cmd::eval::evaluate;
 use otter::model::weights::LoadOptions;
 use otter::model::Otter;
 use otter::tensors::TensorFile;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 fn cuda() -> Device {
     otter::cuda::load().expect("libtorch_cuda loads");
@@ -121,14 +121,7 @@ fn one_b_trainer() -> (otter::train::Trainer, otter::train::TensorBatch, otter::
     let step_cfg = StepConfig { lr: 1e-5, warmup_steps: 0, total_steps: 100, clip: Some(1.0), adamw: AdamWConfig::default() };
     let trainer = Trainer::new(model, step_cfg);
     let (b, l) = (4i64, 512i64);
-    let ids = Tensor::randint(32000, [b, l], (Kind::Int64, dev));
-    let _ = ids.narrow(1, 0, 1).fill_(cfg.tokens.media);
-    let batch = TensorBatch {
-        vision_x: Tensor::randn([b, 1, 1, 3, 224, 224], (Kind::Float, dev)),
-        attention_mask: ids.ones_like(),
-        labels: ids.copy(),
-        input_ids: ids,
-    };
+    let batch = TensorBatch::random(&cfg, b, l, dev);
     (trainer, batch, c, (b, l))
 }
 
@@ -181,6 +174,7 @@ fn gpu_overlapped_gradient_sync_reports_compute_comm_and_exposed_time() {
     use otter::comm::CommError;
     use otter::train::grad_sync::{GradBuckets, TensorCollective, DEFAULT_BUCKET_BYTES};
     use otter::train::GradSync;
+    use tch::Tensor;
     struct AsIfTwo(NcclGroup);
     impl TensorCollective for AsIfTwo {
         fn rank(&self) -> usize {
@@ -323,14 +317,7 @@ fn gpu_otter_7b_step_fits_in_80_gb_with_decoder_checkpointing() {
     let step_cfg = StepConfig { lr: 1e-5, warmup_steps: 0, total_steps: 100, clip: Some(1.0), adamw: AdamWConfig::default() };
     let mut trainer = Trainer::new(model, step_cfg);
     let (b, l) = (4i64, 2048i64);
-    let ids = Tensor::randint(32000, [b, l], (Kind::Int64, dev));
-    let _ = ids.narrow(1, 0, 1).fill_(cfg.tokens.media);
-    let batch = TensorBatch {
-        vision_x: Tensor::randn([b, 1, 1, 3, 224, 224], (Kind::Float, dev)),
-        attention_mask: ids.ones_like(),
-        labels: ids.copy(),
-        input_ids: ids,
-    };
+    let batch = TensorBatch::random(&cfg, b, l, dev);
     let first = trainer.step(std::slice::from_ref(&batch));
     tch::Cuda::synchronize(0);
     let after_first = memory::stats(0).unwrap();

@@ -13,7 +13,6 @@ use otter::model::Otter;
 use otter::train::optim::AdamWConfig;
 use otter::train::plan::{activation_bytes, plan, PlanInput};
 use otter::train::{StepConfig, TensorBatch, Trainer};
-use tch::{Kind, Tensor};
 
 fn status_kb(field: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -28,16 +27,8 @@ fn measured_step_peak(cfg: &OtterConfig, mode: ActivationCheckpointing, b: i64, 
     model.set_activation_checkpointing(mode);
     let step_cfg = StepConfig { lr: 1e-5, warmup_steps: 0, total_steps: 100, clip: Some(1.0), adamw: AdamWConfig::default() };
     let mut trainer = Trainer::new(model, step_cfg);
-    let s = cfg.vision.image_size as i64;
     tch::manual_seed(1);
-    let ids = Tensor::randint(cfg.text.vocab_size as i64 - 4, [b, l], (Kind::Int64, tch::Device::Cpu));
-    let _ = ids.narrow(1, 0, 1).fill_(cfg.tokens.media);
-    let batch = TensorBatch {
-        vision_x: Tensor::randn([b, 1, 1, 3, s, s], (Kind::Float, tch::Device::Cpu)),
-        attention_mask: ids.ones_like(),
-        labels: ids.copy(),
-        input_ids: ids,
-    };
+    let batch = TensorBatch::random(cfg, b, l, tch::Device::Cpu);
     trainer.step(std::slice::from_ref(&batch)); // gradients and AdamW state now exist
     trainer.step(std::slice::from_ref(&batch)); // and the allocator has seen a step
     // What the earlier steps freed goes back to the OS, so the step's own allocations

@@ -118,7 +118,6 @@ pub fn train_step(
     use crate::model::Otter;
     use crate::train::optim::AdamWConfig;
     use crate::train::{StepConfig, TensorBatch, Trainer};
-    use tch::{Kind, Tensor};
     let cfg = HfOtterConfig::from_file(model_config)?.resolve(&model_config.display().to_string())?;
     let opts = LoadOptions::default();
     let model = Otter::new(cfg.clone(), Params::random(&cfg, 0, opts), opts);
@@ -126,16 +125,8 @@ pub fn train_step(
     let step_cfg = StepConfig { lr: 1e-5, warmup_steps: 0, total_steps: 1000, clip: Some(1.0), adamw: AdamWConfig::default() };
     let mut trainer = Trainer::new(model, step_cfg);
     let buckets = crate::train::grad_sync::GradBuckets::new(&trainer.model.trainable(), crate::train::grad_sync::DEFAULT_BUCKET_BYTES);
-    let s = cfg.vision.image_size as i64;
     tch::manual_seed(1);
-    let ids = Tensor::randint(cfg.tokens.end_of_chunk, [batch, seq], (Kind::Int64, tch::Device::Cpu));
-    let _ = ids.narrow(1, 1, 1).fill_(cfg.tokens.media);
-    let b = TensorBatch {
-        vision_x: Tensor::randn([batch, 1, 1, 3, s, s], (Kind::Float, tch::Device::Cpu)),
-        attention_mask: ids.ones_like(),
-        labels: ids.copy(),
-        input_ids: ids,
-    };
+    let b = TensorBatch::random(&cfg, batch, seq, tch::Device::Cpu);
     let rank = member.map_or(0, |(r, _)| r);
     let mut step = |trainer: &mut Trainer| -> Result<crate::train::StepStats> {
         let sync = group.as_mut().map(|g| crate::train::GradSync { buckets: &buckets, comm: g, overlap, step_micro_batches: world });

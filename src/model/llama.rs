@@ -171,10 +171,9 @@ impl AttnMask {
     /// The mask for L queries after `offset` cached positions; `key_mask` (B, S) is 1 for
     /// real tokens. Looks for the plain causal case (one host sync) only where the fused
     /// kernels run.
-    pub fn new(key_mask: &Tensor, l: i64, offset: i64, device: tch::Device) -> Self {
+    pub fn new(key_mask: &Tensor, l: i64, offset: i64) -> Self {
         let additive = causal_mask(key_mask, l, offset, Kind::Float);
-        let fused = super::nn::fused_attention(&additive) && device.is_cuda();
-        let plain_causal = fused && offset == 0 && key_mask.ne(0).all().int64_value(&[]) == 1;
+        let plain_causal = fused_attention(&additive) && offset == 0 && key_mask.ne(0).all().int64_value(&[]) == 1;
         Self { additive, plain_causal }
     }
 

@@ -205,7 +205,7 @@ impl Otter {
         }
         let offset = if use_cache { caches[0].len() } else { 0 };
         let rope = rope_tables(&self.cfg.text, offset, l, self.device());
-        let attn_mask = AttnMask::new(key_mask, l, offset, self.device());
+        let attn_mask = AttnMask::new(key_mask, l, offset);
         let checkpointed = self.checkpointing.decoder_layers() && !use_cache && grad_enabled();
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
         for (i, layer) in self.layers.iter().enumerate() {

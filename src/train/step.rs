@@ -18,6 +18,21 @@ pub struct TensorBatch {
 }
 
 impl TensorBatch {
+    /// A random batch for benchmarks and checks: `b` samples of `l` random text tokens
+    /// (below `<|endofchunk|>`) with the `<image>` token at position 1 and one random
+    /// image each, no padding, labels = inputs. Draws from libtorch's global generator.
+    pub fn random(cfg: &crate::model::OtterConfig, b: i64, l: i64, device: Device) -> Self {
+        let s = cfg.vision.image_size as i64;
+        let ids = Tensor::randint(cfg.tokens.end_of_chunk, [b, l], (tch::Kind::Int64, device));
+        let _ = ids.narrow(1, 1, 1).fill_(cfg.tokens.media);
+        Self {
+            vision_x: Tensor::randn([b, 1, 1, 3, s, s], (tch::Kind::Float, device)),
+            attention_mask: ids.ones_like(),
+            labels: ids.copy(),
+            input_ids: ids,
+        }
+    }
+
     pub fn from_batch(b: &Batch, device: Device) -> Self {
         let (bb, l) = (b.b as i64, b.l as i64);
         let s = b.image_size as i64;
