@@ -335,6 +335,10 @@ impl Drop for Etcd {
 }
 
 fn start_etcd(dir: &Path) -> Etcd {
+    start_etcd_with(dir, &[])
+}
+
+fn start_etcd_with(dir: &Path, extra: &[&str]) -> Etcd {
     let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (client, peer) = (free(), free());
     let url = format!("http://127.0.0.1:{client}");
@@ -342,6 +346,7 @@ fn start_etcd(dir: &Path) -> Etcd {
         .args(["--data-dir", dir.join("etcd").to_str().unwrap(), "--listen-client-urls", &url, "--advertise-client-urls", &url])
         .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}"), "--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
         .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer}")])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
         .spawn()
@@ -403,6 +408,107 @@ fn two_coordinators_on_etcd_survive_killing_the_active_one() {
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("coord/status.json")).unwrap()).unwrap();
     assert_exactly_once(&s);
     assert_eq!(s["summary"]["phase"], "Finished");
+}
+
+/// Every value under `prefix` in etcd, with its size in bytes.
+fn etcd_values(etcd: &str, prefix: &str) -> Vec<(String, usize)> {
+    use base64::Engine;
+    let o = Command::new("etcdctl").env("ETCDCTL_API", "3").arg(format!("--endpoints={etcd}")).args(["get", "--prefix", prefix, "-w", "json"]).output().unwrap();
+    assert!(o.status.success(), "etcdctl: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    v["kvs"]
+        .as_array()
+        .map(|kvs| {
+            kvs.iter()
+                .map(|kv| {
+                    let key = String::from_utf8(b64.decode(kv["key"].as_str().unwrap()).unwrap()).unwrap();
+                    (key, b64.decode(kv["value"].as_str().unwrap_or("")).unwrap().len())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The previous design kept about 70 bytes of every committed step in its one etcd value
+/// forever, so an HA job stopped being able to save its state (etcd refuses requests over
+/// 1.5 MiB) after about 22,500 steps. Two simulated nodes (the worker's protocol without
+/// training, so a step takes a millisecond) drive a real pair of coordinators on a real
+/// etcd past that point; then the active coordinator is killed: the standby takes over,
+/// the job runs to its end, every etcd value stayed under 256 KiB throughout, the step
+/// history left the state for its file, and the exactly-once check holds.
+#[test]
+fn an_etcd_job_runs_past_the_old_designs_size_limit_then_fails_over() {
+    const STEPS: u64 = 24_000;
+    const OLD_LIMIT_STEPS: u64 = 1_572_864 / 70;
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    // Without fsyncs (the test is about sizes and the failover, not etcd's durability): a
+    // step takes the time of the coordinator's work, not of a disk flush.
+    let etcd = start_etcd_with(d.path(), &["--unsafe-no-fsync"]);
+    let data = synth(d.path(), 192); // 96 batches of 2 an epoch: 48 steps of world 2
+    let out = d.path().join("out");
+    let job = job_yaml(d.path(), &data, &Job { save_every: 100, max_steps: Some(STEPS), epochs: STEPS / 48 + 2, grad_accum: 1, coord: Some((2, 2)), out: &out });
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let (addr_a, addr_b) = (free(), free());
+    let mut active = start_coord_etcd(&job, &etcd.1, &addr_a, &d.path().join("coord-a.log"));
+    wait_for(&addr_a, "coordinator a elected", Duration::from_secs(30), |_| true);
+    let mut standby = start_coord_etcd(&job, &etcd.1, &addr_b, &d.path().join("coord-b.log"));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let nodes: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            let node = otter_core::coord::simnode::SimNode {
+                addrs: vec![addr_a.clone(), addr_b.clone()],
+                token: TOKEN.into(),
+                node_id: format!("sim-{n}"),
+                ckpt_dir: out.join("checkpoints"),
+                save_every: 100,
+            };
+            rt.spawn(async move { node.run().await })
+        })
+        .collect();
+    let t = Instant::now();
+    let mut largest = 0;
+    let before = loop {
+        let s = status(&addr_a).unwrap_or_default();
+        largest = largest.max(etcd_values(&etcd.1, "otter/").iter().map(|(_, n)| *n).max().unwrap_or(0));
+        if steps_committed(&s) > OLD_LIMIT_STEPS + 100 {
+            break steps_committed(&s);
+        }
+        assert!(t.elapsed() < Duration::from_secs(600), "{} steps in 10 min\n{}", steps_committed(&s), logs(d.path()));
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let rate = before as f64 / t.elapsed().as_secs_f64();
+    let values = etcd_values(&etcd.1, "otter/");
+    let state = values.iter().find(|(k, _)| k == "otter/state").map_or(0, |(_, n)| *n);
+    println!("{before} steps in {:.0} s ({rate:.0} steps/s); etcd values: {values:?}", t.elapsed().as_secs_f64());
+    assert!(state > 0 && state < 256 * 1024, "the saved state: {state} bytes");
+    active.kill().unwrap();
+    let killed = Instant::now();
+    for n in nodes {
+        let report = rt.block_on(async { tokio::time::timeout(Duration::from_secs(300), n).await }).expect("the simulated nodes finish").unwrap();
+        let report = report.unwrap_or_else(|e| panic!("a simulated node: {e:#}\n{}", logs(d.path())));
+        assert!(report.generations >= 1, "{report:?}");
+    }
+    println!("failover and the last {} steps took {:.1} s", STEPS - before, killed.elapsed().as_secs_f64());
+    let code = loop {
+        if let Some(c) = standby.try_wait().unwrap() {
+            break c;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(360), "the standby did not finish\n{}", logs(d.path()));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(code.success(), "standby exited with {code}\n{}", std::fs::read_to_string(d.path().join("coord-b.log")).unwrap());
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("coord/status.json")).unwrap()).unwrap();
+    assert_exactly_once(&s);
+    assert_eq!((s["summary"]["phase"].as_str(), steps_committed(&s)), (Some("Finished"), STEPS));
+    let values = etcd_values(&etcd.1, "otter/");
+    largest = largest.max(values.iter().map(|(_, n)| *n).max().unwrap_or(0));
+    assert!(largest < 256 * 1024, "an etcd value of {largest} bytes: {values:?}");
+    let history = std::fs::read_to_string(out.join("coord/history.jsonl")).unwrap();
+    let steps: Vec<u64> = history.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    assert!(steps.len() as u64 > STEPS - 1000 && steps.windows(2).all(|w| w[1] == w[0] + 1) && steps[0] == 0, "the history file: {} steps", steps.len());
 }
 
 /// A throwaway CA and a `localhost` certificate signed by it (openssl CLI).

@@ -247,6 +247,8 @@ pub struct CoordMetrics {
     pub failed_generations: IntGauge,
     pub waiting_for_nodes: IntGauge,
     pub excluded_nodes: IntGauge,
+    pub state_bytes: IntGauge,
+    pub state_save: Histogram,
 }
 
 impl Default for CoordMetrics {
@@ -309,6 +311,15 @@ impl CoordMetrics {
             failed_generations: ig("otter_failed_generations", "Generations in a row that failed without committing a step."),
             waiting_for_nodes: ig("otter_waiting_for_nodes", "1 while the job waits for nodes (below min_nodes)."),
             excluded_nodes: ig("otter_excluded_nodes", "Nodes left out for now by the partition rule."),
+            state_bytes: ig("otter_coord_state_bytes", "Bytes of the coordinator's last saved state (bounded: the step history is in its own file)."),
+            state_save: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("otter_coord_state_save_seconds", "Coordinator state saves: serialization and the store's write (fsync or etcd transaction).")
+                        .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+                )
+                .expect("valid"),
+            ),
             registry: r,
         };
         for reason in ["no_space", "io", "other"] {

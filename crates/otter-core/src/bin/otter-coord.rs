@@ -39,12 +39,20 @@ enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
-    /// Join, rendezvous and recovery time against N simulated nodes joining at once
-    /// (in-process clients, one connection each, over loopback gRPC), with the in-memory
-    /// and the embedded file store.
+    /// The coordinator at scale: N simulated nodes join at once (in-process clients, one
+    /// connection each, over loopback gRPC), then --steps committed steps (the service's
+    /// handlers called in-process) with a checkpoint every --save-every, then a recovery.
+    /// Prints one `name=value` line per measure, per store.
     Bench {
         #[arg(long, default_value_t = 256)]
         nodes: usize,
+        #[arg(long, default_value_t = 1000)]
+        steps: u64,
+        /// Stores to run: memory, file, etcd (a local etcd is started).
+        #[arg(long, value_delimiter = ',', default_value = "memory,file")]
+        store: Vec<otter_core::coord::bench::BenchStore>,
+        #[arg(long, default_value_t = 1000)]
+        save_every: u64,
     },
     /// Print the job's status as JSON.
     Status {
@@ -87,21 +95,16 @@ async fn main() -> Result<()> {
                 Err(e) => return Err(e),
             }
         }
-        Command::Bench { nodes } => {
-            let dir = tempfile_dir()?;
-            for store in [None, Some(dir.as_path())] {
-                let r = otter_core::coord::bench::rendezvous(nodes, store, std::time::Duration::from_secs(60)).await?;
-                println!(
-                    "nodes={} store={} join_s={:.3} join_max_s={:.3} rendezvous_s={:.3} recovery_s={:.3}",
-                    r.nodes,
-                    r.store,
-                    r.join.as_secs_f64(),
-                    r.join_max.as_secs_f64(),
-                    r.rendezvous.as_secs_f64(),
-                    r.recovery.as_secs_f64()
-                );
+        Command::Bench { nodes, steps, store, save_every } => {
+            for store in store {
+                let dir = tempfile_dir()?;
+                let opts = otter_core::coord::bench::BenchOptions { nodes, steps, store, save_every, dir: dir.clone(), join_timeout: std::time::Duration::from_secs(60) };
+                let r = otter_core::coord::bench::run(&opts).await;
+                let _ = std::fs::remove_dir_all(&dir);
+                for line in r?.lines() {
+                    println!("{line}");
+                }
             }
-            let _ = std::fs::remove_dir_all(&dir);
             Ok(())
         }
         Command::Status { coord, token_file } => {

@@ -17,10 +17,10 @@
 //! which appends them to a history file: the state a long job saves is bounded.
 
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 /// Summaries of compacted steps kept in the state (for the status page's recent curve).
-pub const HISTORY_WINDOW: usize = 1000;
+pub const HISTORY_WINDOW: usize = 256;
 
 /// One data batch: batch `batch` of the epoch plan of epoch `epoch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -35,6 +35,215 @@ impl std::fmt::Display for BatchRef {
     }
 }
 
+/// Consecutive batches of one epoch: `len` batches from `batch` on. Saved as
+/// `[epoch, batch, len]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run(pub u64, pub u64, pub u64);
+
+impl Run {
+    pub fn first(&self) -> BatchRef {
+        BatchRef { epoch: self.0, batch: self.1 }
+    }
+    pub fn len(&self) -> u64 {
+        self.2
+    }
+    pub fn is_empty(&self) -> bool {
+        self.2 == 0
+    }
+    fn iter(self) -> impl Iterator<Item = BatchRef> {
+        (self.1..self.1 + self.2).map(move |batch| BatchRef { epoch: self.0, batch })
+    }
+    /// The part from offset `from`, at most `n` batches.
+    fn slice(self, from: u64, n: u64) -> Run {
+        let from = from.min(self.2);
+        Run(self.0, self.1 + from, n.min(self.2 - from))
+    }
+}
+
+/// Appends `runs` to `to`, merging a run that continues the last one.
+fn extend_runs(to: &mut Vec<Run>, runs: impl IntoIterator<Item = Run>) {
+    for r in runs.into_iter().filter(|r| !r.is_empty()) {
+        match to.last_mut() {
+            Some(last) if last.0 == r.0 && last.1 + last.2 == r.1 => last.2 += r.2,
+            _ => to.push(r),
+        }
+    }
+}
+
+/// The runs of `items`, in order.
+pub fn runs_of(items: impl IntoIterator<Item = BatchRef>) -> Vec<Run> {
+    let mut runs = Vec::new();
+    extend_runs(&mut runs, items.into_iter().map(|b| Run(b.epoch, b.batch, 1)));
+    runs
+}
+
+/// A step's batches, in stream order, split over the `world` ranks of the generation that
+/// leased it: rank `r` takes part `r` of [`crate::comm::split`] (contiguous, the first
+/// `len % world` ranks one more). Kept as runs of consecutive batches, so a step costs a
+/// few dozen bytes whatever the world (not world x k entries); saved as
+/// `{"world": W, "runs": [[epoch, batch, len], ...]}`. A state of the previous version
+/// (a list of batches per rank) loads into it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "StepBatchesRepr")]
+pub struct StepBatches {
+    world: usize,
+    runs: Vec<Run>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StepBatchesRepr {
+    Runs { world: usize, runs: Vec<Run> },
+    PerRank(Vec<Vec<BatchRef>>),
+}
+
+impl TryFrom<StepBatchesRepr> for StepBatches {
+    type Error = String;
+    fn try_from(r: StepBatchesRepr) -> Result<Self, String> {
+        match r {
+            StepBatchesRepr::Runs { world, runs } => Ok(Self { world, runs }),
+            StepBatchesRepr::PerRank(lists) => {
+                let b = Self::new(lists.iter().flatten().copied(), lists.len());
+                if b.ranks() != lists {
+                    return Err(format!("per_rank: the lists of {} ranks are not the contiguous split of their batches", lists.len()));
+                }
+                Ok(b)
+            }
+        }
+    }
+}
+
+impl StepBatches {
+    pub fn new(items: impl IntoIterator<Item = BatchRef>, world: usize) -> Self {
+        Self { world, runs: runs_of(items) }
+    }
+
+    fn from_runs(runs: Vec<Run>, world: usize) -> Self {
+        let mut merged = Vec::with_capacity(runs.len());
+        extend_runs(&mut merged, runs);
+        Self { world, runs: merged }
+    }
+
+    /// Ranks of the generation that leased the step.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    pub fn runs(&self) -> &[Run] {
+        &self.runs
+    }
+
+    /// Batches of the step, over all ranks.
+    pub fn len(&self) -> u64 {
+        self.runs.iter().map(Run::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every batch, in order (rank 0's first).
+    pub fn iter(&self) -> impl Iterator<Item = BatchRef> + '_ {
+        self.runs.iter().flat_map(|r| r.iter())
+    }
+
+    /// Rank `rank`'s batches, in order.
+    pub fn rank(&self, rank: usize) -> Vec<BatchRef> {
+        if rank >= self.world {
+            return Vec::new();
+        }
+        let (start, n) = crate::comm::split(self.len() as usize, self.world, rank);
+        let (mut skip, mut left) = (start as u64, n as u64);
+        let mut out = Vec::with_capacity(n);
+        for r in &self.runs {
+            if left == 0 {
+                break;
+            }
+            if skip >= r.len() {
+                skip -= r.len();
+                continue;
+            }
+            let part = r.slice(skip, left);
+            skip = 0;
+            left -= part.len();
+            out.extend(part.iter());
+        }
+        out
+    }
+
+    /// Every rank's batches.
+    pub fn ranks(&self) -> Vec<Vec<BatchRef>> {
+        (0..self.world).map(|r| self.rank(r)).collect()
+    }
+
+    /// The highest epoch among its batches.
+    pub fn max_epoch(&self) -> u64 {
+        self.runs.iter().filter(|r| !r.is_empty()).map(|r| r.0).max().unwrap_or(0)
+    }
+}
+
+/// Batches given back (their steps were rolled back or never committed), in stream order,
+/// as runs; they go out before the rest of the stream. A state of the previous version (a
+/// list of batches) loads into it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "ReturnedRepr")]
+pub struct Returned(VecDeque<Run>);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ReturnedRepr {
+    Runs(VecDeque<Run>),
+    Batches(Vec<BatchRef>),
+}
+
+impl From<ReturnedRepr> for Returned {
+    fn from(r: ReturnedRepr) -> Self {
+        match r {
+            ReturnedRepr::Runs(runs) => Self(runs),
+            ReturnedRepr::Batches(items) => Self(runs_of(items).into()),
+        }
+    }
+}
+
+impl Returned {
+    pub fn len(&self) -> u64 {
+        self.0.iter().map(Run::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(Run::is_empty)
+    }
+
+    pub fn runs(&self) -> impl Iterator<Item = &Run> {
+        self.0.iter()
+    }
+
+    /// Takes the first `n` batches (or all there are).
+    fn take_front(&mut self, mut n: u64) -> Vec<Run> {
+        let mut out = Vec::new();
+        while n > 0 {
+            let Some(front) = self.0.front_mut() else { break };
+            if front.len() <= n {
+                n -= front.len();
+                out.push(*front);
+                self.0.pop_front();
+            } else {
+                out.push(front.slice(0, n));
+                *front = front.slice(n, u64::MAX);
+                n = 0;
+            }
+        }
+        out
+    }
+
+    /// Puts `runs` (in order) in front of what is there.
+    fn push_front(&mut self, runs: Vec<Run>) {
+        let mut all = Vec::with_capacity(runs.len() + self.0.len());
+        extend_runs(&mut all, runs.into_iter().chain(self.0.drain(..)));
+        self.0 = all.into();
+    }
+}
+
 /// The batches one rank trains in one step (its `k` micro-batches, in order).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepLease {
@@ -46,8 +255,9 @@ pub struct StepLease {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeasedStep {
     pub generation: u64,
-    /// By rank of `generation`.
-    pub per_rank: Vec<Vec<BatchRef>>,
+    /// Its batches, split over the ranks of `generation`.
+    #[serde(alias = "per_rank")]
+    pub batches: StepBatches,
     /// Loss each rank reported for this step, if it did (non-finite losses are not kept).
     pub losses: Vec<Option<f64>>,
     /// The learning rate the step was trained at (every rank reports the same).
@@ -61,8 +271,9 @@ pub struct CommittedStep {
     pub step: u64,
     /// The generation that leased (and ran) it.
     pub generation: u64,
-    /// By rank of `generation`, dead ranks included.
-    pub per_rank: Vec<Vec<BatchRef>>,
+    /// Its batches, split over the ranks of `generation`, dead ranks included.
+    #[serde(alias = "per_rank")]
+    pub batches: StepBatches,
     /// Mean loss over its micro-batches: the ranks' reported means weighted by their
     /// batch counts (ranks that died before reporting are missing from it).
     pub mean_loss: Option<f64>,
@@ -93,11 +304,11 @@ impl CommittedStep {
         StepSummary {
             step: self.step,
             generation: self.generation,
-            world: self.per_rank.len() as u64,
-            epoch: self.per_rank.iter().flatten().map(|b| b.epoch).max().unwrap_or(0),
+            world: self.batches.world() as u64,
+            epoch: self.batches.max_epoch(),
             mean_loss: self.mean_loss,
             lr: self.lr,
-            micro_batches: self.per_rank.iter().map(|r| r.len() as u64).sum(),
+            micro_batches: self.batches.len(),
         }
     }
 }
@@ -204,7 +415,7 @@ pub struct Ledger {
     /// Stream position of the first batch never leased.
     next: u64,
     /// Leased once, given back; all precede `next` in stream order and go out first.
-    returned: VecDeque<BatchRef>,
+    returned: Returned,
     leased: BTreeMap<u64, LeasedStep>,
     /// Committed steps folded into a count (see the module docs); older states have none.
     #[serde(default)]
@@ -242,7 +453,7 @@ impl Ledger {
         Self {
             epoch_batches,
             next: 0,
-            returned: VecDeque::new(),
+            returned: Returned::default(),
             leased: BTreeMap::new(),
             compacted: Compacted::default(),
             committed: Vec::new(),
@@ -268,6 +479,24 @@ impl Ledger {
             left -= n;
         }
         Stream { epoch_batches: &self.epoch_batches, epoch: self.epoch_batches.len(), batch: 0 }
+    }
+
+    /// The `n` batches of the stream from `position` (fewer if it ends), as runs.
+    fn stream_runs(&self, position: u64, mut n: u64) -> Vec<Run> {
+        let mut s = self.stream_from(position);
+        let mut runs = Vec::new();
+        while n > 0 {
+            while s.epoch < self.epoch_batches.len() && s.batch >= self.epoch_batches[s.epoch] {
+                s.epoch += 1;
+                s.batch = 0;
+            }
+            let Some(&e) = self.epoch_batches.get(s.epoch) else { break };
+            let take = (e - s.batch).min(n);
+            runs.push(Run(s.epoch as u64, s.batch, take));
+            s.batch += take;
+            n -= take;
+        }
+        runs
     }
 
     /// Committed steps not compacted yet, with their batches, in order: steps
@@ -310,7 +539,7 @@ impl Ledger {
         let n = steps.saturating_sub(self.compacted.count).min(self.committed.len() as u64) as usize;
         let mut out = Vec::new();
         for c in self.committed.drain(..n) {
-            self.compacted.batches += c.per_rank.iter().map(|r| r.len() as u64).sum::<u64>();
+            self.compacted.batches += c.batches.len();
             self.compacted.count += 1;
             self.compacted.recent.push_back(c.summary());
             if self.compacted.recent.len() > HISTORY_WINDOW {
@@ -330,7 +559,7 @@ impl Ledger {
     }
 
     pub fn committed_batches(&self) -> u64 {
-        self.compacted.batches + self.committed.iter().flat_map(|c| &c.per_rank).map(|r| r.len() as u64).sum::<u64>()
+        self.compacted.batches + self.committed.iter().map(|c| c.batches.len()).sum::<u64>()
     }
 
     /// The last step leased or committed: the furthest any model state can be.
@@ -340,7 +569,7 @@ impl Ledger {
 
     /// Batches not leased now (returned ones and the rest of the stream).
     pub fn pending_batches(&self) -> u64 {
-        self.returned.len() as u64 + self.total().saturating_sub(self.next)
+        self.returned.len() + self.total().saturating_sub(self.next)
     }
 
     pub fn end(&self) -> Option<LedgerEnd> {
@@ -350,11 +579,11 @@ impl Ledger {
     /// Rank `rank`'s lease of `step`, whether still outstanding or committed (and not
     /// compacted).
     pub fn lease_of(&self, step: u64, rank: usize) -> Option<StepLease> {
-        let per_rank = match self.leased.get(&step) {
-            Some(l) => &l.per_rank,
-            None => &self.committed_step(step)?.per_rank,
+        let batches = match self.leased.get(&step) {
+            Some(l) => &l.batches,
+            None => &self.committed_step(step)?.batches,
         };
-        Some(StepLease { step, items: per_rank.get(rank)?.clone() })
+        (rank < batches.world()).then(|| StepLease { step, items: batches.rank(rank) })
     }
 
     /// Leases `step` to `world` ranks of `generation`: the next `n` batches of the pending
@@ -366,18 +595,12 @@ impl Ledger {
         if world == 0 || n == 0 || self.pending_batches() < n {
             return false;
         }
-        let from_returned = (self.returned.len() as u64).min(n) as usize;
-        let mut items: Vec<BatchRef> = self.returned.drain(..from_returned).collect();
-        let fresh = n - from_returned as u64;
-        items.extend(self.stream_from(self.next).take(fresh as usize));
+        let mut runs = self.returned.take_front(n);
+        let fresh = n - runs.iter().map(Run::len).sum::<u64>();
+        runs.extend(self.stream_runs(self.next, fresh));
         self.next += fresh;
-        let per_rank = (0..world)
-            .map(|r| {
-                let (start, len) = crate::comm::split(items.len(), world, r);
-                items[start..start + len].to_vec()
-            })
-            .collect();
-        self.leased.insert(step, LeasedStep { generation, per_rank, losses: vec![None; world], lr: None });
+        let batches = StepBatches::from_runs(runs, world);
+        self.leased.insert(step, LeasedStep { generation, batches, losses: vec![None; world], lr: None });
         true
     }
 
@@ -402,11 +625,11 @@ impl Ledger {
         let (sum, n) = l
             .losses
             .iter()
-            .zip(&l.per_rank)
-            .filter_map(|(loss, items)| Some((loss.as_ref()?, items.len() as f64)))
+            .enumerate()
+            .filter_map(|(rank, loss)| Some((loss.as_ref()?, crate::comm::split(l.batches.len() as usize, l.batches.world(), rank).1 as f64)))
             .fold((0.0, 0.0), |(s, n), (loss, k)| (s + loss * k, n + k));
         let mean_loss = (n > 0.0).then(|| sum / n);
-        self.committed.push(CommittedStep { step, generation: l.generation, per_rank: l.per_rank, mean_loss, lr: l.lr });
+        self.committed.push(CommittedStep { step, generation: l.generation, batches: l.batches, mean_loss, lr: l.lr });
         true
     }
 
@@ -422,7 +645,7 @@ impl Ledger {
             }
             s.committed.push(step);
         }
-        let mut back: Vec<BatchRef> = Vec::new();
+        let mut back: Vec<Run> = Vec::new();
         // Compacted steps are never rolled back: the machine compacts only what the oldest
         // kept checkpoint covers, and no settlement goes below that checkpoint.
         let compacted = self.compacted.count;
@@ -431,17 +654,15 @@ impl Ledger {
         if (self.committed.len() as u64) > keep_tail {
             for c in self.committed.split_off(keep_tail as usize) {
                 s.rolled_back.push(c.step);
-                back.extend(c.per_rank.into_iter().flatten());
+                extend_runs(&mut back, c.batches.runs);
             }
         }
         for (step, l) in std::mem::take(&mut self.leased) {
             s.returned.push(step);
-            back.extend(l.per_rank.into_iter().flatten());
+            extend_runs(&mut back, l.batches.runs);
         }
-        s.batches_back = back.len() as u64;
-        for item in back.into_iter().rev() {
-            self.returned.push_front(item);
-        }
+        s.batches_back = back.iter().map(Run::len).sum();
+        self.returned.push_front(back);
         s
     }
 
@@ -464,26 +685,40 @@ impl Ledger {
                 return Err(LedgerError::StepGap { index, step });
             }
         }
-        let mut first: HashMap<BatchRef, u64> = HashMap::new();
-        for c in &self.committed {
-            for &batch in c.per_rank.iter().flatten() {
-                if let Some(first_step) = first.insert(batch, c.step) {
-                    return Err(LedgerError::DuplicateCommit { batch, first_step, second_step: c.step });
-                }
+        // No batch in two committed steps: the runs sorted by their first batch must not
+        // overlap (run-level: a step is a few runs, whatever the world).
+        let mut committed_runs: Vec<(Run, u64)> = self.committed.iter().flat_map(|c| c.batches.runs.iter().map(move |&r| (r, c.step))).filter(|(r, _)| !r.is_empty()).collect();
+        committed_runs.sort_by_key(|&(r, step)| (r.0, r.1, step));
+        for w in committed_runs.windows(2) {
+            let ((a, a_step), (b, b_step)) = (w[0], w[1]);
+            if a.0 == b.0 && b.1 < a.1 + a.2 {
+                return Err(LedgerError::DuplicateCommit { batch: b.first(), first_step: a_step.min(b_step), second_step: a_step.max(b_step) });
             }
         }
-        let committed = self.committed.iter().flat_map(|c| c.per_rank.iter().flatten());
-        let leased = self.leased.values().flat_map(|l| l.per_rank.iter().flatten());
-        // The compacted steps consumed the stream's first `compacted.batches` batches.
+        // committed ++ leased ++ returned is the stream from the compacted steps' end on,
+        // run by run.
+        let committed = self.committed.iter().flat_map(|c| c.batches.runs.iter());
+        let leased = self.leased.values().flat_map(|l| l.batches.runs.iter());
         let mut position = self.compacted.batches;
         let mut stream = self.stream_from(position);
-        for &found in committed.chain(leased).chain(self.returned.iter()) {
-            match stream.next() {
-                Some(expected) if expected == found => {}
-                Some(expected) => return Err(LedgerError::OutOfOrder { position, expected, found }),
-                None => return Err(LedgerError::BeyondEnd { position, found }),
+        for run in committed.chain(leased).chain(self.returned.runs()).filter(|r| !r.is_empty()) {
+            let mut left = *run;
+            while left.len() > 0 {
+                while stream.epoch < self.epoch_batches.len() && stream.batch >= self.epoch_batches[stream.epoch] {
+                    stream.epoch += 1;
+                    stream.batch = 0;
+                }
+                let found = left.first();
+                let Some(&in_epoch) = self.epoch_batches.get(stream.epoch) else { return Err(LedgerError::BeyondEnd { position, found }) };
+                let expected = BatchRef { epoch: stream.epoch as u64, batch: stream.batch };
+                if found != expected {
+                    return Err(LedgerError::OutOfOrder { position, expected, found });
+                }
+                let take = left.len().min(in_epoch - stream.batch);
+                stream.batch += take;
+                position += take;
+                left = left.slice(take, u64::MAX);
             }
-            position += 1;
         }
         if position != self.next {
             return Err(LedgerError::Lost { accounted: position, leased: self.next });
@@ -503,7 +738,7 @@ impl Ledger {
         }
         Ok(Coverage {
             committed_batches: self.committed_batches(),
-            leased_batches: self.leased.values().flat_map(|l| &l.per_rank).map(|r| r.len() as u64).sum(),
+            leased_batches: self.leased.values().map(|l| l.batches.len()).sum(),
             pending_batches: pending,
             dropped_tail,
         })
@@ -519,7 +754,7 @@ mod tests {
     }
 
     fn flat(l: &LeasedStep) -> Vec<BatchRef> {
-        l.per_rank.concat()
+        l.batches.iter().collect()
     }
 
     #[test]
@@ -528,8 +763,8 @@ mod tests {
         assert_eq!(l.total(), 7);
         assert!(l.lease(0, 1, 2, 2));
         assert!(l.lease(1, 1, 2, 2));
-        assert_eq!(l.leased[&0].per_rank, vec![vec![b(0, 0)], vec![b(0, 1)]]);
-        assert_eq!(l.leased[&1].per_rank, vec![vec![b(0, 2)], vec![b(2, 0)]], "a step spans the boundary");
+        assert_eq!(l.leased[&0].batches.ranks(), vec![vec![b(0, 0)], vec![b(0, 1)]]);
+        assert_eq!(l.leased[&1].batches.ranks(), vec![vec![b(0, 2)], vec![b(2, 0)]], "a step spans the boundary");
         assert!(l.lease(2, 1, 1, 3));
         assert_eq!(flat(&l.leased[&2]), vec![b(2, 1), b(2, 2), b(2, 3)]);
         assert!(!l.lease(3, 1, 1, 1), "nothing left");
@@ -547,7 +782,7 @@ mod tests {
                 assert_eq!(flat(&many.leased[&step]), flat(&one.leased[&step]), "step {step}, W={world}, k={k}");
                 let r = world - 1;
                 let pos = step * world as u64 * k + r as u64 * k;
-                assert_eq!(many.leased[&step].per_rank[r][0], many.stream_from(pos).next().unwrap());
+                assert_eq!(many.leased[&step].batches.rank(r)[0], many.stream_from(pos).next().unwrap());
                 step += 1;
             }
             assert!(!one.lease(step, 1, 1, world as u64 * k));
@@ -608,12 +843,12 @@ mod tests {
     fn a_step_takes_the_same_batches_whatever_the_world_split_unevenly() {
         let mut l = Ledger::new(vec![20]);
         assert!(l.lease(0, 1, 2, 5));
-        let sizes: Vec<usize> = l.leased()[&0].per_rank.iter().map(Vec::len).collect();
+        let sizes: Vec<usize> = l.leased()[&0].batches.ranks().iter().map(Vec::len).collect();
         assert_eq!(sizes, [3, 2], "the first 5 % 2 ranks take one more");
         assert!(l.lease(1, 2, 3, 5));
-        let sizes: Vec<usize> = l.leased()[&1].per_rank.iter().map(Vec::len).collect();
+        let sizes: Vec<usize> = l.leased()[&1].batches.ranks().iter().map(Vec::len).collect();
         assert_eq!(sizes, [2, 2, 1]);
-        let batches: Vec<u64> = l.leased()[&1].per_rank.iter().flatten().map(|b| b.batch).collect();
+        let batches: Vec<u64> = l.leased()[&1].batches.iter().map(|b| b.batch).collect();
         assert_eq!(batches, [5, 6, 7, 8, 9], "the next 5 of the stream, in order");
         // The step's loss is the mean over its micro-batches: rank 0's mean counts 3 times.
         l.record_loss(0, 0, 1.0, 2e-4);
@@ -636,16 +871,16 @@ mod tests {
         assert_eq!(good.check_exactly_once().unwrap().committed_batches, 6);
 
         let mut dup = good.clone();
-        dup.committed[2].per_rank[1] = vec![b(0, 1)];
+        dup.committed[2].batches = StepBatches::new([b(0, 4), b(0, 1)], 2);
         assert!(matches!(
             dup.check_exactly_once(),
             Err(LedgerError::DuplicateCommit { first_step: 0, second_step: 2, .. })
         ));
         let mut swapped = good.clone();
-        swapped.committed[1].per_rank.swap(0, 1);
+        swapped.committed[1].batches = StepBatches::new([b(0, 3), b(0, 2)], 2);
         assert!(matches!(swapped.check_exactly_once(), Err(LedgerError::OutOfOrder { position: 2, .. })));
         let mut lost = good.clone();
-        lost.committed[2].per_rank[1].clear();
+        lost.committed[2].batches = StepBatches::new([b(0, 4)], 2);
         assert!(matches!(lost.check_exactly_once(), Err(LedgerError::Lost { accounted: 5, leased: 6 })));
         let mut gap = good.clone();
         gap.committed.remove(1);
@@ -728,13 +963,20 @@ mod tests {
         let at_6000 = size(&l);
         println!("persisted ledger: {at_1500} bytes after 1500 steps, {at_6000} after 6000");
         assert!(at_6000 <= at_1500 + at_1500 / 20, "bounded: {at_1500} -> {at_6000} bytes");
-        assert_eq!(history.iter().map(|s| s.step).collect::<Vec<_>>(), (0..5000).collect::<Vec<_>>(), "what left the window, in order");
+        assert_eq!(history.iter().map(|s| s.step).collect::<Vec<_>>(), (0..6000 - HISTORY_WINDOW as u64).collect::<Vec<_>>(), "what left the window, in order");
         assert_eq!(l.compacted().recent().len(), HISTORY_WINDOW);
         assert_eq!(l.steps_committed(), 6000);
         l.check_exactly_once().unwrap();
-        let mut uncompacted = Ledger::new(vec![1_000_000]);
-        long_run(&mut uncompacted, 100, 64, 2, u64::MAX);
-        assert!(size(&uncompacted) / 100 > 1000, "a step's batches cost a KB or more: compaction is what bounds the state");
+        // An uncompacted step costs the same few bytes at 8 ranks and at 8192: its batches
+        // are runs, not world x k entries.
+        let per_step = |world: usize| {
+            let mut l = Ledger::new(vec![100_000_000]);
+            long_run(&mut l, 100, world, 2, u64::MAX);
+            size(&l) / 100
+        };
+        let (small, large) = (per_step(8), per_step(8192));
+        println!("an uncompacted step: {small} bytes at 8 ranks, {large} at 8192");
+        assert!(large < 300 && large <= small + 16, "{small} -> {large} bytes a step");
     }
 
     #[test]
@@ -749,6 +991,41 @@ mod tests {
         assert_eq!((back.compacted().count(), back.compacted().recent().len()), (8, 8));
         assert_eq!(back, l);
         back.check_exactly_once().unwrap();
+    }
+
+    #[test]
+    fn a_steps_batches_split_as_the_per_rank_lists_did_and_old_lists_load() {
+        for (n, world) in [(5u64, 2usize), (5, 3), (16, 4), (3, 5), (1025, 1024)] {
+            let items: Vec<BatchRef> = (0..n).map(|i| b(i / 7, i % 7)).collect(); // runs of 7 across epochs
+            let batches = StepBatches::new(items.iter().copied(), world);
+            let lists: Vec<Vec<BatchRef>> = (0..world)
+                .map(|r| {
+                    let (start, len) = crate::comm::split(items.len(), world, r);
+                    items[start..start + len].to_vec()
+                })
+                .collect();
+            assert_eq!(batches.ranks(), lists, "n={n} world={world}");
+            assert_eq!(batches.iter().collect::<Vec<_>>(), items);
+            // What the previous version saved: the lists themselves.
+            let old: StepBatches = serde_json::from_value(serde_json::json!(lists)).unwrap();
+            assert_eq!(old, batches);
+            let back: StepBatches = serde_json::from_slice(&serde_json::to_vec(&batches).unwrap()).unwrap();
+            assert_eq!(back, batches);
+        }
+        let uneven = serde_json::json!([[{"epoch": 0, "batch": 0}], [{"epoch": 0, "batch": 1}, {"epoch": 0, "batch": 2}]]);
+        let e = serde_json::from_value::<StepBatches>(uneven).unwrap_err().to_string();
+        assert!(e.contains("not the contiguous split"), "{e}");
+    }
+
+    #[test]
+    fn returned_batches_leave_from_the_front_and_come_back_in_front() {
+        let mut r = Returned::from(ReturnedRepr::Batches(vec![b(0, 4), b(0, 5), b(0, 6), b(1, 0)]));
+        assert_eq!(r.len(), 4);
+        assert_eq!(r.take_front(2), vec![Run(0, 4, 2)]);
+        r.push_front(vec![Run(0, 1, 3)]);
+        assert_eq!(r.runs().copied().collect::<Vec<_>>(), vec![Run(0, 1, 3), Run(0, 6, 1), Run(1, 0, 1)]);
+        assert_eq!(r.take_front(10), vec![Run(0, 1, 3), Run(0, 6, 1), Run(1, 0, 1)]);
+        assert!(r.is_empty());
     }
 
     #[test]

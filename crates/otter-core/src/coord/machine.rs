@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
 /// The event log keeps this many of the latest events.
-pub const EVENT_LOG_LEN: usize = 1000;
+pub const EVENT_LOG_LEN: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Phase {
@@ -264,6 +264,8 @@ pub enum Refusal {
     Full { max_nodes: usize },
     #[error("node {node_id:?} must have at least one local rank")]
     NoLocalRanks { node_id: String },
+    #[error("node {node_id:?} asks for {local_ranks} local ranks; at most {max} per node")]
+    TooManyLocalRanks { node_id: String, local_ranks: u32, max: u32 },
     #[error("node {node_id:?} is registered with {registered} local ranks, not {got} (leave first)")]
     LocalRanksChanged { node_id: String, registered: u32, got: u32 },
     #[error("node {node_id:?} has {local_ranks} local ranks; there is no local rank {local_rank}")]
@@ -305,6 +307,7 @@ impl Refusal {
             Refusal::UnknownNode { .. } => "unknown-node",
             Refusal::Full { .. } => "full",
             Refusal::NoLocalRanks { .. } => "no-local-ranks",
+            Refusal::TooManyLocalRanks { .. } => "too-many-local-ranks",
             Refusal::LocalRanksChanged { .. } => "local-ranks-changed",
             Refusal::UnknownLocalRank { .. } => "unknown-local-rank",
             Refusal::UnknownRank { .. } => "unknown-rank",
@@ -330,10 +333,10 @@ struct Node {
     #[serde(default)]
     joined_at: Millis,
     /// While `Excluded`: when it may come back.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     out_until: Option<Millis>,
     /// How often it was excluded (the back-off doubles each time).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     exclusions: u32,
 }
 
@@ -382,6 +385,15 @@ struct RunState {
     /// new generation can take over if rank 0 is lost meanwhile).
     #[serde(default)]
     finishing: bool,
+    /// Rank 0 reported the final weights after its last step, before every other rank
+    /// reported that step: applied once they have (its state after the last step is the
+    /// final one whichever rank reports last).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    early_final_weights: Option<Result<String, String>>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -824,6 +836,9 @@ impl Machine {
         if local_ranks == 0 {
             return Err(Refusal::NoLocalRanks { node_id: node_id.into() });
         }
+        if local_ranks > super::MAX_LOCAL_RANKS {
+            return Err(Refusal::TooManyLocalRanks { node_id: node_id.into(), local_ranks, max: super::MAX_LOCAL_RANKS });
+        }
         if let Some(node) = self.nodes.get_mut(node_id) {
             if node.local_ranks != local_ranks {
                 return Err(Refusal::LocalRanksChanged {
@@ -1171,8 +1186,8 @@ impl Machine {
             return Ok(None); // a newer checkpoint is already committed (and the step may be compacted)
         }
         let ran = match self.ledger.committed_step(step) {
-            Some(c) => Some((c.generation, c.per_rank.len())),
-            None => self.ledger.leased().get(&step).map(|l| (l.generation, l.per_rank.len())),
+            Some(c) => Some((c.generation, c.batches.world())),
+            None => self.ledger.leased().get(&step).map(|l| (l.generation, l.batches.world())),
         };
         let Some((ran_by, world)) = ran else { return Err(refuse("that step is neither leased nor committed".into())) };
         if ran_by != generation {
@@ -1206,9 +1221,9 @@ impl Machine {
             return Ok(false);
         }
         let world = match self.ledger.committed_step(step) {
-            Some(c) if c.generation == generation => c.per_rank.len(),
+            Some(c) if c.generation == generation => c.batches.world(),
             None => match self.ledger.leased().get(&step) {
-                Some(l) if l.generation == generation => l.per_rank.len(),
+                Some(l) if l.generation == generation => l.batches.world(),
                 _ => self.pending_checkpoints.get(&step).filter(|p| p.generation == generation).map_or(0, |p| p.shards.len()),
             },
             _ => 0,
@@ -1236,9 +1251,28 @@ impl Machine {
     /// or export from).
     pub fn final_weights(&mut self, now: Millis, generation: u64, rank: usize, written: Result<String, String>) -> Result<PhaseReply, Refusal> {
         self.check_generation(generation)?;
-        if !self.run.as_ref().is_some_and(|r| r.finishing) || !matches!(self.phase, Phase::Running { .. }) || rank != 0 {
+        if rank != 0 || !matches!(self.phase, Phase::Running { .. }) {
             return Err(Refusal::NotFinishing { generation, rank });
         }
+        let finishing = self.run.as_ref().is_some_and(|r| r.finishing);
+        if !finishing {
+            // Rank 0 may hear that its last step ends the job before the other ranks have
+            // reported it: its weights are final all the same, so they are kept until the
+            // step is committed (rather than refused, leaving the job waiting forever).
+            let last = self.stop_after().filter(|_| self.job_ends_at_stop());
+            match (last, self.run.as_mut()) {
+                (Some(last), Some(run)) if run.reported.first() == Some(&Some(last)) => {
+                    run.early_final_weights = Some(written);
+                    return Ok(self.phase_reply());
+                }
+                _ => return Err(Refusal::NotFinishing { generation, rank }),
+            }
+        }
+        self.apply_final_weights(now, generation, written);
+        Ok(self.phase_reply())
+    }
+
+    fn apply_final_weights(&mut self, now: Millis, generation: u64, written: Result<String, String>) {
         match written {
             Ok(path) => {
                 self.log(now, EventKind::StopScheduled, format!("generation {generation}: rank 0 wrote the final weights to {path}"));
@@ -1256,7 +1290,6 @@ impl Machine {
                 );
             }
         }
-        Ok(self.phase_reply())
     }
 
     /// The newest checkpoint whose shards are all durable and whose step is committed.
@@ -1609,6 +1642,7 @@ impl Machine {
             membership_stop: None,
             data_end: None,
             finishing: false,
+            early_final_weights: None,
         });
         self.phase = Phase::Running { generation: g };
         if !settled.rolled_back.is_empty() {
@@ -1717,6 +1751,9 @@ impl Machine {
             EventKind::StopScheduled,
             format!("generation {g}: all {steps} steps are committed; rank 0 writes the final weights, then the job is over"),
         );
+        if let Some(written) = self.run.as_mut().and_then(|r| r.early_final_weights.take()) {
+            self.apply_final_weights(now, g, written);
+        }
     }
 
     /// Leases steps through `through` (never past the stop) for the running generation;
@@ -1998,7 +2035,9 @@ impl Machine {
     }
 
     fn slot_of(&self, rank: usize) -> Option<Slot> {
-        let m = self.layout.iter().find(|m| rank >= m.first_rank && rank < m.first_rank + m.local_ranks as usize)?;
+        // The layout is in rank order.
+        let i = self.layout.partition_point(|m| m.first_rank + m.local_ranks as usize <= rank);
+        let m = self.layout.get(i).filter(|m| rank >= m.first_rank)?;
         Some(Slot { node_id: m.node_id.clone(), local_rank: (rank - m.first_rank) as u32 })
     }
 

@@ -25,6 +25,9 @@ pub struct CheckpointSink {
 /// Appends step summaries to the history file (JSON lines).
 fn append_history(path: &std::path::Path, steps: &[super::ledger::StepSummary]) -> std::io::Result<()> {
     use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?; // with etcd as the store, nothing else creates it
+    }
     let mut out = Vec::new();
     for s in steps {
         serde_json::to_writer(&mut out, s).map_err(std::io::Error::other)?;

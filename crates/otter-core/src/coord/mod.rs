@@ -77,6 +77,7 @@ pub mod rpc;
 pub mod manifests;
 pub mod persist;
 pub mod server;
+pub mod simnode;
 pub mod service;
 pub mod telemetry;
 pub mod store;
@@ -109,6 +110,13 @@ impl std::fmt::Display for Millis {
         write!(f, "{:.3} s", self.0 as f64 / 1000.0)
     }
 }
+
+/// The most nodes a job may have (`coord.max_nodes`) and the most ranks (GPUs) per node:
+/// the largest world is their product. The saved state's size grows with the world (the
+/// members and their leases), never with the step count; the etcd store keeps every value
+/// bounded whatever the world (see `etcd.rs`).
+pub const MAX_NODES: usize = 4096;
+pub const MAX_LOCAL_RANKS: u32 = 16;
 
 /// The `coord:` section of a run config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,6 +247,9 @@ impl CoordConfig {
         if self.max_nodes < self.min_nodes {
             return err("max_nodes", &format!("must be at least min_nodes ({})", self.min_nodes));
         }
+        if self.max_nodes > MAX_NODES {
+            return err("max_nodes", &format!("at most {MAX_NODES} nodes per job"));
+        }
         for (field, d) in [
             ("join_timeout", self.join_timeout),
             ("last_call", self.last_call),
@@ -359,9 +370,10 @@ mod tests {
     #[test]
     fn validate_names_the_field() {
         type Break = fn(&mut CoordConfig);
-        let cases: [(&str, Break); 13] = [
+        let cases: [(&str, Break); 14] = [
             ("min_nodes", |c| c.min_nodes = 0),
             ("max_nodes", |c| c.max_nodes = 1),
+            ("max_nodes", |c| c.max_nodes = MAX_NODES + 1),
             ("join_timeout", |c| c.join_timeout = Duration::ZERO),
             ("last_call", |c| c.last_call = Duration::ZERO),
             ("heartbeat_timeout", |c| c.heartbeat_timeout = Duration::ZERO),

@@ -73,6 +73,7 @@ pub struct Coordinator {
     /// step share one save instead of queueing one each behind the lock).
     pub(super) dirty: Notify,
     pub(super) durable: watch::Sender<Durable>,
+    pub(super) save_stats: std::sync::Mutex<super::persist::SaveStats>,
     /// Set when another replica took over (a fenced save): this one must stop acting.
     pub(super) deposed: watch::Sender<Option<String>>,
     pub metrics: crate::metrics::CoordMetrics,
@@ -115,8 +116,7 @@ impl Coordinator {
     ) -> Result<Arc<Self>, StoreError> {
         let state = match store.load().await? {
             Some(bytes) => {
-                let mut s = serde_json::from_slice::<Persisted>(&bytes)
-                    .map_err(|e| StoreError::Unreadable { location: store.describe(), message: e.to_string() })?;
+                let mut s = super::persist::decode_state(&bytes, &store.describe())?;
                 s.machine.adopt_total_steps(s.total_steps);
                 s.machine.resume(wall_now());
                 s
@@ -129,6 +129,7 @@ impl Coordinator {
             version: Default::default(),
             dirty: Notify::new(),
             durable: watch::channel(Durable::default()).0,
+            save_stats: Default::default(),
             deposed: watch::channel(None).0,
             ckpt: Default::default(),
             manifest_in_flight: Default::default(),
@@ -206,7 +207,7 @@ impl Coordinator {
                     "loss": c.mean_loss, "lr": c.lr, "micro_batches": c.micro_batches,
                 });
                 if let Some(full) = l.committed_step(c.step) {
-                    v["per_rank"] = serde_json::json!(full.per_rank);
+                    v["batches"] = serde_json::json!(full.batches);
                 }
                 v
             })

@@ -50,22 +50,30 @@ impl Coordinator {
         x.world_size.set(m.world() as i64);
         let steps = m.ledger().steps_committed();
         x.committed_step.set(steps as i64);
-        if t.progress.back().is_none_or(|&(_, n)| n != steps) {
+        let progressed = t.progress.back().is_none_or(|&(_, n)| n != steps);
+        if progressed {
             t.progress.push_back((std::time::Instant::now(), steps));
             if t.progress.len() > 64 {
                 t.progress.pop_front();
             }
         }
+        let (events, mark) = m.events_since(t.event_mark);
+        // The rest changes only with a committed step or a logged event: it is skipped on
+        // the thousand StepDones of a step that change neither (each would cost O(nodes +
+        // uncompacted steps), a step O(world x that)).
+        if !progressed && events.is_empty() {
+            return;
+        }
         x.epoch.set(m.ledger().last_committed().map_or(0, |c| c.epoch) as i64);
         counter_to(&x.samples_committed, m.ledger().committed_batches() * t.samples_per_batch);
-        counter_to(&x.recoveries, m.summary().recoveries);
+        let summary = m.summary();
+        counter_to(&x.recoveries, summary.recoveries);
         if let Some(&n) = m.checkpoints().last() {
             x.checkpoint_last_step.set(n as i64);
         }
         for (kind, &n) in m.save_failures() {
             counter_to(&x.checkpoint_failures.with_label_values(&[kind]), n);
         }
-        let summary = m.summary();
         x.checkpoint_failed_in_a_row.set(i64::from(summary.failed_saves));
         x.degraded.set(i64::from(summary.degraded.is_some()));
         x.failed_generations.set(i64::from(summary.failed_generations));
@@ -77,7 +85,6 @@ impl Coordinator {
             x.peer_failures.with_label_values(&[&b.reporter, &b.blamed]).inc();
         }
         t.blame_mark = total;
-        let (events, mark) = m.events_since(t.event_mark);
         t.event_mark = mark;
         for e in events {
             match e.kind {

@@ -314,6 +314,11 @@ fn refusals_name_the_problem_and_change_nothing() {
         ("join beyond max", |m| m.join(Millis(SEC), "c", 1).map(drop), Refusal::Full { max_nodes: 2 }),
         ("no local ranks", |m| m.join(Millis(SEC), "c", 0).map(drop), Refusal::NoLocalRanks { node_id: "c".into() }),
         (
+            "too many local ranks",
+            |m| m.join(Millis(SEC), "c", 17).map(drop),
+            Refusal::TooManyLocalRanks { node_id: "c".into(), local_ranks: 17, max: 16 },
+        ),
+        (
             "local ranks changed",
             |m| m.join(Millis(SEC), "a", 4).map(drop),
             Refusal::LocalRanksChanged { node_id: "a".into(), registered: 1, got: 4 },
@@ -412,13 +417,13 @@ fn w_ranks_with_k_batches_train_what_one_process_with_w_times_k_trains() {
         assert_eq!(a.len(), b.len());
         assert!(a.len() > 10);
         for (x, y) in a.iter().zip(b) {
-            assert_eq!(x.per_rank.len(), ranks as usize);
-            assert_eq!(x.per_rank.concat(), y.per_rank.concat(), "step {}", x.step);
+            assert_eq!(x.batches.world(), ranks as usize);
+            assert_eq!(x.batches.ranks().concat(), y.batches.ranks().concat(), "step {}", x.step);
         }
         // What the processes trained is what the ledger committed.
         let mut trained = many.trained.clone();
         trained.sort_by_key(|&(_, step, rank, _)| (step, rank));
-        let committed: Vec<_> = a.iter().flat_map(|c| c.per_rank.iter().cloned()).collect();
+        let committed: Vec<_> = a.iter().flat_map(|c| c.batches.ranks()).collect();
         assert_eq!(trained.into_iter().map(|t| t.3).collect::<Vec<_>>(), committed);
         assert_eq!(many.m.summary().dropped_tail, Some(97 % (ranks as u64 * k)));
         many.m.check_exactly_once().unwrap();
@@ -475,8 +480,8 @@ fn a_node_killed_mid_step_commits_exactly_what_the_survivors_applied() {
         if start == 3 {
             let step2 = &sim.m.ledger().committed()[2];
             assert_eq!(step2.generation, 1);
-            assert_eq!(step2.per_rank.len(), 3, "{name}: the dead rank's lease is committed too");
-            assert_eq!(step2.per_rank.concat(), positions(12..18));
+            assert_eq!(step2.batches.world(), 3, "{name}: the dead rank's lease is committed too");
+            assert_eq!(step2.batches.ranks().concat(), positions(12..18));
             assert_eq!(a.leases[0].items, positions(18..21), "{name}: the next batches follow on, a step still takes 6");
         } else {
             assert_eq!(
@@ -949,7 +954,7 @@ fn the_job_ends_when_the_epochs_run_out_and_counts_the_dropped_tail() {
     let b = |epoch, batch| BatchRef { epoch, batch };
     assert_eq!(committed.len(), 2);
     assert_eq!(
-        committed[1].per_rank,
+        committed[1].batches.ranks(),
         vec![vec![b(0, 4), b(1, 0)], vec![b(1, 1), b(1, 2)]],
         "a step spans the epoch boundary"
     );
@@ -971,7 +976,7 @@ fn the_event_log_keeps_the_latest_events() {
     }
     assert_eq!(log.events.len(), EVENT_LOG_LEN);
     assert_eq!(log.events.front().unwrap().at, Millis(5));
-    assert_eq!(log.since(log.appended - 2).iter().map(|e| e.at.0).collect::<Vec<_>>(), vec![1003, 1004]);
+    assert_eq!(log.since(log.appended - 2).iter().map(|e| e.at.0).collect::<Vec<_>>(), vec![EVENT_LOG_LEN as u64 + 3, EVENT_LOG_LEN as u64 + 4]);
 }
 
 fn shard(rank: usize) -> ShardReport {
@@ -1151,4 +1156,32 @@ fn the_schedule_length_is_fixed_at_the_first_rendezvous_and_a_manifest_records_w
     sim.check_in_all();
     assert_eq!(sim.m.world(), 3);
     assert_eq!(sim.m.total_steps(), Some(20));
+}
+
+/// Rank 0 hears that its last step ends the job as soon as it reports it, and may write and
+/// report the final weights before the other ranks have reported that step. Refusing the
+/// report then left the job waiting forever (rank 0 had nothing more to do); the weights
+/// are kept and the job ends once the last step is committed.
+#[test]
+fn final_weights_reported_before_the_last_step_is_committed_end_the_job_once_it_is() {
+    let mut c = CoordConfig::new(2, 2);
+    c.max_steps = Some(3);
+    let mut sim = running(c, vec![100], &["a", "b"]);
+    sim.step_all();
+    sim.step_all();
+    let slots = sim.slots();
+    let last = sim.step(&slots[0]);
+    assert_eq!((last.stop_after, last.job_ends), (Some(2), true), "rank 0 learns that step 2 is the last");
+    let g = sim.m.generation();
+    assert_eq!(sim.m.final_weights(sim.t(), g, 1, Ok("x".into())).unwrap_err(), Refusal::NotFinishing { generation: g, rank: 1 }, "only rank 0 writes them");
+    sim.m.final_weights(sim.t(), g, 0, Ok("out/final.safetensors".into())).unwrap();
+    assert!(matches!(sim.m.phase(), Phase::Running { .. }), "step 2 is not committed yet");
+    let round_tripped = round_trip(&sim.m);
+    for m in [&mut sim.m, &mut round_tripped.clone()] {
+        m.step_done(Millis(SEC), g, 1, 2, 2.0, 1e-3).unwrap();
+        assert_eq!(*m.phase(), Phase::Finished);
+        assert_eq!(m.summary().final_weights.as_deref(), Some("out/final.safetensors"));
+        assert_eq!(m.ledger().steps_committed(), 3);
+        m.check_exactly_once().unwrap();
+    }
 }
