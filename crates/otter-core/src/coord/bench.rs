@@ -157,6 +157,9 @@ fn start_etcd(dir: &Path) -> Result<LocalEtcd> {
         .arg(&data)
         .args(["--listen-client-urls", &url, "--advertise-client-urls", &url, "--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
         .args(["--initial-cluster", &format!("default={peer_url}")])
+        // As the HA manifest sets it: every save is a whole state, and etcd keeps its raft
+        // log (in memory and in WAL files) until a snapshot.
+        .args(["--snapshot-count", "10000"])
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.join("etcd.log"))?)
         .spawn()
