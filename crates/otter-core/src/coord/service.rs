@@ -472,7 +472,7 @@ mod tests {
         let saves = store.saves.load(std::sync::atomic::Ordering::SeqCst);
         assert!((2..=5).contains(&saves), "1 initial save + at most one per join, here {saves}");
         // What was saved last holds all four nodes.
-        let last: Persisted = serde_json::from_slice(store.saved.lock().unwrap().as_ref().unwrap()).unwrap();
+        let last: Persisted = crate::coord::persist::decode_state(store.saved.lock().unwrap().as_ref().unwrap(), "gated").unwrap();
         assert_eq!(last.machine.summary().nodes, 4);
     }
 }
