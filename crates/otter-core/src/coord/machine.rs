@@ -375,7 +375,7 @@ struct RunState {
     #[serde(default)]
     restore_step: Option<u64>,
     /// By rank: the last step it reported done in this generation.
-    reported: Vec<Option<u64>>,
+    reported: Reports,
     /// Chosen once, when a membership change became pending.
     membership_stop: Option<u64>,
     /// The first step the data cannot fill at this world size, once leasing found it.
@@ -394,6 +394,69 @@ struct RunState {
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+/// By rank, the last step it reported done, with how many ranks stand at each step, so
+/// that a step's `StepDone` asks "has every rank reported?" in O(log) instead of
+/// scanning the world (O(world^2) per step). Saved as the plain list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "Vec<Option<u64>>", into = "Vec<Option<u64>>")]
+struct Reports {
+    by_rank: Vec<Option<u64>>,
+    /// How many ranks stand at each value of `by_rank` (no entry with a zero count).
+    counts: BTreeMap<Option<u64>, usize>,
+}
+
+impl From<Vec<Option<u64>>> for Reports {
+    fn from(by_rank: Vec<Option<u64>>) -> Self {
+        let mut counts = BTreeMap::new();
+        for &r in &by_rank {
+            *counts.entry(r).or_insert(0) += 1;
+        }
+        Reports { by_rank, counts }
+    }
+}
+
+impl From<Reports> for Vec<Option<u64>> {
+    fn from(r: Reports) -> Self {
+        r.by_rank
+    }
+}
+
+impl Reports {
+    fn none(world: usize) -> Self {
+        vec![None; world].into()
+    }
+
+    fn get(&self, rank: usize) -> Option<u64> {
+        self.by_rank[rank]
+    }
+
+    fn set(&mut self, rank: usize, step: u64) {
+        let old = std::mem::replace(&mut self.by_rank[rank], Some(step));
+        if let Some(n) = self.counts.get_mut(&old) {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(&old);
+            }
+        }
+        *self.counts.entry(Some(step)).or_insert(0) += 1;
+    }
+
+    /// The step every rank has reported (None while one has reported nothing).
+    fn all_through(&self) -> Option<u64> {
+        self.counts.keys().next().copied().flatten()
+    }
+
+    /// The highest step any rank reported.
+    fn highest(&self) -> Option<u64> {
+        self.counts.keys().next_back().copied().flatten()
+    }
+
+    /// Every rank stands at `at` (vacuously true for an empty world).
+    fn all_at(&self, at: Option<u64>) -> bool {
+        self.counts.keys().all(|&k| k == at)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -669,7 +732,7 @@ impl Machine {
             sync_from: run.sync_from,
             restore_step: run.restore_step,
             leases: window.filter_map(|s| self.ledger.lease_of(s, rank)).collect(),
-            final_weights_only: run.finishing && run.reported.iter().all(Option::is_none),
+            final_weights_only: run.finishing && run.reported.all_at(None),
         })
     }
 
@@ -965,11 +1028,11 @@ impl Machine {
                 (Some(_), Some(run)) if run.finishing => upsert(&mut self.early, checkin),
                 (Some(rank), Some(run)) => {
                     let formed = &run.checkins[rank];
-                    let repeat = run.reported[rank].is_none()
+                    let repeat = run.reported.get(rank).is_none()
                         && formed.applied_step == applied_step
                         && formed.comm_addr == comm_addr;
                     if !repeat {
-                        let reported = run.reported[rank];
+                        let reported = run.reported.get(rank);
                         let expected = reported.map_or(run.start_step, |s| s + 1);
                         let stop = self.stop_after();
                         upsert(&mut self.early, checkin);
@@ -1021,7 +1084,7 @@ impl Machine {
         if rank >= self.world {
             return Err(Refusal::UnknownRank { rank, world: self.world, generation });
         }
-        let reported = run.reported[rank];
+        let reported = run.reported.get(rank);
         if reported == Some(step) {
             self.touch_rank(now, rank);
             return Ok(self.step_reply(rank, step));
@@ -1261,7 +1324,7 @@ impl Machine {
             // step is committed (rather than refused, leaving the job waiting forever).
             let last = self.stop_after().filter(|_| self.job_ends_at_stop());
             match (last, self.run.as_mut()) {
-                (Some(last), Some(run)) if run.reported.first() == Some(&Some(last)) => {
+                (Some(last), Some(run)) if run.reported.by_rank.first() == Some(&Some(last)) => {
                     run.early_final_weights = Some(written);
                     return Ok(self.phase_reply());
                 }
@@ -1638,7 +1701,7 @@ impl Machine {
             checkins,
             sync_from,
             restore_step,
-            reported: vec![None; world],
+            reported: Reports::none(world),
             membership_stop: None,
             data_end: None,
             finishing: false,
@@ -1696,9 +1759,9 @@ impl Machine {
     /// the next generation. Returns the rank's reply as of before that transition.
     fn record_step(&mut self, now: Millis, rank: usize, step: u64, loss: Option<(f64, f64)>) -> StepReply {
         let Some(run) = self.run.as_mut() else { return self.step_reply(rank, step) };
-        run.reported[rank] = Some(step);
-        let all_through = run.reported.iter().min().copied().flatten();
-        let highest = run.reported.iter().flatten().max().copied().unwrap_or(step);
+        run.reported.set(rank, step);
+        let all_through = run.reported.all_through();
+        let highest = run.reported.highest().unwrap_or(step);
         if let Some((loss, lr)) = loss {
             self.ledger.record_loss(step, rank, loss, lr);
         }
@@ -1715,7 +1778,7 @@ impl Machine {
         self.extend_leases(now, highest.saturating_add(self.config.lease_ahead_steps));
         let reply = self.step_reply(rank, step);
         if let (Some(stop), Some(run)) = (self.stop_after(), self.run.as_ref()) {
-            if run.reported.iter().all(|&r| r == Some(stop)) {
+            if run.reported.all_at(Some(stop)) {
                 if self.job_ends_at_stop() {
                     self.begin_finishing(now);
                 } else {
@@ -1797,7 +1860,7 @@ impl Machine {
             );
             return;
         }
-        let b = run.reported.iter().flatten().max().map_or(run.start_step, |m| m + 1);
+        let b = run.reported.highest().map_or(run.start_step, |m| m + 1);
         run.membership_stop = Some(b);
         let mut reason =
             format!("generation {g}: {why}; every rank stops after step {b} (highest reported step + 1) to re-form");

@@ -125,8 +125,12 @@ impl Coordinator {
                 (s.clone(), c.version.load(Ordering::SeqCst))
             };
             let t = std::time::Instant::now();
-            let bytes = encode_state(&snapshot);
-            drop(snapshot);
+            // Encoding takes milliseconds at a thousand nodes: not on a runtime thread,
+            // where it would hold up heartbeats and replies.
+            let bytes = match tokio::task::spawn_blocking(move || encode_state(&snapshot)).await {
+                Ok(bytes) => bytes,
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            };
             let len = bytes.len();
             let saved = c.store.save(bytes).await;
             if saved.is_ok() {

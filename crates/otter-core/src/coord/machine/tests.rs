@@ -1185,3 +1185,31 @@ fn final_weights_reported_before_the_last_step_is_committed_end_the_job_once_it_
         m.check_exactly_once().unwrap();
     }
 }
+
+/// The step counts that replace scanning every rank answer what the scans answered, through
+/// any order of reports, and the saved form stays the plain per-rank list.
+#[test]
+fn reports_answer_what_a_scan_of_every_rank_answers() {
+    let world = 7;
+    let mut reports = Reports::none(world);
+    let mut plain: Vec<Option<u64>> = vec![None; world];
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..2000 {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let rank = (seed >> 33) as usize % world;
+        // A rank reports its next step, as the machine allows.
+        let step = plain[rank].map_or(10, |s| s + 1);
+        reports.set(rank, step);
+        plain[rank] = Some(step);
+        assert_eq!(reports.all_through(), plain.iter().min().copied().flatten());
+        assert_eq!(reports.highest(), plain.iter().flatten().max().copied());
+        let top = plain.iter().flatten().max().copied();
+        assert_eq!(reports.all_at(top), plain.iter().all(|&r| r == top));
+        assert_eq!(reports.all_at(None), plain.iter().all(Option::is_none));
+        assert!((0..world).all(|r| reports.get(r) == plain[r]));
+    }
+    let saved = serde_json::to_string(&reports).unwrap();
+    assert_eq!(saved, serde_json::to_string(&plain).unwrap());
+    assert_eq!(serde_json::from_str::<Reports>(&saved).unwrap(), reports);
+    assert!(Reports::none(3).all_at(None) && !Reports::none(3).all_at(Some(0)));
+}
