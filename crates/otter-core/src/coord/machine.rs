@@ -433,7 +433,7 @@ impl Reports {
     }
 
     fn set(&mut self, rank: usize, step: u64) {
-        let old = std::mem::replace(&mut self.by_rank[rank], Some(step));
+        let old = self.by_rank[rank].replace(step);
         if let Some(n) = self.counts.get_mut(&old) {
             *n -= 1;
             if *n == 0 {
