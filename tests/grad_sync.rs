@@ -231,3 +231,59 @@ fn two_data_parallel_ranks_equal_one_process_accumulating_both_micro_batches() {
     assert!(r0.iter().zip(&r1).all(|(a, b)| a.equal(b)), "both ranks hold identical parameters");
     println!("data-parallel vs single process: max param |diff| {worst:.2e}");
 }
+
+/// ZeRO-1 (`train.optimizer_sharding`): at worlds 2 and 3, ranks that keep only their
+/// part of AdamW's moments (reduce-scatter, update the part, all-gather) follow the
+/// unsharded data-parallel trajectory within 1e-6, each holding 1/world of the moments;
+/// and a checkpoint's moments gathered from the parts equal the unsharded ones.
+#[test]
+fn a_sharded_optimizer_follows_the_unsharded_trajectory_with_a_world_th_of_the_state() {
+    let steps = 6;
+    let full_bytes = trainer().optimizer_state_bytes();
+    for world in [2usize, 3] {
+        let run = |sharded: bool| {
+            on_ranks(world, |rank, g| {
+                let mut t = trainer();
+                let buckets = GradBuckets::new(&t.model.trainable(), 64 << 10);
+                if sharded {
+                    t.shard_optimizer(&buckets, world, rank).unwrap();
+                }
+                let mut samples = fixture_micro_batches();
+                let mine = samples.swap_remove(rank % samples.len());
+                let losses: Vec<f64> = (0..steps)
+                    .map(|_| {
+                        let sync = GradSync { buckets: &buckets, comm: &mut *g, overlap: false, step_micro_batches: world };
+                        t.step_synced(std::slice::from_ref(&mine), Some(sync)).unwrap().loss
+                    })
+                    .collect();
+                let bytes = t.optimizer_state_bytes();
+                // What this rank would write in a checkpoint: its partition's units, with
+                // their full moments.
+                t.gather_for_checkpoint(&mut *g, rank, world).unwrap();
+                let units = otter::ckpt::partition(&otter::ckpt::Stateful::units(&t), world).swap_remove(rank);
+                let saved: Vec<(String, Tensor)> = units.iter().flat_map(|u| otter::ckpt::Stateful::unit_tensors(&t, u)).map(|(k, v)| (k, v.copy())).collect();
+                (losses, bytes, saved)
+            })
+        };
+        let (plain, sharded) = (run(false), run(true));
+        let mut worst = 0f64;
+        for (p, s) in plain.iter().zip(&sharded) {
+            for (a, b) in p.0.iter().zip(&s.0) {
+                assert!((a - b).abs() <= 1e-6, "world {world}: loss {a} unsharded vs {b} sharded");
+            }
+            for ((ka, a), (kb, b)) in p.2.iter().zip(&s.2) {
+                assert_eq!(ka, kb);
+                worst = worst.max(max_abs_diff(a, b));
+            }
+        }
+        assert!(worst <= 1e-6, "world {world}: parameters and moments differ by {worst:e}");
+        // Each rank holds 1/world of the moments (up to one padding element per bucket).
+        let per_rank: Vec<u64> = sharded.iter().map(|s| s.1).collect();
+        let most = *per_rank.iter().max().unwrap();
+        assert!(per_rank.iter().all(|&b| b == most), "{per_rank:?}");
+        let slack = 8 * world as u64 * GradBuckets::new(&trainer().model.trainable(), 64 << 10).num_buckets() as u64;
+        assert!(most * world as u64 >= full_bytes && most * world as u64 <= full_bytes + slack, "world {world}: {most} B per rank of {full_bytes} B");
+        assert!(plain.iter().all(|p| p.1 == full_bytes));
+        println!("world {world}: sharded vs unsharded max |diff| {worst:.2e}; moments per rank {most} B of {full_bytes} B");
+    }
+}

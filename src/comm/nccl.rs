@@ -19,6 +19,8 @@ extern "C" {
     fn otter_nccl_all_reduce_mean(g: *mut c_void, ts: *const *mut c_void, n: usize, err: *mut c_char, len: usize) -> i32;
     fn otter_nccl_broadcast(g: *mut c_void, t: *mut c_void, root: i32, err: *mut c_char, len: usize) -> i32;
     fn otter_nccl_barrier(g: *mut c_void, err: *mut c_char, len: usize) -> i32;
+    fn otter_nccl_reduce_scatter_sum(g: *mut c_void, input: *mut c_void, output: *mut c_void, err: *mut c_char, len: usize) -> i32;
+    fn otter_nccl_all_gather(g: *mut c_void, input: *mut c_void, output: *mut c_void, err: *mut c_char, len: usize) -> i32;
     fn otter_nccl_abort(g: *mut c_void);
     fn otter_nccl_free(g: *mut c_void);
 }
@@ -139,5 +141,23 @@ impl TensorCollective for NcclGroup {
         // SAFETY: live tensor and handle.
         let rc = unsafe { otter_nccl_broadcast(self.raw.0, t.as_ptr() as *mut c_void, root as i32, err.as_mut_ptr() as *mut c_char, err.len()) };
         self.check(rc, "broadcast", &err)
+    }
+
+    fn reduce_scatter_sum_tensor(&mut self, input: &Tensor, output: &mut Tensor) -> Result<(), CommError> {
+        let mut err = vec![0u8; 1024];
+        // SAFETY: live tensors and handle; NCCL checks the sizes (input = world x output).
+        let rc = unsafe {
+            otter_nccl_reduce_scatter_sum(self.raw.0, input.as_ptr() as *mut c_void, output.as_ptr() as *mut c_void, err.as_mut_ptr() as *mut c_char, err.len())
+        };
+        self.check(rc, "reduce-scatter", &err)
+    }
+
+    fn all_gather_tensor(&mut self, input: &Tensor, output: &mut Tensor) -> Result<(), CommError> {
+        let mut err = vec![0u8; 1024];
+        // SAFETY: live tensors and handle; NCCL checks the sizes (output = world x input).
+        let rc = unsafe {
+            otter_nccl_all_gather(self.raw.0, input.as_ptr() as *mut c_void, output.as_ptr() as *mut c_void, err.as_mut_ptr() as *mut c_char, err.len())
+        };
+        self.check(rc, "all-gather", &err)
     }
 }

@@ -93,6 +93,25 @@ int otter_nccl_broadcast(void* h, at::Tensor* t, int root, char* err, size_t len
   });
 }
 
+int otter_nccl_reduce_scatter_sum(void* h, at::Tensor* input, at::Tensor* output, char* err, size_t len) {
+  auto* g = static_cast<Group*>(h);
+  return guarded(g, err, len, [&] {
+    c10d::ReduceScatterOptions o;
+    o.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
+    o.timeout = g->timeout;
+    wait(g, g->pg->_reduce_scatter_base(*output, *input, o));
+  });
+}
+
+int otter_nccl_all_gather(void* h, at::Tensor* input, at::Tensor* output, char* err, size_t len) {
+  auto* g = static_cast<Group*>(h);
+  return guarded(g, err, len, [&] {
+    c10d::AllgatherOptions o;
+    o.timeout = g->timeout;
+    wait(g, g->pg->_allgather_base(*output, *input, o));
+  });
+}
+
 int otter_nccl_barrier(void* h, char* err, size_t len) {
   auto* g = static_cast<Group*>(h);
   return guarded(g, err, len, [&] {

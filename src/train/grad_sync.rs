@@ -35,6 +35,16 @@ pub trait TensorCollective {
     fn all_reduce_mean_tensors(&mut self, tensors: &mut [Tensor]) -> Result<(), CommError>;
     /// In place: `t` becomes `root`'s.
     fn broadcast_tensor(&mut self, t: &mut Tensor, root: usize) -> Result<(), CommError>;
+    /// `input` (f32, contiguous, `world * output.numel()` elements, the same length on
+    /// every rank) summed over ranks; this rank's `rank`-th equal part lands in `output`.
+    fn reduce_scatter_sum_tensor(&mut self, _input: &Tensor, _output: &mut Tensor) -> Result<(), CommError> {
+        Err(CommError::Invalid("this collective has no reduce-scatter (optimizer sharding needs one)".into()))
+    }
+    /// Every rank's `input` (f32, contiguous, equal lengths) concatenated in rank order into
+    /// `output` (`world * input.numel()` elements).
+    fn all_gather_tensor(&mut self, _input: &Tensor, _output: &mut Tensor) -> Result<(), CommError> {
+        Err(CommError::Invalid("this collective has no all-gather (optimizer sharding needs one)".into()))
+    }
 }
 /// Runs `f` on `t`'s f32 data as a host slice: in place for a contiguous f32 CPU tensor,
 /// through a host copy otherwise.
@@ -75,6 +85,16 @@ impl<C: Collective + ?Sized> TensorCollective for C {
 
     fn broadcast_tensor(&mut self, t: &mut Tensor, root: usize) -> Result<(), CommError> {
         with_host_slice(t, &mut |s| self.broadcast(s, root))
+    }
+
+    fn reduce_scatter_sum_tensor(&mut self, input: &Tensor, output: &mut Tensor) -> Result<(), CommError> {
+        let mut input = input.shallow_clone();
+        with_host_slice(&mut input, &mut |i| with_host_slice(output, &mut |o| self.reduce_scatter_sum(i, o)))
+    }
+
+    fn all_gather_tensor(&mut self, input: &Tensor, output: &mut Tensor) -> Result<(), CommError> {
+        let mut input = input.shallow_clone();
+        with_host_slice(&mut input, &mut |i| with_host_slice(output, &mut |o| self.all_gather(i, o)))
     }
 }
 
@@ -131,13 +151,23 @@ impl GradBuckets {
         self.buckets.len()
     }
 
+    /// Parameter names in sync order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Each bucket: a range of [`Self::names`].
+    pub fn ranges(&self) -> &[std::ops::Range<usize>] {
+        &self.buckets
+    }
+
     /// The parameter names of each bucket, in sync order.
     pub fn layout(&self) -> Vec<Vec<&str>> {
         self.buckets.iter().map(|r| self.names[r.clone()].iter().map(String::as_str).collect()).collect()
     }
 
     /// `trainable` in sync order; an error unless it is exactly this layout's set.
-    fn ordered<'t>(&self, trainable: &[(&str, &'t Tensor)]) -> Result<Vec<&'t Tensor>, CommError> {
+    pub(crate) fn ordered<'t>(&self, trainable: &[(&str, &'t Tensor)]) -> Result<Vec<&'t Tensor>, CommError> {
         let by_name: std::collections::HashMap<&str, &Tensor> = trainable.iter().copied().collect();
         let params: Vec<&Tensor> = self
             .names
@@ -151,7 +181,7 @@ impl GradBuckets {
     }
 
     /// Bucket `b`'s gradients as one flat f32 tensor (a copy).
-    fn flatten(&self, params: &[&Tensor], b: usize) -> Tensor {
+    pub(crate) fn flatten(&self, params: &[&Tensor], b: usize) -> Tensor {
         let _guard = tch::no_grad_guard();
         let flat: Vec<Tensor> = params[self.buckets[b].clone()].iter().map(|p| p.grad().to_kind(Kind::Float).reshape([-1])).collect();
         Tensor::cat(&flat, 0)

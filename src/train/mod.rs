@@ -9,6 +9,7 @@
 //! | `optim.rs`    | AdamW on tensors (state exposed), clip_grad_norm      |
 //! | `step.rs`     | `TensorBatch`, `Trainer::step`                        |
 //! | `grad_sync.rs`| gradient buckets, all-reduce of trainable grads only  |
+//! | `zero.rs`     | sharded optimizer state (ZeRO-1): parts, re-cuts      |
 //! | `run.rs`      | `otter train`: the loop, metrics, resumable state     |
 
 pub use otter_core::train::{config, plan, schedule};
@@ -16,6 +17,7 @@ pub use otter_core::train::{config, plan, schedule};
 pub mod grad_sync;
 pub mod optim;
 pub mod run;
+pub mod zero;
 mod step;
 
 pub use step::{keep_freed_memory, GradSync, ReadFence, StepConfig, StepStats, TensorBatch, Trainer};

@@ -58,69 +58,98 @@ impl AdamW {
     }
 
     /// One update with learning rate `lr`. Parameters without a gradient are skipped
-    /// (as torch does); the step counter is shared. Runs libtorch's fused AdamW kernel
-    /// (`torch.optim.AdamW(fused=True)`'s): one pass over each parameter's four tensors
-    /// instead of the dozen elementwise ops (and temporaries) of the written-out update,
-    /// which take 2-3x as long (BENCHMARKS.md). Same formula as
-    /// [`AdamW::reference_step`]; results differ from it by rounding only (FMA).
-    ///
-    /// On CUDA the written-out update still runs: it is the one checked on a GPU (bf16
-    /// overfit against the f32 fixture); the fused kernel there awaits that check.
+    /// (as torch does); the step counter is shared. See [`update`] for the kernels.
     pub fn step(&mut self, params: &[(&str, &Tensor)], lr: f64) {
-        if params.first().is_some_and(|(_, p)| p.device() != tch::Device::Cpu) {
-            return self.reference_step(params, lr);
-        }
         self.step += 1;
-        let c = self.cfg;
-        tch::no_grad(|| {
-            // Upstream's two groups: decayed cross-attention weights, and the rest.
-            let mut groups: [Vec<(Tensor, Tensor, &Moments)>; 2] = [Vec::new(), Vec::new()];
-            for (name, p) in params {
-                let g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let m = self.state.get(*name).expect("optimizer state for every trainable parameter");
-                groups[decays(name) as usize].push((p.shallow_clone(), g, m));
-            }
-            for (group, wd) in groups.iter().zip([0.0, c.weight_decay]) {
-                if let Some((p0, _, _)) = group.first() {
-                    let step = Tensor::from(self.step as f32).to_device(p0.device());
-                    fused_adamw(group, &step, lr, c, wd).unwrap_or_else(|e| panic!("fused AdamW: {e}"));
-                }
-            }
-        });
+        let slots = self.slots(params);
+        update(self.cfg, self.step, lr, &slots);
     }
 
     /// The update written out op by op, in `torch.optim.AdamW`'s (single-tensor) order:
     /// the specification [`AdamW::step`]'s fused kernel is tested against.
     pub fn reference_step(&mut self, params: &[(&str, &Tensor)], lr: f64) {
         self.step += 1;
-        let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
-        let step_size = lr / bc1;
-        tch::no_grad(|| {
-            for (name, p) in params {
-                let g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let m = self.state.get_mut(*name).expect("optimizer state for every trainable parameter");
-                let mut p = p.shallow_clone();
-                let wd = if decays(name) { c.weight_decay } else { 0.0 };
-                if wd != 0.0 {
-                    let _ = p.g_mul_scalar_(1.0 - lr * wd);
-                }
-                let _ = m.exp_avg.lerp_(&g, 1.0 - c.beta1);
-                let _ = m.exp_avg_sq.g_mul_scalar_(c.beta2);
-                // addcmul_(g, g, value = 1 - beta2), same rounding order as torch's kernel
-                let _ = m.exp_avg_sq.addcmul_(&(&g * (1.0 - c.beta2)), &g);
-                let denom = (m.exp_avg_sq.sqrt() / bc2_sqrt) + c.eps;
-                let _ = p.addcdiv_(&(&m.exp_avg * -step_size), &denom);
-            }
-        });
+        let slots = self.slots(params);
+        written_out(self.cfg, self.step, lr, &slots);
     }
+
+    /// The parameters with a gradient, with their moments.
+    fn slots<'n>(&self, params: &[(&'n str, &Tensor)]) -> Vec<Slot<'n>> {
+        tch::no_grad(|| {
+            params
+                .iter()
+                .filter_map(|(name, p)| {
+                    let grad = p.grad();
+                    if !grad.defined() {
+                        return None;
+                    }
+                    let m = self.state.get(*name).expect("optimizer state for every trainable parameter");
+                    Some(Slot { name, param: p.shallow_clone(), grad, exp_avg: m.exp_avg.shallow_clone(), exp_avg_sq: m.exp_avg_sq.shallow_clone() })
+                })
+                .collect()
+        })
+    }
+}
+
+/// What one AdamW update touches: a parameter (or a piece of one, as a view: the update
+/// writes through it), its gradient and its two moments, all of the same shape. `name`
+/// is the parameter's, for its weight-decay group.
+pub(crate) struct Slot<'n> {
+    pub name: &'n str,
+    pub param: Tensor,
+    pub grad: Tensor,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+}
+
+/// The AdamW update of `slots` at optimizer step `step` (already counted). Runs
+/// libtorch's fused AdamW kernel (`torch.optim.AdamW(fused=True)`'s): one pass over each
+/// parameter's four tensors instead of the dozen elementwise ops (and temporaries) of the
+/// written-out update, which take 2-3x as long (BENCHMARKS.md). Same formula as
+/// [`written_out`]; results differ from it by rounding only (FMA).
+///
+/// On CUDA the written-out update still runs: it is the one checked on a GPU (bf16
+/// overfit against the f32 fixture); the fused kernel there awaits that check.
+pub(crate) fn update(c: AdamWConfig, step: u64, lr: f64, slots: &[Slot<'_>]) {
+    if slots.first().is_some_and(|s| s.param.device() != tch::Device::Cpu) {
+        return written_out(c, step, lr, slots);
+    }
+    tch::no_grad(|| {
+        // Upstream's two groups: decayed cross-attention weights, and the rest.
+        let mut groups: [Vec<&Slot<'_>>; 2] = [Vec::new(), Vec::new()];
+        for s in slots {
+            groups[decays(s.name) as usize].push(s);
+        }
+        for (group, wd) in groups.iter().zip([0.0, c.weight_decay]) {
+            if let Some(s0) = group.first() {
+                let step = Tensor::from(step as f32).to_device(s0.param.device());
+                fused_adamw(group, &step, lr, c, wd).unwrap_or_else(|e| panic!("fused AdamW: {e}"));
+            }
+        }
+    });
+}
+
+/// The update written out op by op, in `torch.optim.AdamW`'s (single-tensor) order.
+pub(crate) fn written_out(c: AdamWConfig, step: u64, lr: f64, slots: &[Slot<'_>]) {
+    let bc1 = 1.0 - c.beta1.powi(step as i32);
+    let bc2_sqrt = (1.0 - c.beta2.powi(step as i32)).sqrt();
+    let step_size = lr / bc1;
+    tch::no_grad(|| {
+        for s in slots {
+            let (mut p, g) = (s.param.shallow_clone(), &s.grad);
+            let (mut exp_avg, mut exp_avg_sq) = (s.exp_avg.shallow_clone(), s.exp_avg_sq.shallow_clone());
+            let wd = if decays(s.name) { c.weight_decay } else { 0.0 };
+            if wd != 0.0 {
+                let _ = p.g_mul_scalar_(1.0 - lr * wd);
+            }
+            let _ = exp_avg.lerp_(g, 1.0 - c.beta1);
+            let _ = exp_avg_sq.g_mul_scalar_(c.beta2);
+            // addcmul_(g, g, value = 1 - beta2), same rounding order as torch's kernel
+            let _ = exp_avg_sq.addcmul_(&(g * (1.0 - c.beta2)), g);
+            let denom = (exp_avg_sq.sqrt() / bc2_sqrt) + c.eps;
+            let _ = p.addcdiv_(&(&exp_avg * -step_size), &denom);
+        }
+    });
 }
 
 extern "C" {
@@ -143,13 +172,13 @@ extern "C" {
     ) -> std::ffi::c_int;
 }
 
-/// One fused AdamW update of `group` (param, its grad, its moments) at `step`.
-fn fused_adamw(group: &[(Tensor, Tensor, &Moments)], step: &Tensor, lr: f64, c: AdamWConfig, weight_decay: f64) -> Result<(), String> {
+/// One fused AdamW update of `group` (one weight-decay group) at `step`.
+fn fused_adamw(group: &[&Slot<'_>], step: &Tensor, lr: f64, c: AdamWConfig, weight_decay: f64) -> Result<(), String> {
     let ptr = |t: &Tensor| t.as_ptr() as *mut torch_sys::C_tensor;
-    let params: Vec<_> = group.iter().map(|(p, _, _)| ptr(p)).collect();
-    let grads: Vec<_> = group.iter().map(|(_, g, _)| ptr(g)).collect();
-    let exp_avgs: Vec<_> = group.iter().map(|(_, _, m)| ptr(&m.exp_avg)).collect();
-    let exp_avg_sqs: Vec<_> = group.iter().map(|(_, _, m)| ptr(&m.exp_avg_sq)).collect();
+    let params: Vec<_> = group.iter().map(|s| ptr(&s.param)).collect();
+    let grads: Vec<_> = group.iter().map(|s| ptr(&s.grad)).collect();
+    let exp_avgs: Vec<_> = group.iter().map(|s| ptr(&s.exp_avg)).collect();
+    let exp_avg_sqs: Vec<_> = group.iter().map(|s| ptr(&s.exp_avg_sq)).collect();
     let mut err = [0 as std::ffi::c_char; 512];
     // SAFETY: every pointer is a live tch tensor handle (`at::Tensor*`) borrowed from
     // `group` or `step` for the duration of the call; the kernel updates the tensors'

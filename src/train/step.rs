@@ -2,7 +2,9 @@
 
 use crate::data::Batch;
 use crate::model::{causal_lm_loss, Otter};
-use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig, Moments};
+use super::zero::ShardedAdamW;
+use std::collections::BTreeMap;
 use super::grad_sync::{GradBuckets, SyncTimes, TensorCollective};
 use super::schedule;
 use crate::comm::CommError;
@@ -99,7 +101,14 @@ pub struct GradSync<'a> {
 
 pub struct Trainer {
     pub model: Otter,
+    /// The optimizer step count, and the moments unless they are sharded (then empty).
     pub opt: AdamW,
+    /// The moments of this rank's part, when the optimizer state is sharded
+    /// ([`Trainer::shard_optimizer`]).
+    pub zero: Option<ShardedAdamW>,
+    /// Full moments of the parameters this rank's checkpoint shard holds, gathered from
+    /// every rank's part for one save ([`Trainer::gather_for_checkpoint`]).
+    ckpt_moments: BTreeMap<String, Moments>,
     pub cfg: StepConfig,
     /// A background reader of the weights and moments (a checkpoint copying them out).
     reader: Option<ReadFence>,
@@ -195,7 +204,51 @@ pub fn keep_freed_memory() {
 impl Trainer {
     pub fn new(model: Otter, cfg: StepConfig) -> Self {
         let opt = AdamW::new(cfg.adamw, &model.trainable());
-        Self { model, opt, cfg, reader: None }
+        Self { model, opt, zero: None, ckpt_moments: BTreeMap::new(), cfg, reader: None }
+    }
+
+    /// Shards the optimizer state: from now on this rank keeps the moments of its part of
+    /// `buckets` among `world` ranks only. The moments it holds (full, or another cut's
+    /// part when re-sharding) are kept for its part; the rest are freed. A trainer that
+    /// re-cuts from other ranks' parts takes them with [`ShardedAdamW::take_from_part`]
+    /// afterwards.
+    pub fn shard_optimizer(&mut self, buckets: &GradBuckets, world: usize, rank: usize) -> Result<(), CommError> {
+        self.wait_for_readers();
+        let trainable = self.model.trainable();
+        let mut part = ShardedAdamW::zeros(buckets, &trainable, world, rank)?;
+        if let Some(old) = self.zero.take() {
+            part.take_from_part(&old.layout, old.part());
+        }
+        for (name, m) in std::mem::take(&mut self.opt.state) {
+            part.load_full(&name, &m.exp_avg, &m.exp_avg_sq);
+        }
+        self.zero = Some(part);
+        Ok(())
+    }
+
+    /// Bytes of optimizer state (AdamW's moments) this rank holds.
+    pub fn optimizer_state_bytes(&self) -> u64 {
+        self.opt.state_bytes() + self.zero.as_ref().map_or(0, ShardedAdamW::state_bytes)
+    }
+
+    /// With a sharded optimizer, gathers from every rank's part the full moments of the
+    /// parameters rank `rank` of `world` saves in a checkpoint (the same partition as
+    /// [`crate::ckpt::ShardSaver::save`]'s): every rank calls it before saving. Without
+    /// sharding, nothing to do.
+    pub fn gather_for_checkpoint<C: TensorCollective + ?Sized>(&mut self, comm: &mut C, rank: usize, world: usize) -> Result<(), CommError> {
+        self.ckpt_moments.clear();
+        let Some(zero) = &self.zero else { return Ok(()) };
+        let units = crate::ckpt::Stateful::units(self);
+        let want = crate::ckpt::partition(&units, world).swap_remove(rank).into_iter().collect();
+        let trainable = self.model.trainable();
+        let params = zero.ordered(&trainable)?;
+        self.ckpt_moments = zero.gather_full(&params, &want, comm)?;
+        Ok(())
+    }
+
+    /// Drops the moments gathered for a checkpoint (the save holds its own handles).
+    pub fn release_checkpoint_moments(&mut self) {
+        self.ckpt_moments.clear();
     }
 
     /// Registers a background reader of the weights and moments: the next in-place
@@ -226,7 +279,12 @@ impl crate::ckpt::Stateful for Trainer {
 
     fn unit_tensors(&self, unit: &str) -> Vec<(String, Tensor)> {
         let Some((_, p)) = self.model.trainable().into_iter().find(|(n, _)| *n == unit) else { return Vec::new() };
-        let m = &self.opt.state[unit];
+        let m = match &self.zero {
+            None => &self.opt.state[unit],
+            Some(_) => self.ckpt_moments.get(unit).unwrap_or_else(|| {
+                panic!("sharded optimizer: the moments of `{unit}` were not gathered for this checkpoint (Trainer::gather_for_checkpoint)")
+            }),
+        };
         vec![
             (format!("param.{unit}"), p.shallow_clone()),
             (format!("exp_avg.{unit}"), m.exp_avg.shallow_clone()),
@@ -241,6 +299,13 @@ impl crate::ckpt::Stateful for Trainer {
         let mut p = p.shallow_clone();
         let _g = tch::no_grad_guard();
         p.copy_(&read(&format!("param.{unit}"), &p)?);
+        if let Some(zero) = &mut self.zero {
+            // This rank keeps its pieces of the full moments the checkpoint holds.
+            let ea = read(&format!("exp_avg.{unit}"), &p)?;
+            let es = read(&format!("exp_avg_sq.{unit}"), &p)?;
+            zero.load_full(unit, &ea, &es);
+            return Ok(());
+        }
         let m = self.opt.state.get_mut(unit).ok_or_else(|| format!("parameter `{unit}` has no optimizer state"))?;
         let ea = read(&format!("exp_avg.{unit}"), &m.exp_avg)?;
         m.exp_avg.copy_(&ea);
@@ -288,6 +353,8 @@ impl Trainer {
         let scale = sync.as_ref().filter(|s| s.step_micro_batches > 0).map(|s| s.comm.world() as f64 / s.step_micro_batches as f64);
         let mut loss_sum = 0.0;
         let mut times: Option<Result<SyncTimes, CommError>> = None;
+        // A sharded optimizer reduce-scatters after backward (no overlap yet).
+        let sharded = self.zero.is_some();
         let t0 = Instant::now();
         for (i, mb) in micro.iter().enumerate() {
             let loss = tracing::info_span!("forward").in_scope(|| {
@@ -301,14 +368,29 @@ impl Trainer {
                     None => (&loss / n).backward(),
                 })
             };
-            match sync.as_mut().filter(|s| s.overlap && i + 1 == micro.len()) {
+            match sync.as_mut().filter(|s| s.overlap && !sharded && i + 1 == micro.len()) {
                 Some(s) => times = Some(s.buckets.backward_and_sync(&params, &mut *s.comm, &mut backward)),
                 None => backward(),
             }
         }
         let mut compute = t0.elapsed();
         let overlapped = times.is_some();
-        if let (None, Some(s)) = (&times, sync.as_mut()) {
+        // Sharded: this rank's part of the mean gradient, and the parameters in the
+        // layout's order.
+        let mut part: Option<(Tensor, Vec<&Tensor>)> = None;
+        if let Some(zero) = &self.zero {
+            let _span = tracing::info_span!("reduce_scatter").entered();
+            let t1 = Instant::now();
+            let comm = sync.as_mut().map(|s| &mut *s.comm);
+            let reduced = zero.ordered(&params).and_then(|ordered| {
+                super::grad_sync::materialize_grads(&ordered);
+                Ok((zero.reduce_scatter_grads(&ordered, comm)?, ordered))
+            });
+            times = Some(reduced.map(|r| {
+                part = Some(r);
+                SyncTimes { comm: t1.elapsed(), exposed: t1.elapsed() }
+            }));
+        } else if let (None, Some(s)) = (&times, sync.as_mut()) {
             let _span = tracing::info_span!("allreduce", buckets = s.buckets.num_buckets()).entered();
             let t1 = Instant::now();
             times = Some(s.buckets.all_reduce_mean(&params, &mut *s.comm).map(|()| SyncTimes { comm: t1.elapsed(), exposed: t1.elapsed() }));
@@ -325,13 +407,16 @@ impl Trainer {
                 loss = t[0].double_value(&[0]);
             }
         }
+        let zero_grads = || {
+            for (_, p) in &params {
+                let mut p = p.shallow_clone();
+                p.zero_grad();
+            }
+        };
         let SyncTimes { comm: allreduce, exposed: allreduce_exposed } = match times.unwrap_or(Ok(SyncTimes::default())) {
             Ok(t) => t,
             Err(e) => {
-                for (_, p) in &params {
-                    let mut p = p.shallow_clone();
-                    p.zero_grad();
-                }
+                zero_grads();
                 return Err(e);
             }
         };
@@ -344,16 +429,42 @@ impl Trainer {
         let checkpoint_wait = wait_for(&mut self.reader); // (`params` borrows the model)
         let t2 = Instant::now();
         let _span = tracing::info_span!("optimizer").entered();
-        let grad_norm = match self.cfg.clip {
-            Some(c) => clip_grad_norm(&params, c),
-            None => f64::NAN,
-        };
         let lr = schedule::cosine_with_warmup(self.cfg.lr, self.opt.step, self.cfg.warmup_steps, self.cfg.total_steps);
-        self.opt.step(&params, lr);
-        for (_, p) in &params {
-            let mut p = p.shallow_clone();
-            p.zero_grad();
-        }
+        let grad_norm = match (self.zero.as_mut(), part) {
+            (Some(zero), Some((mut grads, ordered))) => {
+                // The update and the all-gather of the updated parameters: nothing changes
+                // unless both collectives succeed.
+                let mut comm = sync.as_mut().map(|s| &mut *s.comm);
+                let (adamw, step) = (self.cfg.adamw, self.opt.step + 1);
+                let updated = (|| {
+                    let norm = match self.cfg.clip {
+                        Some(c) => zero.clip(&mut grads, c, comm.as_deref_mut())?,
+                        None => f64::NAN,
+                    };
+                    zero.update_and_gather(adamw, step, lr, &ordered, &grads, comm)?;
+                    Ok(norm)
+                })();
+                match updated {
+                    Ok(norm) => {
+                        self.opt.step = step;
+                        norm
+                    }
+                    Err(e) => {
+                        zero_grads();
+                        return Err(e);
+                    }
+                }
+            }
+            _ => {
+                let norm = match self.cfg.clip {
+                    Some(c) => clip_grad_norm(&params, c),
+                    None => f64::NAN,
+                };
+                self.opt.step(&params, lr);
+                norm
+            }
+        };
+        zero_grads();
         Ok(StepStats { loss, lr, grad_norm, compute, allreduce, allreduce_exposed, optimizer: t2.elapsed(), checkpoint_wait })
     }
 }
