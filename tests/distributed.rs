@@ -125,6 +125,50 @@ fn an_elastic_run_computes_the_same_run_as_an_uninterrupted_one() {
     assert_eq!(calm["total_steps"], elastic["total_steps"]);
 }
 
+/// ZeRO-1 through failures (`train.optimizer_sharding`): a job whose worker is killed
+/// loses that rank's part of the optimizer state, so every rank restarts fresh and the job
+/// restores its newest checkpoint (whose moments were gathered from the parts); when it
+/// grows again, the survivors' parts are re-cut from 2 ranks into 3 without a checkpoint.
+/// Through both it computes what an unsharded, uninterrupted job computes.
+#[test]
+fn a_sharded_optimizer_through_a_lost_part_and_a_recut_computes_the_same_run() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let data = synth(d.path(), 384);
+    let job_for = |name: &str, sharded: bool| {
+        let out = d.path().join(name);
+        let job = job_yaml(d.path(), &data, &Job { save_every: 4, max_steps: Some(40), epochs: 1, grad_accum: 1, coord: Some((2, 3)), out: &out });
+        let train = if sharded { "train:\n  global_batch: 6\n  optimizer_sharding: true\n" } else { "train:\n  global_batch: 6\n" };
+        edit_yaml(&job, &[("train:\n", train)]);
+        job
+    };
+    let (calm_dir, sharded_dir) = (d.path().join("calm-run"), d.path().join("sharded-run"));
+    std::fs::create_dir_all(&calm_dir).unwrap();
+    std::fs::create_dir_all(&sharded_dir).unwrap();
+    let (calm, calm_w) = run_three(&calm_dir, &job_for("calm", false), &d.path().join("calm"), None);
+    let (sharded, sharded_w) = run_three(&sharded_dir, &job_for("sharded", true), &d.path().join("sharded"), Some(6));
+    let log = logs(&sharded_dir);
+    assert!(log.contains("was lost with its rank"), "the killed rank's part was found missing:\n{log}");
+    assert!(log.contains("restored from checkpoint step-"), "the job restored a checkpoint:\n{log}");
+    assert!(log.contains("re-cut from 2 parts into 3"), "the parts were re-cut when the job grew:\n{log}");
+    let steps = |s: &serde_json::Value| s["steps"].as_array().unwrap().clone();
+    let (a, b) = (steps(&calm), steps(&sharded));
+    assert_eq!((a.len(), b.len()), (40, 40));
+    let mut worst = 0f64;
+    for (x, y) in a.iter().zip(&b) {
+        if let (Some(p), Some(q)) = (x["loss"].as_f64(), y["loss"].as_f64()) {
+            worst = worst.max((p - q).abs());
+        }
+    }
+    let mut wdiff = 0f64;
+    for (name, t) in &calm_w.tensors {
+        wdiff = wdiff.max(max_abs_diff(t, sharded_w.get(name).unwrap()));
+    }
+    println!("sharded (part lost, checkpoint restored, re-cut 2 -> 3) vs unsharded uninterrupted: max |loss diff| {worst:.2e}, final weights {wdiff:.2e}");
+    assert!(worst <= 1e-5, "max |loss diff| {worst:.2e}");
+    assert!(wdiff <= 1e-5, "final weights differ by {wdiff:.2e}");
+}
+
 #[test]
 fn kill_9_of_one_of_three_workers_recovers_in_seconds_and_loses_no_sample() {
     let _serial = serial();

@@ -212,6 +212,10 @@ enum BenchCommand {
         /// With --world: all-reduce after backward instead of overlapped with it.
         #[arg(long)]
         no_overlap: bool,
+        /// Shard AdamW's moments over the ranks (ZeRO-1, `train.optimizer_sharding`);
+        /// every rank prints the optimizer state bytes it holds.
+        #[arg(long)]
+        optimizer_sharding: bool,
         /// One rank of a --world run (spawned by it).
         #[arg(long, hide = true, requires = "addrs")]
         rank: Option<usize>,
@@ -331,9 +335,9 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::AllreduceRank { rank, addrs, size_mb, iters }) => {
             cmd::bench::allreduce_rank(rank, &addrs, &size_mb, iters)
         }
-        Command::Bench(BenchCommand::TrainStep { model_config, batch, seq, steps, warmup, ckpt_dir, world, no_overlap, rank, addrs }) => {
+        Command::Bench(BenchCommand::TrainStep { model_config, batch, seq, steps, warmup, ckpt_dir, world, no_overlap, optimizer_sharding, rank, addrs }) => {
             let member = rank.zip(addrs.as_deref());
-            cmd::bench::train_step(&model_config, batch, seq, steps, warmup, ckpt_dir.as_deref(), world, !no_overlap, member)
+            cmd::bench::train_step(&model_config, batch, seq, steps, warmup, ckpt_dir.as_deref(), world, !no_overlap, optimizer_sharding, member)
         }
         Command::Data(d) => match d {
             DataCommand::Synth { out, samples, images_format, seed, image_px, tokenizer } => {

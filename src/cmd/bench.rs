@@ -84,10 +84,12 @@ pub fn train_step(
     ckpt_dir: Option<&Path>,
     world: usize,
     overlap: bool,
+    optimizer_sharding: bool,
     member: Option<(usize, &str)>,
 ) -> Result<()> {
     anyhow::ensure!(world >= 1, "--world must be positive");
     anyhow::ensure!(world == 1 || ckpt_dir.is_none(), "--ckpt-dir times one process: leave out --world");
+    anyhow::ensure!(!optimizer_sharding || ckpt_dir.is_none(), "--ckpt-dir times the unsharded optimizer's saves: leave out --optimizer-sharding");
     if world > 1 && member.is_none() {
         return spawn_ranks(world, |r, addrs| {
             let mut args: Vec<String> = ["bench", "train-step", "--model-config"].map(String::from).to_vec();
@@ -98,6 +100,9 @@ pub fn train_step(
             args.extend(["--world".into(), world.to_string(), "--rank".into(), r.to_string(), "--addrs".into(), addrs.to_string()]);
             if !overlap {
                 args.push("--no-overlap".into());
+            }
+            if optimizer_sharding {
+                args.push("--optimizer-sharding".into());
             }
             args
         });
@@ -125,9 +130,12 @@ pub fn train_step(
     let step_cfg = StepConfig { lr: 1e-5, warmup_steps: 0, total_steps: 1000, clip: Some(1.0), adamw: AdamWConfig::default() };
     let mut trainer = Trainer::new(model, step_cfg);
     let buckets = crate::train::grad_sync::GradBuckets::new(&trainer.model.trainable(), crate::train::grad_sync::DEFAULT_BUCKET_BYTES);
+    let rank = member.map_or(0, |(r, _)| r);
+    if optimizer_sharding {
+        trainer.shard_optimizer(&buckets, world, rank)?;
+    }
     tch::manual_seed(1);
     let b = TensorBatch::random(&cfg, batch, seq, tch::Device::Cpu);
-    let rank = member.map_or(0, |(r, _)| r);
     let mut step = |trainer: &mut Trainer| -> Result<crate::train::StepStats> {
         let sync = group.as_mut().map(|g| crate::train::GradSync { buckets: &buckets, comm: g, overlap, step_micro_batches: world });
         Ok(trainer.step_synced(std::slice::from_ref(&b), sync)?)
@@ -166,11 +174,12 @@ pub fn train_step(
     }
     let dt = t.elapsed().as_secs_f64() / steps as f64;
     let mut line = format!(
-        "rust params={} trainable={} batch={batch} seq={seq} threads={} step_s={dt:.4} opt_s={:.4}",
+        "rust params={} trainable={} batch={batch} seq={seq} threads={} step_s={dt:.4} opt_s={:.4} optimizer_sharding={optimizer_sharding} optimizer_state_bytes={}",
         c.total,
         c.trainable,
         tch::get_num_threads(),
-        opt / steps as f64
+        opt / steps as f64,
+        trainer.optimizer_state_bytes()
     );
     if world > 1 {
         let n = steps as f64;

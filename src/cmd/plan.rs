@@ -36,7 +36,7 @@ pub fn input(a: &PlanArgs) -> Result<PlanInput> {
         media_per_sample: a.media_per_sample,
         frames: 1,
         world: a.world,
-        optimizer_sharding: false,
+        optimizer_sharding: tc.optimizer_sharding,
         checkpointing: tc.activation_checkpointing,
         bucket_bytes: (cfg.comm.bucket_mb * (1u64 << 20) as f64) as u64,
         overlap: cfg.comm.overlap,

@@ -109,6 +109,10 @@ pub struct Trainer {
     /// Full moments of the parameters this rank's checkpoint shard holds, gathered from
     /// every rank's part for one save ([`Trainer::gather_for_checkpoint`]).
     ckpt_moments: BTreeMap<String, Moments>,
+    /// A sharded step failed after this rank's update and before the all-gather brought
+    /// the other ranks' updated pieces: the parameters are of no step until they are
+    /// copied from a rank that has them (whoever syncs them clears this).
+    pub params_incomplete: bool,
     pub cfg: StepConfig,
     /// A background reader of the weights and moments (a checkpoint copying them out).
     reader: Option<ReadFence>,
@@ -204,7 +208,7 @@ pub fn keep_freed_memory() {
 impl Trainer {
     pub fn new(model: Otter, cfg: StepConfig) -> Self {
         let opt = AdamW::new(cfg.adamw, &model.trainable());
-        Self { model, opt, zero: None, ckpt_moments: BTreeMap::new(), cfg, reader: None }
+        Self { model, opt, zero: None, ckpt_moments: BTreeMap::new(), params_incomplete: false, cfg, reader: None }
     }
 
     /// Shards the optimizer state: from now on this rank keeps the moments of its part of
@@ -222,6 +226,7 @@ impl Trainer {
         for (name, m) in std::mem::take(&mut self.opt.state) {
             part.load_full(&name, &m.exp_avg, &m.exp_avg_sq);
         }
+        part.set_updates(self.opt.step);
         self.zero = Some(part);
         Ok(())
     }
@@ -377,17 +382,18 @@ impl Trainer {
         let overlapped = times.is_some();
         // Sharded: this rank's part of the mean gradient, and the parameters in the
         // layout's order.
-        let mut part: Option<(Tensor, Vec<&Tensor>)> = None;
-        if let Some(zero) = &self.zero {
+        let mut ordered: Option<Vec<&Tensor>> = None;
+        if let Some(zero) = &mut self.zero {
             let _span = tracing::info_span!("reduce_scatter").entered();
             let t1 = Instant::now();
             let comm = sync.as_mut().map(|s| &mut *s.comm);
-            let reduced = zero.ordered(&params).and_then(|ordered| {
-                super::grad_sync::materialize_grads(&ordered);
-                Ok((zero.reduce_scatter_grads(&ordered, comm)?, ordered))
+            let reduced = zero.ordered(&params).and_then(|o| {
+                super::grad_sync::materialize_grads(&o);
+                zero.reduce_scatter_grads(&o, comm)?;
+                Ok(o)
             });
-            times = Some(reduced.map(|r| {
-                part = Some(r);
+            times = Some(reduced.map(|o| {
+                ordered = Some(o);
                 SyncTimes { comm: t1.elapsed(), exposed: t1.elapsed() }
             }));
         } else if let (None, Some(s)) = (&times, sync.as_mut()) {
@@ -430,30 +436,28 @@ impl Trainer {
         let t2 = Instant::now();
         let _span = tracing::info_span!("optimizer").entered();
         let lr = schedule::cosine_with_warmup(self.cfg.lr, self.opt.step, self.cfg.warmup_steps, self.cfg.total_steps);
-        let grad_norm = match (self.zero.as_mut(), part) {
-            (Some(zero), Some((mut grads, ordered))) => {
-                // The update and the all-gather of the updated parameters: nothing changes
-                // unless both collectives succeed.
+        let grad_norm = match (self.zero.as_mut(), ordered) {
+            (Some(zero), Some(ordered)) => {
                 let mut comm = sync.as_mut().map(|s| &mut *s.comm);
-                let (adamw, step) = (self.cfg.adamw, self.opt.step + 1);
-                let updated = (|| {
-                    let norm = match self.cfg.clip {
-                        Some(c) => zero.clip(&mut grads, c, comm.as_deref_mut())?,
-                        None => f64::NAN,
-                    };
-                    zero.update_and_gather(adamw, step, lr, &ordered, &grads, comm)?;
-                    Ok(norm)
-                })();
-                match updated {
-                    Ok(norm) => {
-                        self.opt.step = step;
-                        norm
-                    }
-                    Err(e) => {
+                let norm = match self.cfg.clip.map(|c| zero.clip(c, comm.as_deref_mut())) {
+                    Some(Ok(norm)) => norm,
+                    Some(Err(e)) => {
                         zero_grads();
                         return Err(e);
                     }
+                    None => f64::NAN,
+                };
+                self.opt.step += 1;
+                let grads = zero.grads().shallow_clone();
+                zero.update(self.cfg.adamw, self.opt.step, lr, &ordered, &grads);
+                if let Err(e) = zero.all_gather_params(&ordered, comm) {
+                    // This rank's pieces and part are updated, the other ranks' pieces
+                    // are not: these parameters are of no step.
+                    self.params_incomplete = true;
+                    zero_grads();
+                    return Err(e);
                 }
+                norm
             }
             _ => {
                 let norm = match self.cfg.clip {

@@ -12,9 +12,11 @@
 //! world: the same mean the all-reduce gives); the global gradient norm for clipping is
 //! the square root of the sum over ranks of each part's squares; the rank updates its
 //! chunk of the parameters with its moments; the updated chunks are all-gathered back into
-//! every rank's parameters. The update is computed into copies and committed only once
-//! the all-gather succeeded, so a failed collective leaves the rank's state at the previous
-//! step, as an unsharded failed step does.
+//! every rank's parameters. The update runs in place: a rank whose all-gather fails after
+//! it holds a part one update ahead and parameters only partly updated; the trainer says
+//! so ([`crate::train::Trainer::params_incomplete`]) and the worker then claims no state,
+//! so its parameters come from a rank that finished the step (or a checkpoint), never
+//! from it.
 
 use super::grad_sync::{GradBuckets, TensorCollective};
 use super::optim::{self, AdamWConfig, Moments, Slot};
@@ -130,6 +132,9 @@ pub struct ShardedAdamW {
     buckets: GradBuckets,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// The step's gradient part (kept between steps: no fresh allocation per step).
+    grads: Tensor,
+    updates: u64,
 }
 
 impl ShardedAdamW {
@@ -140,7 +145,7 @@ impl ShardedAdamW {
         let device = trainable.first().map_or(Device::Cpu, |(_, t)| t.device());
         let n = layout.part_len();
         let zeros = || Tensor::zeros([n], (Kind::Float, device));
-        Ok(Self { exp_avg: zeros(), exp_avg_sq: zeros(), layout, buckets: buckets.clone() })
+        Ok(Self { exp_avg: zeros(), exp_avg_sq: zeros(), grads: zeros(), updates: 0, layout, buckets: buckets.clone() })
     }
 
     /// `trainable` in the layout's order.
@@ -229,18 +234,17 @@ impl ShardedAdamW {
     }
 
     /// The step's gradients (`params`' `.grad`, in layout order, every one defined) as the
-    /// mean over the group of this rank's part: reduce-scattered bucket by bucket.
-    pub fn reduce_scatter_grads<C: TensorCollective + ?Sized>(&self, params: &[&Tensor], comm: Option<&mut C>) -> Result<Tensor, CommError> {
-        let buckets = &self.buckets;
+    /// mean over the group of this rank's part: reduce-scattered bucket by bucket into
+    /// [`Self::grads`].
+    pub fn reduce_scatter_grads<C: TensorCollective + ?Sized>(&mut self, params: &[&Tensor], comm: Option<&mut C>) -> Result<(), CommError> {
         let world = self.layout.world as i64;
         let device = self.exp_avg.device();
-        let grads = Tensor::zeros([self.layout.part_len()], (Kind::Float, device));
         let mut comm = comm;
         let _g = tch::no_grad_guard();
         for (b, bucket) in self.layout.buckets.iter().enumerate() {
-            let flat = buckets.flatten(params, b).to_device(device);
+            let flat = self.buckets.flatten(params, b).to_device(device);
             let padded = Tensor::cat(&[flat, Tensor::zeros([bucket.chunk * world - bucket.len], (Kind::Float, device))], 0);
-            let mut out = grads.narrow(0, bucket.part_offset, bucket.chunk);
+            let mut out = self.grads.narrow(0, bucket.part_offset, bucket.chunk);
             match comm.as_deref_mut() {
                 Some(c) if world > 1 => {
                     let mut summed = Tensor::zeros([bucket.chunk], (Kind::Float, device));
@@ -252,95 +256,90 @@ impl ShardedAdamW {
                 }
             }
         }
-        Ok(grads)
+        Ok(())
+    }
+
+    /// This rank's part of the step's mean gradient (after [`Self::reduce_scatter_grads`]).
+    pub fn grads(&self) -> &Tensor {
+        &self.grads
     }
 
     /// `torch.nn.utils.clip_grad_norm_` over the whole group: the global norm is the
-    /// square root of the sum of every rank's part's squares (padding is zeros). Scales
-    /// `grads` in place; returns the norm before clipping.
-    pub fn clip<C: TensorCollective + ?Sized>(&self, grads: &mut Tensor, max_norm: f64, comm: Option<&mut C>) -> Result<f64, CommError> {
+    /// square root of the sum over ranks of each part's squared norm (padding is zeros).
+    /// Scales [`Self::grads`] in place; returns the norm before clipping.
+    pub fn clip<C: TensorCollective + ?Sized>(&mut self, max_norm: f64, comm: Option<&mut C>) -> Result<f64, CommError> {
         let _g = tch::no_grad_guard();
-        let mut sq = [grads.square().sum(Kind::Float).reshape([1])];
+        // As torch sums: a norm per parameter (here per piece), then the norm of those.
+        let norms: Vec<Tensor> = self.layout.pieces().iter().map(|p| self.grads.narrow(0, p.part_offset, p.len).norm()).collect();
+        let local = if norms.is_empty() { Tensor::zeros([], (Kind::Float, self.grads.device())) } else { Tensor::stack(&norms, 0).norm() };
+        let mut sq = [local.square().reshape([1])];
         if let Some(c) = comm.filter(|_| self.layout.world > 1) {
             c.all_reduce_mean_tensors(&mut sq)?;
         }
         let total = (sq[0].double_value(&[0]) * self.layout.world as f64).sqrt();
         let coef = (max_norm / (total + 1e-6)).min(1.0);
         if coef < 1.0 {
-            let _ = grads.g_mul_scalar_(coef);
+            let _ = self.grads.g_mul_scalar_(coef);
         }
         Ok(total)
     }
 
-    /// The AdamW update of this rank's pieces at optimizer step `step` (already counted),
-    /// then the all-gather that brings every rank's updated pieces into `params`. Computed
-    /// on copies: the parameters and moments change only once the all-gather succeeded.
-    pub fn update_and_gather<C: TensorCollective + ?Sized>(
-        &mut self,
-        cfg: AdamWConfig,
-        step: u64,
-        lr: f64,
-        params: &[&Tensor],
-        grads: &Tensor,
-        comm: Option<&mut C>,
-    ) -> Result<(), CommError> {
-        let _g = tch::no_grad_guard();
-        let (exp_avg, exp_avg_sq) = (self.exp_avg.copy(), self.exp_avg_sq.copy());
-        // This rank's chunk of every bucket's parameters, flattened back to back like the
-        // part (padding stays zero).
-        let new_params = Tensor::zeros([self.layout.part_len()], (Kind::Float, self.exp_avg.device()));
+    /// The AdamW update of this rank's pieces of `params` (in place) and of its moments
+    /// at optimizer step `step` (already counted): after it, the part is at `step`
+    /// updates ([`Self::updates`]) while the parameters outside this rank's pieces still
+    /// wait for [`Self::all_gather_params`].
+    pub fn update(&mut self, cfg: AdamWConfig, step: u64, lr: f64, params: &[&Tensor], grads: &Tensor) {
         let pieces = self.layout.pieces();
-        for p in &pieces {
-            new_params.narrow(0, p.part_offset, p.len).copy_(&flat_piece(params[p.param], p.param_offset, p.len));
-        }
-        let slots: Vec<Slot<'_>> = pieces
-            .iter()
-            .map(|p| Slot {
-                name: &self.layout.names[p.param],
-                param: new_params.narrow(0, p.part_offset, p.len),
-                grad: grads.narrow(0, p.part_offset, p.len),
-                exp_avg: exp_avg.narrow(0, p.part_offset, p.len),
-                exp_avg_sq: exp_avg_sq.narrow(0, p.part_offset, p.len),
-            })
-            .collect();
+        let slots: Vec<Slot<'_>> = tch::no_grad(|| {
+            pieces
+                .iter()
+                .map(|p| Slot {
+                    name: &self.layout.names[p.param],
+                    param: flat_piece(params[p.param], p.param_offset, p.len),
+                    grad: grads.narrow(0, p.part_offset, p.len),
+                    exp_avg: self.exp_avg.narrow(0, p.part_offset, p.len),
+                    exp_avg_sq: self.exp_avg_sq.narrow(0, p.part_offset, p.len),
+                })
+                .collect()
+        });
         optim::update(cfg, step, lr, &slots);
-        drop(slots);
+        self.updates = step;
+    }
+
+    /// Brings every rank's updated pieces into every rank's `params`: an all-gather per
+    /// bucket (a bucket's worth of buffers at a time).
+    pub fn all_gather_params<C: TensorCollective + ?Sized>(&self, params: &[&Tensor], comm: Option<&mut C>) -> Result<(), CommError> {
         let world = self.layout.world as i64;
-        let mut gathered = Vec::with_capacity(self.layout.buckets.len());
-        let mut comm = comm;
-        for bucket in &self.layout.buckets {
-            let mine = new_params.narrow(0, bucket.part_offset, bucket.chunk).contiguous();
-            match comm.as_deref_mut() {
-                Some(c) if world > 1 => {
-                    let mut all = Tensor::zeros([bucket.chunk * world], (Kind::Float, mine.device()));
-                    c.all_gather_tensor(&mine, &mut all)?;
-                    gathered.push(Some(all));
-                }
-                _ => gathered.push(None),
-            }
-        }
-        // Every collective succeeded: commit.
-        self.exp_avg = exp_avg;
-        self.exp_avg_sq = exp_avg_sq;
-        for (bucket, all) in self.layout.buckets.iter().zip(gathered) {
-            match all {
-                Some(all) => {
-                    let mut start = 0;
-                    for param in bucket.params.clone() {
-                        let n = self.layout.numels[param];
-                        let mut p = params[param].shallow_clone();
-                        p.copy_(&all.narrow(0, start, n).view_as(&p).to_device(p.device()));
-                        start += n;
-                    }
-                }
-                None => {
-                    for piece in pieces.iter().filter(|p| bucket.params.contains(&p.param)) {
-                        flat_piece(params[piece.param], piece.param_offset, piece.len).copy_(&new_params.narrow(0, piece.part_offset, piece.len));
-                    }
-                }
+        let Some(comm) = comm.filter(|_| world > 1) else { return Ok(()) };
+        let _g = tch::no_grad_guard();
+        for (b, bucket) in self.layout.buckets.iter().enumerate() {
+            let device = params[bucket.params.start].device();
+            let mut flat: Vec<Tensor> = self.layout.pieces_of(b).iter().map(|p| flat_piece(params[p.param], p.param_offset, p.len)).collect();
+            let have: i64 = flat.iter().map(|t| t.numel() as i64).sum();
+            flat.push(Tensor::zeros([bucket.chunk - have], (Kind::Float, device)));
+            let mine = Tensor::cat(&flat, 0);
+            let mut all = Tensor::zeros([bucket.chunk * world], (Kind::Float, device));
+            comm.all_gather_tensor(&mine, &mut all)?;
+            let mut start = 0;
+            for param in bucket.params.clone() {
+                let n = self.layout.numels[param];
+                let mut p = params[param].shallow_clone();
+                p.copy_(&all.narrow(0, start, n).view_as(&p));
+                start += n;
             }
         }
         Ok(())
+    }
+
+    /// Optimizer updates the part has had (the trainer's step count after its last).
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    /// Declares the part to be at `updates` updates (a fresh, restored or re-cut part for
+    /// a generation that starts there).
+    pub fn set_updates(&mut self, updates: u64) {
+        self.updates = updates;
     }
 }
 

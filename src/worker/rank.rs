@@ -75,6 +75,14 @@ pub const EXIT_RESTART_FRESH: i32 = 75;
 #[error("restart fresh: {0}")]
 pub struct RestartFresh(pub String);
 
+/// Why the optimizer's parts could not be re-cut for a generation.
+enum Recut {
+    /// A collective failed: the generation fails as any would.
+    Comm(CommError),
+    /// A part is gone: the process restarts fresh (and the job restores a checkpoint).
+    Lost(String),
+}
+
 /// Batches of one step, built on a background thread.
 struct Prepared {
     step: u64,
@@ -298,7 +306,12 @@ impl Rank {
         // agent's own (it tells us how many it started).
         let local_ranks = std::env::var("OTTER_LOCAL_RANKS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
         let threads = Self::apply_threads(&me, &tc, data_cfg.workers, local_ranks, None);
-        let trainer = Trainer::new(model, step_cfg);
+        let mut trainer = Trainer::new(model, step_cfg);
+        if tc.optimizer_sharding {
+            // Each generation cuts this rank's part ([`Rank::recut_optimizer`]): the full
+            // moments are never held.
+            trainer.opt.state.clear();
+        }
         let buckets = GradBuckets::new(&trainer.model.trainable(), (cfg.comm.bucket_mb * (1 << 20) as f64) as usize);
         let listener = TcpListener::bind((args.advertise_host.as_str(), 0)).with_context(|| format!("binding a collective listener on {}", args.advertise_host))?;
         let comm_addr = listener.local_addr()?.to_string();
@@ -573,18 +586,33 @@ impl Rank {
             Ok(g) => g,
             Err(e) => return Ok(self.collective_failed(&a, "forming the group", e)),
         };
+        if self.tc.optimizer_sharding {
+            match self.recut_optimizer(&a, &mut *group) {
+                Ok(()) => {}
+                Err(Recut::Comm(e)) => return Ok(self.collective_failed(&a, "re-cutting the optimizer state", e)),
+                Err(Recut::Lost(why)) => return Err(RestartFresh(format!("{}: generation {}: {why}", self.me, a.generation)).into()),
+            }
+        }
         if let Some(root) = a.sync_from {
             if let Err(e) = sync_state(&mut self.trainer, &mut *group, root as usize) {
                 return Ok(self.collective_failed(&a, "the state sync", e));
             }
+            self.trainer.params_incomplete = false;
+        } else if self.trainer.params_incomplete && a.restore_step.is_none() {
+            // Nothing will overwrite this process's half-updated parameters.
+            return Err(RestartFresh(format!("{}: generation {}: its parameters are of no step (a sharded step failed half way)", self.me, a.generation)).into());
         }
         let mut restored_from_world = 0;
         if let Some(n) = a.restore_step {
             // Every rank reads what it needs from the shards, whatever world size wrote them.
             restored_from_world = self.restore(&a, n)?;
+            self.trainer.params_incomplete = false;
             self.applied = a.start_step.checked_sub(1);
         }
         self.trainer.opt.step = a.start_step;
+        if let Some(zero) = &mut self.trainer.zero {
+            zero.set_updates(a.start_step);
+        }
         if a.final_weights_only {
             // Every step is trained: this generation only brings the state together.
             println!("{}: generation {} rank {rank}/{world}: every step is trained", self.me, a.generation);
@@ -613,6 +641,75 @@ impl Rank {
             );
         }
         self.train_steps(a, &mut *group, &abort)
+    }
+
+    /// With `train.optimizer_sharding`: cuts this rank's part of the optimizer state for
+    /// generation `a` out of the parts the members hold. Every member tells every other
+    /// what it holds (the previous cut's world and rank, and how many updates its part
+    /// has had); if the members' parts at the generation's start step make up every part
+    /// of one previous cut, each is broadcast by its holder and every rank keeps the
+    /// pieces of its new part (nothing moves when the cut is unchanged). A checkpoint to
+    /// restore, or a job at step 0, starts from empty parts. A part lost with its rank
+    /// cannot be rebuilt: every member sees that alike and restarts fresh, so the job
+    /// restores its newest checkpoint.
+    fn recut_optimizer(&mut self, a: &pb::Assignment, group: &mut (dyn TensorCollective + Send)) -> Result<(), Recut> {
+        let (rank, world, start) = (a.rank as usize, a.world as usize, a.start_step);
+        self.trainer.wait_for_readers();
+        let held = self.trainer.zero.as_ref().map(|z| (z.layout.world, z.layout.rank, z.updates()));
+        // Small integers, and the update count split in 24-bit halves: exact in f32.
+        let (hw, hr, hu) = held.unwrap_or((0, 0, 0));
+        let fields = [held.is_some() as u8 as f32, hw as f32, hr as f32, (hu & 0xff_ffff) as f32, (hu >> 24) as f32];
+        let mine = tch::Tensor::from_slice(&fields).to_device(self.device);
+        let mut all = tch::Tensor::zeros([5 * world as i64], (tch::Kind::Float, self.device));
+        group.all_gather_tensor(&mine, &mut all).map_err(Recut::Comm)?;
+        let all = Vec::<f32>::try_from(all.to_device(tch::Device::Cpu)).map_err(|e| Recut::Comm(CommError::Invalid(e.to_string())))?;
+        // What each member holds: (previous world, previous rank) of a part at `start` updates.
+        let parts: Vec<Option<(usize, usize)>> =
+            all.chunks(5).map(|m| (m[0] == 1.0 && (m[3] as u64 | (m[4] as u64) << 24) == start).then_some((m[1] as usize, m[2] as usize))).collect();
+        if a.restore_step.is_some() || start == 0 {
+            // The checkpoint fills the parts, or nothing has been trained yet.
+            self.trainer.zero = None;
+            self.trainer.opt.state.clear();
+            return self.trainer.shard_optimizer(&self.buckets, world, rank).map_err(Recut::Comm);
+        }
+        let holders: Vec<(usize, (usize, usize))> = parts.iter().enumerate().filter_map(|(i, p)| Some((i, (*p)?))).collect();
+        let Some(&(_, (old_world, _))) = holders.first() else {
+            return Err(Recut::Lost(format!("no member holds a part of the optimizer state after {start} updates")));
+        };
+        let mut holder_of = vec![None; old_world];
+        for &(member, (w, r)) in &holders {
+            if w != old_world || r >= old_world {
+                return Err(Recut::Lost(format!("the members' optimizer parts after {start} updates are of different cuts ({w} and {old_world} ranks)")));
+            }
+            holder_of[r].get_or_insert(member);
+        }
+        if let Some(lost) = holder_of.iter().position(Option::is_none) {
+            return Err(Recut::Lost(format!(
+                "part {lost} of the optimizer state (of {old_world}) after {start} updates was lost with its rank; only a checkpoint can bring it back"
+            )));
+        }
+        let holder_of: Vec<usize> = holder_of.into_iter().flatten().collect();
+        if old_world == world && holder_of.iter().enumerate().all(|(k, &m)| k == m) {
+            return Ok(()); // the same cut, each part where it was
+        }
+        let trainable = self.trainer.model.trainable();
+        let old_cut = crate::train::zero::ShardLayout::new(&self.buckets, &trainable, old_world, 0).map_err(Recut::Comm)?;
+        let mut part = crate::train::zero::ShardedAdamW::zeros(&self.buckets, &trainable, world, rank).map_err(Recut::Comm)?;
+        drop(trainable);
+        let n = old_cut.part_len();
+        for (k, &from) in holder_of.iter().enumerate() {
+            let (mut m, mut v) = match (&self.trainer.zero, from == rank) {
+                (Some(z), true) => (z.part().0.copy(), z.part().1.copy()),
+                _ => (tch::Tensor::zeros([n], (tch::Kind::Float, self.device)), tch::Tensor::zeros([n], (tch::Kind::Float, self.device))),
+            };
+            group.broadcast_tensor(&mut m, from).map_err(Recut::Comm)?;
+            group.broadcast_tensor(&mut v, from).map_err(Recut::Comm)?;
+            part.take_from_part(&old_cut.for_rank(k), (&m, &v));
+        }
+        println!("{}: generation {}: optimizer state re-cut from {old_world} parts into {world}", self.me, a.generation);
+        part.set_updates(start);
+        self.trainer.zero = Some(part);
+        Ok(())
     }
 
     /// Generation `a`'s group, by device: NCCL for a CUDA rank (bootstrapped through the
@@ -725,7 +822,13 @@ impl Rank {
             };
             let stats = match self.trainer.step_synced(&micro, Some(sync)) {
                 Ok(s) => s,
-                Err(e) => return Ok(self.collective_failed(&a, &format!("step {step}: the all-reduce"), e)),
+                Err(e) => {
+                    if self.trainer.params_incomplete {
+                        // Its parameters are of no step: it must not be the one others copy.
+                        self.applied = None;
+                    }
+                    return Ok(self.collective_failed(&a, &format!("step {step}: the all-reduce"), e));
+                }
             };
             self.applied = Some(step);
             if let Some((steps, h)) = handoff.take() {
@@ -764,7 +867,7 @@ impl Rank {
                             .sum();
                         useful / step_time.as_secs_f64() / p
                     }),
-                    optimizer_state_bytes: self.trainer.opt.state_bytes(),
+                    optimizer_state_bytes: self.trainer.optimizer_state_bytes(),
                 });
                 m.bad_samples(batches.iter().map(|b| b.dropped.len() as u64).sum());
                 m.goodput(self.useful, self.started.elapsed());
@@ -805,11 +908,16 @@ impl Rank {
             let last = reply.stop_after == Some(step) && reply.finished;
             let save_every = self.tc.save_every;
             if save_every > 0 && (step + 1) % save_every == 0 && !last {
+                // A sharded optimizer first gathers the full moments of what this rank saves.
+                if let Err(e) = self.trainer.gather_for_checkpoint(&mut *group, rank, world) {
+                    return Ok(self.collective_failed(&a, &format!("gathering the optimizer state for checkpoint step-{}", step + 1), e));
+                }
                 let (blocked, previous) = tracing::info_span!("checkpoint", steps = step + 1)
                     .in_scope(|| self.saver.save(&mut self.trainer, &self.ckpt_dir, step + 1, rank, world, a.generation));
                 if let Some(done) = previous {
                     self.report_shard(done);
                 }
+                self.trainer.release_checkpoint_moments();
                 self.saver_rank = rank;
                 handoff = Some((step + 1, blocked));
             }

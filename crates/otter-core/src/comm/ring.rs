@@ -697,7 +697,9 @@ mod tests {
             });
             for (elapsed, e) in results.into_iter().flatten() {
                 assert!(matches!(&e, CommError::Aborted { reason, .. } if reason == "generation 2 formed"), "shm {shm}: {e}");
-                assert!(elapsed < Duration::from_secs(2), "shm {shm}: released after {elapsed:?}");
+                // Far below the 60 s timeout, with room for a loaded machine (the test
+                // runs beside the others on 2 cores and once took over 2 s there).
+                assert!(elapsed < Duration::from_secs(10), "shm {shm}: released after {elapsed:?}");
             }
         }
     }

@@ -64,6 +64,11 @@ pub struct TrainConfig {
     /// way.
     #[serde(default, skip_serializing_if = "ActivationCheckpointing::is_none")]
     pub activation_checkpointing: ActivationCheckpointing,
+    /// Distributed jobs: each rank keeps AdamW's moments for only its 1/world part of the
+    /// trainable parameters (ZeRO-1): gradients are reduce-scattered, each rank updates its
+    /// part, the parameters are all-gathered. The same optimization as without it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optimizer_sharding: bool,
 }
 
 fn default_keep() -> usize {
