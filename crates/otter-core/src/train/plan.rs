@@ -6,7 +6,8 @@
 //!   f32 masters, and under bf16 autocast their bf16 copies, which autocast caches for the
 //!   step (every trainable matrix but the input embeddings, which are looked up);
 //! - **gradients** (f32, one per trainable weight) and **optimizer state** (AdamW's two
-//!   f32 moments; 1/world of them with `train.optimizer_sharding`);
+//!   f32 moments; with `train.optimizer_sharding` those of a 1/world part, plus that
+//!   part of the reduced gradient);
 //! - **communication buckets**: with more than one rank, the flattened gradient buckets
 //!   in flight: one bucket after backward, every bucket (a copy of the gradients) when
 //!   the sync overlaps backward, as `train::grad_sync` keeps them until written back;
@@ -83,8 +84,12 @@ pub fn plan(input: &PlanInput) -> Plan {
             frozen += s.numel();
         }
     }
-    let optimizer = 8 * trainable / if input.optimizer_sharding { input.world.max(1) } else { 1 };
-    let comm = match (input.world > 1, input.overlap) {
+    // Sharded: two f32 moments of a 1/world part, plus that part of the reduced gradient
+    // (kept between steps).
+    let world = input.world.max(1);
+    let optimizer = if input.optimizer_sharding { 12 * trainable.div_ceil(world) } else { 8 * trainable };
+    // A sharded step reduce-scatters after backward (never overlapped): one bucket, padded.
+    let comm = match (input.world > 1, input.overlap && !input.optimizer_sharding) {
         (false, _) => 0,
         (true, false) => input.bucket_bytes.min(4 * trainable),
         (true, true) => 4 * trainable,
@@ -238,10 +243,13 @@ mod tests {
 
     #[test]
     fn sharding_divides_the_optimizer_state_by_the_world() {
-        let one = plan(&k8s_7b(1, true, ActivationCheckpointing::DecoderLayers)).optimizer_state;
-        let eight = plan(&k8s_7b(8, true, ActivationCheckpointing::DecoderLayers)).optimizer_state;
-        assert_eq!(eight * 8, one);
+        let one = plan(&k8s_7b(1, false, ActivationCheckpointing::DecoderLayers)).optimizer_state;
+        let eight = plan(&k8s_7b(8, true, ActivationCheckpointing::DecoderLayers));
+        // Two moments and the reduced gradient, of an eighth of the parameters.
+        assert!(eight.optimizer_state * 8 >= one * 3 / 2 && eight.optimizer_state * 8 < one * 3 / 2 + 12 * 8, "{} vs {one}", eight.optimizer_state);
         assert_eq!(plan(&k8s_7b(8, false, ActivationCheckpointing::DecoderLayers)).optimizer_state, one);
+        // Sharded steps reduce-scatter after backward: one bucket in flight.
+        assert!(eight.comm_buckets <= 25 << 20, "{}", eight.comm_buckets);
     }
 
     #[test]
