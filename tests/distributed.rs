@@ -169,6 +169,36 @@ fn a_sharded_optimizer_through_a_lost_part_and_a_recut_computes_the_same_run() {
     assert!(wdiff <= 1e-5, "final weights differ by {wdiff:.2e}");
 }
 
+/// `otter_optimizer_state_bytes`, scraped from each node of a running sharded 2-rank job:
+/// every rank reports half of AdamW's moments (up to a padding element per bucket).
+#[test]
+fn each_rank_of_a_sharded_job_reports_half_the_optimizer_state_in_its_metrics() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let model = otter::model::Otter::load_dir(&tiny_model(), otter::model::weights::LoadOptions::default()).unwrap();
+    let full: u64 = model.trainable().iter().map(|(_, t)| 8 * t.numel() as u64).sum();
+    let job = common::job::start_live_job_with(d.path(), 400, 1000, "  optimizer_sharding: true\n");
+    let t = Instant::now();
+    let mut seen = Vec::new();
+    for node in &job.node_metrics {
+        let value = loop {
+            let page = common::job::http_get(node, "/metrics").unwrap_or_default();
+            let v = page.lines().find(|l| l.starts_with("otter_optimizer_state_bytes{")).and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+            if let Some(v) = v.filter(|&v| v > 0) {
+                break v;
+            }
+            assert!(t.elapsed() < Duration::from_secs(90), "node {node} never reported its optimizer state:\n{page}");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        seen.push(value);
+    }
+    println!("sharded 2-rank job: otter_optimizer_state_bytes {seen:?}, unsharded {full}");
+    for v in &seen {
+        assert!(2 * v >= full && 2 * v <= full + 16 * 64, "a rank holds {v} B of {full} B of moments");
+    }
+    drop(job);
+}
+
 #[test]
 fn kill_9_of_one_of_three_workers_recovers_in_seconds_and_loses_no_sample() {
     let _serial = serial();

@@ -184,7 +184,8 @@ pub fn train_step(
     if world > 1 {
         let n = steps as f64;
         line += &format!(
-            " world={world} overlap={overlap} buckets={} compute_s={:.4} comm_s={:.4} exposed_s={:.4}",
+            " world={world} overlap={} buckets={} compute_s={:.4} comm_s={:.4} exposed_s={:.4}",
+            overlap && !optimizer_sharding, // sharded steps reduce-scatter after backward
             buckets.num_buckets(),
             compute / n,
             comm / n,

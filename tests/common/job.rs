@@ -76,12 +76,17 @@ pub struct LiveJob {
 
 /// Starts a 2-node CPU job of `max_steps` steps (checkpoint every `save_every`) in `dir`.
 pub fn start_live_job(dir: &Path, max_steps: u64, save_every: u64) -> LiveJob {
+    start_live_job_with(dir, max_steps, save_every, "")
+}
+
+/// [`start_live_job`] with more lines for its `train:` section (each `  key: value\n`).
+pub fn start_live_job_with(dir: &Path, max_steps: u64, save_every: u64, train_extra: &str) -> LiveJob {
     let data = dir.join("synthetic");
     let (ok, _, err) = run_otter(&["data", "synth", "--out", data.to_str().unwrap(), "--samples", "96", "--image-px", "40"]);
     assert!(ok, "{err}");
     let m = tiny_model();
     let yaml = format!(
-        "model:\n  dir: {m}\ndata:\n  tokenizer: {m}/tokenizer.json\n  image_size: 32\n  max_seq_len: 256\n  batch_size: 2\n  shard_batches: 4\n  seed: 0\n  workers: 1\n  prefetch: 2\n  datasets:\n    - name: SYN\n      group: IMAGE_TEXT_IN_CONTEXT\n      instructions: {d}/SYN_instructions.json\n      images: {d}/SYN.json\n      train_config: {d}/SYN_train.json\n      weight: 1.0\ntrain:\n  epochs: 10\n  lr: 1.0e-3\n  warmup_ratio: 0.1\n  clip: 1.0\n  seed: 0\n  out_dir: {o}\n  save_every: {save_every}\n  max_steps: {max_steps}\ncoord:\n  min_nodes: 2\n  max_nodes: 2\n  last_call: 1s\n  heartbeat_interval: 500ms\n",
+        "model:\n  dir: {m}\ndata:\n  tokenizer: {m}/tokenizer.json\n  image_size: 32\n  max_seq_len: 256\n  batch_size: 2\n  shard_batches: 4\n  seed: 0\n  workers: 1\n  prefetch: 2\n  datasets:\n    - name: SYN\n      group: IMAGE_TEXT_IN_CONTEXT\n      instructions: {d}/SYN_instructions.json\n      images: {d}/SYN.json\n      train_config: {d}/SYN_train.json\n      weight: 1.0\ntrain:\n  epochs: 10\n  lr: 1.0e-3\n  warmup_ratio: 0.1\n  clip: 1.0\n  seed: 0\n  out_dir: {o}\n  save_every: {save_every}\n  max_steps: {max_steps}\n{train_extra}coord:\n  min_nodes: 2\n  max_nodes: 2\n  last_call: 1s\n  heartbeat_interval: 500ms\n",
         m = m.display(),
         d = data.display(),
         o = dir.join("out").display()
