@@ -77,6 +77,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     };
     model.set_activation_checkpointing(tc.activation_checkpointing);
+    if tc.optimizer_sharding {
+        eprintln!("{}: train.optimizer_sharding shards over a distributed job's ranks; one process keeps all the state", args.config.display());
+    }
     if data_cfg.image_size != model.cfg.vision.image_size {
         bail!(
             "{}: field `data.image_size`: {} does not match the model's vision image_size {}",

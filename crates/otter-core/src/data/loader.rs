@@ -146,7 +146,7 @@ impl Loader {
                         st.next += 1;
                         st.next - 1
                     };
-                    let batch = source.build_batch(&plan, todo[pos]);
+                    let batch = guarded(todo[pos], || source.build_batch(&plan, todo[pos]));
                     shared.state.lock().unwrap().ready.insert(pos, batch);
                     shared.cond.notify_all();
                 })
@@ -160,6 +160,21 @@ impl Loader {
     pub fn cursor(&self) -> &Cursor {
         &self.cursor
     }
+}
+
+/// `build()` of batch `index`, with a panic turned into the batch's error: the consumer
+/// waiting for that batch gets the message instead of waiting forever.
+fn guarded(index: usize, build: impl FnOnce() -> Result<Batch, SampleError>) -> Result<Batch, SampleError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(build)).unwrap_or_else(|p| {
+        let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+        Err(SampleError {
+            dataset: String::new(),
+            file: std::path::PathBuf::new(),
+            id: format!("batch {index}"),
+            kind: BadKind::Internal,
+            message: format!("the data thread building it panicked: {what}"),
+        })
+    })
 }
 
 impl Iterator for Loader {
@@ -206,6 +221,14 @@ impl Drop for Loader {
 #[cfg(test)]
 mod plan_tests {
     use super::*;
+
+    #[test]
+    fn a_panicking_data_thread_fails_its_batch_with_the_message() {
+        let e = guarded(7, || panic!("index out of bounds: the len is 3")).unwrap_err();
+        assert_eq!(e.kind, BadKind::Internal);
+        assert!(e.to_string().contains("record batch 7: the data thread building it panicked: index out of bounds: the len is 3"), "{e}");
+        assert!(guarded(1, || Err(e.clone())).is_err_and(|x| x.message == e.message));
+    }
     use crate::data::synth::{synth, ImagesFormat, SynthSpec};
 
     #[test]

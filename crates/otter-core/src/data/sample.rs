@@ -20,6 +20,8 @@ pub enum BadKind {
     EmptyAnswer,
     TooLong,
     Tokenizer,
+    /// Building the batch panicked (a defect, never skipped): the run fails with it.
+    Internal,
 }
 
 /// A sample that cannot be built, naming dataset, file and record.
