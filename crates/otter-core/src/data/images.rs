@@ -316,8 +316,22 @@ pub struct ParquetImageStore {
     index: Index<(usize, usize)>,
 }
 
+/// Runs a read of the parquet file `path`, turning a panic of the parquet reader (some
+/// corrupt files make it panic instead of erring, found by `tests/fuzz.rs`) into the
+/// file's error.
+fn parquet_guard<T>(path: &Path, read: impl FnOnce() -> Result<T, ImageStoreError>) -> Result<T, ImageStoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|p| {
+        let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+        Err(ImageStoreError::Parquet { path: path.to_path_buf(), message: format!("malformed parquet file (the reader gave up: {what})") })
+    })
+}
+
 impl ParquetImageStore {
     pub fn open(path: &Path) -> Result<Self, ImageStoreError> {
+        parquet_guard(path, || Self::open_unguarded(path))
+    }
+
+    fn open_unguarded(path: &Path) -> Result<Self, ImageStoreError> {
         use arrow_array::{cast::AsArray, Array};
         use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
         use parquet::arrow::ProjectionMask;
@@ -381,6 +395,12 @@ impl ImageStore for ParquetImageStore {
     }
 
     fn base64(&self, id: &str) -> Result<Vec<u8>, ImageStoreError> {
+        parquet_guard(self.path(), || self.base64_unguarded(id))
+    }
+}
+
+impl ParquetImageStore {
+    fn base64_unguarded(&self, id: &str) -> Result<Vec<u8>, ImageStoreError> {
         use arrow_array::{cast::AsArray, Array};
         use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
         use parquet::arrow::ProjectionMask;
