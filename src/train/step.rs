@@ -448,8 +448,7 @@ impl Trainer {
                     None => f64::NAN,
                 };
                 self.opt.step += 1;
-                let grads = zero.grads().shallow_clone();
-                zero.update(self.cfg.adamw, self.opt.step, lr, &ordered, &grads);
+                zero.update(self.cfg.adamw, self.opt.step, lr, &ordered);
                 if let Err(e) = zero.all_gather_params(&ordered, comm) {
                     // This rank's pieces and part are updated, the other ranks' pieces
                     // are not: these parameters are of no step.

@@ -234,8 +234,8 @@ impl ShardedAdamW {
     }
 
     /// The step's gradients (`params`' `.grad`, in layout order, every one defined) as the
-    /// mean over the group of this rank's part: reduce-scattered bucket by bucket into
-    /// [`Self::grads`].
+    /// mean over the group of this rank's part: reduce-scattered bucket by bucket into the
+    /// part's gradient buffer, which [`Self::clip`] and [`Self::update`] then use.
     pub fn reduce_scatter_grads<C: TensorCollective + ?Sized>(&mut self, params: &[&Tensor], comm: Option<&mut C>) -> Result<(), CommError> {
         let world = self.layout.world as i64;
         let device = self.exp_avg.device();
@@ -259,14 +259,9 @@ impl ShardedAdamW {
         Ok(())
     }
 
-    /// This rank's part of the step's mean gradient (after [`Self::reduce_scatter_grads`]).
-    pub fn grads(&self) -> &Tensor {
-        &self.grads
-    }
-
     /// `torch.nn.utils.clip_grad_norm_` over the whole group: the global norm is the
     /// square root of the sum over ranks of each part's squared norm (padding is zeros).
-    /// Scales [`Self::grads`] in place; returns the norm before clipping.
+    /// Scales the gradient part in place; returns the norm before clipping.
     pub fn clip<C: TensorCollective + ?Sized>(&mut self, max_norm: f64, comm: Option<&mut C>) -> Result<f64, CommError> {
         let _g = tch::no_grad_guard();
         // As torch sums: a norm per parameter (here per piece), then the norm of those.
@@ -284,11 +279,12 @@ impl ShardedAdamW {
         Ok(total)
     }
 
-    /// The AdamW update of this rank's pieces of `params` (in place) and of its moments
-    /// at optimizer step `step` (already counted): after it, the part is at `step`
+    /// The AdamW update, with the step's gradient part ([`Self::reduce_scatter_grads`],
+    /// clipped), of this rank's pieces of `params` (in place) and of its moments at
+    /// optimizer step `step` (already counted): after it, the part is at `step`
     /// updates ([`Self::updates`]) while the parameters outside this rank's pieces still
     /// wait for [`Self::all_gather_params`].
-    pub fn update(&mut self, cfg: AdamWConfig, step: u64, lr: f64, params: &[&Tensor], grads: &Tensor) {
+    pub fn update(&mut self, cfg: AdamWConfig, step: u64, lr: f64, params: &[&Tensor]) {
         let pieces = self.layout.pieces();
         let slots: Vec<Slot<'_>> = tch::no_grad(|| {
             pieces
@@ -296,7 +292,7 @@ impl ShardedAdamW {
                 .map(|p| Slot {
                     name: &self.layout.names[p.param],
                     param: flat_piece(params[p.param], p.param_offset, p.len),
-                    grad: grads.narrow(0, p.part_offset, p.len),
+                    grad: self.grads.narrow(0, p.part_offset, p.len),
                     exp_avg: self.exp_avg.narrow(0, p.part_offset, p.len),
                     exp_avg_sq: self.exp_avg_sq.narrow(0, p.part_offset, p.len),
                 })

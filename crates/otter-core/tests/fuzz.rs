@@ -121,12 +121,12 @@ fn image_ids() -> Vec<String> {
     (0..4).map(|i| format!("SYN_IMG_{i:08}")).collect()
 }
 
-#[test]
-fn image_json_files_never_panic() {
+/// Opens mutated image files of `format` and reads every image of the valid file from them.
+fn fuzz_image_store(format: ImagesFormat, file: &str) {
     let d = tempfile::tempdir().unwrap();
-    let files = synthetic(&d.path().join("syn"), ImagesFormat::Json);
+    let files = synthetic(&d.path().join("syn"), format);
     let valid = std::fs::read(&files.images).unwrap();
-    fuzz("images json", &d.path().join("x.json"), &valid, |p| {
+    fuzz(file, &d.path().join(file), &valid, |p| {
         if let Ok(store) = open_store(p) {
             for id in image_ids() {
                 let _ = store.get(&id);
@@ -136,17 +136,13 @@ fn image_json_files_never_panic() {
 }
 
 #[test]
+fn image_json_files_never_panic() {
+    fuzz_image_store(ImagesFormat::Json, "x.json");
+}
+
+#[test]
 fn parquet_image_files_never_panic() {
-    let d = tempfile::tempdir().unwrap();
-    let files = synthetic(&d.path().join("syn"), ImagesFormat::Parquet);
-    let valid = std::fs::read(&files.images).unwrap();
-    fuzz("images parquet", &d.path().join("x.parquet"), &valid, |p| {
-        if let Ok(store) = open_store(p) {
-            for id in image_ids() {
-                let _ = store.get(&id);
-            }
-        }
-    });
+    fuzz_image_store(ImagesFormat::Parquet, "x.parquet");
 }
 
 #[test]
@@ -226,14 +222,7 @@ fn grpc_requests_through_the_handlers_never_panic_nor_break_exactly_once() {
         let machine = Machine::new(cfg, vec![4000]).unwrap();
         let coord = Coordinator::open(machine, Box::new(MemStore::default()), String::new(), Duration::from_secs(1)).await.unwrap();
         // Time-driven transitions (last call, timeouts), as `serve` runs them.
-        let ticking = coord.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_millis(20));
-            loop {
-                every.tick().await;
-                ticking.tick().await;
-            }
-        });
+        otter_core::coord::service::spawn_ticker(coord.clone());
         Service(coord)
     });
     // Two nodes join and form generation 1, so that fuzzed requests reach a running job.

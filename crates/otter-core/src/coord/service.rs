@@ -308,6 +308,18 @@ pub fn auth(token: String) -> impl FnMut(Request<()>) -> Result<Request<()>, Sta
     }
 }
 
+/// Runs the coordinator's time-driven transitions (last call, timeouts) every 100 ms
+/// until the returned task is aborted: what [`serve`] runs beside the API.
+pub fn spawn_ticker(coord: Arc<Coordinator>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            every.tick().await;
+            coord.tick().await;
+        }
+    })
+}
+
 /// Serves until `shutdown` resolves: the coordinator API (token-checked), the gRPC health
 /// service (Kubernetes probes), and the ticker.
 pub async fn serve(
@@ -329,16 +341,7 @@ pub async fn serve_tls(
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::coordinator_server::CoordinatorServer<Service>>().await;
-    let ticker = {
-        let coord = coord.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                every.tick().await;
-                coord.tick().await;
-            }
-        })
-    };
+    let ticker = spawn_ticker(coord.clone());
     let svc = pb::coordinator_server::CoordinatorServer::with_interceptor(Service(coord), auth(token));
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = tls {

@@ -166,7 +166,7 @@ impl Loader {
 /// waiting for that batch gets the message instead of waiting forever.
 fn guarded(index: usize, build: impl FnOnce() -> Result<Batch, SampleError>) -> Result<Batch, SampleError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(build)).unwrap_or_else(|p| {
-        let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+        let what = super::panic_message(&*p);
         Err(SampleError {
             dataset: String::new(),
             file: std::path::PathBuf::new(),
