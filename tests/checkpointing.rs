@@ -42,7 +42,7 @@ fn checkpointed_layers_give_the_gradients_of_the_plain_forward() {
         let (loss, want, none) = loss_and_grads(None, case);
         assert_eq!(none, 0, "{case}: nothing is recomputed without checkpointing");
         let cfg = tiny(None).cfg;
-        for (mode, segments) in [(DecoderLayers, cfg.text.num_hidden_layers), (All, cfg.text.num_hidden_layers + cfg.perceiver.depth)] {
+        for (mode, segments) in [(DecoderLayers, cfg.text.num_layers()), (All, cfg.text.num_layers() + cfg.perceiver.depth)] {
             let (l, got, recomputed) = loss_and_grads(mode, case);
             assert_eq!(recomputed, segments as u64, "{case} {mode}: each checkpointed segment runs again in backward once");
             assert!((l - loss).abs() <= 1e-6, "{case} {mode}: loss {l} vs {loss}");

@@ -25,7 +25,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     super::check_device(a.device)?;
     let model = Otter::load_dir(a.model, LoadOptions { device: a.device, frozen_kind: a.dtype })?;
     let tok_path = a.model.join("tokenizer.json");
-    let tok = TextTokenizer::from_file(&tok_path, Some(model.cfg.text.vocab_size))?;
+    let tok = TextTokenizer::from_file(&tok_path, Some(model.cfg.text.vocab_size()))?;
     if a.images.is_empty() {
         bail!("--image: give at least one image");
     }

@@ -13,10 +13,10 @@ pub fn run(config: &str, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&c)?);
         return Ok(());
     }
-    println!("model: {source:?}");
+    println!("model: {source:?} ({} backbone)", cfg.backbone().name());
     println!("{:<26} {:>16} {:>16}", "group", "parameters", "trainable");
     for (g, total, trainable) in &c.groups {
-        println!("{:<26} {:>16} {:>16}", g.name(), fmt_count(*total), fmt_count(*trainable));
+        println!("{:<26} {:>16} {:>16}", g.name(cfg.backbone()), fmt_count(*total), fmt_count(*trainable));
     }
     println!("{:<26} {:>16} {:>16}", "total", fmt_count(c.total), fmt_count(c.trainable));
     println!("trainable: {} of {} ({:.2}%)", fmt_count(c.trainable), fmt_count(c.total), 100.0 * c.trainable as f64 / c.total as f64);

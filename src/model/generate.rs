@@ -1,11 +1,15 @@
 //! Greedy decoding with a KV cache, stopping at `<|endofchunk|>`.
 //!
+//! Works for both backbones: LLaMA's RoPE and MPT's ALiBi positions continue from the
+//! cached length (`Backbone::shared` with the cache's offset). A model with a
+//! `max_seq_len` (MPT) stops there.
+//!
 //! Media is encoded once. Every new token's `text_time` is the number of `<image>` tokens
 //! in the whole sequence so far, so generated tokens keep attending to the last image.
 //! (Upstream's cached generation recomputes the media mask from the new tokens alone and
 //! loses image attention after the first generated token; that is not reproduced.)
 
-use super::llama::KvCache;
+use super::nn::KvCache;
 use super::otter::Otter;
 use tch::{Kind, Tensor};
 
@@ -28,7 +32,11 @@ impl Otter {
             let mut out = Generation { tokens: vec![], logits: vec![] };
             let mut caches: Vec<KvCache> = Vec::new();
             let mut images_so_far = prompt.iter().filter(|&&t| t == media_id).count() as i64;
+            let max_len = self.cfg.text.max_seq_len().unwrap_or(usize::MAX);
             for i in 0..max_new_tokens {
+                if seq.len() >= max_len {
+                    break;
+                }
                 let logits = if !use_cache || i == 0 {
                     let ids = Tensor::from_slice(&seq).view([1, -1]).to_device(dev);
                     let text_time = ids.eq(media_id).cumsum(-1, Kind::Int64);

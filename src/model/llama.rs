@@ -5,7 +5,9 @@
 //! `lang_encoder.model.layers.N.decoder_layer.*`.
 
 use super::config::LlamaConfig;
+pub use super::nn::KvCache;
 use super::nn::{finfo_min, fused_attention, sdpa, Linear};
+use super::otter::Backbone;
 use super::weights::Vb;
 use tch::{Device, Kind, Tensor};
 
@@ -50,23 +52,6 @@ fn rotate_half(x: &Tensor) -> Tensor {
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let kind = x.kind();
     (x * cos.to_kind(kind)) + rotate_half(x) * sin.to_kind(kind)
-}
-
-/// Keys and values of the positions seen so far, per layer, for incremental decoding.
-#[derive(Default)]
-pub struct KvCache {
-    pub k: Option<Tensor>,
-    pub v: Option<Tensor>,
-}
-
-impl KvCache {
-    pub fn len(&self) -> i64 {
-        self.k.as_ref().map_or(0, |k| k.size()[2])
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 pub struct Attention {
@@ -193,4 +178,63 @@ pub fn causal_mask(key_mask: &Tensor, l: i64, offset: i64, kind: Kind) -> Tensor
     let causal = kpos.le_tensor(&qpos).view([1, 1, l, s]);
     let allowed = causal.logical_and(&key_mask.ne(0).view([b, 1, 1, s]));
     Tensor::zeros([b, 1, l, s], (kind, dev)).masked_fill(&allowed.logical_not(), finfo_min(kind))
+}
+
+/// What every decoder layer of one forward shares: the RoPE tables of its positions and
+/// the self-attention mask.
+pub struct LlamaShared {
+    pub rope: (Tensor, Tensor),
+    pub mask: AttnMask,
+}
+
+/// LLaMA around its decoder layers: `embed_tokens`, the final RMSNorm and the untied
+/// `lm_head`.
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed_tokens: Tensor,
+    norm: RmsNorm,
+    lm_head: Tensor,
+}
+
+impl Llama {
+    /// `vb` is the root: the model is at `lang_encoder.model`, the head at
+    /// `lang_encoder.lm_head`.
+    pub fn new(vb: &Vb, cfg: &LlamaConfig) -> Self {
+        let lm = vb.pp("lang_encoder.model");
+        Self {
+            embed_tokens: lm.get("embed_tokens.weight"),
+            norm: RmsNorm::new(&lm.pp("norm"), cfg.rms_norm_eps),
+            lm_head: vb.get("lang_encoder.lm_head.weight"),
+            cfg: cfg.clone(),
+        }
+    }
+}
+
+impl Backbone for Llama {
+    type Layer = DecoderLayer;
+    type Shared = LlamaShared;
+
+    fn device(&self) -> Device {
+        self.embed_tokens.device()
+    }
+
+    fn embed(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
+    }
+
+    fn shared(&self, key_mask: &Tensor, l: i64, offset: i64) -> LlamaShared {
+        LlamaShared { rope: rope_tables(&self.cfg, offset, l, self.device()), mask: AttnMask::new(key_mask, l, offset) }
+    }
+
+    fn share(s: &LlamaShared) -> LlamaShared {
+        LlamaShared { rope: (s.rope.0.shallow_clone(), s.rope.1.shallow_clone()), mask: s.mask.shallow_clone() }
+    }
+
+    fn layer(layer: &DecoderLayer, x: &Tensor, s: &LlamaShared, cache: Option<&mut KvCache>) -> Tensor {
+        layer.forward(x, &s.rope, &s.mask, cache)
+    }
+
+    fn head(&self, x: &Tensor) -> Tensor {
+        super::nn::linear(&self.norm.forward(x), &self.lm_head, None)
+    }
 }

@@ -6,12 +6,13 @@
 //! | `config.rs`   | HF `config.json` mirror -> resolved `OtterConfig`, presets   |
 //! | `spec.rs`     | every parameter name/shape/group/trainable; counts           |
 //! | `weights.rs`  | mmap'd safetensors, strict key check, `Params`, `Vb`          |
-//! | `nn.rs`       | Linear, LayerNorm, FeedForward                               |
+//! | `nn.rs`       | Linear, LayerNorm, FeedForward, KV cache                     |
 //! | `clip.rs`     | CLIP vision transformer (frozen)                              |
 //! | `perceiver.rs`| Perceiver resampler (trainable)                              |
 //! | `xattn.rs`    | gated cross-attention + media mask (trainable)               |
-//! | `llama.rs`    | LLaMA decoder, RoPE, RMSNorm, KV cache, causal mask          |
-//! | `otter.rs`    | composition, input checks, causal-LM loss                    |
+//! | `llama.rs`    | LLaMA decoder, RoPE, RMSNorm, causal mask                    |
+//! | `mpt.rs`      | MPT blocks, ALiBi, weight-only LayerNorm, tied `wte`         |
+//! | `otter.rs`    | composition over a `Backbone`, input checks, causal-LM loss  |
 //! | `checkpoint.rs` | activation checkpointing (node in `checkpoint.cpp`)        |
 //! | `generate.rs` | greedy decoding with a KV cache                              |
 
@@ -21,6 +22,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod generate;
 pub mod llama;
+pub mod mpt;
 pub mod nn;
 pub mod otter;
 pub mod perceiver;

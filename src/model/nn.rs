@@ -1,5 +1,6 @@
 //! Small building blocks shared by the model files: bias-optional linear layers, layer
-//! norms, and the `feed_forward` stack used by the perceiver and cross-attention.
+//! norms, the `feed_forward` stack used by the perceiver and cross-attention, and the
+//! KV cache of both language-model backbones.
 
 use super::weights::Vb;
 use tch::{Kind, Tensor};
@@ -153,6 +154,24 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.down.forward(&self.up.forward(&self.norm.forward(x)).gelu("none"))
+    }
+}
+
+/// Keys and values (B, heads, S, head_dim) of the positions seen so far, per layer, for
+/// incremental decoding (both backbones).
+#[derive(Default)]
+pub struct KvCache {
+    pub k: Option<Tensor>,
+    pub v: Option<Tensor>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> i64 {
+        self.k.as_ref().map_or(0, |k| k.size()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

@@ -1,17 +1,24 @@
 //! Otter (Li et al., 2023) = OpenFlamingo's composition (Awadalla et al., 2023), as
 //! upstream `OtterForConditionalGeneration`: a frozen CLIP encoder feeds a trainable
 //! perceiver resampler; its latents are attended by gated cross-attention blocks placed
-//! before every `cross_attn_every_n_layers`-th layer of a frozen LLaMA.
+//! before every `cross_attn_every_n_layers`-th layer of a frozen language model: LLaMA
+//! (`llama.rs`) or MPT (`mpt.rs`), chosen by the config.
+//!
+//! The composition (embedding, cross-attention placement, media masks, activation
+//! checkpointing, KV caches, loss) is written once, generic over [`Backbone`]; a backbone
+//! supplies its embedding, its decoder layers, what they share in one forward (RoPE
+//! tables and mask, or the ALiBi bias), and its head.
 //!
 //! Media is passed explicitly to `forward` (no hidden "conditioned" state).
 
 use super::clip::ClipVision;
-use super::config::OtterConfig;
+use super::config::{OtterConfig, TextConfig};
 use super::checkpoint::{checkpoint, grad_enabled, ActivationCheckpointing};
-use super::llama::{rope_tables, AttnMask, DecoderLayer, KvCache, RmsNorm};
+use super::nn::KvCache;
 use super::perceiver::PerceiverResampler;
 use super::weights::{LoadError, LoadOptions, MappedCheckpoint, Params, Vb};
 use super::xattn::{GatedCrossAttention, MediaMask};
+use super::{llama, mpt};
 use std::path::Path;
 use std::sync::Arc;
 use tch::{Device, Kind, Reduction, Tensor};
@@ -27,25 +34,73 @@ fn bad(name: &'static str, message: String) -> InputError {
     InputError::Shape { name, message }
 }
 
-struct Layer {
+/// What a language-model backbone supplies to Otter's composition.
+pub trait Backbone: Send + 'static {
+    /// One decoder layer (run after its gated cross-attention block, if any).
+    type Layer: Send + 'static;
+    /// What every layer of one forward shares (positions, masks), built once per forward.
+    type Shared: Send + 'static;
+    fn device(&self) -> Device;
+    /// Token embedding: ids (B, L) -> (B, L, h).
+    fn embed(&self, ids: &Tensor) -> Tensor;
+    /// For L new positions after `offset` cached ones; `key_mask` (B, offset + L) is 1 for
+    /// real tokens.
+    fn shared(&self, key_mask: &Tensor, l: i64, offset: i64) -> Self::Shared;
+    /// Handles to the same tensors, for a checkpointed segment to own.
+    fn share(shared: &Self::Shared) -> Self::Shared;
+    fn layer(layer: &Self::Layer, x: &Tensor, shared: &Self::Shared, cache: Option<&mut KvCache>) -> Tensor;
+    /// Final norm and output projection: (B, L, h) -> (B, L, V).
+    fn head(&self, x: &Tensor) -> Tensor;
+}
+
+struct Layer<B: Backbone> {
     xattn: Option<GatedCrossAttention>,
-    decoder: DecoderLayer,
+    decoder: B::Layer,
 }
 
 // SAFETY: a layer is a set of tensor handles that its forward only reads (no in-place op,
 // no handle replaced); libtorch tensors may be read from several threads at once. Shared
 // with a checkpointed segment, which runs it again in backward on autograd's thread.
-unsafe impl Sync for Layer {}
+unsafe impl<B: Backbone> Sync for Layer<B> {}
 
-impl Layer {
+impl<B: Backbone> Layer<B> {
     /// The cross-attention block (if any) over `media`, then the decoder layer.
-    fn forward(&self, x: &Tensor, media: &Tensor, mask: &MediaMask, rope: &(Tensor, Tensor), attn_mask: &AttnMask, cache: Option<&mut KvCache>) -> Tensor {
+    fn forward(&self, x: &Tensor, media: &Tensor, mask: &MediaMask, shared: &B::Shared, cache: Option<&mut KvCache>) -> Tensor {
         let x = match &self.xattn {
             Some(xattn) => xattn.forward(x, media, mask),
             None => x.shallow_clone(),
         };
-        self.decoder.forward(&x, rope, attn_mask, cache)
+        B::layer(&self.decoder, &x, shared, cache)
     }
+}
+
+/// A backbone with its layers, each with its optional gated cross-attention block.
+struct LanguageModel<B: Backbone> {
+    backbone: B,
+    layers: Vec<Arc<Layer<B>>>,
+}
+
+impl<B: Backbone> LanguageModel<B> {
+    /// Layer i's weights at `{layers}.{i}.decoder_layer`, its cross-attention block's at
+    /// `{layers}.{i}.gated_cross_attn_layer` (upstream's names).
+    fn new(backbone: B, layers: &Vb, cfg: &OtterConfig, decoder: impl Fn(&Vb) -> B::Layer) -> Self {
+        let layers = (0..cfg.text.num_layers())
+            .map(|i| {
+                let l = layers.pp(i);
+                Arc::new(Layer {
+                    xattn: cfg.has_xattn(i).then(|| GatedCrossAttention::new(&l.pp("gated_cross_attn_layer"), &cfg.xattn)),
+                    decoder: decoder(&l.pp("decoder_layer")),
+                })
+            })
+            .collect();
+        Self { backbone, layers }
+    }
+}
+
+/// The language model of one of the supported backbones.
+enum Lm {
+    Llama(LanguageModel<llama::Llama>),
+    Mpt(LanguageModel<mpt::Mpt>),
 }
 
 pub struct Otter {
@@ -53,10 +108,7 @@ pub struct Otter {
     pub params: Params,
     vision: ClipVision,
     perceiver: PerceiverResampler,
-    embed_tokens: Tensor,
-    layers: Vec<Arc<Layer>>,
-    norm: RmsNorm,
-    lm_head: Tensor,
+    lm: Lm,
     /// bf16 autocast on CUDA (`LoadOptions::frozen_kind == BFloat16`).
     autocast: bool,
     /// Segments recomputed in backward (`train.activation_checkpointing`).
@@ -74,23 +126,20 @@ impl Otter {
 
     pub fn new(cfg: OtterConfig, params: Params, opts: LoadOptions) -> Self {
         let vb = Vb::root(&params);
-        let lm = vb.pp("lang_encoder.model");
-        let layers = (0..cfg.text.num_hidden_layers)
-            .map(|i| {
-                let l = lm.pp(format!("layers.{i}"));
-                Arc::new(Layer {
-                    xattn: cfg.has_xattn(i).then(|| GatedCrossAttention::new(&l.pp("gated_cross_attn_layer"), &cfg.xattn)),
-                    decoder: DecoderLayer::new(&l.pp("decoder_layer"), &cfg.text),
-                })
-            })
-            .collect();
+        let lm = match &cfg.text {
+            TextConfig::Llama(t) => {
+                let layers = vb.pp("lang_encoder.model.layers");
+                Lm::Llama(LanguageModel::new(llama::Llama::new(&vb, t), &layers, &cfg, |v| llama::DecoderLayer::new(v, t)))
+            }
+            TextConfig::Mpt(t) => {
+                let tr = vb.pp("lang_encoder.transformer");
+                Lm::Mpt(LanguageModel::new(mpt::Mpt::new(&tr, t), &tr.pp("blocks"), &cfg, |v| mpt::Block::new(v, t)))
+            }
+        };
         Self {
             vision: ClipVision::new(&vb.pp("vision_encoder.vision_model"), &cfg.vision),
             perceiver: PerceiverResampler::new(&vb.pp("perceiver"), &cfg.perceiver),
-            embed_tokens: lm.get("embed_tokens.weight"),
-            layers,
-            norm: RmsNorm::new(&lm.pp("norm"), cfg.text.rms_norm_eps),
-            lm_head: vb.get("lang_encoder.lm_head.weight"),
+            lm,
             autocast: opts.device.is_cuda() && opts.frozen_kind == Kind::BFloat16,
             checkpointing: ActivationCheckpointing::None,
             cfg,
@@ -109,7 +158,10 @@ impl Otter {
     }
 
     pub fn device(&self) -> Device {
-        self.embed_tokens.device()
+        match &self.lm {
+            Lm::Llama(lm) => lm.backbone.device(),
+            Lm::Mpt(lm) => lm.backbone.device(),
+        }
     }
 
     /// Checks input shapes and dtypes against the config before any op can panic.
@@ -142,12 +194,17 @@ impl Otter {
         if ids.len() != 2 || ids[0] != v[0] || ids[1] == 0 {
             return Err(bad("input_ids", format!("expected (B={}, L>0), got {ids:?}", v[0])));
         }
+        if let Some(max) = self.cfg.text.max_seq_len() {
+            if ids[1] as usize > max {
+                return Err(bad("input_ids", format!("{} tokens exceed the model's max_seq_len {max}", ids[1])));
+            }
+        }
         if input_ids.kind() != Kind::Int64 {
             return Err(bad("input_ids", format!("expected int64, got {:?}", input_ids.kind())));
         }
         let (lo, hi) = (input_ids.min().int64_value(&[]), input_ids.max().int64_value(&[]));
-        if lo < 0 || hi >= self.cfg.text.vocab_size as i64 {
-            return Err(bad("input_ids", format!("ids span [{lo}, {hi}], vocabulary is {}", self.cfg.text.vocab_size)));
+        if lo < 0 || hi >= self.cfg.text.vocab_size() as i64 {
+            return Err(bad("input_ids", format!("ids span [{lo}, {hi}], vocabulary is {}", self.cfg.text.vocab_size())));
         }
         if attention_mask.size() != ids {
             return Err(bad("attention_mask", format!("expected shape {ids:?}, got {:?}", attention_mask.size())));
@@ -196,41 +253,57 @@ impl Otter {
         caches: &mut Vec<KvCache>,
         use_cache: bool,
     ) -> Tensor {
+        match &self.lm {
+            Lm::Llama(lm) => self.decode_with(lm, media, ids, key_mask, text_time, caches, use_cache),
+            Lm::Mpt(lm) => self.decode_with(lm, media, ids, key_mask, text_time, caches, use_cache),
+        }
+    }
+
+    /// [`Self::decode`] for one backbone: the composition itself.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_with<B: Backbone>(
+        &self,
+        lm: &LanguageModel<B>,
+        media: &Tensor,
+        ids: &Tensor,
+        key_mask: &Tensor,
+        text_time: &Tensor,
+        caches: &mut Vec<KvCache>,
+        use_cache: bool,
+    ) -> Tensor {
         let (_, l) = ids.size2().expect("(B, L)");
         let ms = media.size();
         let media_flat = media.reshape([ms[0], ms[1] * ms[2], ms[3]]); // (B, T*n, D)
         let mask = MediaMask::new(text_time, ms[1], ms[2]);
         if use_cache && caches.is_empty() {
-            caches.resize_with(self.layers.len(), KvCache::default);
+            caches.resize_with(lm.layers.len(), KvCache::default);
         }
         let offset = if use_cache { caches[0].len() } else { 0 };
-        let rope = rope_tables(&self.cfg.text, offset, l, self.device());
-        let attn_mask = AttnMask::new(key_mask, l, offset);
+        let shared = lm.backbone.shared(key_mask, l, offset);
         let checkpointed = self.checkpointing.decoder_layers() && !use_cache && grad_enabled();
-        let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
-        for (i, layer) in self.layers.iter().enumerate() {
+        let mut x = lm.backbone.embed(ids);
+        for (i, layer) in lm.layers.iter().enumerate() {
             x = if checkpointed {
-                self.checkpointed_layer(layer, &x, &media_flat, &mask, &rope, &attn_mask)
+                self.checkpointed_layer(layer, &x, &media_flat, &mask, &shared)
             } else {
                 let cache = if use_cache { Some(&mut caches[i]) } else { None };
-                layer.forward(&x, &media_flat, &mask, &rope, &attn_mask, cache)
+                layer.forward(&x, &media_flat, &mask, &shared, cache)
             };
         }
-        let x = self.norm.forward(&x);
-        super::nn::linear(&x, &self.lm_head, None).to_kind(Kind::Float)
+        lm.backbone.head(&x).to_kind(Kind::Float)
     }
 
     /// One layer (cross-attention block and decoder layer) as a checkpointed segment: its
     /// inputs are the hidden states and, where it has a cross-attention block, the media
-    /// latents (both carry gradients); the masks and rope tables are constants it owns.
-    fn checkpointed_layer(&self, layer: &Arc<Layer>, x: &Tensor, media: &Tensor, mask: &MediaMask, rope: &(Tensor, Tensor), attn_mask: &AttnMask) -> Tensor {
+    /// latents (both carry gradients); the masks and position tables are constants it owns.
+    fn checkpointed_layer<B: Backbone>(&self, layer: &Arc<Layer<B>>, x: &Tensor, media: &Tensor, mask: &MediaMask, shared: &B::Shared) -> Tensor {
         let layer = Arc::clone(layer);
-        let (mask, rope, attn_mask, autocast) = (mask.shallow_clone(), (rope.0.shallow_clone(), rope.1.shallow_clone()), attn_mask.shallow_clone(), self.autocast);
+        let (mask, shared, autocast) = (mask.shallow_clone(), B::share(shared), self.autocast);
         if layer.xattn.is_some() {
-            checkpoint(&[x, media], move |t| tch::autocast(autocast, || layer.forward(&t[0], &t[1], &mask, &rope, &attn_mask, None)))
+            checkpoint(&[x, media], move |t| tch::autocast(autocast, || layer.forward(&t[0], &t[1], &mask, &shared, None)))
         } else {
             let media = media.shallow_clone(); // unused by a layer without cross-attention
-            checkpoint(&[x], move |t| tch::autocast(autocast, || layer.forward(&t[0], &media, &mask, &rope, &attn_mask, None)))
+            checkpoint(&[x], move |t| tch::autocast(autocast, || layer.forward(&t[0], &media, &mask, &shared, None)))
         }
     }
 

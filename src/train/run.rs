@@ -88,7 +88,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             model.cfg.vision.image_size
         );
     }
-    let source = Arc::new(DataSource::open(&data_cfg, Some(model.cfg.text.vocab_size))?);
+    let source = Arc::new(DataSource::open(&data_cfg, Some(model.cfg.text.vocab_size()))?);
     let batches_per_epoch = source.plan(0).batches.len() as u64;
     let steps_per_epoch = batches_per_epoch.div_ceil(tc.grad_accum);
     let total_steps = tc.max_steps.unwrap_or(steps_per_epoch * tc.epochs);

@@ -294,7 +294,7 @@ impl Rank {
             }
         };
         model.set_activation_checkpointing(tc.activation_checkpointing);
-        let source = Arc::new(DataSource::open(&data_cfg, Some(model.cfg.text.vocab_size))?);
+        let source = Arc::new(DataSource::open(&data_cfg, Some(model.cfg.text.vocab_size()))?);
         let step_cfg = StepConfig {
             lr: tc.lr,
             warmup_steps: 0,

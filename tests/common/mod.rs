@@ -24,6 +24,16 @@ pub fn tiny_model() -> PathBuf {
     fixtures().join("tiny_otter")
 }
 
+/// The MPT-backbone fixtures (`tests/fixtures/mpt/`: same layout as the LLaMA ones).
+pub fn mpt_fixtures() -> PathBuf {
+    fixtures().join("mpt")
+}
+
+/// The tiny Otter-MPT model (upstream's MPT-7B Otter configuration, scaled down).
+pub fn tiny_mpt_model() -> PathBuf {
+    mpt_fixtures().join("tiny_otter")
+}
+
 /// The coordinator binary, `otter-coord`, which the workspace's otter-core package builds
 /// beside the test binaries (`target/<profile>/otter-coord`; `cargo test` builds it for
 /// otter-core's own integration test).

@@ -1,5 +1,10 @@
 //! Text side of a sample: HF `tokenizer.json` via the `tokenizers` crate, Otter's
 //! special tokens, `[<s>] + ids + [</s>]`, and label masking.
+//!
+//! LLaMA's tokenizer has `<s>` and `</s>`; MPT's (GPT-NeoX's) has neither, only
+//! `<|endoftext|>`, which is then both (upstream Otter-MPT: `[<|endoftext|>] + ids +
+//! [<|endoftext|>]`, every `<|endoftext|>` but the first labelled), and no pad token:
+//! `<PAD>` is added with Otter's other tokens, as upstream does.
 
 use std::path::{Path, PathBuf};
 use tokenizers::{AddedToken, Tokenizer};
@@ -53,8 +58,10 @@ impl TextTokenizer {
         let id = |t: &str| {
             tok.token_to_id(t).ok_or_else(|| TokenizerError::Unknown { path: path.to_path_buf(), token: t.to_string() })
         };
+        // Begin/end of sequence: LLaMA's `<s>`/`</s>`, else GPT-NeoX's `<|endoftext|>`.
+        let or_endoftext = |t: &'static str| if tok.token_to_id(t).is_some() { t } else if tok.token_to_id("<|endoftext|>").is_some() { "<|endoftext|>" } else { t };
         let mut check = Vec::new();
-        for t in ["<s>", "</s>", "<PAD>", "<|endofchunk|>", "<answer>", "<image>"] {
+        for t in [or_endoftext("<s>"), or_endoftext("</s>"), "<PAD>", "<|endofchunk|>", "<answer>", "<image>"] {
             check.push((t, id(t)?));
         }
         if let Some(v) = vocab_size {
@@ -118,6 +125,22 @@ pub fn labels(ids: &[i64], sp: &SpecialIds) -> Vec<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// MPT's tokenizer (the fixture's, GPT-NeoX conventions): `<|endoftext|>` = 0 opens
+    /// and closes a sample, `<PAD>` = 303 pads; the labels keep every `<|endoftext|>` but
+    /// the first, as in the fixtures' sequences.
+    #[test]
+    fn an_mpt_tokenizer_wraps_samples_in_endoftext() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mpt/tiny_otter/tokenizer.json");
+        let tok = TextTokenizer::from_file(&path, Some(320)).unwrap();
+        assert_eq!(tok.ids, SpecialIds { bos: 0, eos: 0, pad: 303, end_of_chunk: 300, answer: 302, media: 301 });
+        let (ids, labels) = tok.sample_ids("<image>User: hi GPT:<answer>ok<|endofchunk|>").unwrap();
+        assert_eq!((ids[0], ids[1], *ids.last().unwrap()), (0, 301, 0));
+        assert_eq!((labels[0], *labels.last().unwrap()), (-100, 0), "the closing <|endoftext|> is a target, the opening one not");
+        let answer = ids.iter().position(|&t| t == 302).unwrap();
+        assert!(labels[..=answer].iter().all(|&l| l == -100));
+        assert!(labels[answer + 1..].iter().all(|&l| l != -100), "the answer through <|endofchunk|> and the end are targets");
+    }
 
     #[test]
     fn labels_cover_answers_through_end_of_chunk_and_eos() {

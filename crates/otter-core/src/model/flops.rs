@@ -3,13 +3,14 @@
 //!
 //! - every parameter costs 2 FLOPs per token it multiplies in forward;
 //! - 2 more for the activation gradient wherever a gradient flows: everywhere except the
-//!   frozen CLIP encoder (it runs without autograd), so through the frozen LLaMA layers
-//!   too, since the input embeddings train;
+//!   frozen CLIP encoder (it runs without autograd), so through the frozen LLaMA / MPT
+//!   layers too, since the input embeddings train;
 //! - 2 more for its weight gradient only where the parameter trains;
 //! - lookup tables (token, position and class embeddings, the perceiver's latents and
 //!   frame embeddings) multiply nothing and CLIP's unused `post_layernorm` never runs;
 //! - a parameter's tokens are what it is applied to: text tokens for the language model,
-//!   its cross-attention blocks and `lm_head`; the patches (+ CLS) of every frame for
+//!   its cross-attention blocks and `lm_head` (MPT: `wte`, which is the output projection as
+//!   well as the lookup, so it counts as a trainable matrix on every text token); the patches (+ CLS) of every frame for
 //!   CLIP; per media item, the latents for the perceiver (its `to_kv` also sees the
 //!   frames' patches) and for the cross-attention `to_kv`;
 //! - activation checkpointing's second forward is work, not useful work: it is reported
@@ -17,7 +18,7 @@
 //!   arithmetic (QK^T, AV), as in the usual 6N-per-token count.
 
 use super::config::OtterConfig;
-use super::spec::{parameter_specs, Group};
+use super::spec::{lm_layer, parameter_specs, Group};
 
 /// What one step computes on: text tokens, media items (images or videos, each
 /// `frames` frames) over all its samples.
@@ -102,7 +103,7 @@ impl FlopsModel {
                 }
                 Group::CrossAttention | Group::LanguageModel | Group::Embeddings => {
                     m.per_text_token += per_token;
-                    if recompute_decoder && name.contains(".layers.") {
+                    if recompute_decoder && lm_layer(name).is_some() {
                         m.recomputed_per_text_token += recompute;
                     }
                 }
@@ -128,7 +129,8 @@ mod tests {
     #[test]
     fn the_tiny_config_counts_as_by_hand() {
         let cfg = OtterConfig::tiny();
-        let (v, p, t, x) = (&cfg.vision, &cfg.perceiver, &cfg.text, &cfg.xattn);
+        let crate::model::config::TextConfig::Llama(t) = &cfg.text else { panic!("tiny is LLaMA") };
+        let (v, p, x) = (&cfg.vision, &cfg.perceiver, &cfg.xattn);
         let (d, vi) = (v.hidden_size as f64, v.intermediate_size as f64);
         let patches = v.num_patches() as f64;
         let patch_in = (v.num_channels * v.patch_size * v.patch_size) as f64;
@@ -174,6 +176,24 @@ mod tests {
         assert!(close(c.recomputed_per_media, xattn_media / 3.0));
         let s = c.step(StepShape { text_tokens: 10, media: 3, frames: 1 });
         assert!(close(s.useful, 10.0 * m.per_text_token + 3.0 * one_frame));
+    }
+
+    /// OTTER-Image-MPT7B: 4 x the frozen MPT blocks (6.44 B) + 6 x the trainable text-side
+    /// parameters (wte, the output projection; the cross-attention blocks less their to_kv)
+    /// per text token; the tied wte counts once, as a matrix.
+    #[test]
+    fn otter_mpt7b_per_token_counts_the_tied_wte_once_as_a_matrix() {
+        let cfg = OtterConfig::otter_mpt7b();
+        let m = FlopsModel::new(&cfg, false, false);
+        let frozen = 6_442_717_184f64;
+        let wte = 206_569_472f64;
+        let (h, xi, ff) = (4096f64, 512f64, 4.0 * 4096f64);
+        let xattn_text = 8.0 * (2.0 * h + xi * h + h * xi + 1.0 + 2.0 * h + 2.0 * h * ff + 1.0);
+        let want = 4.0 * frozen + 6.0 * wte + 6.0 * xattn_text;
+        assert!((m.per_text_token - want).abs() <= 1e-9 * want, "{} vs {want}", m.per_text_token);
+        let c = FlopsModel::new(&cfg, true, false);
+        let blocks_recomputed = 2.0 * (frozen - h) + 2.0 * xattn_text; // not norm_f
+        assert!((c.recomputed_per_text_token - blocks_recomputed).abs() <= 1e-9 * blocks_recomputed);
     }
 
     /// Otter-7B: 4 x the frozen LLaMA (6.5 B) + 6 x the trainable text-side parameters per

@@ -18,7 +18,7 @@
 //! The activation count is an estimate: tests check it against measured peaks (peak RSS
 //! on the CPU, the CUDA caching allocator's peak on a GPU, BENCHMARKS.md).
 
-use crate::model::config::OtterConfig;
+use crate::model::config::{Backbone, OtterConfig};
 use crate::model::spec::parameter_specs;
 use crate::train::config::ActivationCheckpointing;
 use serde::Serialize;
@@ -139,7 +139,8 @@ pub fn largest_micro_batch(input: &PlanInput, device_bytes: u64) -> Option<u64> 
 ///   input), the attention's q, k, v and output (`4eh`; eager attention keeps q, k, v,
 ///   the f32 softmax and its cast instead: `3eh + (4 + e') heads x L`), and the SwiGLU's
 ///   gate, its SiLU and the up projection (`3eI`); frozen projections keep nothing for a
-///   weight gradient;
+///   weight gradient; an MPT block keeps the same but the GELU MLP's input and output
+///   (`2eI`), and always the eager attention (ALiBi is added in f32);
 /// - a cross-attention block keeps its LayerNorm inputs (`2 x 4h`), the inputs of its
 ///   trainable projections (`e(h + 2 inner)` and `e(h + ff h)` for the feed-forward), its
 ///   attention (`4 e inner`, or eager: `2 e inner + (4 + e') heads x T n`) and the
@@ -155,8 +156,8 @@ pub fn activation_bytes(input: &PlanInput, b: u64) -> u64 {
     let m = &input.model;
     let e: u64 = if input.bf16 { 2 } else { 4 };
     let cast_extra = if e == 4 { 0 } else { e }; // eager softmax: f32, then cast to e
-    let (h, i, v) = (m.text.hidden_size as u64, m.text.intermediate_size as u64, m.text.vocab_size as u64);
-    let heads = m.text.num_attention_heads as u64;
+    let (h, i, v) = (m.text.hidden_size() as u64, m.text.intermediate_size() as u64, m.text.vocab_size() as u64);
+    let heads = m.text.num_attention_heads() as u64;
     let tokens = b * input.seq_len;
     let l = input.seq_len;
     let media = b * input.media_per_sample;
@@ -170,12 +171,18 @@ pub fn activation_bytes(input: &PlanInput, b: u64) -> u64 {
     let patches = m.vision.num_patches() as u64 * input.frames;
 
     let attn_self = if input.fused_attention { 4 * e * h } else { 3 * e * h + (4 + cast_extra) * heads * l };
-    let decoder_per_token = 2 * 4 * h + attn_self + 3 * e * i;
+    // MLP: SwiGLU keeps gate, SiLU and up (3 x I); MPT's GELU MLP its input and output (2 x
+    // I). MPT's attention is always eager (ALiBi is added in f32).
+    let (attn_self, mlp_kept) = match m.text.backbone() {
+        Backbone::Llama => (attn_self, 3 * e * i),
+        Backbone::Mpt => (3 * e * h + (4 + cast_extra) * heads * l, 2 * e * i),
+    };
+    let decoder_per_token = 2 * 4 * h + attn_self + mlp_kept;
     let media_keys = input.media_per_sample * lat;
     let attn_x = if input.fused_attention { 4 * e * xi } else { 2 * e * xi + (4 + cast_extra) * xheads * media_keys };
     let xattn_per_token = 2 * 4 * h + e * (h + 2 * xi) + e * (h + xff) + attn_x + e * xff;
-    let blocks = (0..m.text.num_hidden_layers).filter(|&k| m.has_xattn(k)).count() as u64;
-    let layers = m.text.num_hidden_layers as u64;
+    let blocks = (0..m.text.num_layers()).filter(|&k| m.has_xattn(k)).count() as u64;
+    let layers = m.text.num_layers() as u64;
     // Perceiver layer, per media item: media LayerNorm input (f32 CLIP features under no
     // autocast on the CPU, bf16 on CUDA) and the kv projection's input over patches +
     // latents, the latents' LayerNorm, q, attention and feed-forward over the latents.
