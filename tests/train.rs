@@ -141,3 +141,94 @@ fn stopping_and_resuming_otter_train_gives_the_same_losses_exactly() {
     let (ok, _, err) = run_otter(&["train", "--config", full.to_str().unwrap()]);
     assert!(!ok && err.contains("--resume"), "{err}");
 }
+
+/// The MPT backbone follows the same recipe: tests/fixtures/mpt/train/adamw_cosine.* (8
+/// steps of torch AdamW + cosine warmup + clip_grad_norm_ on one batch, from a model with
+/// no gradients; weight decay only on cross-attention weights, so `wte` gets none).
+/// Tolerances (fixtures README): losses |diff| <= 1e-4, final params max|diff| <= 1e-4.
+mod mpt {
+    use super::*;
+    use otter::model::weights::LoadOptions;
+    use otter::model::Otter;
+    use otter::train::optim::AdamWConfig;
+    use otter::train::{StepConfig, TensorBatch, Trainer};
+
+    fn fixture() -> std::path::PathBuf {
+        mpt_fixtures().join("train/adamw_cosine.safetensors")
+    }
+
+    fn batch(f: &TensorFile) -> TensorBatch {
+        TensorBatch {
+            vision_x: f.get("vision_x").unwrap().shallow_clone(),
+            input_ids: f.get("input_ids").unwrap().shallow_clone(),
+            attention_mask: f.get("attention_mask").unwrap().shallow_clone(),
+            labels: f.get("labels").unwrap().shallow_clone(),
+        }
+    }
+
+    fn trainer() -> Trainer {
+        let cfg = StepConfig { lr: 1e-3, warmup_steps: 2, total_steps: 8, clip: Some(1.0), adamw: AdamWConfig::default() };
+        Trainer::new(Otter::load_dir(&tiny_mpt_model(), LoadOptions::default()).unwrap(), cfg)
+    }
+
+    #[test]
+    fn trainer_reproduces_upstream_mpt_adamw_cosine_trajectory() {
+        let want = TensorFile::read(&fixture()).unwrap();
+        let mut trainer = trainer();
+        assert_eq!(AdamWConfig::default().weight_decay, 0.1);
+        let b = batch(&want);
+        let want_losses = Vec::<f64>::try_from(want.get("losses").unwrap()).unwrap();
+        let want_lrs = Vec::<f64>::try_from(want.get("lrs").unwrap()).unwrap();
+        let mut worst_loss = 0f64;
+        for step in 0..8 {
+            let s = trainer.step(std::slice::from_ref(&b));
+            let d = (s.loss - want_losses[step]).abs();
+            worst_loss = worst_loss.max(d);
+            assert!(d <= 1e-4, "step {step}: loss {} vs upstream {}", s.loss, want_losses[step]);
+            assert!((s.lr - want_lrs[step]).abs() <= 1e-12, "step {step}: lr {} vs {}", s.lr, want_lrs[step]);
+        }
+        let mut worst = 0f64;
+        let trained = trainer.model.trainable();
+        assert_eq!(trained.len(), want.tensors.keys().filter(|k| k.starts_with("final.")).count());
+        for (name, p) in trained {
+            let d = max_abs_diff(p, want.get(&format!("final.{name}")).unwrap());
+            worst = worst.max(d);
+            assert!(d <= 1e-4, "{name}: final value differs by {d}");
+        }
+        println!("mpt: losses max|diff| {worst_loss:.2e} (<= 1e-4), final params max|diff| {worst:.2e} (<= 1e-4)");
+    }
+
+    /// `otter overfit` on the MPT model matches the fixture (no leftover gradients here, so
+    /// every step is comparable) and equals the in-process trainer bit for bit.
+    #[test]
+    fn otter_overfit_command_reproduces_the_mpt_trajectory() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("overfit.safetensors");
+        let (ok, stdout, err) = run_otter(&[
+            "overfit", "--model", tiny_mpt_model().to_str().unwrap(), "--batch", fixture().to_str().unwrap(), "--steps", "8",
+            "--lr", "1e-3", "--warmup-steps", "2", "--weight-decay", "0.1", "--clip", "1.0", "--out", out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}\n{stdout}");
+        let got = TensorFile::read(&out).unwrap();
+        let want = TensorFile::read(&fixture()).unwrap();
+        let gl = Vec::<f64>::try_from(got.get("losses").unwrap()).unwrap();
+        let wl = Vec::<f64>::try_from(want.get("losses").unwrap()).unwrap();
+        assert_eq!(gl.len(), 8);
+        for (step, (g, w)) in gl.iter().zip(&wl).enumerate() {
+            assert!((g - w).abs() <= 1e-4, "step {step}: {g} vs upstream {w}");
+        }
+        for (name, _) in trainer().model.trainable() {
+            let key = format!("final.{name}");
+            let d = max_abs_diff(got.get(&key).unwrap(), want.get(&key).unwrap());
+            assert!(d <= 1e-4, "{name}: final value differs by {d}");
+        }
+        let mut trainer = trainer();
+        let b = batch(&want);
+        for (step, l) in gl.iter().enumerate() {
+            assert_eq!(trainer.step(std::slice::from_ref(&b)).loss, *l, "step {step}");
+        }
+        for (name, p) in trainer.model.trainable() {
+            assert!(p.equal(got.get(&format!("final.{name}")).unwrap()), "{name}");
+        }
+    }
+}
