@@ -91,6 +91,20 @@ fn inputs_that_do_not_fit_the_model_are_named() {
     assert!(err.contains("input_ids") && err.contains("<image>"), "{err}");
 }
 
+/// OTTER-Image-MPT7B under upstream's rule (fixtures/mpt README): perceiver, cross-attention
+/// and the tied `wte` train.
+#[test]
+fn model_info_prints_upstream_mpt7b_counts() {
+    let (ok, out, err) = run_otter(&["model-info", "--config", "otter_mpt7b"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("trainable: 1,385,404,432 of 8,131,301,392"), "{out}");
+    assert!(out.contains("MPT backbone") && out.contains("wte (tied output)"), "{out}");
+    let (ok, out, err) = run_otter(&["model-info", "--config", tiny_mpt_model().to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["total"].as_u64(), v["trainable"].as_u64()), (Some(256_612), Some(183_236)), "the fixture's trainable.json");
+}
+
 #[test]
 fn model_info_prints_upstream_7b_counts() {
     let (ok, out, err) = run_otter(&["model-info", "--config", "otter_llama7b"]);

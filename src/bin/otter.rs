@@ -189,7 +189,7 @@ enum BenchCommand {
     },
     /// Mean training-step time of a random-weight model of the given config.json.
     TrainStep {
-        /// HF-style Otter config.json (model dimensions).
+        /// HF-style Otter config.json (model dimensions), or a preset name (otter_llama7b, otter_mpt7b, tiny).
         #[arg(long)]
         model_config: PathBuf,
         #[arg(long, default_value_t = 2)]

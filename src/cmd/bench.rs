@@ -59,7 +59,7 @@ pub fn data(config: &Path, samples: usize) -> Result<()> {
 }
 
 /// Mean optimizer-step time (forward + backward + clip + AdamW) of an Otter model with
-/// random weights built from an HF-style `config.json` (`model_config`), on a random
+/// random weights built from an HF-style `config.json` or a preset name (`model_config`), on a random
 /// batch of `batch` samples x `seq` tokens with one image each, after `warmup` steps.
 /// Same model dimensions, batch and sequence as the PyTorch peer (benches/train_step.py).
 ///
@@ -123,7 +123,11 @@ pub fn train_step(
     use crate::model::Otter;
     use crate::train::optim::AdamWConfig;
     use crate::train::{StepConfig, TensorBatch, Trainer};
-    let cfg = HfOtterConfig::from_file(model_config)?.resolve(&model_config.display().to_string())?;
+    // An HF-style config.json, or a preset's name (`otter_llama7b`, `otter_mpt7b`, `tiny`).
+    let cfg = match model_config.exists() {
+        true => HfOtterConfig::from_file(model_config)?.resolve(&model_config.display().to_string())?,
+        false => crate::model::config::OtterConfig::preset(&model_config.display().to_string())?,
+    };
     let opts = LoadOptions::default();
     let model = Otter::new(cfg.clone(), Params::random(&cfg, 0, opts), opts);
     let c = count(&parameter_specs(&cfg));

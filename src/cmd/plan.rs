@@ -68,7 +68,12 @@ pub fn run(a: PlanArgs) -> Result<()> {
         input.seq_len,
         input.media_per_sample,
         if input.bf16 { "bf16 (autocast)" } else { "f32" },
-        if input.fused_attention { "fused" } else { "eager" },
+        match (input.fused_attention, input.model.backbone()) {
+            (false, _) => "eager",
+            (true, crate::model::config::Backbone::Llama) => "fused",
+            // ALiBi's bias is added in f32: MPT's self-attention is always the eager path.
+            (true, crate::model::config::Backbone::Mpt) => "fused (cross-attention; MPT self-attention eager)",
+        },
         input.checkpointing
     );
     for (what, b) in [
