@@ -36,7 +36,11 @@ pub struct Job<'a> {
 }
 
 pub fn job_yaml(dir: &Path, data: &Path, j: &Job) -> PathBuf {
-    let m = tiny_model();
+    job_yaml_for_model(dir, data, &tiny_model(), j)
+}
+
+/// [`job_yaml`] for the model directory `m` (its tokenizer too).
+pub fn job_yaml_for_model(dir: &Path, data: &Path, m: &Path, j: &Job) -> PathBuf {
     let mut y = format!(
         "model:\n  dir: {m}\ndata:\n  tokenizer: {m}/tokenizer.json\n  image_size: 32\n  max_seq_len: 256\n  batch_size: 2\n  shard_batches: 4\n  seed: 0\n  workers: 1\n  prefetch: 2\n  datasets:\n    - name: SYN\n      group: IMAGE_TEXT_IN_CONTEXT\n      instructions: {d}/SYN_instructions.json\n      images: {d}/SYN.json\n      train_config: {d}/SYN_train.json\n      weight: 1.0\ntrain:\n  epochs: {e}\n  lr: 1.0e-3\n  warmup_ratio: 0.1\n  clip: 1.0\n  grad_accum: {k}\n  seed: 0\n  out_dir: {o}\n  save_every: {se}\n",
         m = m.display(),
