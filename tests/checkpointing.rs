@@ -19,7 +19,11 @@ use tch::Tensor;
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn tiny(mode: ActivationCheckpointing) -> Otter {
-    let mut m = Otter::load_dir(&tiny_model(), LoadOptions::default()).expect("tiny fixture loads");
+    tiny_at(&tiny_model(), mode)
+}
+
+fn tiny_at(dir: &std::path::Path, mode: ActivationCheckpointing) -> Otter {
+    let mut m = Otter::load_dir(dir, LoadOptions::default()).expect("tiny fixture loads");
     m.set_activation_checkpointing(mode);
     m
 }
@@ -27,10 +31,11 @@ fn tiny(mode: ActivationCheckpointing) -> Otter {
 /// Loss and every trainable gradient on a parity case (several images per sample,
 /// padding, text before the first image).
 /// Also the number of segments recomputed in backward.
-fn loss_and_grads(mode: ActivationCheckpointing, case: &str) -> (f64, BTreeMap<String, Tensor>, u64) {
-    let inputs = TensorFile::read(&fixtures().join(format!("parity/{case}.safetensors"))).unwrap();
+/// `fixtures` holds `tiny_otter/` and `parity/` (the LLaMA or the MPT ones).
+fn loss_and_grads(fixtures: &std::path::Path, mode: ActivationCheckpointing, case: &str) -> (f64, BTreeMap<String, Tensor>, u64) {
+    let inputs = TensorFile::read(&fixtures.join(format!("parity/{case}.safetensors"))).unwrap();
     let before = recomputed_segments();
-    let out = evaluate(&tiny(mode), &inputs, true).unwrap();
+    let out = evaluate(&tiny_at(&fixtures.join("tiny_otter"), mode), &inputs, true).unwrap();
     (out.loss.unwrap().double_value(&[]), out.grads.into_iter().collect(), recomputed_segments() - before)
 }
 
@@ -38,12 +43,14 @@ fn loss_and_grads(mode: ActivationCheckpointing, case: &str) -> (f64, BTreeMap<S
 fn checkpointed_layers_give_the_gradients_of_the_plain_forward() {
     use ActivationCheckpointing::*;
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    for case in ["incontext", "pretext"] {
-        let (loss, want, none) = loss_and_grads(None, case);
+    // Both backbones: LLaMA (RoPE tables and mask) and MPT (ALiBi bias) segments.
+    for (fixtures, name) in [(fixtures(), "incontext"), (fixtures(), "pretext"), (mpt_fixtures(), "incontext"), (mpt_fixtures(), "pretext")] {
+        let case = format!("{} {name}", tiny_at(&fixtures.join("tiny_otter"), None).cfg.backbone().name());
+        let (loss, want, none) = loss_and_grads(&fixtures, None, name);
         assert_eq!(none, 0, "{case}: nothing is recomputed without checkpointing");
-        let cfg = tiny(None).cfg;
+        let cfg = tiny_at(&fixtures.join("tiny_otter"), None).cfg;
         for (mode, segments) in [(DecoderLayers, cfg.text.num_layers()), (All, cfg.text.num_layers() + cfg.perceiver.depth)] {
-            let (l, got, recomputed) = loss_and_grads(mode, case);
+            let (l, got, recomputed) = loss_and_grads(&fixtures, mode, name);
             assert_eq!(recomputed, segments as u64, "{case} {mode}: each checkpointed segment runs again in backward once");
             assert!((l - loss).abs() <= 1e-6, "{case} {mode}: loss {l} vs {loss}");
             assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{case} {mode}: the same gradients exist");
