@@ -123,22 +123,32 @@ impl EtcdStore {
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
         let opts = ConnectOptions::new().with_connect_timeout(ETCD_DEADLINE);
         let mut client = bounded("connecting", Client::connect(endpoints, Some(opts))).await?;
+        let asked = tokio::time::Instant::now();
         let lease = bounded("granting a lease", client.lease_grant(LEASE_TTL, None)).await?.id();
         let (mut keeper, mut responses) = bounded("keeping the lease alive", client.lease_keep_alive(lease)).await?;
         let (lost_tx, lost) = watch::channel(None);
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_millis((LEASE_TTL as u64 * 1000) / 3));
+            // The lease is only known to live until `ttl` after the last renewal that etcd
+            // answered was sent: past that, etcd may have expired it and elected another
+            // leader (a partition from etcd looks like nothing more than silence), so the
+            // wait for an answer ends there, not at the generic request deadline.
+            let mut valid_until = asked + Duration::from_secs(LEASE_TTL as u64);
             let why = loop {
                 every.tick().await;
+                let sent = tokio::time::Instant::now();
                 if let Err(e) = keeper.keep_alive().await {
                     break format!("etcd lease {lease:x} keep-alive failed: {e}");
                 }
-                match tokio::time::timeout(ETCD_DEADLINE, responses.message()).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => continue,
+                match tokio::time::timeout_at(valid_until.min(sent + ETCD_DEADLINE), responses.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                        valid_until = sent + Duration::from_secs(r.ttl() as u64);
+                        continue;
+                    }
                     Ok(Ok(Some(_))) => break format!("etcd lease {lease:x} was revoked or has expired"),
                     Ok(Ok(None)) => break format!("etcd lease {lease:x}: the keep-alive stream ended"),
                     Ok(Err(e)) => break format!("etcd lease {lease:x} keep-alive failed: {e}"),
-                    Err(_) => break format!("etcd lease {lease:x}: no keep-alive answer within {ETCD_DEADLINE:?}"),
+                    Err(_) => break format!("etcd lease {lease:x}: no keep-alive answer before the lease could have expired"),
                 }
             };
             tracing::error!("{why}: this coordinator stops acting as leader");

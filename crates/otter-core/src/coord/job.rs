@@ -7,7 +7,6 @@ use super::store::{FileStore, StateStore};
 use crate::run_config::RunConfig;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 pub struct StartArgs {
@@ -174,21 +173,26 @@ pub async fn start(args: StartArgs) -> Result<bool> {
             }
         }
     };
-    let deposed = Arc::new(std::sync::Mutex::new(None));
-    let shutdown = {
-        let (coord, deposed) = (coord.clone(), deposed.clone());
-        async move {
-            tokio::select! {
-                _ = over => {}
-                _ = tokio::signal::ctrl_c() => eprintln!("otter-coord: interrupted; state is saved, restart to resume"),
-                why = coord.deposed() => *deposed.lock().expect("not poisoned") = Some(why),
-                why = coord.leadership_lost() => *deposed.lock().expect("not poisoned") = Some(why),
-            }
+    let shutdown = async move {
+        tokio::select! {
+            _ = over => {}
+            _ = tokio::signal::ctrl_c() => eprintln!("otter-coord: interrupted; state is saved, restart to resume"),
         }
     };
-    super::server::serve_tls(coord.clone(), token, listener, tls, shutdown).await?;
-    if let Some(why) = deposed.lock().expect("not poisoned").take() {
-        return Err(Deposed(why).into());
+    // Deposed (a save was fenced: another replica is active) or the etcd lease could have
+    // expired (unrenewed for its TTL, e.g. cut off from etcd): stop acting at once. No
+    // graceful drain: waiting replies and open watch streams would hold the server up
+    // (their callers retry against the replica that takes over), and nothing this replica
+    // decides any more may be acted on.
+    let deposition = async {
+        tokio::select! {
+            why = coord.deposed() => why,
+            why = coord.leadership_lost() => why,
+        }
+    };
+    tokio::select! {
+        served = super::server::serve_tls(coord.clone(), token, listener, tls, shutdown) => served?,
+        why = deposition => return Err(Deposed(why).into()),
     }
     if let Err(e) = coord.flush().await {
         eprintln!("otter-coord: the final state was not saved: {e}");

@@ -15,9 +15,22 @@ impl From<super::persist::PersistError> for Status {
     }
 }
 
+impl Coordinator {
+    /// A refusal as a status, counted in `otter_coord_refusals_total{code}` (a stale
+    /// generation's calls after a partition heals show there).
+    fn refused(&self, r: Refusal) -> Status {
+        self.count_refusal(&r);
+        refusal_status(r)
+    }
+
+    fn count_refusal(&self, r: &Refusal) {
+        self.metrics.refusals.with_label_values(&[r.code()]).inc();
+    }
+}
+
 /// A refusal as a status: FAILED_PRECONDITION (RESOURCE_EXHAUSTED for a full job) with
 /// the refusal's code in the `x-otter-refusal` metadata entry.
-fn refused(r: Refusal) -> Status {
+fn refusal_status(r: Refusal) -> Status {
     let status = match r {
         Refusal::StaleGeneration { .. } | Refusal::FutureGeneration { .. } => Status::failed_precondition(format!("stale generation: {r}")),
         Refusal::JobOver { .. } => Status::failed_precondition(format!("job over: {r}")),
@@ -66,7 +79,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let r = req.into_inner();
         let c = &self.0;
         let mut s = c.state.lock().await;
-        let reply = s.machine.join(c.now(), &r.node_id, r.local_ranks).map_err(refused)?;
+        let reply = s.machine.join(c.now(), &r.node_id, r.local_ranks).map_err(|e| c.refused(e))?;
         tracing::info!("node {} joined with {} local ranks", r.node_id, r.local_ranks);
         let v = c.commit(&mut s, format!("node {} joined", r.node_id));
         drop(s);
@@ -82,7 +95,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let r = req.into_inner();
         let c = &self.0;
         let mut s = c.state.lock().await;
-        s.machine.heartbeat(c.now(), &r.node_id, r.generation).map_err(refused)?;
+        s.machine.heartbeat(c.now(), &r.node_id, r.generation).map_err(|e| c.refused(e))?;
         // Heartbeats only refresh liveness: not persisted (a restarted coordinator gives
         // every node a fresh heartbeat_timeout anyway).
         Ok(Response::new(pb::HeartbeatReply { update: Some(update_of(&s.machine, String::new())) }))
@@ -114,7 +127,7 @@ impl pb::coordinator_server::Coordinator for Service {
             let mut s = c.state.lock().await;
             // A retried call finds its assignment already made.
             if mine(&s.machine).is_none() {
-                s.machine.rendezvous(c.now(), &r.node_id, r.local_rank, r.applied_step, &r.comm_addr).map_err(refused)?;
+                s.machine.rendezvous(c.now(), &r.node_id, r.local_rank, r.applied_step, &r.comm_addr).map_err(|e| c.refused(e))?;
                 c.commit(&mut s, format!("{}/{} checked in", r.node_id, r.local_rank));
             }
             // Answer (pending) well within a heartbeat timeout, so a waiting process says
@@ -136,11 +149,11 @@ impl pb::coordinator_server::Coordinator for Service {
                     return Ok(Response::new(super::rpc::assignment_to_pb(a, total, per_step)));
                 }
                 if s.machine.phase().is_over() {
-                    return Err(refused(Refusal::JobOver { phase: s.machine.phase().clone() }));
+                    return Err(c.refused(Refusal::JobOver { phase: s.machine.phase().clone() }));
                 }
                 if !s.machine.checked_in(&r.node_id, r.local_rank) {
                     // The generation this check-in was for is gone: check in again.
-                    s.machine.rendezvous(c.now(), &r.node_id, r.local_rank, r.applied_step, &r.comm_addr).map_err(refused)?;
+                    s.machine.rendezvous(c.now(), &r.node_id, r.local_rank, r.applied_step, &r.comm_addr).map_err(|e| c.refused(e))?;
                     c.commit(&mut s, format!("{}/{} checked in again", r.node_id, r.local_rank));
                     continue;
                 }
@@ -156,7 +169,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let r = req.into_inner();
         let c = &self.0;
         let mut s = c.state.lock().await;
-        let reply = s.machine.step_done(c.now(), r.generation, r.rank as usize, r.step, r.loss, r.lr).map_err(refused)?;
+        let reply = s.machine.step_done(c.now(), r.generation, r.rank as usize, r.step, r.loss, r.lr).map_err(|e| c.refused(e))?;
         c.observe_step_time(r.generation, s.machine.world(), r.rank as usize, r.step, r.compute_seconds);
         let manifest = c.prepare_manifest(&s);
         let v = c.commit(&mut s, String::new());
@@ -178,7 +191,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let c = &self.0;
         let mut s = c.state.lock().await;
         let shard = super::machine::ShardReport { file: r.file, bytes: r.bytes, crc32: r.crc32, names: r.names, frozen: r.frozen_json };
-        s.machine.checkpoint_done(c.now(), r.generation, r.rank as usize, r.step, shard).map_err(refused)?;
+        s.machine.checkpoint_done(c.now(), r.generation, r.rank as usize, r.step, shard).map_err(|e| c.refused(e))?;
         let abandoned = s.machine.checkpoint_abandoned(r.step);
         let manifest = c.prepare_manifest(&s);
         let v = c.commit(&mut s, String::new());
@@ -206,9 +219,10 @@ impl pb::coordinator_server::Coordinator for Service {
                 drop(s);
                 c.durable(v).await?;
             }
-            // A second report of the same failure arrives after the generation moved on.
-            Err(Refusal::StaleGeneration { .. }) => {}
-            Err(e) => return Err(refused(e)),
+            // A second report of the same failure arrives after the generation moved on
+            // (or a rank cut off from the job reports its old generation's failure).
+            Err(e @ Refusal::StaleGeneration { .. }) => c.count_refusal(&e),
+            Err(e) => return Err(c.refused(e)),
         }
         Ok(Response::new(pb::FailureReply {}))
     }
@@ -238,8 +252,8 @@ impl pb::coordinator_server::Coordinator for Service {
                 }
             }
             // Another rank reported it first.
-            Err(Refusal::StaleGeneration { .. } | Refusal::NotRestored { .. }) => {}
-            Err(e) => return Err(refused(e)),
+            Err(e @ (Refusal::StaleGeneration { .. } | Refusal::NotRestored { .. })) => c.count_refusal(&e),
+            Err(e) => return Err(c.refused(e)),
         }
         Ok(Response::new(pb::FailureReply {}))
     }
@@ -248,7 +262,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let r = req.into_inner();
         let c = &self.0;
         let mut s = c.state.lock().await;
-        let first = s.machine.checkpoint_failed(c.now(), r.generation, r.rank as usize, r.step, &r.kind, &r.reason).map_err(refused)?;
+        let first = s.machine.checkpoint_failed(c.now(), r.generation, r.rank as usize, r.step, &r.kind, &r.reason).map_err(|e| c.refused(e))?;
         let degraded = s.machine.degraded();
         let v = c.commit(&mut s, format!("checkpoint step-{} failed", r.step + 1));
         drop(s);
@@ -271,7 +285,7 @@ impl pb::coordinator_server::Coordinator for Service {
             (Some(p), None) => Ok(p),
             (_, e) => Err(e.unwrap_or_else(|| "no reason given".into())),
         };
-        s.machine.final_weights(c.now(), r.generation, r.rank as usize, written).map_err(refused)?;
+        s.machine.final_weights(c.now(), r.generation, r.rank as usize, written).map_err(|e| c.refused(e))?;
         let message = s.machine.phase().to_string();
         let v = c.commit(&mut s, message);
         drop(s);
@@ -283,7 +297,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let r = req.into_inner();
         let c = &self.0;
         let mut s = c.state.lock().await;
-        s.machine.leave(c.now(), &r.node_id).map_err(refused)?;
+        s.machine.leave(c.now(), &r.node_id).map_err(|e| c.refused(e))?;
         let v = c.commit(&mut s, format!("node {} leaving", r.node_id));
         drop(s);
         c.durable(v).await?;
@@ -393,6 +407,7 @@ mod tests {
         assert_eq!(crate::coord::rpc::refusal_code(&e), Some("stale-generation"), "{}", e.message());
         let status = s.0.status_json().await;
         assert_eq!(status["summary"]["steps_committed"], 0);
+        assert_eq!(s.0.metrics.refusals.with_label_values(&["stale-generation"]).get(), 1, "counted for the operator");
         // The current generation is accepted.
         let ok = pb::StepDoneRequest { generation: a.generation, rank: 0, step: 0, loss: 1.0, ..Default::default() };
         let r = s.step_done(Request::new(ok)).await.unwrap().into_inner();
