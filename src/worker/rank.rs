@@ -724,10 +724,11 @@ impl Rank {
         }
         let timeouts = RingTimeouts { op: comm.timeout, connect: comm.connect_timeout, peer: comm.peer_timeout };
         if self.args.emulate_nccl {
-            let g = crate::comm::emulated::NcclLike::form(rank, addrs, &self.listener, timeouts, generation, &abort)?;
+            let g = crate::comm::emulated::NcclLike::form(rank, addrs, &self.listener, timeouts, generation, self.args.token.as_bytes(), &abort)?;
             return Ok(Box::new(g));
         }
-        Ok(Box::new(RingGroup::form(rank, addrs, &self.listener, timeouts, generation, abort)?))
+        // The join token keys the data-plane handshake: only the job's ranks get in.
+        Ok(Box::new(RingGroup::form(rank, addrs, &self.listener, timeouts, generation, self.args.token.as_bytes(), abort)?))
     }
 
     #[cfg(feature = "nccl")]

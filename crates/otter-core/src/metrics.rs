@@ -56,6 +56,7 @@ pub struct RankMetrics {
     step: IntGaugeVec,
     generation: IntGaugeVec,
     cpu_threads: IntGaugeVec,
+    rejected_connections: IntCounterVec,
 }
 
 /// What one optimizer step measured.
@@ -122,6 +123,17 @@ impl RankMetrics {
                 IntGaugeVec::new(
                     Opts::new("otter_rank_cpu_threads", "CPU threads this rank runs: kind=intra_op (libtorch's pool), kind=data (batch preparation)."),
                     &["node", "rank", "kind"],
+                )
+                .expect("valid"),
+            ),
+            rejected_connections: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "otter_comm_rejected_connections_total",
+                        "Connections to this process's collective listener dropped before joining a group, by reason: foreign (another generation, rank or protocol), unauthenticated (no proof of the job's key), silent (no handshake in time), busy.",
+                    ),
+                    &["node", "reason"],
                 )
                 .expect("valid"),
             ),
@@ -217,6 +229,10 @@ impl RankMetrics {
     }
 
     pub fn encode(&self) -> String {
+        // The data plane counts rejections per process (its listener outlives groups).
+        for (why, n) in crate::comm::auth::rejected_connections() {
+            counter_to(&self.rejected_connections.with_label_values(&[&self.node, why.label()]), n);
+        }
         encode(&self.registry)
     }
 }
@@ -249,6 +265,7 @@ pub struct CoordMetrics {
     pub excluded_nodes: IntGauge,
     pub state_bytes: IntGauge,
     pub state_save: Histogram,
+    pub refusals: IntCounterVec,
 }
 
 impl Default for CoordMetrics {
@@ -320,8 +337,19 @@ impl CoordMetrics {
                 )
                 .expect("valid"),
             ),
+            refusals: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("otter_coord_refusals_total", "Calls the coordinator refused, by refusal code (stale-generation: a node acting for a generation that is over)."),
+                    &["code"],
+                )
+                .expect("valid"),
+            ),
             registry: r,
         };
+        for code in ["stale-generation", "unknown-node"] {
+            m.refusals.with_label_values(&[code]).reset();
+        }
         for reason in ["no_space", "io", "other"] {
             m.checkpoint_failures.with_label_values(&[reason]).reset();
         }

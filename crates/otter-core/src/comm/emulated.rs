@@ -25,9 +25,9 @@ pub struct NcclLike {
 
 impl NcclLike {
     /// Forms the group like [`RingGroup::form`]; `generation` releases it.
-    pub fn form(rank: usize, addrs: &[SocketAddr], listener: &TcpListener, timeouts: RingTimeouts, tag: u64, generation: &Abort) -> Result<Self, CommError> {
+    pub fn form(rank: usize, addrs: &[SocketAddr], listener: &TcpListener, timeouts: RingTimeouts, tag: u64, secret: &[u8], generation: &Abort) -> Result<Self, CommError> {
         let communicator = Abort::new();
-        let ring = RingGroup::form(rank, addrs, listener, timeouts, tag, communicator.clone())?;
+        let ring = RingGroup::form(rank, addrs, listener, timeouts, tag, secret, communicator.clone())?;
         let c = communicator.clone();
         generation.on_abort(Box::new(move || c.abort("the communicator was aborted")));
         Ok(Self { ring, communicator, timeout: timeouts.op })
@@ -99,9 +99,9 @@ mod tests {
         let generation = Abort::new();
         let peer = {
             let (addrs, l) = (addrs.clone(), ls[1].try_clone().unwrap());
-            std::thread::spawn(move || RingGroup::form(1, &addrs, &l, t, 7, Abort::new()).unwrap())
+            std::thread::spawn(move || RingGroup::form(1, &addrs, &l, t, 7, b"job", Abort::new()).unwrap())
         };
-        let mut g = NcclLike::form(0, &addrs, &ls[0], t, 7, &generation).unwrap();
+        let mut g = NcclLike::form(0, &addrs, &ls[0], t, 7, b"job", &generation).unwrap();
         drop(peer.join().unwrap()); // the peer dies: its sockets close
         let aborted_at = std::sync::Arc::new(std::sync::Mutex::new(None));
         let released = {

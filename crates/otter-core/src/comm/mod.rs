@@ -16,6 +16,7 @@
 //!
 //! Buffers are plain `f32` slices here; the training side flattens gradients into buckets.
 
+pub mod auth;
 pub mod emulated;
 pub mod ring;
 pub mod shm;

@@ -5,6 +5,7 @@
 //! and reducing overlap. Every socket operation is bounded by the group's timeout, so a
 //! dead or stalled peer is an error on every rank, never a hang.
 
+use super::auth::{self, GroupKey};
 use super::shm::ShmSegment;
 use super::{split, Abort, CommError, Collective};
 use std::io::{Read, Write};
@@ -39,8 +40,8 @@ impl RingTimeouts {
     }
 }
 
-/// How long an accepted connection may take to introduce itself before it is dropped
-/// (a port scanner or a probe must not hold up the real peer).
+/// How long an accepted connection may take to complete its handshake before it is
+/// dropped (candidates are checked concurrently, so this only bounds the threads).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct RingGroup {
@@ -117,19 +118,23 @@ impl RingGroup {
     /// Joins the ring: `listener` is this rank's bound listener and `addrs[i]` every rank's
     /// listener address (exchanged beforehand, e.g. through the coordinator). Connects to
     /// rank + 1, accepts rank - 1, and checks both ends agree on (rank, world).
+    /// (Benchmarks and tests: the group key is derived from an empty secret.)
     pub fn connect(rank: usize, addrs: &[SocketAddr], listener: &TcpListener, timeout: Duration) -> Result<Self, CommError> {
-        Self::form(rank, addrs, listener, RingTimeouts::uniform(timeout), 0, Abort::new())
+        Self::form(rank, addrs, listener, RingTimeouts::uniform(timeout), 0, b"", Abort::new())
     }
 
     /// [`RingGroup::connect`] for one incarnation of a group (`tag`: e.g. the job's
-    /// generation), releasable through `abort` (while forming too). A listener outlives
-    /// groups, so its backlog can hold connections from an earlier incarnation (or a
-    /// peer's earlier attempt): every connection opens with a hello `(magic, tag, rank,
-    /// world)` and the acceptor drops any that is not the expected previous rank of this
-    /// incarnation (or says nothing for [`HELLO_TIMEOUT`]), and keeps waiting.
-    pub fn form(rank: usize, addrs: &[SocketAddr], listener: &TcpListener, timeouts: RingTimeouts, tag: u64, abort: Abort) -> Result<Self, CommError> {
+    /// generation) of the job whose processes hold `secret` (the join token), releasable
+    /// through `abort` (while forming too). Every connection opens with the handshake of
+    /// [`super::auth`]: a hello `(magic, tag, rank, world, nonce)` and a challenge-response
+    /// keyed by `(secret, tag)` in both directions. A listener outlives groups, so its
+    /// backlog can hold connections from an earlier incarnation, a peer's earlier attempt,
+    /// or anyone who can reach the port: each candidate is checked on a thread of its own
+    /// within [`HELLO_TIMEOUT`], so none holds up the real previous rank; the others are
+    /// dropped and counted ([`super::auth::rejected_connections`]).
+    pub fn form(rank: usize, addrs: &[SocketAddr], listener: &TcpListener, timeouts: RingTimeouts, tag: u64, secret: &[u8], abort: Abort) -> Result<Self, CommError> {
         let shm = std::env::var("OTTER_RING_SHM").map_or(true, |v| v != "0");
-        Self::form_with(rank, addrs, listener, timeouts, tag, abort, shm)
+        Self::form_with(rank, addrs, listener, timeouts, tag, secret, abort, shm)
     }
 
     /// [`RingGroup::form`], trying the shared-memory path only if `shared_memory` (the
@@ -140,6 +145,7 @@ impl RingGroup {
         listener: &TcpListener,
         timeouts: RingTimeouts,
         tag: u64,
+        secret: &[u8],
         abort: Abort,
         shared_memory: bool,
     ) -> Result<Self, CommError> {
@@ -151,62 +157,89 @@ impl RingGroup {
         if world == 1 {
             return Ok(g);
         }
-        let r = g.connect_ring(addrs, listener, timeouts, tag, shared_memory);
+        let key = GroupKey::derive(secret, tag);
+        let r = g.connect_ring(addrs, listener, timeouts, tag, &key, shared_memory);
         r.map_err(|e| g.abort.explain(rank, e))?;
         Ok(g)
     }
 
-    fn connect_ring(&mut self, addrs: &[SocketAddr], listener: &TcpListener, timeouts: RingTimeouts, tag: u64, shared_memory: bool) -> Result<(), CommError> {
+    fn connect_ring(&mut self, addrs: &[SocketAddr], listener: &TcpListener, timeouts: RingTimeouts, tag: u64, key: &GroupKey, shared_memory: bool) -> Result<(), CommError> {
         let (rank, world) = (self.rank, self.world);
         let next_rank = (rank + 1) % world;
         let prev_rank = (rank + world - 1) % world;
         let deadline = Instant::now() + timeouts.connect;
-        let hello = |r: usize| -> Vec<u8> { [MAGIC, tag, r as u64, world as u64].iter().flat_map(|v| v.to_le_bytes()).collect() };
+        let fields = move |r: usize| [MAGIC, tag, r as u64, world as u64];
         // Connect to next on a thread (it may be accepting only after its own connect),
-        // and introduce ourselves at once.
+        // introduce ourselves and prove membership. The next rank may still be in an
+        // earlier incarnation (its acceptor drops us as foreign): connect again until the
+        // deadline.
         let next_addr = addrs[next_rank];
-        let my_hello = hello(rank);
         let abort = self.abort.clone();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopped = stop.clone();
+        let connector_key = key.clone();
         let connector = std::thread::spawn(move || -> std::io::Result<TcpStream> {
             loop {
                 if abort.is_aborted() || stopped.load(std::sync::atomic::Ordering::SeqCst) {
                     return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "aborted"));
                 }
-                match TcpStream::connect_timeout(&next_addr, Duration::from_millis(200)) {
-                    Ok(mut s) => {
-                        abort.register(&s)?;
-                        s.set_write_timeout(Some(HELLO_TIMEOUT))?;
-                        s.write_all(&my_hello)?;
-                        return Ok(s);
-                    }
-                    Err(e) if Instant::now() < deadline => {
-                        let _ = e;
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
+                let attempt = TcpStream::connect_timeout(&next_addr, Duration::from_millis(200)).and_then(|mut s| {
+                    abort.register(&s)?;
+                    // The next rank answers once its acceptor reaches this connection.
+                    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                    s.set_read_timeout(Some(left))?;
+                    s.set_write_timeout(Some(HELLO_TIMEOUT))?;
+                    auth::connect(&mut s, &connector_key, fields(rank))?;
+                    Ok(s)
+                });
+                match attempt {
+                    Ok(s) => return Ok(s),
+                    // Found out an impostor: no point retrying it.
+                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(e),
+                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
                     Err(e) => return Err(e),
                 }
             }
         });
         listener.set_nonblocking(true).map_err(|e| self.peer_err(prev_rank, addrs[prev_rank], "listen", e))?;
-        let want = hello(prev_rank);
+        let want = fields(prev_rank);
+        // Candidates are checked concurrently (at most MAX_CHECKING at once), each within
+        // HELLO_TIMEOUT: a silent or foreign connection never delays the real peer.
+        const MAX_CHECKING: usize = 16;
+        let (tx, rx) = std::sync::mpsc::channel::<(Result<(), auth::Rejected>, TcpStream, SocketAddr)>();
+        let mut checking = 0usize;
         let accepted = loop {
             if let Some(reason) = self.abort.reason() {
                 break Err(CommError::Aborted { rank, reason });
             }
-            match listener.accept() {
-                Ok((mut s, from)) => {
-                    let mut got = [0u8; 32];
-                    let wait = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(50), HELLO_TIMEOUT);
-                    let ok = s.set_nonblocking(false).is_ok()
-                        && s.set_read_timeout(Some(wait)).is_ok()
-                        && s.read_exact(&mut got).is_ok()
-                        && got[..] == want[..];
-                    if ok {
-                        break Ok(s);
+            let mut found = None;
+            while let Ok((r, s, from)) = rx.try_recv() {
+                checking -= 1;
+                match r {
+                    Ok(()) if found.is_none() => found = Some(s),
+                    Ok(()) => tracing::debug!("rank {rank}: a second proven connection from {from} dropped"),
+                    Err(why) => {
+                        auth::count(why);
+                        tracing::debug!("rank {rank}: dropped a connection from {from}: {}", why.label());
                     }
-                    tracing::debug!("rank {rank}: dropped a stale, foreign or silent connection from {from}");
+                }
+            }
+            if let Some(s) = found {
+                break Ok(s);
+            }
+            match listener.accept() {
+                Ok((s, from)) if checking < MAX_CHECKING => {
+                    checking += 1;
+                    let (tx, key) = (tx.clone(), key.clone());
+                    std::thread::spawn(move || {
+                        let mut s = s;
+                        let r = s.set_nonblocking(false).map_err(|_| auth::Rejected::Silent).and_then(|_| auth::accept(&mut s, &key, want, Instant::now() + HELLO_TIMEOUT));
+                        let _ = tx.send((r, s, from));
+                    });
+                }
+                Ok((_, from)) => {
+                    auth::count(auth::Rejected::Busy);
+                    tracing::debug!("rank {rank}: dropped a connection from {from}: {MAX_CHECKING} already being checked");
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
@@ -252,11 +285,19 @@ impl RingGroup {
         let (rank, world) = (self.rank, self.world);
         let mut seg = None;
         let msg: Vec<u8> = if rank == 0 {
-            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-            let nonce = crate::data::order::SplitMix64::new(nanos ^ (u64::from(std::process::id()) << 32)).next_u64();
-            let path = std::path::PathBuf::from(format!("/dev/shm/otter-ring-{}-{nonce:016x}", std::process::id()));
-            match ShmSegment::create(&path, world, nonce) {
-                Ok(s) => {
+            // An unguessable name (and nonce) from the kernel's random source; segments a
+            // crashed creator left behind are removed first.
+            let removed = super::shm::remove_stale(std::path::Path::new("/dev/shm"));
+            if removed > 0 {
+                tracing::info!("ring: removed {removed} stale shared-memory segment(s) of crashed ranks");
+            }
+            let created = auth::random_u64().and_then(|nonce| {
+                let name = format!("{}{}-{:016x}{:016x}", super::shm::PREFIX, std::process::id(), nonce, auth::random_u64()?);
+                let path = std::path::PathBuf::from("/dev/shm").join(name);
+                ShmSegment::create(&path, world, nonce).map(|s| (s, path, nonce))
+            });
+            match created {
+                Ok((s, path, nonce)) => {
                     seg = Some((s, path.clone()));
                     let mut m = nonce.to_le_bytes().to_vec();
                     m.extend_from_slice(path.to_string_lossy().as_bytes());
@@ -573,7 +614,7 @@ mod tests {
                     let (addrs, f) = (&addrs, &f);
                     s.spawn(move || {
                         let abort = Abort::new();
-                        let g = RingGroup::form_with(r, addrs, l, timeouts, 1, abort.clone(), shm).unwrap();
+                        let g = RingGroup::form_with(r, addrs, l, timeouts, 1, b"test", abort.clone(), shm).unwrap();
                         f(r, abort, g)
                     })
                 })
@@ -729,4 +770,149 @@ mod tests {
             }
         }
     }
+
+    /// Two ranks forming generation `tag`'s group with `secret`, while `intruder` does
+    /// what it likes to rank 1's listener first (it is given the listener's address).
+    /// Returns how long the group took to form and the mean rank 1 computed.
+    fn form_with_an_intruder(tag: u64, intruder: impl FnOnce(SocketAddr) + Send) -> (Duration, f32) {
+        let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        intruder(addrs[1]);
+        let t = Instant::now();
+        let out = std::thread::scope(|s| {
+            let hs: Vec<_> = listeners
+                .iter()
+                .enumerate()
+                .map(|(r, l)| {
+                    let addrs = &addrs;
+                    s.spawn(move || {
+                        let mut g = RingGroup::form_with(r, addrs, l, RingTimeouts::uniform(Duration::from_secs(20)), tag, b"job token", Abort::new(), false).unwrap();
+                        let mut x = [r as f32 + 1.0];
+                        g.all_reduce_mean(&mut [&mut x[..]]).unwrap();
+                        x[0]
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<f32>>()
+        });
+        (t.elapsed(), out[1])
+    }
+
+    fn rejected(why: auth::Rejected) -> u64 {
+        auth::rejected_connections().iter().find(|(r, _)| *r == why).map_or(0, |(_, n)| *n)
+    }
+
+    /// Anyone who can reach a rank's port knows (magic, generation, rank, world): the
+    /// status page publishes the generation. Without the job's token it is refused, and
+    /// the real previous rank gets in.
+    #[test]
+    fn a_client_that_knows_the_hello_but_not_the_token_is_refused_and_the_group_forms() {
+        let before = rejected(auth::Rejected::Unauthenticated);
+        let intruder = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let record = intruder.clone();
+        let (took, mean) = form_with_an_intruder(5, move |addr| {
+            // It claims rank 0 (rank 1's previous rank) of generation 5, keyed by a guess.
+            let h = std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                auth::connect(&mut s, &GroupKey::derive(b"a guess", 5), [MAGIC, 5, 0, 2]).map_err(|e| e.kind())
+            });
+            *record.lock().unwrap() = Some(h);
+        });
+        let found_out = intruder.lock().unwrap().take().unwrap().join().unwrap();
+        assert_eq!(found_out, Err(std::io::ErrorKind::PermissionDenied), "the intruder cannot verify the rank either");
+        assert_eq!(mean, 1.5, "the group is the two real ranks");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        assert!(rejected(auth::Rejected::Unauthenticated) + rejected(auth::Rejected::Silent) > before, "the intruder's connection is counted");
+    }
+
+    /// A port scanner or a TCP liveness probe opens a connection and says nothing: the
+    /// group forms without waiting for it (candidates are checked concurrently).
+    #[test]
+    fn a_silent_connection_does_not_delay_the_group() {
+        let silent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = silent.clone();
+        let (took, mean) = form_with_an_intruder(6, move |addr| {
+            for _ in 0..3 {
+                keep.lock().unwrap().push(TcpStream::connect(addr).unwrap()); // open, silent
+            }
+        });
+        assert_eq!(mean, 1.5);
+        // The handshake deadline is HELLO_TIMEOUT (2 s) per candidate; three silent ones
+        // checked one after the other would take 6 s. Concurrently they cost nothing.
+        assert!(took < HELLO_TIMEOUT, "formed in {took:?} behind 3 silent connections");
+        drop(silent);
+    }
+
+    /// A full exchange recorded in generation 7 (hello and response), replayed to generation
+    /// 8's rank: refused (its hello names generation 7; one forged to say 8 has no valid
+    /// response for the new challenge), and generation 8 forms.
+    #[test]
+    fn a_replayed_handshake_from_an_older_generation_is_refused() {
+        // Record generation 7's exchange between two real ranks through a relay.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let relay = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (l_addr, relay_addr) = (l.local_addr().unwrap(), relay.local_addr().unwrap());
+        let acceptor = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            auth::accept(&mut s, &GroupKey::derive(b"job token", 7), [MAGIC, 7, 0, 2], Instant::now() + Duration::from_secs(5))
+        });
+        let recorder = std::thread::spawn(move || {
+            let (mut from, _) = relay.accept().unwrap();
+            let mut to = TcpStream::connect(l_addr).unwrap();
+            let mut hello = [0u8; auth::HELLO_LEN];
+            from.read_exact(&mut hello).unwrap();
+            to.write_all(&hello).unwrap();
+            let mut challenge = [0u8; 48];
+            to.read_exact(&mut challenge).unwrap();
+            from.write_all(&challenge).unwrap();
+            let mut response = [0u8; 32];
+            from.read_exact(&mut response).unwrap();
+            to.write_all(&response).unwrap();
+            (hello, response)
+        });
+        let mut c = TcpStream::connect(relay_addr).unwrap();
+        auth::connect(&mut c, &GroupKey::derive(b"job token", 7), [MAGIC, 7, 0, 2]).unwrap();
+        assert_eq!(acceptor.join().unwrap(), Ok(()), "the recorded exchange was a real one");
+        let (hello, response) = recorder.join().unwrap();
+
+        let (foreign, unauthenticated) = (rejected(auth::Rejected::Foreign), rejected(auth::Rejected::Unauthenticated));
+        let (_, mean) = form_with_an_intruder(8, move |addr| {
+            // As recorded, and with the generation forged to 8.
+            let mut forged = hello;
+            forged[8..16].copy_from_slice(&8u64.to_le_bytes());
+            for h in [hello, forged] {
+                std::thread::spawn(move || {
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    s.write_all(&h).unwrap();
+                    let mut challenge = [0u8; 48];
+                    if s.read_exact(&mut challenge).is_ok() {
+                        let _ = s.write_all(&response);
+                        let _ = s.read(&mut [0u8; 1]); // until the rank drops it
+                    }
+                });
+            }
+        });
+        assert_eq!(mean, 1.5, "generation 8 formed of its real ranks");
+        let t = Instant::now();
+        while rejected(auth::Rejected::Foreign) == foreign || rejected(auth::Rejected::Unauthenticated) == unauthenticated {
+            assert!(t.elapsed() < Duration::from_secs(5), "both replays are counted as refused");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_shared_memory_segment_is_this_users_only_and_a_crashed_creators_is_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join(format!("{}{}-{:016x}", super::super::shm::PREFIX, std::process::id(), 1));
+        let _seg = ShmSegment::create(&path, 2, 1).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // A pid that does not exist (beyond pid_max) left one behind; ours stays.
+        let stale = d.path().join(format!("{}{}-{:016x}", super::super::shm::PREFIX, 4_194_305, 2));
+        std::fs::write(&stale, b"").unwrap();
+        assert_eq!(super::super::shm::remove_stale(d.path()), 1);
+        assert!(!stale.exists() && path.exists());
+    }
+
 }

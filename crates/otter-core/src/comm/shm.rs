@@ -81,10 +81,12 @@ pub fn segment_len(world: usize) -> usize {
 }
 
 impl ShmSegment {
-    /// Creates the backing file (rank 0) with a fresh nonce. The caller tells the other
+    /// Creates the backing file (rank 0) with a fresh nonce, readable and writable by this
+    /// user only (mode 0600: the job's ranks run as one user). The caller tells the other
     /// ranks `(path, nonce)` and unlinks the file once everyone has mapped it.
     pub fn create(path: &std::path::Path, world: usize, nonce: u64) -> std::io::Result<Self> {
-        let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path)?;
         f.set_len(segment_len(world) as u64)?;
         let seg = Self::map(&f, 0, world)?;
         let h = seg.header();
@@ -256,4 +258,26 @@ pub fn peer_closed(s: &TcpStream) -> bool {
     let closed = matches!(s.peek(&mut b), Ok(0)) || matches!(s.peek(&mut b), Err(e) if e.kind() != std::io::ErrorKind::WouldBlock);
     let _ = s.set_nonblocking(false);
     closed
+}
+
+/// Where rank 0 of this process creates segments: `/dev/shm/otter-ring-<pid>-<random>`.
+pub const PREFIX: &str = "otter-ring-";
+
+/// Removes segments left in `dir` by a creator that died between creating one and
+/// unlinking it (its pid in the name is gone), this user's only. Returns how many.
+pub fn remove_stale(dir: &std::path::Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let mine = e.metadata().is_ok_and(|m| m.uid() == me);
+        if mine && pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
