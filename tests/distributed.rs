@@ -147,10 +147,12 @@ fn a_sharded_optimizer_through_a_lost_part_and_a_recut_computes_the_same_run() {
     std::fs::create_dir_all(&sharded_dir).unwrap();
     let (calm, calm_w) = run_three(&calm_dir, &job_for("calm", false), &d.path().join("calm"), None);
     let (sharded, sharded_w) = run_three(&sharded_dir, &job_for("sharded", true), &d.path().join("sharded"), Some(6));
-    let log = logs(&sharded_dir);
-    assert!(log.contains("was lost with its rank"), "the killed rank's part was found missing:\n{log}");
-    assert!(log.contains("restored from checkpoint step-"), "the job restored a checkpoint:\n{log}");
-    assert!(log.contains("re-cut from 2 parts into 3"), "the parts were re-cut when the job grew:\n{log}");
+    // Whole logs: on a slow machine the lines asked for can be far from the end.
+    let log = full_logs(&sharded_dir);
+    let tails = logs(&sharded_dir);
+    assert!(log.contains("was lost with its rank"), "the killed rank's part was found missing:\n{tails}");
+    assert!(log.contains("restored from checkpoint step-"), "the job restored a checkpoint:\n{tails}");
+    assert!(log.contains("re-cut from 2 parts into 3"), "the parts were re-cut when the job grew:\n{tails}");
     let steps = |s: &serde_json::Value| s["steps"].as_array().unwrap().clone();
     let (a, b) = (steps(&calm), steps(&sharded));
     assert_eq!((a.len(), b.len()), (40, 40));

@@ -155,6 +155,19 @@ pub fn logs(dir: &Path) -> String {
     out
 }
 
+/// Every log in `dir`, whole (for assertions on what a process said; `logs` keeps only
+/// the tails, for failure messages).
+pub fn full_logs(dir: &Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "log" || x == "err") {
+            out += &format!("== {}\n{}\n", p.display(), std::fs::read_to_string(&p).unwrap_or_default());
+        }
+    }
+    out
+}
+
 pub fn assert_exactly_once(s: &serde_json::Value) {
     assert!(s["exactly_once"].get("Ok").is_some(), "exactly-once check: {}", s["exactly_once"]);
     if s["summary"]["finish"].get("DataExhausted").is_some() {
