@@ -66,6 +66,12 @@ impl Net {
         Ok(net)
     }
 
+    /// [`Net::new`], or `None` after printing why the test is skipped (the kernel or the
+    /// sandbox forbids network namespaces).
+    fn or_skip(hosts: &[&str]) -> Option<Self> {
+        Self::new(hosts).map_err(|e| println!("SKIPPED: network namespaces are not available here: {e}")).ok()
+    }
+
     fn ns(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
     }
@@ -189,13 +195,7 @@ fn wait_hub(net: &Net, addr: &str, what: &str, limit: Duration, pred: impl Fn(&s
 #[test]
 fn workers_partitioned_from_each_other_are_named_and_one_is_left_out_until_the_link_is_back() {
     let _serial = serial();
-    let net = match Net::new(&["w1", "w2"]) {
-        Ok(n) => n,
-        Err(e) => {
-            println!("SKIPPED: network namespaces are not available here: {e}");
-            return;
-        }
-    };
+    let Some(net) = Net::or_skip(&["w1", "w2"]) else { return };
     let d = tempfile::tempdir().unwrap();
     let data = synth(d.path(), 400);
     let out = d.path().join("out");
@@ -240,24 +240,16 @@ fn workers_partitioned_from_each_other_are_named_and_one_is_left_out_until_the_l
     // The link comes back; after its back-off the left-out node is admitted again.
     net.cut_between("w1", "w2", false).unwrap();
     wait_hub(&net, &addr, "both nodes training again", Duration::from_secs(60), |s| s["summary"]["world"] == 2 && s["summary"]["excluded"].as_array().is_some_and(Vec::is_empty));
-    let mut coord = coord;
-    let t = Instant::now();
-    while coord.0.try_wait().unwrap().is_none() {
-        assert!(t.elapsed() < Duration::from_secs(120), "the job did not finish\n{}", logs(d.path()));
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    let status: serde_json::Value = serde_json::from_slice(&std::fs::read(state.join("status.json")).unwrap()).unwrap();
-    assert_exactly_once(&status);
-    assert_eq!(status["summary"]["phase"], "Finished", "{}", status["summary"]);
+    finished(coord, &state, d.path(), Duration::from_secs(120));
     let log = std::fs::read_to_string(&workers[if out_node == "w1" { 0 } else { 1 }].log).unwrap();
     println!("the left-out node's agent:\n{}", log.lines().filter(|l| !l.starts_with("step")).take(12).collect::<Vec<_>>().join("\n"));
 }
 
 /// Waits for the coordinator (inside the hub) to exit; its final status.
-fn finished(mut coord: job::Killed, state: &std::path::Path, dir: &std::path::Path) -> serde_json::Value {
+fn finished(mut coord: job::Killed, state: &std::path::Path, dir: &std::path::Path, limit: Duration) -> serde_json::Value {
     let t = Instant::now();
     while coord.0.try_wait().unwrap().is_none() {
-        assert!(t.elapsed() < Duration::from_secs(180), "the job did not finish\n{}", logs(dir));
+        assert!(t.elapsed() < limit, "the job did not finish\n{}", logs(dir));
         std::thread::sleep(Duration::from_millis(300));
     }
     let status: serde_json::Value = serde_json::from_slice(&std::fs::read(state.join("status.json")).unwrap()).unwrap();
@@ -282,13 +274,7 @@ fn step_generations(s: &serde_json::Value) -> Vec<(u64, u64, u64)> {
 #[test]
 fn a_worker_cut_off_from_everyone_is_refused_as_stale_when_it_returns_and_rejoins_in_a_new_generation() {
     let _serial = serial();
-    let net = match Net::new(&["w1", "w2", "w3"]) {
-        Ok(n) => n,
-        Err(e) => {
-            println!("SKIPPED: network namespaces are not available here: {e}");
-            return;
-        }
-    };
+    let Some(net) = Net::or_skip(&["w1", "w2", "w3"]) else { return };
     let d = tempfile::tempdir().unwrap();
     let data = synth(d.path(), 400);
     let out = d.path().join("out");
@@ -348,7 +334,7 @@ fn a_worker_cut_off_from_everyone_is_refused_as_stale_when_it_returns_and_rejoin
     let agent = std::fs::read_to_string(d.path().join("worker-w3.log")).unwrap();
     assert!(agent.contains("joining again"), "{agent}");
 
-    let status = finished(coord, &state, d.path());
+    let status = finished(coord, &state, d.path(), Duration::from_secs(180));
     let steps = step_generations(&status);
     assert_eq!(steps.len(), 160);
     assert!(steps.windows(2).all(|w| w[0].1 <= w[1].1), "a step of an older generation committed after a newer one: {steps:?}");
@@ -373,13 +359,7 @@ fn a_worker_cut_off_from_everyone_is_refused_as_stale_when_it_returns_and_rejoin
 #[test]
 fn a_coordinator_cut_off_from_etcd_stops_acting_and_the_standby_takes_over() {
     let _serial = serial();
-    let net = match Net::new(&["etcd", "ca", "cb", "w1", "w2"]) {
-        Ok(n) => n,
-        Err(e) => {
-            println!("SKIPPED: network namespaces are not available here: {e}");
-            return;
-        }
-    };
+    let Some(net) = Net::or_skip(&["etcd", "ca", "cb", "w1", "w2"]) else { return };
     let d = tempfile::tempdir().unwrap();
     let data = synth(d.path(), 400);
     let out = d.path().join("out");
