@@ -87,12 +87,7 @@ impl Attention {
         let mut k = apply_rope(&shape(self.k_proj.forward(x), self.kv_heads), &rope.0, &rope.1);
         let mut v = shape(self.v_proj.forward(x), self.kv_heads);
         if let Some(c) = cache {
-            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
-                k = Tensor::cat(&[pk, &k], 2);
-                v = Tensor::cat(&[pv, &v], 2);
-            }
-            c.k = Some(k.shallow_clone());
-            c.v = Some(v.shallow_clone());
+            (k, v) = c.extend(k, v);
         }
         let rep = self.heads / self.kv_heads;
         if rep > 1 {

@@ -108,12 +108,7 @@ impl Attention {
         let q = heads(0);
         let (mut k, mut v) = (heads(1), heads(2));
         if let Some(c) = cache {
-            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
-                k = Tensor::cat(&[pk, &k], 2);
-                v = Tensor::cat(&[pv, &v], 2);
-            }
-            c.k = Some(k.shallow_clone());
-            c.v = Some(v.shallow_clone());
+            (k, v) = c.extend(k, v);
         }
         let scores = q.matmul(&k.transpose(-2, -1)) * (hd as f64).powf(-0.5) + &bias.alibi; // (B, H, L, S)
         let scores = scores.masked_fill(&bias.blocked, finfo_min(Kind::Float));

@@ -166,6 +166,18 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Appends this call's keys and values (B, H, L, dh) to the cached ones and keeps the
+    /// result; returns the keys and values to attend over (cached + new).
+    pub fn extend(&mut self, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        let (k, v) = match (&self.k, &self.v) {
+            (Some(pk), Some(pv)) => (Tensor::cat(&[pk, &k], 2), Tensor::cat(&[pv, &v], 2)),
+            _ => (k, v),
+        };
+        self.k = Some(k.shallow_clone());
+        self.v = Some(v.shallow_clone());
+        (k, v)
+    }
+
     pub fn len(&self) -> i64 {
         self.k.as_ref().map_or(0, |k| k.size()[2])
     }
