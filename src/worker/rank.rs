@@ -800,6 +800,10 @@ impl Rank {
         // A save handed off after the previous step: what it cost the loop is known once
         // this step's update has waited for its staging.
         let mut handoff: Option<(u64, Duration)> = None;
+        // Steps of this generation not yet known to be committed, with their times: they
+        // count as useful (goodput) once a reply says they are, never if the generation
+        // ends first (their batches are trained again).
+        let mut uncommitted: std::collections::VecDeque<(u64, Duration)> = Default::default();
         loop {
             let Some(p) = next.take().filter(|p| p.step == step) else { bail!("{me}: no data lease for step {step}") };
             let _step_span = tracing::info_span!("step", step, rank, generation = a.generation).entered();
@@ -840,8 +844,20 @@ impl Rank {
                 }
             }
             let step_time = t0.elapsed();
-            self.useful += step_time;
+            uncommitted.push_back((step, step_time));
             let tokens: u64 = batches.iter().map(|b| b.attention_mask.iter().filter(|&&m| m != 0).count() as u64).sum();
+            let samples: u64 = batches.iter().map(|b| b.b as u64).sum();
+            let mfu = self.peak_flops.map(|p| {
+                let useful: f64 = batches
+                    .iter()
+                    .map(|b| {
+                        let text_tokens = b.attention_mask.iter().filter(|&&m| m != 0).count() as u64;
+                        let shape = crate::model::flops::StepShape { text_tokens, media: (b.b * b.t) as u64, frames: b.f as u64 };
+                        self.flops.step(shape).useful
+                    })
+                    .sum();
+                useful / step_time.as_secs_f64() / p
+            });
             {
                 let m = self.metrics.lock().expect("not poisoned");
                 m.observe_step(&crate::metrics::StepSample {
@@ -851,27 +867,16 @@ impl Rank {
                     lr: stats.lr,
                     grad_norm: stats.grad_norm,
                     tokens,
-                    samples: batches.iter().map(|b| b.b as u64).sum(),
+                    samples,
                     data_wait: data_wait.as_secs_f64(),
                     allreduce_seconds: stats.allreduce.as_secs_f64(),
                     allreduce_exposed_seconds: stats.allreduce_exposed.as_secs_f64(),
                     allreduce_bytes: self.allreduce_bytes,
                     world,
-                    mfu: self.peak_flops.map(|p| {
-                        let useful: f64 = batches
-                            .iter()
-                            .map(|b| {
-                                let text_tokens = b.attention_mask.iter().filter(|&&m| m != 0).count() as u64;
-                                let shape = crate::model::flops::StepShape { text_tokens, media: (b.b * b.t) as u64, frames: b.f as u64 };
-                                self.flops.step(shape).useful
-                            })
-                            .sum();
-                        useful / step_time.as_secs_f64() / p
-                    }),
+                    mfu,
                     optimizer_state_bytes: self.trainer.optimizer_state_bytes(),
                 });
                 m.bad_samples(batches.iter().map(|b| b.dropped.len() as u64).sum());
-                m.goodput(self.useful, self.started.elapsed());
             }
             let req = pb::StepDoneRequest {
                 generation: a.generation,
@@ -881,6 +886,10 @@ impl Rank {
                 step_seconds: step_time.as_secs_f64(),
                 compute_seconds: step_time.saturating_sub(stats.allreduce_exposed).as_secs_f64(),
                 lr: stats.lr,
+                samples,
+                tokens,
+                data_wait_seconds: data_wait.as_secs_f64(),
+                mfu,
             };
             let token = self.args.token.clone();
             let reply = match self.rt.block_on(call(&mut self.client, &self.args.coord, |mut c| {
@@ -905,6 +914,14 @@ impl Rank {
                     data_wait.as_secs_f64()
                 );
             }
+            while let (Some(&(s, t)), Some(through)) = (uncommitted.front(), reply.committed_through) {
+                if s > through {
+                    break;
+                }
+                self.useful += t;
+                uncommitted.pop_front();
+            }
+            self.metrics.lock().expect("not poisoned").goodput(self.useful, self.started.elapsed());
             self.report_finished_shard();
             let last = reply.stop_after == Some(step) && reply.finished;
             let save_every = self.tc.save_every;

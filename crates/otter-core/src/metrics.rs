@@ -31,6 +31,10 @@ pub fn encode(registry: &Registry) -> String {
     String::from_utf8(buf).expect("the text format is UTF-8")
 }
 
+/// `otter_goodput_ratio`, one definition at two scopes (docs/metrics.md, "Goodput"):
+/// `scope="job"` from the coordinator, `scope="rank"` from each training process.
+pub const GOODPUT_HELP: &str = "Goodput: time spent in optimizer steps that were committed / wall time (scope=job: the coordinator's, since the job's first rendezvous; scope=rank: one rank's, since its process started).";
+
 /// One training process's metrics.
 pub struct RankMetrics {
     pub registry: Registry,
@@ -111,7 +115,10 @@ impl RankMetrics {
             bad_samples: c("otter_bad_samples_total", "Samples skipped as malformed (on_bad_sample: skip)."),
             ckpt_blocking: g("otter_checkpoint_blocking_seconds", "Time the training loop was blocked by the last checkpoint (hand-off, plus the next update waiting for staging to finish)."),
             ckpt_duration: g("otter_checkpoint_duration_seconds", "Total time of the last checkpoint shard write (staging to durable)."),
-            goodput: g("otter_goodput_ratio", "Time in completed steps / wall time since this process started."),
+            goodput: reg(
+                &r,
+                GaugeVec::new(Opts::new("otter_goodput_ratio", GOODPUT_HELP).const_label("scope", "rank"), l).expect("valid"),
+            ),
             step: reg(&r, IntGaugeVec::new(Opts::new("otter_step", "Last optimizer step this rank applied."), l).expect("valid")),
             optimizer_state_bytes: reg(
                 &r,
@@ -222,6 +229,8 @@ impl RankMetrics {
         self.ckpt_duration.with_label_values(&self.labels()).set(total.as_secs_f64());
     }
 
+    /// Goodput as seen from this rank ([`GOODPUT_HELP`]): `useful`, the time of its steps
+    /// that were committed; `wall`, since this process started.
     pub fn goodput(&self, useful: Duration, wall: Duration) {
         if !wall.is_zero() {
             self.goodput.with_label_values(&self.labels()).set(useful.as_secs_f64() / wall.as_secs_f64());
@@ -249,6 +258,7 @@ pub struct CoordMetrics {
     pub rendezvous_duration: Gauge,
     pub recovery_duration: Gauge,
     pub recoveries: IntCounter,
+    pub goodput: Gauge,
     pub node_failures: IntCounterVec,
     pub checkpoints_committed: IntCounter,
     pub checkpoint_last_step: IntGauge,
@@ -290,6 +300,7 @@ impl CoordMetrics {
             rendezvous_duration: g("otter_rendezvous_duration_seconds", "Last rendezvous: first check-in to every rank assigned."),
             recovery_duration: g("otter_recovery_duration_seconds", "Last recovery: failure noticed to every survivor assigned."),
             recoveries: ic("otter_recoveries_total", "Generations formed because something failed."),
+            goodput: reg(&r, Gauge::with_opts(Opts::new("otter_goodput_ratio", GOODPUT_HELP).const_label("scope", "job")).expect("valid")),
             node_failures: reg(
                 &r,
                 IntCounterVec::new(Opts::new("otter_node_failures_total", "Nodes lost or ranks failed, by reason."), &["reason"]).expect("valid"),
@@ -487,6 +498,15 @@ mod tests {
         let page = m.encode();
         assert!(!page.contains(r#"rank="3""#), "{page}");
         assert!(page.contains(r#"otter_rank_generation{node="n1",rank="1"} 2"#), "{page}");
+        m.goodput(Duration::from_secs(3), Duration::from_secs(4));
+        assert!(m.encode().contains(r#"otter_goodput_ratio{node="n1",rank="1",scope="rank"} 0.75"#));
+    }
+
+    #[test]
+    fn the_job_goodput_is_told_apart_from_the_ranks_by_its_scope() {
+        let m = CoordMetrics::new();
+        m.goodput.set(0.5);
+        assert!(m.encode().contains(r#"otter_goodput_ratio{scope="job"} 0.5"#), "{}", m.encode());
     }
 
     #[test]

@@ -255,7 +255,7 @@ fn grpc_requests_through_the_handlers_never_panic_nor_break_exactly_once() {
         pb::JoinRequest { node_id: "c".into(), local_ranks: 1 }.encode_to_vec(),
         pb::HeartbeatRequest { node_id: "a".into(), generation: g }.encode_to_vec(),
         pb::RendezvousRequest { node_id: "a".into(), local_rank: 0, applied_step: Some(0), comm_addr: "127.0.0.1:9001".into(), last_generation: Some(g) }.encode_to_vec(),
-        pb::StepDoneRequest { generation: g, rank: 0, step: 0, loss: 2.5, step_seconds: 0.1, compute_seconds: 0.1, lr: 1e-3 }.encode_to_vec(),
+        pb::StepDoneRequest { generation: g, rank: 0, step: 0, loss: 2.5, step_seconds: 0.1, compute_seconds: 0.1, lr: 1e-3, ..Default::default() }.encode_to_vec(),
         pb::CheckpointDoneRequest { generation: g, rank: 1, step: 4, file: "shard-1.safetensors".into(), bytes: 64, crc32: 7, names: vec!["p".into()], frozen_json: None }.encode_to_vec(),
         pb::FailureRequest { generation: g, rank: 1, reason: "peer".into(), blamed_rank: Some(0) }.encode_to_vec(),
         pb::UnreadableCheckpointRequest { generation: g, rank: 0, steps: 4, reason: "crc".into() }.encode_to_vec(),

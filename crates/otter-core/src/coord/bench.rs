@@ -227,7 +227,7 @@ async fn step(svc: &Service, generation: u64, world: u32, step: u64) -> Result<(
     for rank in 0..world {
         let svc = svc.clone();
         all.spawn(async move {
-            let req = pb::StepDoneRequest { generation, rank, step, loss: 2.0 + 1.0 / (step + 1) as f64, lr: 1e-4, step_seconds: 0.5, compute_seconds: 0.4 };
+            let req = pb::StepDoneRequest { generation, rank, step, loss: 2.0 + 1.0 / (step + 1) as f64, lr: 1e-4, step_seconds: 0.5, compute_seconds: 0.4, ..Default::default() };
             svc.step_done(tonic::Request::new(req)).await
         });
     }
