@@ -97,6 +97,7 @@ impl Coordinator {
             while let Some(w) = next.take() {
                 let (steps, generation, dir) = (w.steps, w.generation, w.dir.clone());
                 let shards = w.manifest.shards.len();
+                let bytes: u64 = w.manifest.shards.iter().map(|s| s.bytes).sum();
                 let written = tokio::task::spawn_blocking(move || w.write()).await.unwrap_or_else(|e| Err(format!("the manifest writer panicked: {e}")));
                 let mut s = c.state.lock().await;
                 let mut message = String::new();
@@ -104,6 +105,8 @@ impl Coordinator {
                 match written {
                     Ok(()) if s.machine.checkpoint_still_ready(steps, generation) => {
                         let left = s.machine.checkpoint_committed(c.now(), steps);
+                        let record = super::progress::CheckpointRecord { step: steps, at: c.now(), bytes };
+                        c.telemetry.lock().expect("not poisoned").steps.checkpoint_committed(record);
                         tracing::info!("checkpoint step-{steps} committed ({shards} shards, generation {generation})");
                         message = format!("checkpoint step-{steps} committed");
                         if is_first {

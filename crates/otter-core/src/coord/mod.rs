@@ -76,10 +76,12 @@ pub mod machine;
 pub mod rpc;
 pub mod manifests;
 pub mod persist;
+pub mod progress;
 pub mod server;
 pub mod simnode;
 pub mod service;
 pub mod telemetry;
+pub mod view;
 pub mod store;
 pub mod straggler;
 

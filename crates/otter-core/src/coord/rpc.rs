@@ -8,6 +8,19 @@ pub mod pb {
 use super::ledger::{BatchRef, StepLease};
 use super::machine::Assignment;
 
+/// What a rank measured of a step, for the status views (never for a decision).
+pub fn step_report(r: &pb::StepDoneRequest) -> super::progress::StepReport {
+    super::progress::StepReport {
+        rank: r.rank as usize,
+        step_seconds: r.step_seconds,
+        compute_seconds: r.compute_seconds,
+        data_wait_seconds: r.data_wait_seconds,
+        samples: r.samples,
+        tokens: r.tokens,
+        mfu: r.mfu,
+    }
+}
+
 pub fn lease_to_pb(l: StepLease) -> pb::StepLease {
     pb::StepLease { step: l.step, items: l.items.into_iter().map(|b| pb::Item { epoch: b.epoch, batch: b.batch }).collect() }
 }

@@ -199,6 +199,7 @@ impl Coordinator {
         // uncompacted one; older ones are in the history file); the batches of each only
         // while it is not compacted.
         let l = m.ledger();
+        let t = self.telemetry.lock().expect("not poisoned");
         let steps: Vec<serde_json::Value> = l
             .history()
             .map(|c| {
@@ -209,11 +210,37 @@ impl Coordinator {
                 if let Some(full) = l.committed_step(c.step) {
                     v["batches"] = serde_json::json!(full.batches);
                 }
+                // As measured by the ranks (this coordinator's, since it started).
+                if let Some(x) = t.steps.step(c.step) {
+                    v["seconds"] = serde_json::json!(x.seconds);
+                    v["samples"] = serde_json::json!(x.samples);
+                    v["tokens"] = serde_json::json!(x.tokens);
+                    v["mfu"] = serde_json::json!(x.mfu);
+                }
                 v
             })
             .collect();
+        let flagged = t.stragglers.flagged();
+        let ranks: Vec<serde_json::Value> = t
+            .steps
+            .ranks()
+            .iter()
+            .enumerate()
+            .map(|(r, x)| {
+                serde_json::json!({
+                    "rank": r,
+                    "compute_seconds": x.map(|x| x.compute_seconds),
+                    "data_wait_seconds": x.map(|x| x.data_wait_seconds),
+                    "straggler": flagged.get(r).copied().unwrap_or(false),
+                })
+            })
+            .collect();
+        let now = self.now();
+        let goodput = t.steps.goodput(now);
+        let checkpoint_log: Vec<_> = t.steps.checkpoints().copied().collect();
+        drop(t);
         let history = self.ckpt.get().and_then(|k| k.history.as_ref()).map(|p| p.display().to_string());
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "summary": m.summary(),
             "history_file": history,
             "members": m.members(),
@@ -225,7 +252,13 @@ impl Coordinator {
             "exactly_once": m.check_exactly_once().map(|c| format!("{c:?}")).map_err(|e| e.to_string()),
             "steps": steps,
             "events": m.events().iter().rev().take(200).collect::<Vec<_>>(),
-        })
+            "now": now,
+            "goodput": goodput,
+            "ranks": ranks,
+            "checkpoint_log": checkpoint_log,
+        });
+        v["eta"] = serde_json::json!(self.eta(&v));
+        v
     }
 
     /// The status as of at most `max_age` ago, for the unauthenticated HTTP endpoints:

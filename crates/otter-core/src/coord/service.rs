@@ -170,7 +170,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let c = &self.0;
         let mut s = c.state.lock().await;
         let reply = s.machine.step_done(c.now(), r.generation, r.rank as usize, r.step, r.loss, r.lr).map_err(|e| c.refused(e))?;
-        c.observe_step_time(r.generation, s.machine.world(), r.rank as usize, r.step, r.compute_seconds);
+        c.observe_step(r.generation, s.machine.world(), r.step, &super::rpc::step_report(&r));
         let manifest = c.prepare_manifest(&s);
         let v = c.commit(&mut s, String::new());
         drop(s);

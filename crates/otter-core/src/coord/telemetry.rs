@@ -1,6 +1,7 @@
 //! What the coordinator observes but does not decide on: Prometheus metrics refreshed from
 //! the machine's state after every change, straggler flags from per-rank step times, the
-//! ETA. Nothing here is persisted or feeds back into a decision.
+//! ETA, step timings and goodput ([`super::progress`]). Nothing here is persisted or feeds
+//! back into a decision.
 
 use super::server::{Coordinator, Persisted};
 
@@ -15,6 +16,8 @@ pub struct Telemetry {
     samples_per_batch: u64,
     /// (when, steps committed) at each change, the latest few (for the ETA).
     progress: std::collections::VecDeque<(std::time::Instant, u64)>,
+    /// Committed steps' timings, goodput, per-rank data wait, checkpoint sizes.
+    pub steps: super::progress::Progress,
 }
 
 impl Telemetry {
@@ -26,6 +29,7 @@ impl Telemetry {
             metrics_generation: 0,
             samples_per_batch: 1,
             progress: Default::default(),
+            steps: Default::default(),
         }
     }
 }
@@ -58,6 +62,22 @@ impl Coordinator {
             }
         }
         let (events, mark) = m.events_since(t.event_mark);
+        // The job's clock (goodput) starts with its first generation; a coordinator resumed
+        // into a running job starts it when it resumed.
+        if let Some(e) = events.iter().find(|e| matches!(e.kind, EventKind::GenerationFormed)) {
+            t.steps.start(e.at);
+        } else if matches!(m.phase(), super::machine::Phase::Running { .. } | super::machine::Phase::Rendezvous { .. }) {
+            t.steps.start(self.now());
+        }
+        if progressed {
+            t.steps.committed(steps);
+        }
+        if let Some(e) = events.iter().find(|e| matches!(e.kind, EventKind::Finished | EventKind::Failed)) {
+            t.steps.stop(e.at);
+        }
+        if let Some(g) = t.steps.goodput(self.now()) {
+            x.goodput.set(g.ratio);
+        }
         // The rest changes only with a committed step or a logged event: it is skipped on
         // the thousand StepDones of a step that change neither (each would cost O(nodes +
         // uncompacted steps), a step O(world x that)).
@@ -123,9 +143,16 @@ impl Coordinator {
         format!("{:.0} s ({:.2} steps/s)", left, (n1 - n0) as f64 / secs)
     }
 
+    /// A rank finished a step (its `StepDone` was accepted): its timing for the status
+    /// views, the per-rank gauges and straggler detection.
+    pub(super) fn observe_step(&self, generation: u64, world: usize, step: u64, r: &super::progress::StepReport) {
+        self.telemetry.lock().expect("not poisoned").steps.reported(generation, world, step, r);
+        self.observe_step_time(generation, world, r.rank, step, r.compute_seconds);
+    }
+
     /// A rank's step timing: per-rank gauges and straggler detection (a log line when a
     /// rank is flagged or cleared).
-    pub(super) fn observe_step_time(&self, generation: u64, world: usize, rank: usize, step: u64, compute_seconds: f64) {
+    fn observe_step_time(&self, generation: u64, world: usize, rank: usize, step: u64, compute_seconds: f64) {
         use super::straggler::Flag;
         if !(compute_seconds > 0.0) {
             return;
