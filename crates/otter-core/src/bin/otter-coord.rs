@@ -1,7 +1,7 @@
 //! `otter-coord`: the job coordinator (no libtorch).
 //!
 //!   otter-coord start --config job.yaml [--listen ADDR] [--state-dir D | --etcd URLS]
-//!   otter-coord status --coord ADDR
+//!   otter-coord status --coord ADDR [--watch]
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -54,12 +54,17 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         save_every: u64,
     },
-    /// Print the job's status as JSON.
+    /// Print the job's status as JSON; with --watch, a terminal view of the job redrawn
+    /// every second until it ends (or Ctrl-C).
     Status {
         #[arg(long, value_delimiter = ',')]
         coord: Vec<String>,
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Progress, loss, learning rate, throughput, goodput, world and the last events,
+        /// refreshed every second.
+        #[arg(long)]
+        watch: bool,
     },
 }
 
@@ -107,7 +112,11 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Status { coord, token_file } => {
+        Command::Status { coord, token_file, watch: true } => {
+            let token = token(token_file)?.unwrap_or_default();
+            std::process::exit(watch(&coord, &token).await?);
+        }
+        Command::Status { coord, token_file, watch: false } => {
             let token = token(token_file)?.unwrap_or_default();
             let mut c = otter_core::coord::client::connect(&coord, std::time::Duration::from_secs(5)).await?;
             let r = c.status(otter_core::coord::rpc::with_token(otter_core::coord::rpc::pb::StatusRequest {}, &token)).await?;
@@ -115,4 +124,64 @@ async fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The terminal's width in columns (stdout's), else `$COLUMNS`, else 100.
+fn terminal_width() -> usize {
+    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct we pass; a non-terminal
+    // stdout makes it fail, which leaves the zeros.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    if ok && ws.ws_col > 0 {
+        return ws.ws_col as usize;
+    }
+    std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).unwrap_or(100)
+}
+
+/// `status --watch`: redraws [`otter_core::coord::view::watch_frame`] every second (clear
+/// screen, cursor home; plain ANSI, no terminal library). Ends with the job (the final
+/// state stays on the screen: exit 0 if it finished, 1 if it failed), on Ctrl-C (0), or
+/// when the coordinator cannot be reached for 5 refreshes in a row (1).
+async fn watch(coord: &[String], token: &str) -> Result<i32> {
+    use otter_core::coord::{client, rpc, view};
+    use std::io::Write;
+    const REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+    let mut c = client::connect(coord, std::time::Duration::from_secs(5)).await?;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut tick = tokio::time::interval(REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = std::io::stdout();
+    let mut failures = 0;
+    let _ = write!(out, "\x1b[?25l"); // no cursor blinking over the view
+    let code = loop {
+        let fetched = tokio::select! {
+            _ = &mut ctrl_c => break 0,
+            r = async {
+                tick.tick().await;
+                c.status(rpc::with_token(rpc::pb::StatusRequest {}, token)).await
+            } => r,
+        };
+        match fetched.map_err(|e| e.message().to_string()).and_then(|r| serde_json::from_str::<serde_json::Value>(&r.into_inner().json).map_err(|e| e.to_string())) {
+            Ok(status) => {
+                failures = 0;
+                let _ = write!(out, "\x1b[H\x1b[2J{}", view::watch_frame(&status, terminal_width()));
+                let _ = out.flush();
+                if view::finished(&status) {
+                    let _ = writeln!(out, "\nthe job is over: {}", view::phase(&status));
+                    break if view::phase(&status) == "Finished" { 0 } else { 1 };
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                let _ = writeln!(out, "\x1b[2K{}: {e} ({failures} refreshes in a row)", coord.join(","));
+                if failures >= 5 {
+                    break 1;
+                }
+            }
+        }
+    };
+    let _ = writeln!(out, "\x1b[?25h");
+    let _ = out.flush();
+    Ok(code)
 }
