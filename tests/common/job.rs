@@ -9,7 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 pub const WORKER: &str = env!("CARGO_BIN_EXE_otter-worker");
-const TOKEN: &str = "live-job-token";
+/// The join token of [`start_live_job`]'s jobs.
+pub const TOKEN: &str = "live-job-token";
 
 pub struct Killed(pub Child);
 impl Drop for Killed {
@@ -67,6 +68,8 @@ pub fn spawn_coord(config: &Path, state: &Path, listen: &str, http_listen: &str,
 
 pub struct LiveJob {
     pub coord: Killed,
+    /// The coordinator's gRPC address (`otter-coord status --coord`).
+    pub addr: String,
     /// The coordinator's HTTP address (`/metrics`, `/status`).
     pub http: String,
     pub workers: Vec<Killed>,
@@ -81,15 +84,22 @@ pub fn start_live_job(dir: &Path, max_steps: u64, save_every: u64) -> LiveJob {
 
 /// [`start_live_job`] with more lines for its `train:` section (each `  key: value\n`).
 pub fn start_live_job_with(dir: &Path, max_steps: u64, save_every: u64, train_extra: &str) -> LiveJob {
+    start_live_job_of(dir, &["a", "b"], 2, max_steps, save_every, train_extra)
+}
+
+/// A CPU job of one rank per node of `nodes` (`workers` in that order), which goes on
+/// with `min_nodes` of them.
+pub fn start_live_job_of(dir: &Path, nodes: &[&str], min_nodes: usize, max_steps: u64, save_every: u64, train_extra: &str) -> LiveJob {
     let data = dir.join("synthetic");
     let (ok, _, err) = run_otter(&["data", "synth", "--out", data.to_str().unwrap(), "--samples", "96", "--image-px", "40"]);
     assert!(ok, "{err}");
     let m = tiny_model();
     let yaml = format!(
-        "model:\n  dir: {m}\ndata:\n  tokenizer: {m}/tokenizer.json\n  image_size: 32\n  max_seq_len: 256\n  batch_size: 2\n  shard_batches: 4\n  seed: 0\n  workers: 1\n  prefetch: 2\n  datasets:\n    - name: SYN\n      group: IMAGE_TEXT_IN_CONTEXT\n      instructions: {d}/SYN_instructions.json\n      images: {d}/SYN.json\n      train_config: {d}/SYN_train.json\n      weight: 1.0\ntrain:\n  epochs: 10\n  lr: 1.0e-3\n  warmup_ratio: 0.1\n  clip: 1.0\n  seed: 0\n  out_dir: {o}\n  save_every: {save_every}\n  max_steps: {max_steps}\n{train_extra}coord:\n  min_nodes: 2\n  max_nodes: 2\n  last_call: 1s\n  heartbeat_interval: 500ms\n",
+        "model:\n  dir: {m}\ndata:\n  tokenizer: {m}/tokenizer.json\n  image_size: 32\n  max_seq_len: 256\n  batch_size: 2\n  shard_batches: 4\n  seed: 0\n  workers: 1\n  prefetch: 2\n  datasets:\n    - name: SYN\n      group: IMAGE_TEXT_IN_CONTEXT\n      instructions: {d}/SYN_instructions.json\n      images: {d}/SYN.json\n      train_config: {d}/SYN_train.json\n      weight: 1.0\ntrain:\n  epochs: 10\n  lr: 1.0e-3\n  warmup_ratio: 0.1\n  clip: 1.0\n  seed: 0\n  out_dir: {o}\n  save_every: {save_every}\n  max_steps: {max_steps}\n{train_extra}coord:\n  min_nodes: {min_nodes}\n  max_nodes: {max_nodes}\n  last_call: 1s\n  heartbeat_interval: 500ms\n",
         m = m.display(),
         d = data.display(),
-        o = dir.join("out").display()
+        o = dir.join("out").display(),
+        max_nodes = nodes.len()
     );
     let job = dir.join("job.yaml");
     std::fs::write(&job, yaml).unwrap();
@@ -97,7 +107,7 @@ pub fn start_live_job_with(dir: &Path, max_steps: u64, save_every: u64, train_ex
     let (coord, addr) = spawn_coord(&job, &dir.join("coord"), "127.0.0.1:0", &format!("127.0.0.1:{http_port}"), TOKEN, &dir.join("coord.log"));
     let mut workers = Vec::new();
     let mut node_metrics = Vec::new();
-    for node in ["a", "b"] {
+    for &node in nodes {
         let port = free_port_pair();
         workers.push(Killed(
             Command::new(WORKER)
@@ -110,7 +120,7 @@ pub fn start_live_job_with(dir: &Path, max_steps: u64, save_every: u64, train_ex
         ));
         node_metrics.push(format!("127.0.0.1:{port}"));
     }
-    LiveJob { coord, http: format!("127.0.0.1:{http_port}"), workers, node_metrics }
+    LiveJob { coord, addr, http: format!("127.0.0.1:{http_port}"), workers, node_metrics }
 }
 
 /// Metric names the Grafana dashboard's queries use (`otter_*`, as stored: histogram
