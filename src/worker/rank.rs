@@ -893,7 +893,7 @@ impl Rank {
             };
             let token = self.args.token.clone();
             let reply = match self.rt.block_on(call(&mut self.client, &self.args.coord, |mut c| {
-                let r = with_token(req.clone(), &token);
+                let r = with_token(req, &token);
                 async move { c.step_done(r).await }
             })) {
                 Ok(r) => r,

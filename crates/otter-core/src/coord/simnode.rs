@@ -74,7 +74,7 @@ impl SimNode {
             loop {
                 let req = pb::StepDoneRequest { generation: a.generation, rank: a.rank, step, loss: 2.0 + 1.0 / (step + 1) as f64, lr: 1e-4, step_seconds: 0.0, compute_seconds: 0.0, ..Default::default() };
                 let reply = match call(&mut c, &self.addrs, |mut c| {
-                    let req = with_token(req.clone(), &token);
+                    let req = with_token(req, &token);
                     async move { c.step_done(req).await }
                 })
                 .await
