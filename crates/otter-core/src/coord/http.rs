@@ -133,7 +133,7 @@ fn chart_svg(label: &str, color: &str, pts: &[(f64, f64)], markers: &[super::vie
         return format!("<p>(not enough committed steps for a {} chart yet)</p>", escape(label));
     }
     let pts: Vec<(f64, f64)> = pts.iter().step_by(pts.len().div_ceil(600)).copied().collect();
-    let (w, h, left, right, top, bottom) = (640.0, 220.0, 62.0, 14.0, 14.0, 38.0);
+    let (w, h, left, right, top, bottom) = (640.0, 230.0, 66.0, 16.0, 14.0, 42.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     let x0 = pts[0].0;
     let x1 = pts[pts.len() - 1].0.max(x0 + 1.0);
@@ -155,25 +155,25 @@ fn chart_svg(label: &str, color: &str, pts: &[(f64, f64)], markers: &[super::vie
         l = escape(label)
     );
     let mut grid = String::from("<g class=\"grid\" stroke=\"#e3e3e3\" stroke-width=\"1\">");
-    let mut yaxis = format!("<g class=\"axis y\" font-size=\"11\" text-anchor=\"end\"><line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{}\" stroke=\"#555\"/>", top + ph);
+    let mut yaxis = format!("<g class=\"axis y\" font-size=\"13\" text-anchor=\"end\"><line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{}\" stroke=\"#555\"/>", top + ph);
     for v in ticks(lo, hi, 4, 0.0) {
         let y = py(v);
         let _ = write!(grid, "<line x1=\"{left}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\"/>", left + pw);
         let _ = write!(yaxis, "<line x1=\"{}\" x2=\"{left}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#555\"/><text x=\"{}\" y=\"{:.1}\">{}</text>", left - 4.0, left - 6.0, y + 4.0, num(v));
     }
-    let mut xaxis = format!("<g class=\"axis x\" font-size=\"11\" text-anchor=\"middle\"><line x1=\"{left}\" x2=\"{}\" y1=\"{b}\" y2=\"{b}\" stroke=\"#555\"/>", left + pw, b = top + ph);
+    let mut xaxis = format!("<g class=\"axis x\" font-size=\"13\" text-anchor=\"middle\"><line x1=\"{left}\" x2=\"{}\" y1=\"{b}\" y2=\"{b}\" stroke=\"#555\"/>", left + pw, b = top + ph);
     for v in ticks(x0, x1, 6, 1.0) {
         let x = px(v);
         let _ = write!(grid, "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{top}\" y2=\"{}\"/>", top + ph);
-        let _ = write!(xaxis, "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{b}\" y2=\"{}\" stroke=\"#555\"/><text x=\"{x:.1}\" y=\"{}\">{v}</text>", top + ph + 4.0, top + ph + 16.0, b = top + ph);
+        let _ = write!(xaxis, "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{b}\" y2=\"{}\" stroke=\"#555\"/><text x=\"{x:.1}\" y=\"{}\">{v}</text>", top + ph + 4.0, top + ph + 18.0, b = top + ph);
     }
-    let _ = write!(xaxis, "<text x=\"{}\" y=\"{}\" font-size=\"12\">step</text></g>", left + pw / 2.0, h - 4.0);
+    let _ = write!(xaxis, "<text x=\"{}\" y=\"{}\" font-size=\"13\">step</text></g>", left + pw / 2.0, h - 4.0);
     yaxis.push_str("</g>");
     grid.push_str("</g>");
     svg.push_str(&grid);
     svg.push_str(&xaxis);
     svg.push_str(&yaxis);
-    let _ = write!(svg, "<text class=\"axis-title\" x=\"{}\" y=\"{}\" font-size=\"12\">{}</text>", left + 6.0, top + 14.0, escape(label));
+    let _ = write!(svg, "<text class=\"axis-title\" x=\"{}\" y=\"{}\" font-size=\"13\">{}</text>", left + 6.0, top + 14.0, escape(label));
     let mut poly = String::new();
     for &(x, y) in &pts {
         let _ = write!(poly, "{:.1},{:.1} ", px(x), py(y));
