@@ -398,7 +398,7 @@ pub fn render_status(status: &serde_json::Value) -> String {
             &cols,
             &[
                 e["at"].as_u64().map_or("?".into(), |at| when(at, now)),
-                escape(view::event_node(reason).unwrap_or("-")),
+                escape(view::event_node(e).unwrap_or("-")),
                 e["generation"].to_string(),
                 escape(e["kind"].as_str().unwrap_or("?")),
                 escape(reason),
@@ -430,7 +430,7 @@ mod tests {
             "goodput": {"ratio": 0.8125, "useful_seconds": 1.25, "wall_seconds": 1.538, "since": 1_795_776_803_344u64},
             "ranks": [{"rank": 0, "compute_seconds": 0.25, "data_wait_seconds": 0.01, "straggler": false},
                       {"rank": 1, "compute_seconds": 0.9, "data_wait_seconds": 0.02, "straggler": true}],
-            "events": [{"at": 1_795_776_801_000u64, "generation": 2, "kind": "NodeLost", "reason": "node b lost: <watch closed>"}],
+            "events": [{"at": 1_795_776_801_000u64, "generation": 2, "kind": "NodeLost", "node": "b", "reason": "node b lost: <watch closed>"}],
         });
         let page = render_status(&status);
         assert!(!page.contains("<script"), "no scripts, and worker-supplied text is escaped");

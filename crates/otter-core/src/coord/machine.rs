@@ -203,6 +203,10 @@ pub struct Event {
     pub generation: u64,
     pub kind: EventKind,
     pub reason: String,
+    /// The node it is about, where it is about one (a join, a loss, a leave, an exclusion,
+    /// a rank's failure: the failing rank's node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Counts for status pages and tests.
@@ -914,7 +918,7 @@ impl Machine {
             if node.status == NodeStatus::Leaving {
                 node.status = NodeStatus::Member;
                 let g = self.generation;
-                self.log(now, EventKind::NodeJoined, format!("generation {g}: node {node_id} joined again and stays"));
+                self.log_node(now, EventKind::NodeJoined, node_id, format!("generation {g}: node {node_id} joined again and stays"));
             }
             return Ok(self.node_reply(node_id));
         }
@@ -932,19 +936,20 @@ impl Machine {
             Phase::WaitingForNodes => {
                 self.first_join_at.get_or_insert(now);
                 self.last_join_at = Some(now);
-                self.log(now, EventKind::NodeJoined, format!("{joined}; {n} nodes (min {min}, max {max})"));
+                self.log_node(now, EventKind::NodeJoined, node_id, format!("{joined}; {n} nodes (min {min}, max {max})"));
                 if n >= max {
                     self.form_generation(now, &format!("{n} nodes joined, max_nodes reached"), false);
                 }
             }
             Phase::Rendezvous { .. } => {
-                self.log(now, EventKind::NodeJoined, format!("generation {g}: {joined} during the rendezvous"));
+                self.log_node(now, EventKind::NodeJoined, node_id, format!("generation {g}: {joined} during the rendezvous"));
                 self.form_generation(now, &joined, false);
             }
             Phase::Running { .. } => {
-                self.log(
+                self.log_node(
                     now,
                     EventKind::NodeJoined,
+                    node_id,
                     format!("generation {g}: {joined}; admitted at the next step boundary"),
                 );
                 self.schedule_membership_stop(now, &joined);
@@ -1048,7 +1053,7 @@ impl Machine {
                                     opt_step(applied_step),
                                     stop.map_or("none".into(), |b| format!("after step {b}")),
                                 );
-                                self.log(now, EventKind::RankFailed, format!("generation {generation}: {why}"));
+                                self.log_node(now, EventKind::RankFailed, node_id, format!("generation {generation}: {why}"));
                                 self.form_generation(now, &why, true);
                             }
                         }
@@ -1136,13 +1141,13 @@ impl Machine {
         let peer = blamed.and_then(|p| Some((p, self.slot_of(p)?))).filter(|(_, ps)| ps.node_id != slot.node_id);
         let Some((p, peer)) = peer else {
             let why = format!("rank {rank} ({slot}) reported a collective failure: {reason}");
-            self.log(now, EventKind::RankFailed, format!("generation {generation}: {why}"));
+            self.log_node(now, EventKind::RankFailed, &slot.node_id, format!("generation {generation}: {why}"));
             self.form_generation(now, &why, true);
             return Ok(self.phase_reply());
         };
         let (a, b) = (slot.node_id.clone(), peer.node_id.clone());
         let why = format!("nodes {a} and {b} cannot reach each other: rank {rank} ({slot}) failed on rank {p} ({peer}): {reason}");
-        self.log(now, EventKind::PeerUnreachable, format!("generation {generation}: {why}"));
+        self.log_node(now, EventKind::PeerUnreachable, &a, format!("generation {generation}: {why}"));
         if self.blame.len() >= BLAME_LOG_LEN {
             self.blame.pop_front();
         }
@@ -1178,9 +1183,10 @@ impl Machine {
         node.status = NodeStatus::Excluded;
         let n = node.exclusions;
         self.early.retain(|c| c.slot.node_id != id);
-        self.log(
+        self.log_node(
             now,
             EventKind::NodeExcluded,
+            id,
             format!(
                 "generation {g}: leaving node {id} out for {:.0} s (exclusion {n}; partition rule: blamed by more peers, \
                  else joined last): {why}",
@@ -1482,9 +1488,10 @@ impl Machine {
             NodeStatus::Pending | NodeStatus::Excluded => {
                 self.nodes.remove(node_id);
                 self.early.retain(|c| c.slot.node_id != node_id);
-                self.log(
+                self.log_node(
                     now,
                     EventKind::NodeLeft,
+                    node_id,
                     format!("generation {g}: node {node_id} left before it was admitted"),
                 );
             }
@@ -1501,7 +1508,7 @@ impl Machine {
                     node.status = NodeStatus::Leaving;
                 }
                 let why = format!("node {node_id} asked to leave");
-                self.log(now, EventKind::NodeLeaving, format!("generation {g}: {why}"));
+                self.log_node(now, EventKind::NodeLeaving, node_id, format!("generation {g}: {why}"));
                 if matches!(self.phase, Phase::Running { .. }) {
                     self.schedule_membership_stop(now, &why);
                 } else {
@@ -1531,7 +1538,7 @@ impl Machine {
             self.nodes.iter().filter(|(_, n)| n.status == NodeStatus::Leaving).map(|(id, _)| id.clone()).collect();
         for id in leaving {
             self.nodes.remove(&id);
-            self.log(now, EventKind::NodeLeft, format!("generation {g}: node {id} left"));
+            self.log_node(now, EventKind::NodeLeft, &id, format!("generation {g}: node {id} left"));
         }
         let mut carried = std::mem::take(&mut self.early);
         if let Some(r) = self.rendezvous.take() {
@@ -1935,7 +1942,7 @@ impl Machine {
             } else {
                 format!("generation {g}: node {id}, not yet admitted, lost ({why})")
             };
-            self.log(now, EventKind::NodeLost, reason);
+            self.log_node(now, EventKind::NodeLost, &id, reason);
         }
         if !members_lost.is_empty() && matches!(self.phase, Phase::Rendezvous { .. } | Phase::Running { .. }) {
             self.form_generation(now, &format!("lost node {}", members_lost.join(", ")), true);
@@ -2004,17 +2011,17 @@ impl Machine {
             match self.phase {
                 Phase::WaitingForNodes => {
                     self.last_join_at = Some(now);
-                    self.log(now, EventKind::NodeJoined, format!("generation {g}: {why}; it counts towards min_nodes again"));
+                    self.log_node(now, EventKind::NodeJoined, &id, format!("generation {g}: {why}; it counts towards min_nodes again"));
                     if self.available_nodes() >= self.config.max_nodes {
                         self.form_generation(now, &why, false);
                     }
                 }
                 Phase::Rendezvous { .. } => {
-                    self.log(now, EventKind::NodeJoined, format!("generation {g}: {why}; the rendezvous re-forms with it"));
+                    self.log_node(now, EventKind::NodeJoined, &id, format!("generation {g}: {why}; the rendezvous re-forms with it"));
                     self.form_generation(now, &why, false);
                 }
                 Phase::Running { .. } => {
-                    self.log(now, EventKind::NodeJoined, format!("generation {g}: {why}; admitted at the next step boundary"));
+                    self.log_node(now, EventKind::NodeJoined, &id, format!("generation {g}: {why}; admitted at the next step boundary"));
                     self.schedule_membership_stop(now, &why);
                 }
                 Phase::Finished | Phase::Failed { .. } => {}
@@ -2154,7 +2161,12 @@ impl Machine {
     }
 
     fn log(&mut self, at: Millis, kind: EventKind, reason: String) {
-        self.log.push(Event { at, generation: self.generation, kind, reason });
+        self.log.push(Event { at, generation: self.generation, kind, reason, node: None });
+    }
+
+    /// An event about one node.
+    fn log_node(&mut self, at: Millis, kind: EventKind, node: &str, reason: String) {
+        self.log.push(Event { at, generation: self.generation, kind, reason, node: Some(node.to_string()) });
     }
 }
 

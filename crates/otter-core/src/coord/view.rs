@@ -101,13 +101,9 @@ pub fn finished(status: &Value) -> bool {
     matches!(phase(status).as_str(), "Finished" | "Failed")
 }
 
-/// The node an event is about, where its reason names one (`node c lost: ...`).
-pub fn event_node(reason: &str) -> Option<&str> {
-    let at = reason.match_indices("node ").map(|(i, _)| i).find(|&i| i == 0 || !reason[..i].ends_with('s'))?;
-    let rest = &reason[at + 5..];
-    let end = rest.find(|c: char| !(c.is_alphanumeric() || "-_.:".contains(c))).unwrap_or(rest.len());
-    let id = rest[..end].trim_end_matches([':', '.']);
-    (!id.is_empty()).then_some(id)
+/// The node an event is about (the machine records it with the event), if any.
+pub fn event_node(event: &Value) -> Option<&str> {
+    event["node"].as_str()
 }
 
 /// A recovery: something failed, and the survivors were all assigned ranks again.
@@ -317,10 +313,10 @@ mod tests {
     }
 
     #[test]
-    fn an_event_names_its_node_where_its_reason_does() {
-        assert_eq!(event_node("node c lost: watch stream closed"), Some("c"));
-        assert_eq!(event_node("lost node worker-3.b: heartbeat timeout"), Some("worker-3.b"));
-        assert_eq!(event_node("generation 3 formed (start): nodes a, b, world 2"), None);
+    fn an_event_names_its_node_where_the_machine_recorded_one() {
+        assert_eq!(event_node(&serde_json::json!({"kind": "NodeLost", "node": "c", "reason": "node c lost: watch stream closed"})), Some("c"));
+        // Not read from the reason's text: an event without the field names no node.
+        assert_eq!(event_node(&serde_json::json!({"kind": "GenerationFormed", "reason": "generation 3 formed (lost node c)"})), None);
     }
 
     fn job() -> Value {

@@ -469,6 +469,7 @@ fn a_node_killed_mid_step_commits_exactly_what_the_survivors_applied() {
             .reason
             .contains("generation 1: node c lost (training process exited"));
         assert!(sim.last_event(EventKind::NodeLost).reason.contains("2 of 3 nodes remain (min 2)"));
+        assert_eq!(sim.last_event(EventKind::NodeLost).node.as_deref(), Some("c"), "the event names its node as a field");
         if b_applied {
             let refused = sim.m.step_done(sim.t(), 1, 1, 2, 0.5, 1e-3);
             assert_eq!(refused, Err(Refusal::StaleGeneration { got: 1, current: 2 }), "{name}");
@@ -690,6 +691,7 @@ fn a_partition_leaves_out_one_node_of_the_pair_for_the_back_off_then_admits_it_a
     let e = sim.last_event(EventKind::PeerUnreachable);
     assert!(e.reason.contains("nodes b and a cannot reach each other"), "{}", e.reason);
     assert!(sim.last_event(EventKind::NodeExcluded).reason.contains("leaving node a out for 30 s (exclusion 1"));
+    assert_eq!((e.node.as_deref(), sim.last_event(EventKind::NodeExcluded).node.as_deref()), (Some("b"), Some("a")), "reporter, excluded");
     assert_eq!(sim.m.summary().excluded, vec![("a".to_string(), Millis(40 * SEC))]);
     assert_eq!(sim.m.members().iter().map(|m| m.node_id.as_str()).collect::<Vec<_>>(), vec!["b", "c"]);
     assert!(sim.m.rendezvous(sim.t(), "a", 0, None, "a/0").is_ok(), "a's process may wait, it is not admitted");
@@ -972,7 +974,7 @@ fn the_job_ends_when_the_epochs_run_out_and_counts_the_dropped_tail() {
 fn the_event_log_keeps_the_latest_events() {
     let mut log = EventLog::default();
     for i in 0..EVENT_LOG_LEN as u64 + 5 {
-        log.push(Event { at: Millis(i), generation: 0, kind: EventKind::NodeJoined, reason: String::new() });
+        log.push(Event { at: Millis(i), generation: 0, kind: EventKind::NodeJoined, reason: String::new(), node: None });
     }
     assert_eq!(log.events.len(), EVENT_LOG_LEN);
     assert_eq!(log.events.front().unwrap().at, Millis(5));
