@@ -22,8 +22,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # glibc + libgcc + libstdc++ and nothing else: no shell, no package manager.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/otter-coord /usr/local/bin/otter-coord
-# The manifests (cluster/base) run as 10001:10001; distroless's own nonroot is 65532.
+# The manifests (cluster/base) run as 10001:10001; distroless's own nonroot is 65532,
+# and its WORKDIR /home/nonroot (mode 0700, owned by 65532) is closed to 10001: buildah
+# and podman refuse to start the container there, runc starts it in a working directory
+# it cannot read. Everything it writes goes to --state-dir and /checkpoints.
 USER 10001:10001
+WORKDIR /
 EXPOSE 50051 9400
 ENTRYPOINT ["/usr/local/bin/otter-coord"]
 CMD ["--help"]
