@@ -25,12 +25,13 @@
 #   * prints each image's size, the build and job times.
 #
 # Its own command (not part of scripts/test.sh). Cost on the 2-core development machine
-# (measured, see README "Deploy on Kubernetes"): first run ~35-45 min (two release
-# builds, the 4.7 GB torch wheel set from PyPI) and ~16 GB of disk in
-# /var/lib/containers and /var/tmp/buildah-cache (the images, the build stages' layer
-# cache, the cargo cache mounts); a second run reuses the layer cache and the cargo
-# cache mounts. `OTTER_IMAGES_PRUNE=1` removes the intermediate build-stage images
-# afterwards (about 6 GB; the next build then installs the wheels again).
+# (measured, see README "Deploy on Kubernetes"): a first run about 35 min (two release
+# builds, the 4.7 GB torch wheel set from PyPI) leaving about 13 GB in
+# /var/lib/containers and /var/tmp/buildah-cache (stand-in bases, the images, the build
+# stages' layer cache, the cargo cache mounts), and about 16 GB more free needed while
+# the worker image commits its venv layer; a run from a fresh clone with the caches
+# warm, 6 min. `OTTER_IMAGES_PRUNE=1` removes the intermediate build-stage images
+# afterwards (the venv stage's 5 GB among them: the next build installs the wheels again).
 # `OTTER_IMAGES_SKIP_BUILD=1` tests the images already built.
 set -euo pipefail
 
