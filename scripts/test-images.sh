@@ -92,11 +92,11 @@ chmod -R a+rX "$W/models" "$W/etc"
 vol "$W/data"; vol "$W/checkpoints"; vol "$W/state"
 for t in coord w0 w1 synth; do mkdir -p "$W/tmp-$t"; chmod 1777 "$W/tmp-$t"; done
 
-new_ctr() {  # IMAGE NAME -> a working container (created by this script, removed at exit)
+new_ctr() {  # VAR IMAGE NAME: a working container in VAR (created here, removed at exit)
   local c
-  c="$(buildah from --pull=false --quiet --name "$2-$$" "$1")"
+  c="$(buildah from --pull=false --quiet --name "$3-$$" "$2")"
   ctrs+=("$c")
-  echo "$c"
+  printf -v "$1" '%s' "$c"
 }
 RUN=(buildah run --isolation chroot --network host --user "$UID_GID")
 # The token at /var/run/secrets/otter, where the manifests mount it. /var/run is a symlink
@@ -111,14 +111,14 @@ secret_dst() {  # CONTAINER
   case "$t" in /run|../run|/run/) echo /run/secrets/otter ;; "") echo /var/run/secrets/otter ;; *) log "/var/run -> $t: unexpected"; exit 1 ;; esac
 }
 
-cctr="$(new_ctr "$COORD_IMAGE" otter-test-coord)"
-wctr0="$(new_ctr "$WORKER_IMAGE" otter-test-worker-0)"
-wctr1="$(new_ctr "$WORKER_IMAGE" otter-test-worker-1)"
+new_ctr cctr "$COORD_IMAGE" otter-test-coord
+new_ctr wctr0 "$WORKER_IMAGE" otter-test-worker-0
+new_ctr wctr1 "$WORKER_IMAGE" otter-test-worker-1
 COMMON_MOUNTS=(-v "$W/secret:$(secret_dst "$wctr0"):ro" -v "$W/models:/models:ro" -v "$W/checkpoints:/checkpoints")
 
 # The data: written by the worker image's `otter` (as the job's comment says), /data
 # read-write for this one step only.
-sctr="$(new_ctr "$WORKER_IMAGE" otter-test-synth)"
+new_ctr sctr "$WORKER_IMAGE" otter-test-synth
 if "${RUN[@]}" -v "$W/data:/data" -v "$W/tmp-synth:/tmp" "$sctr" -- \
      otter data synth --out /data/synthetic --samples 64 --image-px 48 --seed 0 > "$W/synth.log" 2>&1; then
   pass "otter data synth in $WORKER_IMAGE as $UID_GID wrote /data/synthetic ($(ls "$W/data/synthetic" | wc -l) files)"
