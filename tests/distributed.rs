@@ -285,7 +285,17 @@ fn a_forced_regroup_reforms_the_group_in_the_same_processes() {
     let b = start_worker(&c.addr, "b", d.path());
     let first = wait_for(&c.addr, "2 ranks training", Duration::from_secs(60), |s| s["summary"]["world"] == 2);
     let generation = first["summary"]["generation"].as_u64().unwrap();
-    let processes: Vec<u32> = [&a, &b].iter().flat_map(|w| process_tree(w.child.0.id())).collect();
+    // The generation forms when both nodes have joined, before every agent has started its
+    // rank process: wait for those (no step runs without both ranks, so this is before the
+    // fault at step 3).
+    let t = std::time::Instant::now();
+    let processes: Vec<u32> = loop {
+        let p: Vec<u32> = [&a, &b].iter().flat_map(|w| process_tree(w.child.0.id())).collect();
+        if p.len() == 4 || t.elapsed() > Duration::from_secs(30) {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(processes.len(), 4, "two agents and their rank processes: {processes:?}");
     wait_for(&c.addr, "a step of a later generation", Duration::from_secs(60), |s| {
         s["steps"].as_array().is_some_and(|v| v.iter().any(|x| x["generation"].as_u64() > Some(generation)))
