@@ -173,6 +173,9 @@ fn start_etcd(dir: &Path) -> Result<LocalEtcd> {
     Ok(etcd)
 }
 
+/// How often (in steps) a run prints a progress line.
+const PROGRESS_EVERY: u64 = 10_000;
+
 /// The join token of the benchmark's job.
 const TOKEN: &str = "bench";
 
@@ -305,6 +308,7 @@ pub async fn run(o: &BenchOptions) -> Result<BenchResult> {
     let rss_mb_start = rss_mb();
     let mut rss_mb_100k = None;
     let t = Instant::now();
+    let mut last_progress = t;
     for s in 0..o.steps {
         step(&svc, generation, world, s).await?;
         if o.save_every > 0 && (s + 1) % o.save_every == 0 {
@@ -312,6 +316,23 @@ pub async fn run(o: &BenchOptions) -> Result<BenchResult> {
         }
         if s + 1 == 100_000 {
             rss_mb_100k = Some(rss_mb());
+        }
+        if (s + 1) % PROGRESS_EVERY == 0 {
+            // A long run leaves its measures as it goes (stderr), so one cut short still
+            // says how far it got and what it saw.
+            let stats = coord.save_stats();
+            eprintln!(
+                "progress step={} elapsed_s={:.0} steps_per_s={:.0} rss_mb={:.1} state_bytes_max={} saves={} save_ms_p50={:.3} save_ms_p99={:.3}",
+                s + 1,
+                t.elapsed().as_secs_f64(),
+                PROGRESS_EVERY as f64 / last_progress.elapsed().as_secs_f64().max(1e-9),
+                rss_mb(),
+                stats.bytes_max,
+                stats.saves,
+                stats.quantile(0.5).as_secs_f64() * 1e3,
+                stats.quantile(0.99).as_secs_f64() * 1e3,
+            );
+            last_progress = Instant::now();
         }
     }
     let steps_wall = t.elapsed();
