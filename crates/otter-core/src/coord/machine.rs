@@ -5,6 +5,7 @@
 //! appends an [`Event`] with a readable reason to a bounded log. See the module docs of
 //! [`crate::coord`] for the commit rule and the contracts.
 
+use super::frozen::Frozen;
 use super::ledger::{Ledger, LedgerEnd, StepLease};
 use super::{ConfigError, CoordConfig, Millis};
 use serde::{Deserialize, Serialize};
@@ -373,8 +374,8 @@ struct RendezvousState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct RunState {
     start_step: u64,
-    /// By rank: the check-ins the generation was formed from.
-    checkins: Vec<Checkin>,
+    /// By rank: the check-ins the generation was formed from (fixed while it runs).
+    checkins: Frozen<Vec<Checkin>>,
     sync_from: Option<usize>,
     #[serde(default)]
     restore_step: Option<u64>,
@@ -394,6 +395,12 @@ struct RunState {
     /// final one whichever rank reports last).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     early_final_weights: Option<Result<String, String>>,
+}
+
+/// The member of `layout` (in rank order) that holds `rank`.
+fn member_of(layout: &[Member], rank: usize) -> Option<&Member> {
+    let i = layout.partition_point(|m| m.first_rank + m.local_ranks as usize <= rank);
+    layout.get(i).filter(|m| rank >= m.first_rank)
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -553,8 +560,8 @@ pub struct Machine {
     phase: Phase,
     generation: u64,
     nodes: BTreeMap<String, Node>,
-    /// The current generation's members, by node id.
-    layout: Vec<Member>,
+    /// The current generation's members, by node id (fixed while it runs).
+    layout: Frozen<Vec<Member>>,
     world: usize,
     first_join_at: Option<Millis>,
     last_join_at: Option<Millis>,
@@ -565,12 +572,13 @@ pub struct Machine {
     run: Option<RunState>,
     /// Ranks of the last generation that completed its rendezvous: only their states are
     /// of the live model lineage (`None`: nothing ran yet, everyone is fresh).
-    voters: Option<BTreeSet<Slot>>,
+    voters: Option<Frozen<BTreeSet<Slot>>>,
     ledger: Ledger,
     finish: Option<Finish>,
     recoveries: u64,
     rollbacks: u64,
-    log: EventLog,
+    /// (Changes only with an event: shared by the saves in between.)
+    log: Frozen<EventLog>,
     /// Committed checkpoints (`step-N`), by N, ascending.
     #[serde(default)]
     checkpoints: Vec<u64>,
@@ -664,7 +672,7 @@ impl Machine {
             phase: Phase::WaitingForNodes,
             generation: 0,
             nodes: BTreeMap::new(),
-            layout: Vec::new(),
+            layout: Frozen::default(),
             world: 0,
             first_join_at: None,
             last_join_at: None,
@@ -676,7 +684,7 @@ impl Machine {
             finish: None,
             recoveries: 0,
             rollbacks: 0,
-            log: EventLog::default(),
+            log: Frozen::default(),
             checkpoints: Vec::new(),
             pending_checkpoints: BTreeMap::new(),
             last_rendezvous: None,
@@ -1560,7 +1568,7 @@ impl Machine {
             // failing; processes already checked in stay checked in.
             carried.retain(|c| self.nodes.contains_key(&c.slot.node_id));
             self.early = carried;
-            self.layout.clear();
+            self.layout = Frozen::default();
             self.world = 0;
             let reason = format!("{cause}; {n} nodes available, below min_nodes {min}");
             self.log(
@@ -1577,8 +1585,8 @@ impl Machine {
         }
         self.generation += 1;
         let mut first_rank = 0;
-        self.layout = self
-            .nodes
+        self.layout = Frozen::new(
+            self.nodes
             .iter_mut()
             .filter(|(_, node)| node.status != NodeStatus::Excluded)
             .map(|(id, node)| {
@@ -1587,7 +1595,8 @@ impl Machine {
                 first_rank += node.local_ranks as usize;
                 m
             })
-            .collect();
+            .collect(),
+        );
         self.world = first_rank;
         carried.retain(|c| self.rank_of(&c.slot).is_some());
         let checked = carried.len();
@@ -1702,10 +1711,10 @@ impl Machine {
             let by_data = self.ledger.total() / per_step.max(1);
             self.total_steps = Some(self.config.max_steps.map_or(by_data, |m| m.min(by_data)).max(1));
         }
-        self.voters = Some(checkins.iter().map(|c| c.slot.clone()).collect());
+        self.voters = Some(Frozen::new(checkins.iter().map(|c| c.slot.clone()).collect()));
         self.run = Some(RunState {
             start_step,
-            checkins,
+            checkins: Frozen::new(checkins),
             sync_from,
             restore_step,
             reported: Reports::none(world),
@@ -2105,17 +2114,13 @@ impl Machine {
     }
 
     fn slot_of(&self, rank: usize) -> Option<Slot> {
-        // The layout is in rank order.
-        let i = self.layout.partition_point(|m| m.first_rank + m.local_ranks as usize <= rank);
-        let m = self.layout.get(i).filter(|m| rank >= m.first_rank)?;
+        let m = member_of(&self.layout, rank)?;
         Some(Slot { node_id: m.node_id.clone(), local_rank: (rank - m.first_rank) as u32 })
     }
 
     fn touch_rank(&mut self, now: Millis, rank: usize) {
-        if let Some(slot) = self.slot_of(rank) {
-            if let Some(node) = self.nodes.get_mut(&slot.node_id) {
-                node.last_seen = now;
-            }
+        if let Some(node) = member_of(&self.layout, rank).and_then(|m| self.nodes.get_mut(&m.node_id)) {
+            node.last_seen = now;
         }
     }
 
@@ -2161,12 +2166,12 @@ impl Machine {
     }
 
     fn log(&mut self, at: Millis, kind: EventKind, reason: String) {
-        self.log.push(Event { at, generation: self.generation, kind, reason, node: None });
+        self.log.get_mut().push(Event { at, generation: self.generation, kind, reason, node: None });
     }
 
     /// An event about one node.
     fn log_node(&mut self, at: Millis, kind: EventKind, node: &str, reason: String) {
-        self.log.push(Event { at, generation: self.generation, kind, reason, node: Some(node.to_string()) });
+        self.log.get_mut().push(Event { at, generation: self.generation, kind, reason, node: Some(node.to_string()) });
     }
 }
 

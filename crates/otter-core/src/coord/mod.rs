@@ -69,6 +69,7 @@
 pub mod bench;
 pub mod client;
 pub mod etcd;
+pub mod frozen;
 pub mod http;
 pub mod job;
 pub mod ledger;
