@@ -7,6 +7,7 @@ mod common;
 
 use common::cluster::*;
 use common::*;
+use otter_core::coord::etcd::LocalEtcd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -411,38 +412,12 @@ fn wrong_token_and_malformed_job_are_refused_clearly() {
 }
 
 /// A real etcd server on free loopback ports, data in `dir`; killed on drop.
-struct Etcd(Child, String);
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_etcd(dir: &Path) -> Etcd {
+fn start_etcd(dir: &Path) -> LocalEtcd {
     start_etcd_with(dir, &[])
 }
 
-fn start_etcd_with(dir: &Path, extra: &[&str]) -> Etcd {
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (client, peer) = (free(), free());
-    let url = format!("http://127.0.0.1:{client}");
-    let child = Command::new("etcd")
-        .args(["--data-dir", dir.join("etcd").to_str().unwrap(), "--listen-client-urls", &url, "--advertise-client-urls", &url])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}"), "--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer}")])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
-        .spawn()
-        .expect("etcd-server (scripts/setup.sh installs it)");
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(20), "etcd did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Etcd(child, url)
+fn start_etcd_with(dir: &Path, extra: &[&str]) -> LocalEtcd {
+    LocalEtcd::start(dir, extra).unwrap()
 }
 
 fn start_coord_etcd(config: &Path, etcd: &str, listen: &str, log: &Path) -> Child {
@@ -466,9 +441,9 @@ fn two_coordinators_on_etcd_survive_killing_the_active_one() {
     let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: None, epochs: 8, grad_accum: 1, coord: Some((2, 2)), out: &out });
     let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let (addr_a, addr_b) = (free(), free());
-    let mut active = start_coord_etcd(&job, &etcd.1, &addr_a, &d.path().join("coord-a.log"));
+    let mut active = start_coord_etcd(&job, etcd.url(), &addr_a, &d.path().join("coord-a.log"));
     wait_for(&addr_a, "coordinator a elected", Duration::from_secs(30), |_| true);
-    let mut standby = start_coord_etcd(&job, &etcd.1, &addr_b, &d.path().join("coord-b.log"));
+    let mut standby = start_coord_etcd(&job, etcd.url(), &addr_b, &d.path().join("coord-b.log"));
     let both = format!("{addr_a},{addr_b}");
     let _w1 = start_worker(&both, "a", d.path());
     let _w2 = start_worker(&both, "b", d.path());
@@ -537,9 +512,9 @@ fn an_etcd_job_runs_past_the_old_designs_size_limit_then_fails_over() {
     let job = job_yaml(d.path(), &data, &Job { save_every: 100, max_steps: Some(STEPS), epochs: STEPS / 48 + 2, grad_accum: 1, coord: Some((2, 2)), out: &out });
     let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let (addr_a, addr_b) = (free(), free());
-    let mut active = start_coord_etcd(&job, &etcd.1, &addr_a, &d.path().join("coord-a.log"));
+    let mut active = start_coord_etcd(&job, etcd.url(), &addr_a, &d.path().join("coord-a.log"));
     wait_for(&addr_a, "coordinator a elected", Duration::from_secs(30), |_| true);
-    let mut standby = start_coord_etcd(&job, &etcd.1, &addr_b, &d.path().join("coord-b.log"));
+    let mut standby = start_coord_etcd(&job, etcd.url(), &addr_b, &d.path().join("coord-b.log"));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let nodes: Vec<_> = ["a", "b"]
         .iter()
@@ -558,7 +533,7 @@ fn an_etcd_job_runs_past_the_old_designs_size_limit_then_fails_over() {
     let mut largest = 0;
     let before = loop {
         let s = status(&addr_a).unwrap_or_default();
-        largest = largest.max(etcd_values(&etcd.1, "otter/").iter().map(|(_, n)| *n).max().unwrap_or(0));
+        largest = largest.max(etcd_values(etcd.url(), "otter/").iter().map(|(_, n)| *n).max().unwrap_or(0));
         if steps_committed(&s) > OLD_LIMIT_STEPS + 100 {
             break steps_committed(&s);
         }
@@ -566,7 +541,7 @@ fn an_etcd_job_runs_past_the_old_designs_size_limit_then_fails_over() {
         std::thread::sleep(Duration::from_millis(500));
     };
     let rate = before as f64 / t.elapsed().as_secs_f64();
-    let values = etcd_values(&etcd.1, "otter/");
+    let values = etcd_values(etcd.url(), "otter/");
     let state = values.iter().find(|(k, _)| k == "otter/state").map_or(0, |(_, n)| *n);
     println!("{before} steps in {:.0} s ({rate:.0} steps/s); etcd values: {values:?}", t.elapsed().as_secs_f64());
     assert!(state > 0 && state < 256 * 1024, "the saved state: {state} bytes");
@@ -589,7 +564,7 @@ fn an_etcd_job_runs_past_the_old_designs_size_limit_then_fails_over() {
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("coord/status.json")).unwrap()).unwrap();
     assert_exactly_once(&s);
     assert_eq!((s["summary"]["phase"].as_str(), steps_committed(&s)), (Some("Finished"), STEPS));
-    let values = etcd_values(&etcd.1, "otter/");
+    let values = etcd_values(etcd.url(), "otter/");
     largest = largest.max(values.iter().map(|(_, n)| *n).max().unwrap_or(0));
     assert!(largest < 256 * 1024, "an etcd value of {largest} bytes: {values:?}");
     let history = std::fs::read_to_string(out.join("coord/history.jsonl")).unwrap();
@@ -610,14 +585,14 @@ fn a_coordinator_whose_etcd_lease_is_revoked_stops_within_one_ttl() {
     let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
     let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let (addr_a, addr_b) = (free(), free());
-    let mut active = start_coord_etcd(&job, &etcd.1, &addr_a, &d.path().join("coord-a.log"));
+    let mut active = start_coord_etcd(&job, etcd.url(), &addr_a, &d.path().join("coord-a.log"));
     wait_for(&addr_a, "coordinator a elected", Duration::from_secs(30), |_| true);
-    let mut standby = start_coord_etcd(&job, &etcd.1, &addr_b, &d.path().join("coord-b.log"));
+    let mut standby = start_coord_etcd(&job, etcd.url(), &addr_b, &d.path().join("coord-b.log"));
     std::thread::sleep(Duration::from_millis(500)); // b campaigns
     assert!(status(&addr_b).is_none(), "the standby does not serve");
     // The leader is the campaign key created first; revoke the lease it is attached to.
     let etcdctl = |args: &[&str]| {
-        let o = Command::new("etcdctl").env("ETCDCTL_API", "3").arg(format!("--endpoints={}", etcd.1)).args(args).output().unwrap();
+        let o = Command::new("etcdctl").env("ETCDCTL_API", "3").arg(format!("--endpoints={}", etcd.url())).args(args).output().unwrap();
         assert!(o.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8(o.stdout).unwrap()
     };

@@ -136,43 +136,6 @@ fn rss_mb() -> f64 {
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// A local etcd for the run: killed when dropped.
-struct LocalEtcd(std::process::Child, String);
-
-impl Drop for LocalEtcd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_etcd(dir: &Path) -> Result<LocalEtcd> {
-    let free = || -> Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
-    let (client, peer) = (free()?, free()?);
-    let url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let data = dir.join("etcd");
-    let child = std::process::Command::new("etcd")
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url, "--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("default={peer_url}")])
-        // As the HA manifest sets it: every save is a whole state, and etcd keeps its raft
-        // log (in memory and in WAL files) until a snapshot.
-        .args(["--snapshot-count", "10000"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.join("etcd.log"))?)
-        .spawn()
-        .context("starting `etcd` (Debian's etcd-server; scripts/setup.sh installs it)")?;
-    let etcd = LocalEtcd(child, url);
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(20), "etcd did not start; see {}", dir.join("etcd.log").display());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(etcd)
-}
-
 /// How often (in steps) a run prints a progress line.
 const PROGRESS_EVERY: u64 = 10_000;
 
@@ -278,8 +241,10 @@ pub async fn run(o: &BenchOptions) -> Result<BenchResult> {
         BenchStore::Memory => Box::new(MemStore::default()),
         BenchStore::File => Box::new(FileStore::open(o.dir.join("state"))?),
         BenchStore::Etcd => {
-            let e = start_etcd(&o.dir)?;
-            let s = super::etcd::EtcdStore::connect(&[e.1.clone()], "otter-bench").await?;
+            // As the HA manifest sets it: every save is a whole state, and etcd keeps its
+            // raft log (in memory and in WAL files) until a snapshot.
+            let e = super::etcd::LocalEtcd::start(&o.dir, &["--snapshot-count", "10000"])?;
+            let s = super::etcd::EtcdStore::connect(&[e.url().to_string()], "otter-bench").await?;
             _etcd = Some(e);
             Box::new(s)
         }

@@ -274,6 +274,56 @@ impl StateStore for EtcdStore {
     }
 }
 
+/// A single-member etcd on free loopback ports, its data and log (`etcd.log`) in `dir`:
+/// what `otter-coord bench --store etcd` and the HA tests run against. Killed when dropped.
+pub struct LocalEtcd {
+    child: std::process::Child,
+    url: String,
+}
+
+impl LocalEtcd {
+    /// Starts `etcd` (Debian's etcd-server) with `extra` arguments after ours and waits
+    /// (at most 20 s) until it accepts connections.
+    pub fn start(dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let free = || -> anyhow::Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+        let (client, peer) = (free()?, free()?);
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = dir.join("etcd.log");
+        let child = std::process::Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir.join("etcd"))
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url, "--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("default={peer_url}")])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?)
+            .spawn()
+            .context("starting `etcd` (Debian's etcd-server; scripts/setup.sh installs it)")?;
+        // Constructed before the wait, so that a timeout kills the child on the way out.
+        let etcd = Self { child, url };
+        let t = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+            anyhow::ensure!(t.elapsed() < Duration::from_secs(20), "etcd did not start within 20 s; see {}", log.display());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(etcd)
+    }
+
+    /// The client URL (`http://127.0.0.1:PORT`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for LocalEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
