@@ -38,7 +38,8 @@ fn value(s: &serde_json::Value) -> f64 {
 fn a_real_prometheus_scrapes_a_running_job_and_answers_loss_and_step_time_queries() {
     let prometheus = which("prometheus").expect("the `prometheus` binary (Debian package `prometheus`; scripts/setup.sh installs it)");
     let d = tempfile::tempdir().unwrap();
-    let mut job = start_live_job(d.path(), 100, 20);
+    // 200 steps (of the 240 its data allows): long enough for several scrapes of each rank.
+    let mut job = start_live_job(d.path(), 200, 20);
     // Not a port a worker is about to bind for its metrics (node page p, ranks p+1...).
     let taken: Vec<u16> = job.node_metrics.iter().filter_map(|m| m.rsplit_once(':')?.1.parse().ok()).collect();
     let port = std::iter::repeat_with(free_port_pair).find(|p| taken.iter().all(|t| p.abs_diff(*t) > 4)).unwrap();
@@ -87,8 +88,10 @@ fn a_real_prometheus_scrapes_a_running_job_and_answers_loss_and_step_time_querie
     let p50_query = "histogram_quantile(0.5, sum by (le, rank) (rate(otter_step_duration_seconds_bucket[1m])))";
     let t = Instant::now();
     let (loss, steps, p50) = loop {
-        let loss = query(&prom, "otter_loss");
-        let steps = query(&prom, "otter_step_duration_seconds_count");
+        // `last_over_time`: a tiny job on a fast machine may already be over (its series
+        // marked stale) when Prometheus answers; what it scraped still counts.
+        let loss = query(&prom, "last_over_time(otter_loss[5m])");
+        let steps = query(&prom, "last_over_time(otter_step_duration_seconds_count[5m])");
         let p50 = query(&prom, p50_query);
         if loss.len() == 2 && steps.len() == 2 && p50.len() == 2 && p50.iter().all(|s| value(s).is_finite()) {
             break (loss, steps, p50);
