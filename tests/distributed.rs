@@ -411,15 +411,6 @@ fn wrong_token_and_malformed_job_are_refused_clearly() {
     assert!(!o.status.success() && err.contains("last_cal"), "{err}");
 }
 
-/// A real etcd server on free loopback ports, data in `dir`; killed on drop.
-fn start_etcd(dir: &Path) -> LocalEtcd {
-    start_etcd_with(dir, &[])
-}
-
-fn start_etcd_with(dir: &Path, extra: &[&str]) -> LocalEtcd {
-    LocalEtcd::start(dir, extra).unwrap()
-}
-
 fn start_coord_etcd(config: &Path, etcd: &str, listen: &str, log: &Path) -> Child {
     Command::new(coord_bin())
         // Each replica its own HTTP port: two on one host must not share the default.
@@ -435,7 +426,7 @@ fn start_coord_etcd(config: &Path, etcd: &str, listen: &str, log: &Path) -> Chil
 fn two_coordinators_on_etcd_survive_killing_the_active_one() {
     let _serial = serial();
     let d = tempfile::tempdir().unwrap();
-    let etcd = start_etcd(d.path());
+    let etcd = LocalEtcd::start(d.path(), &[]).unwrap();
     let data = synth(d.path(), 192);
     let out = d.path().join("out");
     let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: None, epochs: 8, grad_accum: 1, coord: Some((2, 2)), out: &out });
@@ -506,7 +497,7 @@ fn an_etcd_job_runs_past_the_old_designs_size_limit_then_fails_over() {
     let d = tempfile::tempdir().unwrap();
     // Without fsyncs (the test is about sizes and the failover, not etcd's durability): a
     // step takes the time of the coordinator's work, not of a disk flush.
-    let etcd = start_etcd_with(d.path(), &["--unsafe-no-fsync"]);
+    let etcd = LocalEtcd::start(d.path(), &["--unsafe-no-fsync"]).unwrap();
     let data = synth(d.path(), 192); // 96 batches of 2 an epoch: 48 steps of world 2
     let out = d.path().join("out");
     let job = job_yaml(d.path(), &data, &Job { save_every: 100, max_steps: Some(STEPS), epochs: STEPS / 48 + 2, grad_accum: 1, coord: Some((2, 2)), out: &out });
@@ -579,7 +570,7 @@ fn an_etcd_job_runs_past_the_old_designs_size_limit_then_fails_over() {
 fn a_coordinator_whose_etcd_lease_is_revoked_stops_within_one_ttl() {
     let _serial = serial();
     let d = tempfile::tempdir().unwrap();
-    let etcd = start_etcd(d.path());
+    let etcd = LocalEtcd::start(d.path(), &[]).unwrap();
     let data = synth(d.path(), 48);
     let out = d.path().join("out");
     let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: None, epochs: 1, grad_accum: 1, coord: Some((2, 2)), out: &out });
