@@ -8,7 +8,7 @@
 //! when it hears so. When every rank finishes, the node leaves cleanly.
 
 use super::rank::EXIT_RESTART_FRESH;
-use crate::coord::client::connect;
+use crate::coord::client::{connect, connect_from};
 use crate::coord::rpc::{pb, refusal_code, with_token};
 use anyhow::{bail, Context, Result};
 use std::time::Duration;
@@ -112,10 +112,12 @@ pub async fn join(args: JoinArgs) -> Result<()> {
         tokio::spawn(async move {
             let mut generation = 0;
             let mut client = None;
+            // After a failure, the next replica is tried first (HA: the standby takes over).
+            let mut next = 0;
             loop {
                 tokio::time::sleep(interval).await;
                 if client.is_none() {
-                    client = connect(&coord, Duration::from_secs(1)).await.ok();
+                    client = connect_from(&coord, next, Duration::from_secs(1)).await.ok();
                 }
                 if let Some(c) = client.as_mut() {
                     match c.heartbeat(with_token(pb::HeartbeatRequest { node_id: node_id.clone(), generation }, &token)).await {
@@ -130,7 +132,10 @@ pub async fn join(args: JoinArgs) -> Result<()> {
                                 Err(s) => eprintln!("node {node_id}: joining again refused: {}", s.message()),
                             }
                         }
-                        Err(_) => client = None,
+                        Err(_) => {
+                            next = c.index() + 1;
+                            client = None;
+                        }
                     }
                 }
             }

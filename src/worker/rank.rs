@@ -24,7 +24,7 @@
 
 use crate::comm::ring::{RingGroup, RingTimeouts};
 use crate::comm::{Abort, CommError};
-use crate::coord::client::{call, call_with_patience, connect, Client, DEFAULT_PATIENCE};
+use crate::coord::client::{call_with_patience, connect, Client};
 use crate::coord::ledger::BatchRef;
 use crate::coord::rpc::{lease_from_pb, pb, refusal_code, with_token, RENDEZVOUS_PENDING};
 use crate::data::order::EpochPlan;
@@ -258,6 +258,8 @@ struct Rank {
     last_generation: Option<u64>,
     watch: GenerationWatch,
     threads: crate::cpus::RankThreads,
+    /// How long a call keeps trying the coordinator's addresses (`coord.reconnect_timeout`).
+    reconnect: Duration,
 }
 
 /// Runs one rank process until the job is over.
@@ -315,7 +317,8 @@ impl Rank {
         let buckets = GradBuckets::new(&trainer.model.trainable(), (cfg.comm.bucket_mb * (1 << 20) as f64) as usize);
         let listener = TcpListener::bind((args.advertise_host.as_str(), 0)).with_context(|| format!("binding a collective listener on {}", args.advertise_host))?;
         let comm_addr = listener.local_addr()?.to_string();
-        let client = rt.block_on(connect(&args.coord, Duration::from_secs(60)))?;
+        let reconnect = cfg.coord.as_ref().map_or(crate::coord::client::DEFAULT_PATIENCE, |c| c.reconnect_timeout);
+        let client = rt.block_on(connect(&args.coord, reconnect))?;
         let watch = GenerationWatch::spawn(args.coord.clone(), args.node_id.clone(), args.token.clone())?;
 
         // Rank 0 of each generation reports the frozen weights' checksums (the saver
@@ -367,6 +370,7 @@ impl Rank {
             last_generation: None,
             watch,
             threads,
+            reconnect,
         })
     }
 
@@ -407,7 +411,8 @@ impl Rank {
         let mut said = (String::new(), Instant::now());
         loop {
             let token = self.args.token.clone();
-            let patience = self.cfg.coord.as_ref().map_or(DEFAULT_PATIENCE, |c| c.join_timeout.max(DEFAULT_PATIENCE));
+            // A rendezvous may wait as long as the job waits for nodes.
+            let patience = self.cfg.coord.as_ref().map_or(self.reconnect, |c| c.join_timeout.max(self.reconnect));
             let answer = self.rt.block_on(call_with_patience(&mut self.client, &self.args.coord, patience, |mut c| {
                 let r = with_token(req.clone(), &token);
                 async move { c.rendezvous(r).await }
@@ -440,6 +445,7 @@ impl Rank {
                 Some("unknown-node" | "untracked-state") => {
                     return Err(RestartFresh(format!("{me}: the job cannot use this process's state any more: {}", s.message())).into());
                 }
+                _ if !crate::coord::client::is_refusal(&s) => bail!("{me}: rendezvous: {}", s.message()),
                 _ => bail!("{me}: rendezvous refused: {}", s.message()),
             }
         }
@@ -450,7 +456,7 @@ impl Rank {
         let blamed_rank = e.blamed_peer().map(|p| p as u32);
         let req = pb::FailureRequest { generation: a.generation, rank: a.rank, reason: e.to_string(), blamed_rank };
         let token = self.args.token.clone();
-        let _ = self.rt.block_on(call(&mut self.client, &self.args.coord, |mut c| {
+        let _ = self.rt.block_on(call_with_patience(&mut self.client, &self.args.coord, self.reconnect, |mut c| {
             let r = with_token(req.clone(), &token);
             async move { c.report_failure(r).await }
         }));
@@ -504,7 +510,7 @@ impl Rank {
                     reason: e.to_string(),
                 };
                 let token = self.args.token.clone();
-                if let Err(s) = self.rt.block_on(call(&mut self.client, &self.args.coord, |mut c| {
+                if let Err(s) = self.rt.block_on(call_with_patience(&mut self.client, &self.args.coord, self.reconnect, |mut c| {
                     let r = with_token(req.clone(), &token);
                     async move { c.checkpoint_failed(r).await }
                 })) {
@@ -524,7 +530,7 @@ impl Rank {
             frozen_json: w.frozen.as_ref().and_then(|f| serde_json::to_string(f).ok()),
         };
         let token = self.args.token.clone();
-        match self.rt.block_on(call(&mut self.client, &self.args.coord, |mut c| {
+        match self.rt.block_on(call_with_patience(&mut self.client, &self.args.coord, self.reconnect, |mut c| {
             let r = with_token(req.clone(), &token);
             async move { c.checkpoint_done(r).await }
         })) {
@@ -558,7 +564,7 @@ impl Rank {
         if unreadable {
             let req = pb::UnreadableCheckpointRequest { generation: a.generation, rank: a.rank, steps: n, reason: reason.clone() };
             let token = self.args.token.clone();
-            let _ = self.rt.block_on(call(&mut self.client, &self.args.coord, |mut c| {
+            let _ = self.rt.block_on(call_with_patience(&mut self.client, &self.args.coord, self.reconnect, |mut c| {
                 let r = with_token(req.clone(), &token);
                 async move { c.report_unreadable_checkpoint(r).await }
             }));
@@ -781,7 +787,7 @@ impl Rank {
             }
         };
         let token = self.args.token.clone();
-        if let Err(s) = self.rt.block_on(call(&mut self.client, &self.args.coord, |mut c| {
+        if let Err(s) = self.rt.block_on(call_with_patience(&mut self.client, &self.args.coord, self.reconnect, |mut c| {
             let r = with_token(req.clone(), &token);
             async move { c.final_weights(r).await }
         })) {
@@ -892,7 +898,7 @@ impl Rank {
                 mfu,
             };
             let token = self.args.token.clone();
-            let reply = match self.rt.block_on(call(&mut self.client, &self.args.coord, |mut c| {
+            let reply = match self.rt.block_on(call_with_patience(&mut self.client, &self.args.coord, self.reconnect, |mut c| {
                 let r = with_token(req, &token);
                 async move { c.step_done(r).await }
             })) {
@@ -901,6 +907,7 @@ impl Rank {
                     // The generation is gone (re-formed, or the job waits for nodes).
                     Some("stale-generation" | "not-running") => return Ok(Outcome::Regroup),
                     Some("job-over") => return Ok(Outcome::Done),
+                    _ if !crate::coord::client::is_refusal(&s) => bail!("{me}: step {step}: {}", s.message()),
                     _ => bail!("{me}: step {step} refused: {}", s.message()),
                 },
             };

@@ -74,6 +74,11 @@ pub struct CoordSection {
     /// Checkpoint saves failing in a row (a full disk) before the job is marked degraded.
     #[serde(default = "max_failed_saves")]
     pub max_failed_saves: u32,
+    /// How long workers keep trying the coordinator's addresses when none answers (a
+    /// restart, an HA failover: the lease TTL of 3 s plus the election) before a rank
+    /// leaves the job, naming the addresses. A refusal by the coordinator ends a rank at once.
+    #[serde(with = "crate::coord::duration", default = "d60")]
+    pub reconnect_timeout: std::time::Duration,
 }
 
 fn max_failed_saves() -> u32 {

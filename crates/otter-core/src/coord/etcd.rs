@@ -56,6 +56,9 @@ pub struct EtcdStore {
     endpoints: String,
     /// Set by the keep-alive task when the lease is gone.
     lost: watch::Receiver<Option<String>>,
+    /// Until when the lease is known to live: the TTL from when the last renewal etcd
+    /// answered was sent (moved by the keep-alive task; read by [`StateStore::may_act`]).
+    valid_until: std::sync::Arc<std::sync::Mutex<std::time::Instant>>,
     /// The id of the next chunked save (increasing; a new leader starts from its clock).
     next_id: std::sync::atomic::AtomicU64,
     saves_since_compaction: std::sync::atomic::AtomicU64,
@@ -127,6 +130,8 @@ impl EtcdStore {
         let lease = bounded("granting a lease", client.lease_grant(LEASE_TTL, None)).await?.id();
         let (mut keeper, mut responses) = bounded("keeping the lease alive", client.lease_keep_alive(lease)).await?;
         let (lost_tx, lost) = watch::channel(None);
+        let valid = std::sync::Arc::new(std::sync::Mutex::new(asked.into_std() + Duration::from_secs(LEASE_TTL as u64)));
+        let shared_valid = valid.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_millis((LEASE_TTL as u64 * 1000) / 3));
             // The lease is only known to live until `ttl` after the last renewal that etcd
@@ -143,6 +148,7 @@ impl EtcdStore {
                 match tokio::time::timeout_at(valid_until.min(sent + ETCD_DEADLINE), responses.message()).await {
                     Ok(Ok(Some(r))) if r.ttl() > 0 => {
                         valid_until = sent + Duration::from_secs(r.ttl() as u64);
+                        *shared_valid.lock().unwrap_or_else(|e| e.into_inner()) = valid_until.into_std();
                         continue;
                     }
                     Ok(Ok(Some(_))) => break format!("etcd lease {lease:x} was revoked or has expired"),
@@ -167,6 +173,7 @@ impl EtcdStore {
             chunks_prefix: format!("{prefix}/state-chunks/"),
             endpoints: endpoints.join(","),
             lost,
+            valid_until: valid,
             next_id: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64).into(),
             saves_since_compaction: 0.into(),
         })
@@ -260,6 +267,18 @@ impl StateStore for EtcdStore {
 
     fn describe(&self) -> String {
         format!("etcd {} key {}", self.endpoints, self.state_key)
+    }
+
+    fn may_act(&self) -> Result<(), String> {
+        if let Some(why) = self.lost.borrow().clone() {
+            return Err(why);
+        }
+        let until = *self.valid_until.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if now >= until {
+            return Err(format!("the etcd lease was last known to live {:.1} s ago: another replica may have been elected", (now - until).as_secs_f64()));
+        }
+        Ok(())
     }
 
     fn leadership_lost(&self) -> StoreFuture<'_, String> {

@@ -157,7 +157,8 @@ impl Coordinator {
         // every node of every join or step would cost O(nodes^2) messages per rendezvous.
         let now_phase = (s.machine.generation(), s.machine.phase().to_string());
         let mut seen = self.phase_seen.lock().expect("not poisoned");
-        if *seen != now_phase {
+        // A replica that may no longer act tells nobody anything (its change is never saved).
+        if *seen != now_phase && self.fence().is_ok() {
             *seen = now_phase;
             self.changed.notify_waiters();
             self.updates.send_replace(update_of(&s.machine, message));
@@ -167,6 +168,9 @@ impl Coordinator {
 
     /// Feeds the clock to the machine (timeouts); call periodically.
     pub async fn tick(&self) {
+        if self.fence().is_err() {
+            return;
+        }
         let mut s = self.state.lock().await;
         let events = s.machine.tick(self.now());
         if let Some(last) = events.last() {
@@ -179,6 +183,9 @@ impl Coordinator {
     }
 
     pub async fn node_lost(&self, node_id: &str, reason: &str) {
+        if self.fence().is_err() {
+            return; // a deposed replica's streams close as it stops: that says nothing of the node
+        }
         let mut s = self.state.lock().await;
         let now = self.now();
         if s.machine.node_lost(now, node_id, reason).is_ok() {
@@ -274,6 +281,23 @@ impl Coordinator {
         let v = Arc::new(self.status_json().await);
         *cache = Some((std::time::Instant::now(), v.clone()));
         v
+    }
+
+    /// Whether this replica may act for the job now ([`StateStore::may_act`], on the local
+    /// clock). Once it may not, it is deposed (the binary stops serving) and the reason is
+    /// returned; every RPC and every tick checks this first.
+    pub fn fence(&self) -> Result<(), String> {
+        self.store.may_act().map_err(|why| {
+            self.deposed.send_if_modified(|d| {
+                let first = d.is_none();
+                if first {
+                    tracing::error!("{why}: this coordinator stops acting");
+                    *d = Some(why.clone());
+                }
+                first
+            });
+            why
+        })
     }
 
     /// Resolves once the store says this replica may no longer act (its etcd lease is

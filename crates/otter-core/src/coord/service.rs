@@ -353,10 +353,23 @@ pub async fn serve_tls(
     tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (health, _) = tonic_health::server::health_reporter();
     health.set_serving::<pb::coordinator_server::CoordinatorServer<Service>>().await;
+    // A replica that may no longer act (its etcd lease is past) answers nothing, not even
+    // the health check: clients then try the other replicas.
+    let fenced = |coord: Arc<Coordinator>| {
+        move |req: Request<()>| match coord.fence() {
+            Ok(()) => Ok(req),
+            Err(why) => Err(Status::unavailable(format!("not the active coordinator: {why}"))),
+        }
+    };
+    let health_service = tonic_health::pb::health_server::HealthServer::with_interceptor(
+        tonic_health::server::HealthService::from_health_reporter(health),
+        fenced(coord.clone()),
+    );
     let ticker = spawn_ticker(coord.clone());
-    let svc = pb::coordinator_server::CoordinatorServer::with_interceptor(Service(coord), auth(token));
+    let (check_fence, mut check_token) = (fenced(coord.clone()), auth(token));
+    let svc = pb::coordinator_server::CoordinatorServer::with_interceptor(Service(coord), move |req: Request<()>| check_token(check_fence(req)?));
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = tls {
         builder = builder.tls_config(t)?;
@@ -433,6 +446,87 @@ mod tests {
         assert_eq!(r.into_inner().job_yaml, "job");
         let _ = tx.send(());
         server.await.unwrap().unwrap();
+    }
+
+    /// A store that can be told its replica may no longer act (an etcd lease past its TTL).
+    #[derive(Default)]
+    struct LeaseStore {
+        inner: MemStore,
+        past: std::sync::atomic::AtomicBool,
+    }
+
+    impl StateStore for LeaseStore {
+        fn load(&self) -> super::super::store::StoreFuture<'_, Option<Vec<u8>>> {
+            self.inner.load()
+        }
+        fn save(&self, bytes: Vec<u8>) -> super::super::store::StoreFuture<'_, ()> {
+            self.inner.save(bytes)
+        }
+        fn describe(&self) -> String {
+            "lease".into()
+        }
+        fn may_act(&self) -> Result<(), String> {
+            match self.past.load(std::sync::atomic::Ordering::SeqCst) {
+                true => Err("the lease is past".into()),
+                false => Ok(()),
+            }
+        }
+    }
+
+    /// A replica resumed after its lease ran out (a SIGSTOP longer than the TTL) must not
+    /// act on its stale clock before it notices: no tick decides anything, no RPC or health
+    /// check is answered, and it deposes itself (issue 51).
+    #[tokio::test]
+    async fn a_replica_whose_lease_is_past_decides_nothing_and_answers_nothing() {
+        let mut cfg = config();
+        cfg.heartbeat_timeout = Duration::from_millis(50);
+        cfg.min_nodes = 2;
+        cfg.max_nodes = 2;
+        let store = Arc::new(LeaseStore::default());
+        struct Shared(Arc<LeaseStore>);
+        impl StateStore for Shared {
+            fn load(&self) -> super::super::store::StoreFuture<'_, Option<Vec<u8>>> {
+                self.0.load()
+            }
+            fn save(&self, bytes: Vec<u8>) -> super::super::store::StoreFuture<'_, ()> {
+                self.0.save(bytes)
+            }
+            fn describe(&self) -> String {
+                self.0.describe()
+            }
+            fn may_act(&self) -> Result<(), String> {
+                self.0.may_act()
+            }
+        }
+        let c = Coordinator::open(Machine::new(cfg, vec![10]).unwrap(), Box::new(Shared(store.clone())), "job".into(), Duration::from_secs(1)).await.unwrap();
+        Service(c.clone()).join(Request::new(pb::JoinRequest { node_id: "a".into(), local_ranks: 1 })).await.unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let server = tokio::spawn(serve(c.clone(), "t".into(), l, std::future::pending()));
+        crate::coord::client::connect(&[addr.clone()], Duration::from_secs(5)).await.expect("serving while the lease lives");
+        // Node a's heartbeat timeout passes while the lease is past: nothing may be decided.
+        store.past.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.tick().await;
+        assert_eq!(c.status_json().await["summary"]["nodes"], 1, "a was declared lost by a replica that may not act");
+        assert!(c.fence().is_err());
+        let why = tokio::time::timeout(Duration::from_secs(1), c.deposed()).await.expect("deposed");
+        assert!(why.contains("lease is past"), "{why}");
+        let e = match crate::coord::client::connect(&[addr.clone()], Duration::from_millis(300)).await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("the health check passed on a replica that may not act"),
+        };
+        assert!(e.contains("not the active coordinator"), "{e}");
+        let ch = tonic::transport::Endpoint::try_from(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let r = pb::coordinator_client::CoordinatorClient::new(ch).heartbeat(with_token(pb::HeartbeatRequest { node_id: "a".into(), generation: 0 }, "t")).await;
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert!(!crate::coord::client::is_refusal(&e), "clients try the other replicas");
+        // Control: the same tick on a replica that may act loses the node.
+        store.past.store(false, std::sync::atomic::Ordering::SeqCst);
+        c.tick().await;
+        assert_eq!(c.status_json().await["summary"]["nodes"], 0);
+        server.abort();
     }
 
     /// A store whose saves wait for a go-ahead and are counted.

@@ -36,6 +36,15 @@ pub trait StateStore: Send + Sync {
     fn leadership_lost(&self) -> StoreFuture<'_, String> {
         Box::pin(std::future::pending())
     }
+    /// Whether this replica may act for the job now, judged on the local clock alone: an
+    /// error once the time up to which its leadership is known to hold has passed (an etcd
+    /// lease unrenewed for its TTL). Checked before every event, so a replica that was
+    /// stopped (SIGSTOP, a long pause) and resumes refuses everything at once, before any
+    /// of its tasks could act on a state another replica has taken over. Stores without
+    /// leadership always may.
+    fn may_act(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 #[derive(Default)]

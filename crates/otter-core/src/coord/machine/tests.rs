@@ -526,6 +526,31 @@ fn a_coordinator_restart_mid_run_continues_identically() {
     sim.m.check_exactly_once().unwrap();
 }
 
+/// A standby elected long after the active one's last save (its lease TTL, the election,
+/// loading the state) must not judge the members on heartbeat times from before: each gets
+/// a full `heartbeat_timeout` from the takeover to find the new leader (issue 51).
+#[test]
+fn a_coordinator_taking_over_gives_every_member_a_full_heartbeat_timeout_to_find_it() {
+    let mut sim = running(cfg(2, 2), vec![100], &["a", "b"]);
+    sim.step_all();
+    // The old leader saved this state at 5 s and died; the standby loads it at 14 s.
+    sim.now = 5 * SEC;
+    for n in ["a", "b"] {
+        sim.m.heartbeat(sim.t(), n, 1).unwrap();
+    }
+    let mut standby = round_trip(&sim.m);
+    standby.resume(Millis(14 * SEC));
+    assert!(standby.tick(Millis(14 * SEC + 1)).is_empty(), "nobody is judged on the old leader's clock");
+    assert!(standby.tick(Millis(24 * SEC - 1)).is_empty(), "a full heartbeat_timeout (10 s) from the takeover");
+    standby.heartbeat(Millis(20 * SEC), "a", 1).unwrap();
+    let events = standby.tick(Millis(24 * SEC));
+    assert_eq!(events.first().map(|e| (e.kind, e.node.clone())), Some((EventKind::NodeLost, Some("b".to_string()))), "{events:?}");
+    // Negative control: without the resume, both would be lost at once.
+    let mut careless = round_trip(&sim.m);
+    let lost = careless.tick(Millis(15 * SEC)).iter().filter(|e| e.kind == EventKind::NodeLost).count();
+    assert_eq!(lost, 2);
+}
+
 #[test]
 fn a_silent_node_is_lost_and_below_min_nodes_the_job_waits_then_fails_at_join_timeout() {
     let mut sim = running(cfg(2, 3), vec![100], &["a", "b", "c"]);
