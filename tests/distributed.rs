@@ -915,3 +915,159 @@ fn two_workers_train_checkpoint_resume_and_export_the_tiny_mpt_model() {
     assert_eq!(exported.params.mapped_bytes(), frozen, "frozen weights of the export are mmap'd");
     println!("MPT job: 8 losses identical after a kill mid-checkpoint; step-{last} exported as HF and loaded back bit-exactly ({moved} trained tensors moved)");
 }
+
+/// A copy of the tiny model in `dst` (config, weights, tokenizer).
+fn copy_model(dst: &Path) -> PathBuf {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(tiny_model().join(f), dst.join(f)).unwrap();
+    }
+    dst.to_path_buf()
+}
+
+/// Adds `delta` to every value of f32 tensor `name` of `file`, in place: same names,
+/// shapes and dtypes, other bytes (a copy from another revision, a corrupted cache).
+fn perturb_tensor(file: &Path, name: &str, delta: f32) {
+    let mut b = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    assert_eq!(header[name]["dtype"], "F32");
+    let (lo, hi) = (header[name]["data_offsets"][0].as_u64().unwrap() as usize, header[name]["data_offsets"][1].as_u64().unwrap() as usize);
+    for c in b[8 + n + lo..8 + n + hi].chunks_mut(4) {
+        let v = f32::from_le_bytes(c.try_into().unwrap()) + delta;
+        c.copy_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(file, b).unwrap();
+}
+
+const FROZEN: &str = "vision_encoder.vision_model.embeddings.patch_embedding.weight";
+
+/// Runs a 2-node job (min 1, max 2) where node b uses `b_model` (its own copy of the model);
+/// returns the final status, and b's agent exit status and output.
+fn job_with_node_b_on(d: &Path, name: &str, b_model: &Path) -> (serde_json::Value, std::process::ExitStatus, String) {
+    let dir = d.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = synth(&dir, 48);
+    let out = dir.join("out");
+    let job = job_yaml(&dir, &data, &Job { save_every: 1000, max_steps: Some(6), epochs: 1, grad_accum: 1, coord: Some((1, 2)), out: &out });
+    let c = start_coord(&job, &dir.join("coord"), "127.0.0.1:0");
+    let _a = start_worker(&c.addr, "a", &dir);
+    let log = dir.join("worker-b.log");
+    let mut b = Command::new(WORKER)
+        .args(["join", "--coord", &c.addr, "--node-id", "b", "--cpu-ranks", "1", "--advertise-host", "127.0.0.1", "--model-dir", b_model.to_str().unwrap()])
+        .env("OTTER_JOIN_TOKEN", TOKEN)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let s = finish(c, Duration::from_secs(120));
+    let t = Instant::now();
+    let code = loop {
+        if let Some(code) = b.try_wait().unwrap() {
+            break code;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = b.kill();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let said = std::fs::read_to_string(&log).unwrap() + &std::fs::read_to_string(log.with_extension("err")).unwrap();
+    (s, code, said)
+}
+
+/// Issue 42: a node whose copy of the frozen model (one tensor), its config.json or its
+/// tokenizer differs is refused by name with what differs; nothing it computed is
+/// committed; the other node trains on. Identical copies form the job of two as before.
+#[test]
+fn a_node_whose_model_differs_is_refused_by_name_and_the_other_trains_on() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    // Negative control: an identical copy at another path joins and trains.
+    let same = copy_model(&d.path().join("same"));
+    let (s, code, said) = job_with_node_b_on(d.path(), "control", &same);
+    assert!(code.success(), "b: {said}");
+    assert!(s["steps"].as_array().unwrap().iter().all(|x| x["world"] == 2), "both trained every step: {}", s["steps"]);
+    assert_exactly_once(&s);
+
+    let weights = copy_model(&d.path().join("weights"));
+    perturb_tensor(&weights.join("model.safetensors"), FROZEN, 1e-2);
+    let config = copy_model(&d.path().join("config"));
+    std::fs::write(config.join("config.json"), std::fs::read_to_string(config.join("config.json")).unwrap() + "\n").unwrap();
+    let tokenizer = copy_model(&d.path().join("tokenizer"));
+    std::fs::write(tokenizer.join("tokenizer.json"), std::fs::read_to_string(tokenizer.join("tokenizer.json")).unwrap() + "\n").unwrap();
+    let cases = [
+        (&weights, format!("weight file model.safetensors: tensor {FROZEN} differs")),
+        (&config, "config.json differs".to_string()),
+        (&tokenizer, "the tokenizer file differs".to_string()),
+    ];
+    for (model, what) in cases {
+        let name = model.file_name().unwrap().to_str().unwrap();
+        let (s, code, said) = job_with_node_b_on(d.path(), &format!("job-{name}"), model);
+        assert!(!code.success(), "{name}: b must be refused: {said}");
+        assert!(said.contains("refused") && said.contains(&what), "{name}: b's agent names what differs ({what}): {said}");
+        let refused = s["events"].as_array().unwrap().iter().find(|e| e["kind"] == "NodeRefused").unwrap_or_else(|| panic!("{name}: no refusal event: {}", s["events"]));
+        assert_eq!(refused["node"], "b", "{name}");
+        assert!(refused["reason"].as_str().unwrap().contains(&what), "{name}: {refused}");
+        let steps = s["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 6, "{name}: a trained the job to its end");
+        assert!(steps.iter().all(|x| x["world"] == 1), "{name}: nothing b computed was committed: {}", s["steps"]);
+        assert_exactly_once(&s);
+    }
+}
+
+/// Issue 42: resuming against a model directory that changed since the checkpoint is
+/// refused, naming what changed, for one process (`otter train --resume`) and for a whole
+/// job restarted from its checkpoint; the operator's `--accept-model-change` lets it go on.
+#[test]
+fn a_resume_against_a_changed_model_is_refused_naming_what_changed() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let data = synth(d.path(), 48);
+    let model = copy_model(&d.path().join("model"));
+    let single_out = d.path().join("single");
+    let single = job_yaml_for_model(d.path(), &data, &model, &Job { save_every: 2, max_steps: Some(6), epochs: 1, grad_accum: 1, coord: None, out: &single_out });
+    let (ok, _, err) = run_otter(&["train", "--config", single.to_str().unwrap(), "--stop-after", "2"]);
+    assert!(ok, "{err}");
+    perturb_tensor(&model.join("model.safetensors"), FROZEN, 1e-2);
+    let (ok, _, err) = run_otter(&["train", "--config", single.to_str().unwrap(), "--resume"]);
+    assert!(!ok, "resumed on another model");
+    assert!(err.contains(&format!("tensor {FROZEN} differs")) && err.contains("--accept-model-change weights"), "{err}");
+    let (ok, out, err) = run_otter(&["train", "--config", single.to_str().unwrap(), "--resume", "--accept-model-change", "weights"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("weights changed since the checkpoint, as allowed"), "{out}");
+
+    // A whole job: trained to a checkpoint, then restarted on a fresh coordinator (it takes
+    // the job over from the manifest) with the model changed under it.
+    perturb_tensor(&model.join("model.safetensors"), FROZEN, -1e-2);
+    let out = d.path().join("dist");
+    let job = job_yaml_for_model(d.path(), &data, &model, &Job { save_every: 2, max_steps: Some(6), epochs: 1, grad_accum: 1, coord: Some((1, 1)), out: &out });
+    edit_yaml(&job, &[("max_steps: 6", "max_steps: 4")]);
+    let c = start_coord(&job, &d.path().join("coord1"), "127.0.0.1:0");
+    let _a = start_worker(&c.addr, "a", d.path());
+    let s = finish(c, Duration::from_secs(120));
+    assert_eq!(s["summary"]["phase"], "Finished");
+    assert!(!ckpt_steps(&out).is_empty(), "a committed checkpoint");
+    perturb_tensor(&model.join("model.safetensors"), FROZEN, 1e-2);
+    edit_yaml(&job, &[("max_steps: 4", "max_steps: 6"), ("join_timeout: 60s", "join_timeout: 5s")]);
+    let c = start_coord(&job, &d.path().join("coord2"), "127.0.0.1:0");
+    let mut a = start_worker(&c.addr, "a2", d.path());
+    let t = Instant::now();
+    let code = loop {
+        if let Some(code) = a.child.0.try_wait().unwrap() {
+            break code;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "the node was not refused\n{}", logs(d.path()));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!code.success());
+    let said = std::fs::read_to_string(a.log.with_extension("err")).unwrap();
+    assert!(said.contains("model-mismatch") || said.contains(&format!("tensor {FROZEN} differs")), "{said}");
+    drop(c);
+    // With the operator's word, the restarted job goes on.
+    let c = start_coord_with(&job, &d.path().join("coord3"), "127.0.0.1:0", &["--accept-model-change", "weights"]);
+    let _a = start_worker(&c.addr, "a3", d.path());
+    let (ok, s, log) = outcome(c, Duration::from_secs(120));
+    assert!(ok, "{log}\n{}", logs(d.path()));
+    assert_eq!(s["summary"]["steps_committed"], 6);
+    assert!(s["events"].as_array().unwrap().iter().any(|e| e["kind"] == "ModelChangeAccepted"), "{}", s["events"]);
+}

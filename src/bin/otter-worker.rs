@@ -40,6 +40,11 @@ enum Command {
         /// (one scrape target per node); rank i also serves its own on PORT + 1 + i.
         #[arg(long)]
         metrics_port: Option<u16>,
+        /// Where this node keeps the job's model, when its path differs from the job's
+        /// `model.dir` (a tokenizer inside the job's model directory is taken from here too).
+        /// The coordinator checks that its identity is the job's either way.
+        #[arg(long)]
+        model_dir: Option<PathBuf>,
     },
     /// One training process (started by `join`).
     #[command(hide = true)]
@@ -71,7 +76,7 @@ fn main() -> Result<()> {
     otter::train::keep_freed_memory();
     let _otel = otter::otel::init("otter-worker", "warn");
     match Cli::parse().command {
-        Command::Join { coord, gpus, cpu_ranks, node_id, advertise_host, token_file, metrics_port } => {
+        Command::Join { coord, gpus, cpu_ranks, node_id, advertise_host, token_file, metrics_port, model_dir } => {
             let node_id = node_id.or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "node".into());
             let args = otter::worker::agent::JoinArgs {
                 coord,
@@ -81,6 +86,7 @@ fn main() -> Result<()> {
                 token: token(token_file)?,
                 advertise_host,
                 metrics_port,
+                model_dir,
             };
             tokio::runtime::Runtime::new()?.block_on(otter::worker::agent::join(args))
         }

@@ -50,6 +50,10 @@ enum Command {
         /// HF model directory (config.json, safetensors, optional tokenizer.json).
         #[arg(long)]
         model: PathBuf,
+        /// A committed checkpoint step (DIR/step-N): its trained weights replace the
+        /// model's (a warning names any difference from the model it was trained with).
+        #[arg(long)]
+        ckpt: Option<PathBuf>,
         /// safetensors with vision_x, input_ids, attention_mask, optional labels.
         #[arg(long)]
         inputs: PathBuf,
@@ -103,6 +107,10 @@ enum Command {
         /// With --resume: resume from this committed step instead of the newest one.
         #[arg(long, requires = "resume")]
         resume_step: Option<u64>,
+        /// With --resume: allow these parts of the model to differ from what the
+        /// checkpoint recorded (weights, config, tokenizer; comma-separated).
+        #[arg(long, requires = "resume", value_delimiter = ',')]
+        accept_model_change: Vec<otter_core::model::identity::Part>,
     },
     /// Export a committed checkpoint step: trainable weights under upstream names, or a
     /// full Hugging Face model directory.
@@ -154,6 +162,18 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// The cost of a node's model identity (issue 42) on a preset's file sizes: writes the
+    /// preset's weights (bf16, in --shards files) under --dir once, then times a cold
+    /// computation (files evicted from the page cache), a warm one without the identity
+    /// cache, a plain read of the same files, and a start that finds the cache.
+    Identity {
+        #[arg(long, default_value = "otter_llama7b")]
+        preset: String,
+        #[arg(long, default_value = "out/bench-identity")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        shards: usize,
+    },
     /// Checkpoint save/load of `--mb` MB of trainable state as `--world` ranks.
     Ckpt {
         #[arg(long, default_value_t = 600.0)]
@@ -289,8 +309,9 @@ fn main() -> Result<()> {
             media_per_sample,
             json,
         }),
-        Command::Eval { model, inputs, out, grads, device, dtype } => cmd::eval::run(cmd::eval::EvalArgs {
+        Command::Eval { model, ckpt, inputs, out, grads, device, dtype } => cmd::eval::run(cmd::eval::EvalArgs {
             model: &model,
+            ckpt: ckpt.as_deref(),
             inputs: &inputs,
             out: &out,
             grads,
@@ -311,8 +332,8 @@ fn main() -> Result<()> {
                 dtype: cmd::parse_dtype(&dtype)?,
             })
         }
-        Command::Train { config, resume, stop_after, resume_step } => {
-            otter::train::run::run(otter::train::run::TrainArgs { config: &config, resume, stop_after, resume_step })
+        Command::Train { config, resume, stop_after, resume_step, accept_model_change } => {
+            otter::train::run::run(otter::train::run::TrainArgs { config: &config, resume, stop_after, resume_step, accept_model_change })
         }
         Command::Export { ckpt, out, format } => cmd::export::run(&ckpt, &out, &format),
         Command::Generate { model, images, prompt, raw, max_new_tokens, no_cache, device, dtype } => {
@@ -330,6 +351,7 @@ fn main() -> Result<()> {
         #[cfg(feature = "nccl")]
         Command::NcclCheck => cmd::bench::nccl_check(),
         Command::Bench(BenchCommand::Ckpt { mb, params, world, dir }) => cmd::bench::ckpt(mb, params, world, &dir),
+        Command::Bench(BenchCommand::Identity { preset, dir, shards }) => cmd::bench::identity(&preset, &dir, shards),
         Command::Bench(BenchCommand::Data { config, samples }) => cmd::bench::data(&config, samples),
         Command::Bench(BenchCommand::Allreduce { world, size_mb, iters }) => cmd::bench::allreduce(world, &size_mb, iters),
         Command::Bench(BenchCommand::AllreduceRank { rank, addrs, size_mb, iters }) => {

@@ -5,7 +5,7 @@
 use super::*;
 use crate::train::ReadFence;
 use safetensors::tensor::Dtype;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -192,18 +192,9 @@ pub struct AsyncSaver {
     pending: Option<JoinHandle<(Result<u64, CkptError>, Staged)>>,
     /// The last save's staging buffers, reused by the next.
     spare: Option<Staged>,
-    /// Frozen weight files to record in every manifest, and their checksums once the
-    /// first save's background thread has computed them (reading GBs of frozen weights
-    /// must not delay start-up or block the loop).
-    frozen_paths: Vec<PathBuf>,
-    frozen: std::sync::Arc<std::sync::Mutex<Option<Vec<FrozenFile>>>>,
 }
 
 impl AsyncSaver {
-    pub fn with_frozen(frozen_paths: Vec<PathBuf>) -> Self {
-        Self { pending: None, spare: None, frozen_paths, frozen: Default::default() }
-    }
-
     /// Waits for the save in flight, if any; returns the step it committed.
     pub fn wait(&mut self) -> Result<Option<u64>, CkptError> {
         match self.pending.take() {
@@ -232,19 +223,12 @@ impl AsyncSaver {
         let spare = self.spare.take();
         let dir = step_dir(ckpt_dir, manifest.step);
         let ckpt_dir = ckpt_dir.to_path_buf();
-        let (paths, cache) = (self.frozen_paths.clone(), self.frozen.clone());
         self.pending = Some(std::thread::spawn(move || {
             let staged = stage_then_release(&items, 0, 1, spare, &fence);
             drop(items);
             let write = || {
                 let shard = write_shard(&dir, &staged)?;
-                let mut cached = cache.lock().expect("not poisoned");
-                if cached.is_none() {
-                    *cached = Some(paths.iter().map(|p| file_crc(p)).collect::<Result<_, _>>()?);
-                }
-                let frozen = cached.clone().unwrap_or_default();
-                drop(cached);
-                let m = Manifest { world_size: 1, partition: vec![names], shards: vec![shard], frozen, ..manifest };
+                let m = Manifest { world_size: 1, partition: vec![names], shards: vec![shard], ..manifest };
                 write_manifest(&dir, &m)?;
                 retain(&ckpt_dir, keep_last, None)?;
                 Ok(m.step)
@@ -272,8 +256,6 @@ pub struct ShardWritten {
     pub steps: u64,
     pub info: ShardInfo,
     pub names: Vec<String>,
-    /// The frozen weight files and checksums (the saver given their paths: rank 0).
-    pub frozen: Option<Vec<FrozenFile>>,
     /// Staging (the loop's blocking time) plus the background write.
     pub total: Duration,
 }
@@ -290,8 +272,6 @@ pub struct ShardSaver {
     last_steps: Option<u64>,
     /// The last save's staging buffers, reused by the next (same share).
     spare: Option<Staged>,
-    frozen_paths: Vec<PathBuf>,
-    frozen: std::sync::Arc<std::sync::Mutex<Option<Vec<FrozenFile>>>>,
     /// A test's fault: stall (for an hour) before writing the shard of `step-N`.
     stall_at: Option<u64>,
 }
@@ -304,10 +284,8 @@ impl ShardSaver {
         self.stall_at = steps;
     }
 
-    /// `frozen_paths`: the frozen weight files to checksum (once) and report; empty on
-    /// every rank but one.
-    pub fn new(frozen_paths: Vec<PathBuf>) -> Self {
-        Self { pending: None, last_steps: None, spare: None, frozen_paths, frozen: Default::default(), stall_at: None }
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Saves this rank's share of the state after `steps` steps in the background:
@@ -334,7 +312,7 @@ impl ShardSaver {
         state.hold_writes_until(fence.clone());
         let blocked = t.elapsed();
         let dir = step_dir(ckpt_dir, steps);
-        let (paths, cache, stall) = (self.frozen_paths.clone(), self.frozen.clone(), self.stall_at == Some(steps));
+        let stall = self.stall_at == Some(steps);
         self.pending = Some((
             tag,
             std::thread::spawn(move || {
@@ -347,16 +325,7 @@ impl ShardSaver {
                 }
                 let write = || {
                     let info = write_shard(&dir, &staged)?;
-                    let frozen = if paths.is_empty() {
-                        None
-                    } else {
-                        let mut cached = cache.lock().expect("not poisoned");
-                        if cached.is_none() {
-                            *cached = Some(paths.iter().map(|p| file_crc(p)).collect::<Result<_, _>>()?);
-                        }
-                        cached.clone()
-                    };
-                    Ok(ShardWritten { steps, info, names, frozen, total: blocked + t_write.elapsed() })
+                    Ok(ShardWritten { steps, info, names, total: blocked + t_write.elapsed() })
                 };
                 let res = write();
                 (res, staged)

@@ -419,3 +419,103 @@ pub fn ckpt(mb: f64, params: usize, world: usize, dir: &std::path::Path) -> Resu
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
+
+/// Evicts `path` from the page cache (after writing it back): the next read comes from disk.
+fn evict(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    f.sync_all()?;
+    // SAFETY: posix_fadvise on a descriptor we own; DONTNEED only drops clean cached pages.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    anyhow::ensure!(r == 0, "posix_fadvise({}): {r}", path.display());
+    Ok(())
+}
+
+/// See `otter bench identity`.
+pub fn identity(preset: &str, dir: &Path, shards: usize) -> Result<()> {
+    use otter_core::model::identity::{compute, Source};
+    use std::io::Write;
+    let cfg = otter_core::model::OtterConfig::preset(preset)?;
+    let specs = otter_core::model::spec::parameter_specs(&cfg);
+    std::fs::create_dir_all(dir)?;
+    let tokenizer = dir.join("tokenizer.json");
+    if !tokenizer.exists() {
+        std::fs::write(&tokenizer, format!("{{\"bench\": \"{preset}\"}}"))?;
+    }
+    std::fs::write(dir.join("config.json"), format!("{{\"preset\": \"{preset}\"}}"))?;
+    let shards = shards.max(1);
+    let per = specs.len().div_ceil(shards);
+    let mut files = Vec::new();
+    for (i, part) in specs.chunks(per).enumerate() {
+        let path = dir.join(format!("model-{:05}-of-{:05}.safetensors", i + 1, shards));
+        let mut header = serde_json::Map::new();
+        let mut off = 0u64;
+        for s in part {
+            let bytes = s.numel() * 2;
+            header.insert(s.name.clone(), serde_json::json!({"dtype": "BF16", "shape": s.shape, "data_offsets": [off, off + bytes]}));
+            off += bytes;
+        }
+        let h = serde_json::to_vec(&header)?;
+        if std::fs::metadata(&path).map(|m| m.len()) != Ok(8 + h.len() as u64 + off) {
+            println!("writing {} ({:.2} GB)", path.display(), off as f64 / 1e9);
+            let mut w = std::io::BufWriter::with_capacity(64 << 20, std::fs::File::create(&path)?);
+            w.write_all(&(h.len() as u64).to_le_bytes())?;
+            w.write_all(&h)?;
+            let chunk: Vec<u8> = (0..(64u64 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+            let mut left = off;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                w.write_all(&chunk[..n])?;
+                left -= n as u64;
+            }
+            w.flush()?;
+        }
+        files.push(path);
+    }
+    let total: u64 = files.iter().map(|f| std::fs::metadata(f).map_or(0, |m| m.len())).sum();
+    let cache = dir.join(".otter-identity.json");
+    let run = |label: &str, evict_first: bool, keep_cache: bool| -> Result<f64> {
+        if !keep_cache {
+            let _ = std::fs::remove_file(&cache);
+        }
+        if evict_first {
+            for f in &files {
+                evict(f)?;
+            }
+        }
+        let t = Instant::now();
+        let (id, stats) = compute(Source::Dir(dir), &tokenizer)?;
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "identity_{label}: {secs:.3} s, {:.2} GB read ({:.2} GB/s), {} files from the cache, digest {}",
+            stats.bytes_read as f64 / 1e9,
+            stats.bytes_read as f64 / 1e9 / secs.max(1e-9),
+            stats.files_from_cache,
+            &id.digest[..16]
+        );
+        Ok(secs)
+    };
+    let read_only = |label: &str, evict_first: bool| -> Result<()> {
+        if evict_first {
+            for f in &files {
+                evict(f)?;
+            }
+        }
+        let t = Instant::now();
+        let mut buf = vec![0u8; 8 << 20];
+        for f in &files {
+            let mut r = std::fs::File::open(f)?;
+            while std::io::Read::read(&mut r, &mut buf)? > 0 {}
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!("plain_read_{label}: {secs:.3} s ({:.2} GB/s)", total as f64 / 1e9 / secs);
+        Ok(())
+    };
+    println!("model: {preset}, {} tensors in {} files, {:.2} GB", specs.len(), files.len(), total as f64 / 1e9);
+    read_only("cold", true)?;
+    run("cold", true, false)?;
+    read_only("warm", false)?;
+    run("warm_no_cache", false, false)?;
+    run("cached", false, true)?;
+    Ok(())
+}

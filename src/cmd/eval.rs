@@ -14,6 +14,8 @@ use tch::{Device, Kind, Tensor};
 
 pub struct EvalArgs<'a> {
     pub model: &'a Path,
+    /// A committed checkpoint step (DIR/step-N) whose trained weights replace the model's.
+    pub ckpt: Option<&'a Path>,
     pub inputs: &'a Path,
     pub out: &'a Path,
     pub grads: bool,
@@ -71,6 +73,25 @@ pub fn run(args: EvalArgs) -> Result<()> {
     super::check_device(args.device)?;
     let opts = LoadOptions { device: args.device, frozen_kind: args.dtype };
     let model = Otter::load_dir(args.model, opts)?;
+    if let Some(step_dir) = args.ckpt {
+        let m = crate::ckpt::read_manifest(step_dir)?;
+        for w in super::model_warnings(step_dir, &m, args.model) {
+            eprintln!("{w}");
+        }
+        let trained = super::export::trained_weights(step_dir)?;
+        let _g = tch::no_grad_guard();
+        let mut replaced = 0;
+        for (name, p) in model.trainable() {
+            if let Some(w) = trained.get(name) {
+                if w.size() != p.size() {
+                    anyhow::bail!("{}: tensor {name}: shape {:?}, the model's is {:?}", step_dir.display(), w.size(), p.size());
+                }
+                p.shallow_clone().copy_(&w.to_kind(p.kind()).to_device(p.device()));
+                replaced += 1;
+            }
+        }
+        println!("{} trained tensors from {}", replaced, step_dir.display());
+    }
     let inputs = TensorFile::read(args.inputs)?;
     let out = evaluate(&model, &inputs, args.grads)?;
     let mut tensors = vec![("logits".to_string(), out.logits)];

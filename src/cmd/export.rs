@@ -44,6 +44,9 @@ pub fn run(step_dir: &Path, out: &Path, format: &str) -> Result<()> {
                 .as_str()
                 .map(PathBuf::from)
                 .context("`hf` export needs the run's model directory (the run used a preset: export final-weights instead)")?;
+            for w in super::model_warnings(step_dir, &m, &dir) {
+                eprintln!("{w}");
+            }
             std::fs::create_dir_all(out)?;
             for f in ["config.json", "tokenizer.json"] {
                 if dir.join(f).exists() {

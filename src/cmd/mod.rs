@@ -29,3 +29,27 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
 pub fn check_device(device: Device) -> Result<()> {
     crate::cuda::ensure(device).map_err(|e| anyhow::anyhow!("--device {device:?}: {e}"))
 }
+
+/// The model differences between what checkpoint `step_dir` recorded and `model_dir` (with
+/// the tokenizer the checkpoint's run used, or `model_dir/tokenizer.json`), as warnings
+/// for commands that pair the two (`export`, `eval --ckpt`): nothing if the manifest
+/// recorded no identity or they are equal.
+pub fn model_warnings(step_dir: &std::path::Path, manifest: &crate::ckpt::Manifest, model_dir: &std::path::Path) -> Vec<String> {
+    use otter_core::model::identity::{compute, first_difference, Source};
+    let Some(recorded) = &manifest.identity else { return Vec::new() };
+    let tokenizer = manifest.config["data"]["tokenizer"].as_str().map(std::path::PathBuf::from).filter(|p| p.exists()).unwrap_or_else(|| model_dir.join("tokenizer.json"));
+    let now = match compute(Source::Dir(model_dir), &tokenizer) {
+        Ok((id, _)) => id,
+        Err(e) => return vec![format!("warning: the model identity of {} could not be computed: {e}", model_dir.display())],
+    };
+    let mut out = Vec::new();
+    if let Some(d) = first_difference(recorded, &now) {
+        out.push(format!(
+            "warning: {} was trained with another model than {}: {d} (parts that differ: {})",
+            step_dir.display(),
+            model_dir.display(),
+            recorded.parts_differing(&now).iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    out
+}

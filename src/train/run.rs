@@ -20,7 +20,7 @@ use crate::run_config::{ModelSource, RunConfig};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 use tch::Tensor;
@@ -55,6 +55,8 @@ pub struct TrainArgs<'a> {
     pub stop_after: Option<u64>,
     /// With `resume`: this committed step instead of the newest.
     pub resume_step: Option<u64>,
+    /// With `resume`: parts of the model allowed to differ from the checkpoint's record.
+    pub accept_model_change: Vec<otter_core::model::identity::Part>,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -105,7 +107,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     std::fs::create_dir_all(&tc.out_dir).with_context(|| tc.out_dir.display().to_string())?;
     let ckpt_dir = tc.out_dir.join("checkpoints");
     let mut state = RunState { step: 0, epoch: 0, cursor: Cursor::default(), total_steps };
-    let frozen = frozen_files(&source_kind)?; // paths only: checksums are taken by the saver
+    // What every save records and every resume checks (cached: a stat per file after the
+    // first run on this copy of the model).
+    let (identity, _) = run_cfg.model_identity(args.config)?;
     if args.resume {
         let step = match args.resume_step {
             Some(s) => Some(s),
@@ -113,8 +117,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
         };
         match step {
             Some(step) => {
-                let m = ckpt::load(&ckpt::step_dir(&ckpt_dir, step), &mut trainer)?;
-                for f in &m.frozen {
+                let dir = ckpt::step_dir(&ckpt_dir, step);
+                let recorded = ckpt::read_manifest(&dir)?;
+                match otter_core::model::identity::check_change(recorded.identity.as_ref(), &identity, &args.accept_model_change) {
+                    Ok(Some(note)) => println!("{}: {note}", dir.display()),
+                    Ok(None) => {}
+                    Err(why) => bail!("{}: {why}", dir.join(ckpt::MANIFEST).display()),
+                }
+                let m = ckpt::load(&dir, &mut trainer)?;
+                // Manifests from before model identities recorded the frozen files' CRCs.
+                for f in m.frozen.iter().filter(|_| m.identity.is_none()) {
                     let now = ckpt::file_crc(&f.path)?;
                     if now.crc32 != f.crc32 {
                         bail!("{}: frozen weights changed since the checkpoint (crc32 {:08x}, was {:08x})", f.path.display(), now.crc32, f.crc32);
@@ -128,7 +140,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else if ckpt::latest_committed(&ckpt_dir).is_some() {
         bail!("{} already holds a run; pass --resume to continue it or choose another train.out_dir", tc.out_dir.display());
     }
-    let mut saver = ckpt::AsyncSaver::with_frozen(frozen);
+    let mut saver = ckpt::AsyncSaver::default();
     let config_json = serde_json::to_value(&run_cfg)?;
     let save = |saver: &mut ckpt::AsyncSaver, trainer: &mut Trainer, state: &RunState| -> Result<()> {
         let m = ckpt::Manifest {
@@ -145,7 +157,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
             data_seed: data_cfg.seed,
             data: serde_json::to_value(state)?,
             config: config_json.clone(),
-            frozen: Vec::new(), // filled in by the saver
+            frozen: Vec::new(),
+            identity: Some(identity.clone()),
             generation: None,
         };
         saver.save(trainer, &ckpt_dir, m, tc.keep_last)?;
@@ -250,14 +263,3 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Frozen weight files of the model (checked on resume, never copied into checkpoints).
-pub fn frozen_files(source: &ModelSource) -> Result<Vec<PathBuf>> {
-    let ModelSource::Dir(dir) = source else { return Ok(Vec::new()) };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    Ok(files)
-}

@@ -23,6 +23,26 @@ pub struct JoinArgs {
     pub advertise_host: Option<String>,
     /// Serve the node's merged /metrics here (ranks on the following ports).
     pub metrics_port: Option<u16>,
+    /// This node's copy of the job's model, when its path differs from `model.dir`.
+    pub model_dir: Option<std::path::PathBuf>,
+}
+
+/// The job as this node runs it: `model_dir` (this node's copy of the model) replaces the
+/// job's `model.dir`, and a tokenizer the job keeps inside its model directory is taken
+/// from the same place in `model_dir`.
+fn localize(mut job: crate::run_config::RunConfig, job_file: &std::path::Path, model_dir: Option<&std::path::Path>) -> Result<crate::run_config::RunConfig> {
+    let Some(local) = model_dir else { return Ok(job) };
+    let local = std::path::absolute(local).with_context(|| local.display().to_string())?;
+    if let Ok(crate::run_config::ModelSource::Dir(theirs)) = job.model_source(job_file) {
+        if let Some(data) = job.data.as_mut() {
+            if let Ok(rest) = data.tokenizer.strip_prefix(&theirs) {
+                data.tokenizer = local.join(rest);
+            }
+        }
+    }
+    job.model.dir = Some(local);
+    job.model.preset = None;
+    Ok(job)
 }
 
 /// The local address this machine uses to reach `coord` (what peers can reach us at).
@@ -61,25 +81,46 @@ async fn serve_node_metrics(port: u16, local_ranks: u32) -> Result<()> {
 }
 
 pub async fn join(args: JoinArgs) -> Result<()> {
-    let JoinArgs { coord, node_id, local_ranks, gpus, token, advertise_host, metrics_port } = args;
+    let JoinArgs { coord, node_id, local_ranks, gpus, token, advertise_host, metrics_port, model_dir } = args;
     let host = advertise_host.or_else(|| route_to(&coord[0])).unwrap_or_else(|| "127.0.0.1".into());
     let mut client = connect(&coord, Duration::from_secs(60)).await?;
-    let reply = client
-        .join(with_token(pb::JoinRequest { node_id: node_id.clone(), local_ranks }, &token))
+    // The job first: the node's model identity (frozen weights, config, tokenizer) is
+    // computed from it and checked by the coordinator at join.
+    let spec = client
+        .job_spec(with_token(pb::JobSpecRequest {}, &token))
         .await
-        .map_err(|s| anyhow::anyhow!("join refused by the coordinator: {}", s.message()))?
+        .map_err(|s| anyhow::anyhow!("the coordinator refused the job's spec: {}", s.message()))?
         .into_inner();
-    println!("node {node_id}: joined (generation {}), starting {local_ranks} rank process(es)", reply.generation);
     let dir = std::env::temp_dir().join(format!("otter-worker-{node_id}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let job_file = dir.join("job.yaml");
-    std::fs::write(&job_file, &reply.job_yaml)?;
+    std::fs::write(&job_file, &spec.job_yaml)?;
+    let job = localize(crate::run_config::RunConfig::from_file(&job_file)?, &job_file, model_dir.as_deref())?;
+    if model_dir.is_some() {
+        std::fs::write(&job_file, serde_yaml_ng::to_string(&job)?)?;
+    }
     // Every rank of a job trains on the job's device, so a group is all NCCL or all ring;
     // a node that cannot run it says so instead of joining a group it would break.
-    let device = crate::run_config::RunConfig::from_file(&job_file)?.train.map(|t| t.device);
-    if let (Some(d @ crate::train::config::DeviceSpec::Cuda(_)), false) = (device, gpus) {
+    if let (Some(d @ crate::train::config::DeviceSpec::Cuda(_)), false) = (job.train.as_ref().map(|t| t.device), gpus) {
         bail!("node {node_id}: the job trains on {d} (train.device) and this node joined with CPU ranks: start it with --gpus N");
     }
+    let t = std::time::Instant::now();
+    let (identity, stats) = job.model_identity(&job_file).with_context(|| format!("node {node_id}: the model's identity"))?;
+    println!(
+        "node {node_id}: model identity {} ({} MB read in {:.2} s, {} files from the cache{})",
+        &identity.digest[..16],
+        stats.bytes_read >> 20,
+        t.elapsed().as_secs_f64(),
+        stats.files_from_cache,
+        stats.cache.as_ref().map_or(String::new(), |c| format!(" {}", c.display()))
+    );
+    let join_req = pb::JoinRequest { node_id: node_id.clone(), local_ranks, identity: Some(crate::coord::rpc::identity_to_pb(&identity)) };
+    let reply = client
+        .join(with_token(join_req.clone(), &token))
+        .await
+        .map_err(|s| anyhow::anyhow!("node {node_id}: join refused by the coordinator: {}", s.message()))?
+        .into_inner();
+    println!("node {node_id}: joined (generation {}), starting {local_ranks} rank process(es)", reply.generation);
     let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(100));
 
     // Watch stream: held open for the node's lifetime (its closing tells the coordinator
@@ -107,8 +148,11 @@ pub async fn join(args: JoinArgs) -> Result<()> {
             }
         })
     };
+    // Set when the coordinator refuses this node's model after it dropped the node (it
+    // fixed another identity meanwhile): the node leaves.
+    let (refused_tx, mut refused_rx) = tokio::sync::watch::channel(String::new());
     let heart = {
-        let (coord, node_id, token) = (coord.clone(), node_id.clone(), token.clone());
+        let (coord, node_id, token, join_req) = (coord.clone(), node_id.clone(), token.clone(), join_req.clone());
         tokio::spawn(async move {
             let mut generation = 0;
             let mut client = None;
@@ -122,13 +166,23 @@ pub async fn join(args: JoinArgs) -> Result<()> {
                 if let Some(c) = client.as_mut() {
                     match c.heartbeat(with_token(pb::HeartbeatRequest { node_id: node_id.clone(), generation }, &token)).await {
                         Ok(r) => generation = r.into_inner().update.map_or(generation, |u| u.generation),
+                        Err(s) if refusal_code(&s) == Some("model-mismatch") => {
+                            eprintln!("node {node_id}: {}", s.message());
+                            let _ = refused_tx.send(s.message().to_string());
+                        }
                         Err(s) if refusal_code(&s) == Some("unknown-node") => {
                             // Dropped while it was away (hung, or cut off for longer than
                             // the heartbeat timeout): register again. Its rank processes
                             // find their state unusable and restart fresh.
                             println!("node {node_id}: the coordinator dropped this node ({}); joining again", s.message());
-                            match c.join(with_token(pb::JoinRequest { node_id: node_id.clone(), local_ranks }, &token)).await {
+                            match c.join(with_token(join_req.clone(), &token)).await {
                                 Ok(r) => println!("node {node_id}: joined again (generation {})", r.into_inner().generation),
+                                Err(s) if refusal_code(&s) == Some("model-mismatch") => {
+                                    // Refused for good: the ranks' next calls are refused too,
+                                    // and the node leaves.
+                                    eprintln!("node {node_id}: joining again refused: {}", s.message());
+                                    let _ = refused_tx.send(s.message().to_string());
+                                }
                                 Err(s) => eprintln!("node {node_id}: joining again refused: {}", s.message()),
                             }
                         }
@@ -182,7 +236,18 @@ pub async fn join(args: JoinArgs) -> Result<()> {
         waits.spawn(async move { (i, c.wait().await) });
     }
     let mut failed = None;
-    while let Some(done) = waits.join_next().await {
+    loop {
+        let done = tokio::select! {
+            d = waits.join_next() => match d {
+                Some(d) => d,
+                None => break,
+            },
+            Ok(()) = refused_rx.changed() => {
+                failed = Some(format!("refused by the coordinator: {}", *refused_rx.borrow()));
+                waits.abort_all();
+                break;
+            }
+        };
         match done {
             Ok((i, Ok(s))) if s.code() == Some(EXIT_RESTART_FRESH) => {
                 println!("node {node_id}: rank process {i} restarts fresh");

@@ -321,10 +321,8 @@ impl Rank {
         let client = rt.block_on(connect(&args.coord, reconnect))?;
         let watch = GenerationWatch::spawn(args.coord.clone(), args.node_id.clone(), args.token.clone())?;
 
-        // Rank 0 of each generation reports the frozen weights' checksums (the saver
-        // computes them once, in the background); every node checksums its own copy.
-        let frozen = crate::train::run::frozen_files(&cfg.model_source(&args.job_file)?)?;
-        let mut saver = crate::ckpt::ShardSaver::new(if args.local_rank == 0 { frozen } else { Vec::new() });
+        // (The frozen weights are the job's model identity: the agent's, checked at join.)
+        let mut saver = crate::ckpt::ShardSaver::new();
         saver.stall_before_writing(args.fault_ckpt_stall);
 
         // --- metrics (docs/metrics.md) ---------------------------------------------------
@@ -527,7 +525,6 @@ impl Rank {
             bytes: w.info.bytes,
             crc32: w.info.crc32,
             names: w.names.clone(),
-            frozen_json: w.frozen.as_ref().and_then(|f| serde_json::to_string(f).ok()),
         };
         let token = self.args.token.clone();
         match self.rt.block_on(call_with_patience(&mut self.client, &self.args.coord, self.reconnect, |mut c| {

@@ -69,7 +69,12 @@ pub struct Coord {
 }
 
 pub fn start_coord(config: &Path, state: &Path, listen: &str) -> Coord {
-    let (child, addr) = job::spawn_coord(config, state, listen, "127.0.0.1:0", TOKEN, &state.with_extension("coord.log"));
+    start_coord_with(config, state, listen, &[])
+}
+
+/// [`start_coord`] with more `otter-coord start` arguments.
+pub fn start_coord_with(config: &Path, state: &Path, listen: &str, extra: &[&str]) -> Coord {
+    let (child, addr) = job::spawn_coord_with(config, state, listen, "127.0.0.1:0", TOKEN, &state.with_extension("coord.log"), extra);
     Coord { child, addr, state: state.to_path_buf() }
 }
 

@@ -50,9 +50,15 @@ pub fn which(bin: &str) -> Option<PathBuf> {
 /// `otter-coord start` on `config`, its state in `state`, its stderr in `log`; returns the
 /// process (killed on drop) and the gRPC address it announced on its first stdout line.
 pub fn spawn_coord(config: &Path, state: &Path, listen: &str, http_listen: &str, token: &str, log: &Path) -> (Killed, String) {
+    spawn_coord_with(config, state, listen, http_listen, token, log, &[])
+}
+
+/// [`spawn_coord`] with more `otter-coord start` arguments.
+pub fn spawn_coord_with(config: &Path, state: &Path, listen: &str, http_listen: &str, token: &str, log: &Path, extra: &[&str]) -> (Killed, String) {
     let mut child = Command::new(coord_bin())
         .args(["start", "--config", config.to_str().unwrap(), "--listen", listen, "--http-listen", http_listen])
         .args(["--state-dir", state.to_str().unwrap()])
+        .args(extra)
         .env("OTTER_JOIN_TOKEN", token)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).unwrap())

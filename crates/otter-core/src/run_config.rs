@@ -231,6 +231,22 @@ impl ModelSource {
 }
 
 impl RunConfig {
+    /// The identity of the model this config trains (`model::identity`): its frozen
+    /// weights, config and the data's tokenizer. `yaml_path` resolves a relative model dir.
+    pub fn model_identity(
+        &self,
+        yaml_path: &Path,
+    ) -> anyhow::Result<(crate::model::identity::ModelIdentity, crate::model::identity::ComputeStats)> {
+        use crate::model::identity::{compute, Source};
+        let data = self.data.as_ref().ok_or_else(|| anyhow::anyhow!("{}: no `data` section (its tokenizer is part of the model's identity)", yaml_path.display()))?;
+        let source = self.model_source(yaml_path)?;
+        let src = match &source {
+            ModelSource::Dir(d) => Source::Dir(d),
+            ModelSource::Preset(p) => Source::Preset(p),
+        };
+        Ok(compute(src, &data.tokenizer)?)
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;

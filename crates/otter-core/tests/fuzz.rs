@@ -186,7 +186,7 @@ fn saved_coordinator_state_never_panics() {
     // version, both mutated.
     let mut machine = otter_core::coord::machine::Machine::new(otter_core::coord::CoordConfig::new(1, 2), vec![40]).unwrap();
     for node in ["a", "b"] {
-        machine.join(otter_core::coord::Millis(1000), node, 1).unwrap();
+        machine.join(otter_core::coord::Millis(1000), node, 1, &otter_core::model::identity::ModelIdentity::synthetic("m")).unwrap();
     }
     let state = otter_core::coord::server::Persisted { machine, total_steps: None };
     let encoded = otter_core::coord::persist::encode_state(&state);
@@ -228,7 +228,7 @@ fn grpc_requests_through_the_handlers_never_panic_nor_break_exactly_once() {
     // Two nodes join and form generation 1, so that fuzzed requests reach a running job.
     let generation = rt.block_on(async {
         for node in ["a", "b"] {
-            svc.join(Request::new(pb::JoinRequest { node_id: node.into(), local_ranks: 1 })).await.unwrap();
+            svc.join(Request::new(pb::JoinRequest { node_id: node.into(), local_ranks: 1, identity: Some(otter_core::coord::rpc::identity_to_pb(&otter_core::model::identity::ModelIdentity::synthetic("m"))) })).await.unwrap();
         }
         let rdv = |node: &'static str| {
             let svc = svc.clone();
@@ -252,11 +252,11 @@ fn grpc_requests_through_the_handlers_never_panic_nor_break_exactly_once() {
     // A valid request of each kind, encoded.
     let g = generation;
     let valid: Vec<Vec<u8>> = vec![
-        pb::JoinRequest { node_id: "c".into(), local_ranks: 1 }.encode_to_vec(),
+        pb::JoinRequest { node_id: "c".into(), local_ranks: 1, identity: Some(otter_core::coord::rpc::identity_to_pb(&otter_core::model::identity::ModelIdentity::synthetic("m"))) }.encode_to_vec(),
         pb::HeartbeatRequest { node_id: "a".into(), generation: g }.encode_to_vec(),
         pb::RendezvousRequest { node_id: "a".into(), local_rank: 0, applied_step: Some(0), comm_addr: "127.0.0.1:9001".into(), last_generation: Some(g) }.encode_to_vec(),
         pb::StepDoneRequest { generation: g, rank: 0, step: 0, loss: 2.5, step_seconds: 0.1, compute_seconds: 0.1, lr: 1e-3, ..Default::default() }.encode_to_vec(),
-        pb::CheckpointDoneRequest { generation: g, rank: 1, step: 4, file: "shard-1.safetensors".into(), bytes: 64, crc32: 7, names: vec!["p".into()], frozen_json: None }.encode_to_vec(),
+        pb::CheckpointDoneRequest { generation: g, rank: 1, step: 4, file: "shard-1.safetensors".into(), bytes: 64, crc32: 7, names: vec!["p".into()] }.encode_to_vec(),
         pb::FailureRequest { generation: g, rank: 1, reason: "peer".into(), blamed_rank: Some(0) }.encode_to_vec(),
         pb::UnreadableCheckpointRequest { generation: g, rank: 0, steps: 4, reason: "crc".into() }.encode_to_vec(),
         pb::CheckpointFailedRequest { generation: g, rank: 0, step: 4, kind: "disk-full".into(), reason: "ENOSPC".into() }.encode_to_vec(),

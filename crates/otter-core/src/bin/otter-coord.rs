@@ -38,6 +38,11 @@ enum Command {
         /// state dir).
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Allow these parts of the model to differ from what the job (its saved state, or
+        /// the newest checkpoint's manifest) recorded: weights, config, tokenizer
+        /// (comma-separated). Without it, nodes whose model differs are refused.
+        #[arg(long, value_delimiter = ',')]
+        accept_model_change: Vec<otter_core::model::identity::Part>,
     },
     /// The coordinator at scale: N simulated nodes join at once (in-process clients, one
     /// connection each, over loopback gRPC), then --steps committed steps (the service's
@@ -87,9 +92,9 @@ async fn main() -> Result<()> {
     let default_level = if matches!(cli.command, Command::Start { .. }) { "info" } else { "warn" };
     let otel = otter_core::otel::init("otter-coord", default_level);
     match cli.command {
-        Command::Start { config, listen, http_listen, state_dir, etcd, token_file } => {
+        Command::Start { config, listen, http_listen, state_dir, etcd, token_file, accept_model_change } => {
             let http_listen = (http_listen != "off").then_some(http_listen);
-            let r = otter_core::coord::job::start(otter_core::coord::job::StartArgs { config, listen, state_dir, etcd, token: token(token_file)?, http_listen }).await;
+            let r = otter_core::coord::job::start(otter_core::coord::job::StartArgs { config, listen, state_dir, etcd, token: token(token_file)?, http_listen, accept_model_change }).await;
             drop(otel); // flush traces: exit skips destructors
             match r {
                 Ok(ok) => std::process::exit(if ok { 0 } else { 1 }),

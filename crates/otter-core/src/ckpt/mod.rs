@@ -113,8 +113,14 @@ pub struct Manifest {
     pub data: serde_json::Value,
     /// The resolved run config.
     pub config: serde_json::Value,
-    /// Frozen weights by path and checksum (never copied into checkpoints).
+    /// Frozen weights by path and checksum, as manifests before model identities recorded
+    /// them (read, no longer written: `identity` covers them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub frozen: Vec<FrozenFile>,
+    /// What every rank shared: the frozen weights, model config and tokenizer
+    /// (`model::identity`). A resume against a model that differs is refused, naming it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<crate::model::identity::ModelIdentity>,
     /// Coordinator generation that committed it (distributed jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
@@ -140,6 +146,7 @@ impl Manifest {
             data: serde_json::Value::Null,
             config: serde_json::Value::Null,
             frozen: Vec::new(),
+            identity: None,
             generation: None,
         }
     }

@@ -156,7 +156,7 @@ async fn join_all(addr: std::net::SocketAddr, nodes: usize) -> Result<(Vec<(Clie
             let t0 = Instant::now();
             let mut c = client(addr).await?;
             let node_id = format!("node-{i:04}");
-            c.join(with_token(pb::JoinRequest { node_id: node_id.clone(), local_ranks: 1 }, TOKEN)).await?;
+            c.join(with_token(pb::JoinRequest { node_id: node_id.clone(), local_ranks: 1, identity: Some(super::rpc::identity_to_pb(&crate::model::identity::ModelIdentity::synthetic("simulated"))) }, TOKEN)).await?;
             let joined = Instant::now();
             {
                 let mut s = slowest.lock().unwrap();
@@ -214,7 +214,7 @@ async fn checkpoint(svc: &Service, dir: &Path, generation: u64, world: u32, step
     for rank in 0..world {
         let svc = svc.clone();
         all.spawn(async move {
-            let req = pb::CheckpointDoneRequest { generation, rank, step, file: format!("rank-{rank:05}.safetensors"), bytes: 0, crc32: 0, names: Vec::new(), frozen_json: None };
+            let req = pb::CheckpointDoneRequest { generation, rank, step, file: format!("rank-{rank:05}.safetensors"), bytes: 0, crc32: 0, names: Vec::new() };
             svc.checkpoint_done(tonic::Request::new(req)).await
         });
     }

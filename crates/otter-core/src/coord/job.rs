@@ -17,6 +17,8 @@ pub struct StartArgs {
     pub token: Option<String>,
     /// `/metrics`, `/status`, `/status.json`, `/healthz`; `None`: not served.
     pub http_listen: Option<String>,
+    /// Parts of the model the operator allows to differ from the job's recorded identity.
+    pub accept_model_change: Vec<crate::model::identity::Part>,
 }
 
 /// The job's join token: given (flag/env), else the one saved in the state dir, else a new
@@ -73,7 +75,7 @@ fn restore_from_checkpoints(mut machine: Machine, ckpt_dir: &Path) -> Result<Mac
     let ledger: super::ledger::Ledger =
         serde_json::from_value(ledger.clone()).with_context(|| format!("{}: field `data.ledger`", manifest.display()))?;
     machine
-        .restore_from_checkpoint(super::server::wall_now(), ledger, steps, &crate::ckpt::committed_steps(ckpt_dir))
+        .restore_from_checkpoint(super::server::wall_now(), ledger, steps, &crate::ckpt::committed_steps(ckpt_dir), m.identity.clone())
         .map_err(|e| anyhow::anyhow!("{}: {e}", manifest.display()))?;
     eprintln!("otter-coord: job state from checkpoint {} ({steps} steps), unless the state store holds a newer one", dir.display());
     Ok(machine)
@@ -105,6 +107,9 @@ pub async fn start(args: StartArgs) -> Result<bool> {
     let ckpt_dir = train.out_dir.join("checkpoints");
     let machine = restore_from_checkpoints(machine, &ckpt_dir)?;
     let coord = Coordinator::open(machine, store, yaml, hb).await?;
+    if !args.accept_model_change.is_empty() {
+        coord.accept_model_change(&args.accept_model_change).await?;
+    }
     coord.set_checkpoints(super::server::CheckpointSink {
         dir: ckpt_dir,
         keep_last: train.keep_last,
@@ -124,6 +129,7 @@ pub async fn start(args: StartArgs) -> Result<bool> {
             data: serde_json::Value::Null,
             config: serde_json::to_value(&cfg)?,
             frozen: Vec::new(),
+            identity: None,
             generation: None,
         },
         history: Some(state_dir.join("history.jsonl")),

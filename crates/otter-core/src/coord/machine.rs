@@ -6,6 +6,7 @@
 //! [`crate::coord`] for the commit rule and the contracts.
 
 use super::frozen::Frozen;
+use crate::model::identity::ModelIdentity;
 use super::ledger::{Ledger, LedgerEnd, StepLease};
 use super::{ConfigError, CoordConfig, Millis};
 use serde::{Deserialize, Serialize};
@@ -188,6 +189,11 @@ pub enum EventKind {
     /// A rank could not reach or hear from a peer on another node.
     PeerUnreachable,
     NodeExcluded,
+    /// A node whose model (frozen weights, config, tokenizer) differs from the job's was
+    /// refused, by name, with the first file or tensor that differs.
+    NodeRefused,
+    /// The operator allowed the model to change (`--accept-model-change`).
+    ModelChangeAccepted,
     /// A checkpoint could not be read back (a shard's checksum, a missing file): it is
     /// no longer offered.
     CheckpointUnreadable,
@@ -297,7 +303,8 @@ pub enum Refusal {
     #[error("checkpoint step-{steps} was not the one generation {generation} restored")]
     NotRestored { steps: u64, generation: u64 },
     #[error("generation {generation} is not writing the final weights, or rank {rank} is not its rank 0")]
-    NotFinishing { generation: u64, rank: usize },
+    NotFinishing { generation: u64, rank: usize },    #[error("node {node_id:?} is refused: {why}")]
+    ModelMismatch { node_id: String, why: String },
 }
 
 impl Refusal {
@@ -325,6 +332,7 @@ impl Refusal {
             Refusal::WouldGoBelowMin { .. } => "would-go-below-min",
             Refusal::NotRestored { .. } => "not-restored",
             Refusal::NotFinishing { .. } => "not-finishing",
+            Refusal::ModelMismatch { .. } => "model-mismatch",
         }
     }
 }
@@ -342,7 +350,9 @@ struct Node {
     out_until: Option<Millis>,
     /// How often it was excluded (the back-off doubles each time).
     #[serde(default, skip_serializing_if = "is_zero")]
-    exclusions: u32,
+    exclusions: u32,    /// The digest of the model identity it joined with (`model_check`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    identity: Option<crate::model::identity::Digest>,
 }
 
 /// One failure report that named a peer: `reporter` could not reach or hear from
@@ -500,8 +510,6 @@ pub struct ShardReport {
     pub crc32: u32,
     /// The parameter names it holds (weights and AdamW moments).
     pub names: Vec<String>,
-    /// Frozen weight files and checksums, as JSON (rank 0 reports them).
-    pub frozen: Option<String>,
 }
 
 /// Shards of a checkpoint reported so far, by rank of the generation that ran its step.
@@ -546,7 +554,8 @@ impl Machine {
             warmup_steps: crate::train::schedule::warmup_steps(warmup_ratio, total),
             total_steps: total,
             data: serde_json::json!({ "ledger": c.ledger }),
-            frozen: c.shards.iter().find_map(|sh| sh.frozen.as_deref()).and_then(|j| serde_json::from_str(j).ok()).unwrap_or_default(),
+            frozen: Vec::new(),
+            identity: self.model.job().cloned(),
             generation: Some(c.generation),
             ..template.clone()
         }
@@ -626,6 +635,10 @@ pub struct Machine {
     /// global batch, fixed with `total_steps`.
     #[serde(default)]
     batches_per_step: Option<u64>,
+    /// The job's model identity: what every rank must share (frozen weights, config,
+    /// tokenizer), fixed by the first generation.
+    #[serde(default)]
+    model: super::model_check::ModelCheck,
 }
 
 /// The blame log keeps this many of the latest reports.
@@ -700,12 +713,43 @@ impl Machine {
             final_weights: None,
             total_steps: None,
             batches_per_step: None,
+            model: Default::default(),
         })
     }
 
     // ----------------------------------------------------------------------------------
     // Queries
     // ----------------------------------------------------------------------------------
+
+    /// The job's model identity, once the first generation fixed it.
+    pub fn model_identity(&self) -> Option<&ModelIdentity> {
+        self.model.job()
+    }
+
+    /// The operator allows `parts` of the model to change (`otter-coord start
+    /// --accept-model-change`): the next generation fixes the identity again.
+    pub fn accept_model_change(&mut self, now: Millis, parts: &[crate::model::identity::Part]) {
+        if self.model.accept_change(parts) {
+            let names: Vec<&str> = parts.iter().map(|p| p.name()).collect();
+            self.log(now, EventKind::ModelChangeAccepted, format!("the operator allows the model's {} to change: the next generation fixes its identity again", names.join(", ")));
+        }
+    }
+
+    /// Records that a node was refused for its model (an event the operator sees; the
+    /// refusal itself changes nothing).
+    pub fn note_refused(&mut self, now: Millis, node_id: &str, why: &str) {
+        let g = self.generation;
+        self.model.note_refused(node_id, why);
+        self.log_node(now, EventKind::NodeRefused, node_id, format!("generation {g}: node {node_id} refused: {why}"));
+    }
+
+    /// An unknown node's refusal: why it was refused for its model, if it was.
+    fn unknown_node(&self, node_id: &str) -> Refusal {
+        match self.model.refused(node_id) {
+            Some(why) => Refusal::ModelMismatch { node_id: node_id.into(), why: why.into() },
+            None => Refusal::UnknownNode { node_id: node_id.into() },
+        }
+    }
 
     pub fn config(&self) -> &CoordConfig {
         &self.config
@@ -906,8 +950,9 @@ impl Machine {
     /// Before the first generation it counts towards the initial rendezvous; during a
     /// rendezvous it re-forms it at once; while running it is admitted at the next step
     /// boundary.
-    pub fn join(&mut self, now: Millis, node_id: &str, local_ranks: u32) -> Result<NodeReply, Refusal> {
+    pub fn join(&mut self, now: Millis, node_id: &str, local_ranks: u32, identity: &ModelIdentity) -> Result<NodeReply, Refusal> {
         self.refuse_if_over()?;
+        self.model.admit(identity).map_err(|m| Refusal::ModelMismatch { node_id: node_id.into(), why: m.0 })?;
         if local_ranks == 0 {
             return Err(Refusal::NoLocalRanks { node_id: node_id.into() });
         }
@@ -923,6 +968,8 @@ impl Machine {
                 });
             }
             node.last_seen = now;
+            node.identity = Some(identity.digest.clone());
+            self.model.admitted(node_id, identity);
             if node.status == NodeStatus::Leaving {
                 node.status = NodeStatus::Member;
                 let g = self.generation;
@@ -936,8 +983,9 @@ impl Machine {
         }
         self.nodes.insert(
             node_id.into(),
-            Node { local_ranks, last_seen: now, status: NodeStatus::Pending, joined_at: now, out_until: None, exclusions: 0 },
+            Node { local_ranks, last_seen: now, status: NodeStatus::Pending, joined_at: now, out_until: None, exclusions: 0, identity: Some(identity.digest.clone()) },
         );
+        self.model.admitted(node_id, identity);
         let (g, n, min, max) = (self.generation, self.available_nodes(), self.config.min_nodes, self.config.max_nodes);
         let joined = format!("node {node_id} joined with {local_ranks} local ranks");
         match self.phase {
@@ -973,7 +1021,10 @@ impl Machine {
         if generation > self.generation {
             return Err(Refusal::FutureGeneration { got: generation, current: self.generation });
         }
-        let node = self.nodes.get_mut(node_id).ok_or_else(|| Refusal::UnknownNode { node_id: node_id.into() })?;
+        if !self.nodes.contains_key(node_id) {
+            return Err(self.unknown_node(node_id));
+        }
+        let node = self.nodes.get_mut(node_id).expect("checked");
         node.last_seen = now;
         Ok(self.node_reply(node_id))
     }
@@ -1011,7 +1062,7 @@ impl Machine {
         comm_addr: &str,
     ) -> Result<RendezvousReply, Refusal> {
         self.refuse_if_over()?;
-        let node = self.nodes.get(node_id).ok_or_else(|| Refusal::UnknownNode { node_id: node_id.into() })?;
+        let node = self.nodes.get(node_id).ok_or_else(|| self.unknown_node(node_id))?;
         if local_rank >= node.local_ranks {
             return Err(Refusal::UnknownLocalRank {
                 node_id: node_id.into(),
@@ -1449,7 +1500,9 @@ impl Machine {
     /// and leases go back to the pool). `on_disk`: every committed checkpoint found beside
     /// it; those its ledger can still go back to are kept as fallbacks. Only before
     /// anything has run.
-    pub fn restore_from_checkpoint(&mut self, now: Millis, mut ledger: Ledger, steps: u64, on_disk: &[u64]) -> Result<(), ConfigError> {
+    /// `identity`: the model identity the manifest records (the job keeps it: nodes whose
+    /// model differs are refused).
+    pub fn restore_from_checkpoint(&mut self, now: Millis, mut ledger: Ledger, steps: u64, on_disk: &[u64], identity: Option<ModelIdentity>) -> Result<(), ConfigError> {
         if self.generation != 0 || !self.checkpoints.is_empty() {
             return Err(ConfigError { field: "checkpoint", message: "only a fresh coordinator restores from a checkpoint".into() });
         }
@@ -1483,6 +1536,9 @@ impl Machine {
         drop(ledger.compact_through(kept[0]));
         self.ledger = ledger;
         self.checkpoints = kept;
+        if let Some(id) = identity {
+            self.model = super::model_check::ModelCheck::fixed(id);
+        }
         self.log(now, EventKind::Restored, format!("coordinator started from checkpoint step-{steps}: {steps} steps committed"));
         Ok(())
     }
@@ -1547,6 +1603,14 @@ impl Machine {
         for id in leaving {
             self.nodes.remove(&id);
             self.log_node(now, EventKind::NodeLeft, &id, format!("generation {g}: node {id} left"));
+        }
+        // The first generation fixes the job's model identity; nodes holding another are
+        // refused before any of their ranks trains.
+        let voters: BTreeMap<String, Option<crate::model::identity::Digest>> =
+            self.nodes.iter().filter(|(_, n)| n.status != NodeStatus::Excluded).map(|(id, n)| (id.clone(), n.identity.clone())).collect();
+        for (id, why) in self.model.fix(&voters) {
+            self.nodes.remove(&id);
+            self.log_node(now, EventKind::NodeRefused, &id, format!("generation {g}: node {id} refused: {why}"));
         }
         let mut carried = std::mem::take(&mut self.early);
         if let Some(r) = self.rendezvous.take() {

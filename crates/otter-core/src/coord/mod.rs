@@ -70,6 +70,7 @@ pub mod bench;
 pub mod client;
 pub mod etcd;
 pub mod frozen;
+pub mod model_check;
 pub mod http;
 pub mod job;
 pub mod ledger;

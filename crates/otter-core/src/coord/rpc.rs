@@ -6,6 +6,7 @@ pub mod pb {
 }
 
 use super::ledger::{BatchRef, StepLease};
+use crate::model::identity::{ModelIdentity, TensorDigest, WeightFile};
 use super::machine::Assignment;
 
 /// What a rank measured of a step, for the status views (never for a decision).
@@ -71,4 +72,37 @@ pub fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
         r.metadata_mut().insert(super::server::TOKEN_HEADER, v);
     }
     r
+}
+
+pub fn identity_to_pb(id: &ModelIdentity) -> pb::ModelIdentity {
+    pb::ModelIdentity {
+        digest: id.digest.clone(),
+        config: id.config.clone(),
+        tokenizer: id.tokenizer.clone(),
+        weights: id
+            .weights
+            .iter()
+            .map(|w| pb::WeightFile {
+                name: w.name.clone(),
+                bytes: w.bytes,
+                header: w.header.clone(),
+                tensors: w.tensors.iter().map(|t| pb::TensorDigest { name: t.name.clone(), xxh3: t.xxh3 }).collect(),
+            })
+            .collect(),
+    }
+}
+
+/// A join's model identity, checked: present, and its digest that of its contents.
+pub fn identity_from_pb(id: Option<pb::ModelIdentity>) -> Result<ModelIdentity, String> {
+    let id = id.ok_or("JoinRequest.identity: missing (this otter-worker predates model identities: upgrade it)")?;
+    let weights = id
+        .weights
+        .into_iter()
+        .map(|w| WeightFile { name: w.name, bytes: w.bytes, header: w.header, tensors: w.tensors.into_iter().map(|t| TensorDigest { name: t.name, xxh3: t.xxh3 }).collect() })
+        .collect();
+    let got = ModelIdentity::new(id.config, id.tokenizer, weights);
+    if got.digest != id.digest {
+        return Err(format!("JoinRequest.identity: digest {} is not that of its contents ({})", id.digest, got.digest));
+    }
+    Ok(got)
 }

@@ -182,6 +182,16 @@ impl Coordinator {
         }
     }
 
+    /// The operator allows `parts` of the model to change (`--accept-model-change`).
+    pub async fn accept_model_change(&self, parts: &[crate::model::identity::Part]) -> Result<(), super::persist::PersistError> {
+        let mut s = self.state.lock().await;
+        let now = self.now();
+        s.machine.accept_model_change(now, parts);
+        let v = self.commit(&mut s, "model change accepted".into());
+        drop(s);
+        self.durable(v).await
+    }
+
     pub async fn node_lost(&self, node_id: &str, reason: &str) {
         if self.fence().is_err() {
             return; // a deposed replica's streams close as it stops: that says nothing of the node

@@ -75,11 +75,30 @@ impl tokio_stream::Stream for WatchStream {
 
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for Service {
+    async fn job_spec(&self, _req: Request<pb::JobSpecRequest>) -> Result<Response<pb::JobSpecReply>, Status> {
+        Ok(Response::new(pb::JobSpecReply { job_yaml: self.0.job_yaml.clone() }))
+    }
+
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
         let r = req.into_inner();
         let c = &self.0;
+        let identity = super::rpc::identity_from_pb(r.identity).map_err(Status::invalid_argument)?;
         let mut s = c.state.lock().await;
-        let reply = s.machine.join(c.now(), &r.node_id, r.local_ranks).map_err(|e| c.refused(e))?;
+        let reply = match s.machine.join(c.now(), &r.node_id, r.local_ranks, &identity) {
+            Ok(reply) => reply,
+            Err(e @ Refusal::ModelMismatch { .. }) => {
+                // The operator sees who was refused and why (on the status page, in the log).
+                if let Refusal::ModelMismatch { node_id, why } = &e {
+                    tracing::error!("node {node_id} refused: {why}");
+                    s.machine.note_refused(c.now(), node_id, why);
+                }
+                let v = c.commit(&mut s, format!("node {} refused", r.node_id));
+                drop(s);
+                c.durable(v).await?;
+                return Err(c.refused(e));
+            }
+            Err(e) => return Err(c.refused(e)),
+        };
         tracing::info!("node {} joined with {} local ranks", r.node_id, r.local_ranks);
         let v = c.commit(&mut s, format!("node {} joined", r.node_id));
         drop(s);
@@ -190,7 +209,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let r = req.into_inner();
         let c = &self.0;
         let mut s = c.state.lock().await;
-        let shard = super::machine::ShardReport { file: r.file, bytes: r.bytes, crc32: r.crc32, names: r.names, frozen: r.frozen_json };
+        let shard = super::machine::ShardReport { file: r.file, bytes: r.bytes, crc32: r.crc32, names: r.names };
         s.machine.checkpoint_done(c.now(), r.generation, r.rank as usize, r.step, shard).map_err(|e| c.refused(e))?;
         let abandoned = s.machine.checkpoint_abandoned(r.step);
         let manifest = c.prepare_manifest(&s);
@@ -404,7 +423,7 @@ mod tests {
         let m = Machine::new(config(), vec![10]).unwrap();
         let c = Coordinator::open(m, Box::new(MemStore::default()), "job".into(), Duration::from_secs(1)).await.unwrap();
         let s = Service(c);
-        s.join(Request::new(pb::JoinRequest { node_id: "a".into(), local_ranks: 1 })).await.unwrap();
+        s.join(Request::new(pb::JoinRequest { node_id: "a".into(), local_ranks: 1, identity: Some(crate::coord::rpc::identity_to_pb(&crate::model::identity::ModelIdentity::synthetic("m"))) })).await.unwrap();
         let req = pb::RendezvousRequest { node_id: "a".into(), local_rank: 0, applied_step: None, comm_addr: "127.0.0.1:1".into(), last_generation: None };
         let a = s.rendezvous(Request::new(req)).await.unwrap().into_inner();
         (s, a)
@@ -439,10 +458,10 @@ mod tests {
         }));
         let mut client = pb::coordinator_client::CoordinatorClient::connect(format!("http://{addr}")).await.unwrap();
         for token in ["", "wrong"] {
-            let e = client.join(with_token(pb::JoinRequest { node_id: "x".into(), local_ranks: 1 }, token)).await.unwrap_err();
+            let e = client.join(with_token(pb::JoinRequest { node_id: "x".into(), local_ranks: 1, identity: Some(crate::coord::rpc::identity_to_pb(&crate::model::identity::ModelIdentity::synthetic("m"))) }, token)).await.unwrap_err();
             assert_eq!(e.code(), tonic::Code::Unauthenticated, "token {token:?}");
         }
-        let r = client.join(with_token(pb::JoinRequest { node_id: "x".into(), local_ranks: 1 }, "sesame")).await.unwrap();
+        let r = client.join(with_token(pb::JoinRequest { node_id: "x".into(), local_ranks: 1, identity: Some(crate::coord::rpc::identity_to_pb(&crate::model::identity::ModelIdentity::synthetic("m"))) }, "sesame")).await.unwrap();
         assert_eq!(r.into_inner().job_yaml, "job");
         let _ = tx.send(());
         server.await.unwrap().unwrap();
@@ -499,7 +518,7 @@ mod tests {
             }
         }
         let c = Coordinator::open(Machine::new(cfg, vec![10]).unwrap(), Box::new(Shared(store.clone())), "job".into(), Duration::from_secs(1)).await.unwrap();
-        Service(c.clone()).join(Request::new(pb::JoinRequest { node_id: "a".into(), local_ranks: 1 })).await.unwrap();
+        Service(c.clone()).join(Request::new(pb::JoinRequest { node_id: "a".into(), local_ranks: 1, identity: Some(crate::coord::rpc::identity_to_pb(&crate::model::identity::ModelIdentity::synthetic("m"))) })).await.unwrap();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let server = tokio::spawn(serve(c.clone(), "t".into(), l, std::future::pending()));
@@ -572,7 +591,7 @@ mod tests {
         let joins: Vec<_> = (0..4)
             .map(|i| {
                 let s = s.clone();
-                tokio::spawn(async move { s.join(Request::new(pb::JoinRequest { node_id: format!("n{i}"), local_ranks: 1 })).await })
+                tokio::spawn(async move { s.join(Request::new(pb::JoinRequest { node_id: format!("n{i}"), local_ranks: 1, identity: Some(crate::coord::rpc::identity_to_pb(&crate::model::identity::ModelIdentity::synthetic("m"))) })).await })
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -36,7 +36,7 @@ impl SimNode {
         let token = self.token.clone();
         let node_id = self.node_id.clone();
         call(&mut c, &self.addrs, |mut c| {
-            let req = with_token(pb::JoinRequest { node_id: node_id.clone(), local_ranks: 1 }, &token);
+            let req = with_token(pb::JoinRequest { node_id: node_id.clone(), local_ranks: 1, identity: Some(super::rpc::identity_to_pb(&crate::model::identity::ModelIdentity::synthetic("simulated"))) }, &token);
             async move { c.join(req).await }
         })
         .await
@@ -128,7 +128,7 @@ impl SimNode {
         let dir = crate::ckpt::step_dir(&self.ckpt_dir, step + 1);
         std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
         std::fs::File::create(dir.join(&file))?;
-        let req = pb::CheckpointDoneRequest { generation: a.generation, rank: a.rank, step, file, bytes: 0, crc32: 0, names: Vec::new(), frozen_json: None };
+        let req = pb::CheckpointDoneRequest { generation: a.generation, rank: a.rank, step, file, bytes: 0, crc32: 0, names: Vec::new() };
         let token = self.token.clone();
         match call(c, &self.addrs, |mut c| {
             let req = with_token(req.clone(), &token);

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod flops;
+pub mod identity;
 pub mod spec;
 
 pub use config::OtterConfig;

@@ -16,6 +16,11 @@ fn cfg(min: usize, max: usize) -> CoordConfig {
     }
 }
 
+/// The model every simulated node joins with.
+fn model() -> ModelIdentity {
+    ModelIdentity::synthetic("model")
+}
+
 fn slot(node: &str, local_rank: u32) -> Slot {
     Slot { node_id: node.into(), local_rank }
 }
@@ -74,7 +79,7 @@ impl Sim {
     }
 
     fn join(&mut self, node: &str, local_ranks: u32) -> NodeReply {
-        let r = self.m.join(self.t(), node, local_ranks).unwrap();
+        let r = self.m.join(self.t(), node, local_ranks, &model()).unwrap();
         for lr in 0..local_ranks {
             self.procs.entry(slot(node, lr)).or_default();
         }
@@ -269,7 +274,7 @@ fn the_first_rendezvous_starts_at_max_nodes_or_after_last_call_and_fails_below_m
         let mut m = Machine::new(c, vec![10]).unwrap();
         for op in ops {
             match op {
-                Join(t, id) => drop(m.join(Millis(t), id, 1).unwrap()),
+                Join(t, id) => drop(m.join(Millis(t), id, 1, &model()).unwrap()),
                 Tick(t) => drop(m.tick(Millis(t))),
             }
         }
@@ -280,7 +285,7 @@ fn the_first_rendezvous_starts_at_max_nodes_or_after_last_call_and_fails_below_m
             }
             (Want::Failed(why), Phase::Failed { reason }) => {
                 assert!(reason.contains(why), "{name}: {reason}");
-                assert!(matches!(m.join(Millis(0), "z", 1), Err(Refusal::JobOver { .. })), "{name}");
+                assert!(matches!(m.join(Millis(0), "z", 1, &model()), Err(Refusal::JobOver { .. })), "{name}");
             }
             (want, got) => panic!("{name}: want {want:?}, got {got}"),
         }
@@ -311,16 +316,16 @@ fn refusals_name_the_problem_and_change_nothing() {
     type Call = fn(&mut Machine) -> Result<(), Refusal>;
     let t = Millis(SEC);
     let cases: Vec<(&str, Call, Refusal)> = vec![
-        ("join beyond max", |m| m.join(Millis(SEC), "c", 1).map(drop), Refusal::Full { max_nodes: 2 }),
-        ("no local ranks", |m| m.join(Millis(SEC), "c", 0).map(drop), Refusal::NoLocalRanks { node_id: "c".into() }),
+        ("join beyond max", |m| m.join(Millis(SEC), "c", 1, &model()).map(drop), Refusal::Full { max_nodes: 2 }),
+        ("no local ranks", |m| m.join(Millis(SEC), "c", 0, &model()).map(drop), Refusal::NoLocalRanks { node_id: "c".into() }),
         (
             "too many local ranks",
-            |m| m.join(Millis(SEC), "c", 17).map(drop),
+            |m| m.join(Millis(SEC), "c", 17, &model()).map(drop),
             Refusal::TooManyLocalRanks { node_id: "c".into(), local_ranks: 17, max: 16 },
         ),
         (
             "local ranks changed",
-            |m| m.join(Millis(SEC), "a", 4).map(drop),
+            |m| m.join(Millis(SEC), "a", 4, &model()).map(drop),
             Refusal::LocalRanksChanged { node_id: "a".into(), registered: 1, got: 4 },
         ),
         (
@@ -392,7 +397,7 @@ fn refusals_name_the_problem_and_change_nothing() {
     );
     // Before anything ran, no process can hold a trained state.
     let mut m = Machine::new(cfg(1, 2), vec![5]).unwrap();
-    m.join(t, "a", 1).unwrap();
+    m.join(t, "a", 1, &model()).unwrap();
     assert_eq!(
         m.rendezvous(t, "a", 0, Some(0), "x"),
         Err(Refusal::UnknownAppliedStep { applied_step: 0, last_step: None })
@@ -549,6 +554,46 @@ fn a_coordinator_taking_over_gives_every_member_a_full_heartbeat_timeout_to_find
     let mut careless = round_trip(&sim.m);
     let lost = careless.tick(Millis(15 * SEC)).iter().filter(|e| e.kind == EventKind::NodeLost).count();
     assert_eq!(lost, 2);
+}
+
+/// A node whose copy of the model differs (one frozen tensor) is refused by name when the
+/// first generation forms, and the others train; once the identity is fixed, a later node
+/// with another model is refused at join; with identical copies the job forms as always
+/// (issue 42).
+#[test]
+fn a_node_with_another_model_is_refused_by_name_and_the_others_train() {
+    use crate::model::identity::{TensorDigest, WeightFile};
+    let with = |w: u64| {
+        let f = WeightFile { name: "model.safetensors".into(), bytes: 8, header: "h".into(), tensors: vec![TensorDigest { name: "vision_encoder.w".into(), xxh3: w }] };
+        ModelIdentity::new("c".into(), "t".into(), vec![f])
+    };
+    let (good, bad) = (with(1), with(2));
+    let mut c = cfg(1, 2);
+    c.last_call = Duration::from_secs(1);
+    let mut m = Machine::new(c.clone(), vec![20]).unwrap();
+    m.join(Millis(0), "a", 1, &good).unwrap();
+    m.join(Millis(0), "b", 1, &bad).unwrap();
+    assert_eq!(m.phase(), &Phase::Rendezvous { generation: 1 }, "max_nodes reached");
+    assert_eq!(m.members().iter().map(|x| x.node_id.as_str()).collect::<Vec<_>>(), vec!["a"], "b is not a member");
+    let refused = m.events().iter().find(|e| e.kind == EventKind::NodeRefused).expect("a refusal event");
+    assert_eq!(refused.node.as_deref(), Some("b"));
+    assert!(refused.reason.contains("weight file model.safetensors: tensor vision_encoder.w differs"), "{}", refused.reason);
+    assert_eq!(m.model_identity(), Some(&good));
+    let r = m.rendezvous(Millis(1), "a", 0, None, "a:1").unwrap();
+    assert_eq!(r.assignment.map(|a| a.world), Some(1), "a trains on alone");
+    // b's agent and rank hear why, not just that b is unknown.
+    assert_eq!(m.heartbeat(Millis(2), "b", 1).unwrap_err().code(), "model-mismatch");
+    assert_eq!(m.rendezvous(Millis(2), "b", 0, None, "b:1").unwrap_err().code(), "model-mismatch");
+    // b registers again: refused at join now.
+    let e = m.join(Millis(2), "b", 1, &bad).unwrap_err();
+    assert_eq!(e.code(), "model-mismatch");
+    assert!(e.to_string().contains("node \"b\" is refused: its model differs from the job's: weight file model.safetensors: tensor vision_encoder.w differs"), "{e}");
+    // Negative control: identical copies form the job of two as before.
+    let mut same = Machine::new(c, vec![20]).unwrap();
+    same.join(Millis(0), "a", 1, &good).unwrap();
+    same.join(Millis(0), "b", 1, &with(1)).unwrap();
+    assert_eq!(same.members().len(), 2);
+    assert!(same.events().iter().all(|e| e.kind != EventKind::NodeRefused));
 }
 
 #[test]
@@ -1007,7 +1052,7 @@ fn the_event_log_keeps_the_latest_events() {
 }
 
 fn shard(rank: usize) -> ShardReport {
-    ShardReport { file: format!("shard-{rank}"), bytes: 10, crc32: 7, names: vec![format!("p{rank}")], frozen: None }
+    ShardReport { file: format!("shard-{rank}"), bytes: 10, crc32: 7, names: vec![format!("p{rank}")] }
 }
 
 /// Both ranks of generation 1 report their shards of the checkpoint after `step`; the
@@ -1117,11 +1162,11 @@ fn a_fresh_coordinator_takes_over_from_a_checkpoint_manifests_ledger() {
     let c = sim.m.checkpoint_done(sim.t(), 1, 1, 1, shard(1)).unwrap().unwrap();
     // Another job's data is refused, naming both sizes.
     let mut other = Machine::new(cfg(2, 2), vec![50]).unwrap();
-    let err = other.restore_from_checkpoint(Millis(0), c.ledger.clone(), c.steps, &[]).unwrap_err();
+    let err = other.restore_from_checkpoint(Millis(0), c.ledger.clone(), c.steps, &[], None).unwrap_err();
     assert!(err.message.contains("[40]") && err.message.contains("[50]"), "{err}");
 
     let mut fresh = Sim::new(cfg(2, 2), vec![40]);
-    fresh.m.restore_from_checkpoint(Millis(0), c.ledger.clone(), c.steps, &[]).unwrap();
+    fresh.m.restore_from_checkpoint(Millis(0), c.ledger.clone(), c.steps, &[], Some(model())).unwrap();
     assert_eq!(fresh.m.ledger().committed_through(), Some(1));
     fresh.join("x", 1);
     fresh.join("y", 1);
@@ -1167,14 +1212,14 @@ fn the_schedule_length_is_fixed_at_the_first_rendezvous_and_a_manifest_records_w
         sim.step_all();
     }
     sim.m.checkpoint_done(sim.t(), 1, 0, 1, shard(0)).unwrap();
-    let commit = sim.m.checkpoint_done(sim.t(), 1, 1, 1, ShardReport { frozen: Some(r#"[{"path":"/m/w.safetensors","bytes":9,"crc32":7}]"#.into()), ..shard(1) }).unwrap().unwrap();
+    let commit = sim.m.checkpoint_done(sim.t(), 1, 1, 1, shard(1)).unwrap().unwrap();
     let mut template = crate::ckpt::Manifest::new(0, 0);
     template.model_seed = 11;
     let m = sim.m.checkpoint_manifest(&commit, &template, 0.1);
     assert_eq!((m.step, m.world_size, m.total_steps, m.warmup_steps, m.generation, m.model_seed), (2, 2, 20, 2, Some(1), 11));
     assert_eq!(m.partition, vec![vec!["p0".to_string()], vec!["p1".to_string()]]);
     assert_eq!(m.shards.iter().map(|s| (s.file.as_str(), s.bytes, s.crc32)).collect::<Vec<_>>(), vec![("shard-0", 10, 7), ("shard-1", 10, 7)]);
-    assert_eq!(m.frozen.len(), 1, "rank 1 reported the frozen weights");
+    assert_eq!(m.identity.as_ref(), Some(&model()), "the job's model identity, fixed by its first generation");
     let ledger: Ledger = serde_json::from_value(m.data["ledger"].clone()).unwrap();
     assert_eq!(ledger.committed_through(), Some(2), "the ledger as of the commit");
     // A node that joins later does not change the schedule.
