@@ -456,7 +456,7 @@ pub fn identity(preset: &str, dir: &Path, shards: usize) -> Result<()> {
             off += bytes;
         }
         let h = serde_json::to_vec(&header)?;
-        if std::fs::metadata(&path).map(|m| m.len()) != Ok(8 + h.len() as u64 + off) {
+        if std::fs::metadata(&path).ok().map(|m| m.len()) != Some(8 + h.len() as u64 + off) {
             println!("writing {} ({:.2} GB)", path.display(), off as f64 / 1e9);
             let mut w = std::io::BufWriter::with_capacity(64 << 20, std::fs::File::create(&path)?);
             w.write_all(&(h.len() as u64).to_le_bytes())?;
