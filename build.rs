@@ -44,6 +44,7 @@ fn torch_ops(lib: Option<&str>) {
         "src/model/onednn_linear.cpp",
         "src/model/mapped_tensor.cpp",
         "src/model/checkpoint.cpp",
+        "src/model/autocast.cpp",
         "src/comm/store_shim.cpp",
     ];
     for f in files.iter().chain(&["src/ffi_guard.h"]) {

@@ -56,8 +56,14 @@ for _ in $(seq 200); do
   [ -n "$addr" ] && [ -n "$http" ] && break
   sleep 0.05
 done
+# Each agent serves its node's metrics on a free port, its rank on the next one: the ranks'
+# allocator statistics (live vs held-free heap) tell a leak from fragmentation.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+ports=()
 for n in a b; do
-  $bin/otter-worker join --coord "$addr" --node-id "$n" --cpu-ranks 1 --advertise-host 127.0.0.1 >"$work/$n.log" 2>&1 &
+  p=$(free_port); while ! python3 -c "import socket; s=socket.socket(); s.bind(('0.0.0.0',$p+1))" 2>/dev/null; do p=$(free_port); done
+  ports+=("$p")
+  $bin/otter-worker join --coord "$addr" --node-id "$n" --cpu-ranks 1 --advertise-host 127.0.0.1 --metrics-port "$p" >"$work/$n.log" 2>&1 &
   pids+=("$!")
 done
 workers=("${pids[1]}" "${pids[2]}")
@@ -70,15 +76,23 @@ for l in urllib.request.urlopen('http://$http/metrics', timeout=5).read().decode
     if l.startswith('otter_committed_step '): print(int(float(l.split()[1]))); sys.exit()
 print(0)" 2>/dev/null || echo 0
 }
+# In-use heap (KB) from a /metrics page (otter_process_heap_bytes{kind="in_use"}).
+heap_kb() {
+  python3 -c "import urllib.request,sys
+for l in urllib.request.urlopen('http://$1/metrics', timeout=5).read().decode().splitlines():
+    if l.startswith('otter_process_heap_bytes') and 'kind=\"in_use\"' in l: print(int(float(l.split()[-1])) // 1024); sys.exit()
+print(0)" 2>/dev/null || echo 0
+}
 samples="$work/samples.tsv"
-printf 'seconds\tsteps\tcoord_kb\trank_a_kb\trank_b_kb\tstate_bytes\n' | tee "$samples"
+printf 'seconds\tsteps\tcoord_kb\trank_a_kb\trank_b_kb\tstate_bytes\tcoord_heap_kb\trank_a_heap_kb\trank_b_heap_kb\n' | tee "$samples"
 start=$(date +%s)
 while kill -0 "$coord" 2>/dev/null; do
   sleep "$INTERVAL"
   kill -0 "$coord" 2>/dev/null || break
   ra=$(rank_of "${workers[0]}" || true); rb=$(rank_of "${workers[1]}" || true)
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$(( $(date +%s) - start ))" "$(committed)" "$(rss_kb "$coord")" \
-    "$(rss_kb "${ra:-0}")" "$(rss_kb "${rb:-0}")" "$(stat -c %s "$work/coord/state.json" 2>/dev/null || echo 0)" | tee -a "$samples"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(( $(date +%s) - start ))" "$(committed)" "$(rss_kb "$coord")" \
+    "$(rss_kb "${ra:-0}")" "$(rss_kb "${rb:-0}")" "$(stat -c %s "$work/coord/state.json" 2>/dev/null || echo 0)" \
+    "$(heap_kb "$http")" "$(heap_kb "127.0.0.1:$(( ports[0] + 1 ))")" "$(heap_kb "127.0.0.1:$(( ports[1] + 1 ))")" | tee -a "$samples"
 done
 wait "$coord" || true
 tail -n 1 "$work/coord.out"
@@ -95,9 +109,11 @@ def slope(xs, ys):  # least squares: units per step
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-9)
 steps = [r[1] for r in after]
 print(f"after warm-up: {len(after)} samples, steps {steps[0]}..{steps[-1]}")
-for i, name in [(2, "coordinator RSS"), (3, "rank a RSS"), (4, "rank b RSS")]:
+for i, name in [(2, "coordinator RSS"), (3, "rank a RSS"), (4, "rank b RSS"), (6, "coordinator heap in use"), (7, "rank a heap in use"), (8, "rank b heap in use")]:
     ys = [r[i] for r in after]
     g = slope(steps, ys) * 1000
+    if ys[-1] <= 0:
+        continue  # not reported (no allocator statistics)
     print(f"{name}: {ys[0]} -> {ys[-1]} KB; growth {g:+.1f} KB per 1k steps ({100 * g / ys[-1]:+.3f}% of its size)")
 st = [r[5] for r in after]
 print(f"state.json: between {min(st)} and {max(st)} bytes (it holds the steps since the oldest kept checkpoint: a sawtooth); "

@@ -13,7 +13,7 @@
 //!
 //! See `ARCHITECTURE.md` for the code map and invariants.
 
-pub use otter_core::{coord, cpus, data, metrics, otel, run_config};
+pub use otter_core::{coord, cpus, data, heap, metrics, otel, run_config};
 
 pub mod ckpt;
 pub mod cmd;

@@ -136,3 +136,33 @@ fn overlapped_sync_with_checkpointing_updates_the_weights_as_without() {
         }
     }
 }
+
+/// Issue 43: "bf16" must compute in bf16. `tch::autocast` only switched CUDA autocast on and
+/// left libtorch's default dtype, fp16. CUDA autocast's state is thread-local and readable
+/// without a device: every entry of the model (the forward, each perceiver block, each
+/// decoder layer, and their recomputation in backward on autograd's thread) must see it
+/// on, in bf16.
+#[test]
+fn every_autocast_entry_runs_in_bf16_including_the_recompute_in_backward() {
+    use otter::model::precision::{cuda_autocast_state, probe, Site};
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let inputs = TensorFile::read(&fixtures().join("parity/incontext.safetensors")).unwrap();
+    let mut model = tiny(ActivationCheckpointing::All);
+    model.set_autocast_for_tests(true);
+    let seen = probe(|| drop(evaluate(&model, &inputs, true).unwrap()));
+    let count = |site: Site, recompute: bool| seen.iter().filter(|s| s.0 == site && s.3 == recompute).count();
+    let cfg = &model.cfg;
+    assert_eq!(seen.iter().filter(|s| s.0 == Site::Forward).count(), 1, "{seen:?}");
+    assert_eq!(count(Site::PerceiverBlock, false), cfg.perceiver.depth, "forward, without a graph");
+    assert_eq!(count(Site::PerceiverBlock, true), cfg.perceiver.depth, "recomputed in backward");
+    assert_eq!(count(Site::DecoderLayer, false), cfg.text.num_layers());
+    assert_eq!(count(Site::DecoderLayer, true), cfg.text.num_layers());
+    for (site, on, dtype, recompute) in &seen {
+        assert!(*on && *dtype == tch::Kind::BFloat16, "{site:?} (recompute {recompute}) ran with autocast {on}, {dtype:?}");
+    }
+    assert_eq!(cuda_autocast_state(), (false, tch::Kind::Half), "the state is restored after the forward");
+    // Without autocast (f32 training), nothing turns it on.
+    model.set_autocast_for_tests(false);
+    let plain = probe(|| drop(evaluate(&model, &inputs, true).unwrap()));
+    assert!(!plain.is_empty() && plain.iter().all(|s| !s.1), "{plain:?}");
+}

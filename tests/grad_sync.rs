@@ -287,3 +287,177 @@ fn a_sharded_optimizer_follows_the_unsharded_trajectory_with_a_world_th_of_the_s
         println!("world {world}: sharded vs unsharded max |diff| {worst:.2e}; moments per rank {most} B of {full_bytes} B");
     }
 }
+
+/// Which collective a test aborts the generation in.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Op {
+    AllReduce,
+    Broadcast,
+    ReduceScatter,
+    AllGather,
+}
+
+/// A group that aborts every rank's generation as it enters its `nth` collective of kind
+/// `op` (0-based), then runs it: an abort landing while a collective is in flight.
+struct AbortIn<G> {
+    inner: G,
+    op: Op,
+    nth: usize,
+    seen: usize,
+    generations: std::sync::Arc<Vec<otter::comm::Abort>>,
+}
+
+impl<G: TensorCollective> AbortIn<G> {
+    fn enter(&mut self, op: Op) {
+        if op == self.op {
+            if self.seen == self.nth {
+                for g in self.generations.iter() {
+                    g.abort(format!("the coordinator formed the next generation during a {op:?}"));
+                }
+            }
+            self.seen += 1;
+        }
+    }
+}
+
+impl<G: TensorCollective> TensorCollective for AbortIn<G> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world(&self) -> usize {
+        self.inner.world()
+    }
+    fn all_reduce_mean_tensors(&mut self, t: &mut [Tensor]) -> Result<(), CommError> {
+        self.enter(Op::AllReduce);
+        self.inner.all_reduce_mean_tensors(t)
+    }
+    fn broadcast_tensor(&mut self, t: &mut Tensor, root: usize) -> Result<(), CommError> {
+        self.enter(Op::Broadcast);
+        self.inner.broadcast_tensor(t, root)
+    }
+    fn reduce_scatter_sum_tensor(&mut self, i: &Tensor, o: &mut Tensor) -> Result<(), CommError> {
+        self.enter(Op::ReduceScatter);
+        self.inner.reduce_scatter_sum_tensor(i, o)
+    }
+    fn all_gather_tensor(&mut self, i: &Tensor, o: &mut Tensor) -> Result<(), CommError> {
+        self.enter(Op::AllGather);
+        self.inner.all_gather_tensor(i, o)
+    }
+}
+
+/// `world` ranks on threads, each with an NCCL-like group (`comm::emulated`: a collective
+/// an abort interrupts reports success, as c10d's aborted NCCL work does) that aborts
+/// every generation on rank 0's `nth` collective of kind `op`; `checked`: wrapped as every
+/// rank's group is (`GenerationGroup`). `f(rank, group)` runs on each.
+fn on_nccl_like_ranks<T: Send>(world: usize, op: Op, nth: usize, checked: bool, f: impl Fn(usize, &mut (dyn TensorCollective + Send)) -> T + Sync) -> Vec<T> {
+    use otter::comm::emulated::NcclLike;
+    use otter::comm::ring::RingTimeouts;
+    use otter::comm::{Abort, GenerationGroup};
+    let ls: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let addrs: Vec<SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+    let generations = std::sync::Arc::new((0..world).map(|_| Abort::new()).collect::<Vec<_>>());
+    std::thread::scope(|s| {
+        let hs: Vec<_> = ls
+            .iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let (addrs, f, generations) = (&addrs, &f, generations.clone());
+                s.spawn(move || {
+                    let t = RingTimeouts::uniform(Duration::from_secs(20));
+                    let g = NcclLike::form(r, addrs, l, t, 9, b"job", &generations[r]).unwrap();
+                    let nth = if r == 0 { nth } else { usize::MAX };
+                    let faulty = AbortIn { inner: g, op, nth, seen: 0, generations: generations.clone() };
+                    let mut group: Box<dyn TensorCollective + Send> = if checked {
+                        Box::new(GenerationGroup::new(Box::new(faulty), generations[r].clone()))
+                    } else {
+                        Box::new(faulty)
+                    };
+                    f(r, &mut *group)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Issue 43, place 1: an abort during ZeRO's all-gather (after each rank updated its own
+/// part) must fail the step, and leave the rank marked as holding parameters of no step,
+/// so it neither reports the step applied nor serves as a sync source. Unchecked (the
+/// negative control), the NCCL-like group reports the torn all-gather as done.
+#[test]
+fn an_abort_during_zeros_all_gather_fails_the_step_and_marks_the_parameters_incomplete() {
+    for checked in [true, false] {
+        let out = on_nccl_like_ranks(2, Op::AllGather, 0, checked, |rank, g| {
+            let mut t = trainer();
+            let buckets = GradBuckets::new(&t.model.trainable(), 64 << 10);
+            t.shard_optimizer(&buckets, 2, rank).unwrap();
+            let mine = fixture_micro_batches().swap_remove(rank);
+            let sync = GradSync { buckets: &buckets, comm: g, overlap: false, step_micro_batches: 2 };
+            let r = t.step_synced(std::slice::from_ref(&mine), Some(sync));
+            (r.map(|s| s.loss), t.params_incomplete)
+        });
+        for (rank, (r, incomplete)) in out.into_iter().enumerate() {
+            if checked {
+                assert!(matches!(&r, Err(CommError::Aborted { .. })), "rank {rank}: {r:?}");
+                assert!(incomplete, "rank {rank}: its own part was updated, the rest not gathered: of no step");
+            } else {
+                assert!(r.is_ok(), "control: c10d-like groups report the aborted all-gather as done: {r:?}");
+            }
+        }
+    }
+}
+
+/// Issue 43, place 2: an abort during the last broadcast of a state sync must fail it on
+/// the receiving rank and mark its parameters incomplete (partly the root's, partly its
+/// own): it is never anyone's sync source.
+#[test]
+fn an_abort_during_the_state_syncs_last_broadcast_leaves_the_receiver_of_no_step() {
+    let broadcasts = {
+        let t = trainer();
+        t.model.trainable().len() + 2 * t.opt.state.len()
+    };
+    for checked in [true, false] {
+        let out = on_nccl_like_ranks(2, Op::Broadcast, broadcasts - 1, checked, |_rank, g| {
+            let mut t = trainer();
+            let r = t.sync_from(g, 0);
+            (r, t.params_incomplete)
+        });
+        let (r, incomplete) = &out[1];
+        if checked {
+            assert!(matches!(r, Err(CommError::Aborted { .. })), "receiver: {r:?}");
+            assert!(*incomplete, "the receiver's state is partly copied");
+            assert!(matches!(&out[0].0, Err(CommError::Aborted { .. })) && !out[0].1, "the root's state is its own: {:?}", out[0]);
+        } else {
+            assert!(r.is_ok() && !incomplete, "control: the torn sync looks complete: {r:?}");
+        }
+    }
+}
+
+/// Issue 43, place 3: an abort during the broadcasts that re-cut the optimizer's parts
+/// must fail the re-cut and install nothing (the rank keeps the part it had).
+#[test]
+fn an_abort_during_an_optimizer_re_cut_installs_no_part() {
+    for checked in [true, false] {
+        let out = on_nccl_like_ranks(2, Op::Broadcast, 1, checked, |rank, g| {
+            let mut t = trainer();
+            let buckets = GradBuckets::new(&t.model.trainable(), 64 << 10);
+            // Parts of a world of 2 held crosswise (member 0 holds part 1 and member 1
+            // part 0), after 3 updates: the re-cut into this world moves both.
+            t.shard_optimizer(&buckets, 2, 1 - rank).unwrap();
+            t.zero.as_mut().unwrap().set_updates(3);
+            let before = t.zero.as_ref().map(|z| (z.layout.world, z.layout.rank));
+            let r = t.recut_optimizer(&buckets, g, rank, 2, 3, false);
+            let after = t.zero.as_ref().map(|z| (z.layout.world, z.layout.rank));
+            (r.map_err(|e| format!("{e:?}")), before, after)
+        });
+        for (rank, (r, before, after)) in out.into_iter().enumerate() {
+            if checked {
+                assert!(r.as_ref().is_err_and(|e| e.contains("Aborted")), "rank {rank}: {r:?}");
+                assert_eq!(after, before, "rank {rank}: the part it had is kept, nothing half-received installed");
+            } else {
+                assert!(r.is_ok(), "control: the torn re-cut looks done: {r:?}");
+                assert_eq!(after, Some((2, rank)), "control: a part assembled from partial data was installed");
+            }
+        }
+    }
+}

@@ -4,7 +4,10 @@
 
 pub use otter_core::comm::*;
 
+pub mod generation;
 pub mod store;
+
+pub use generation::GenerationGroup;
 
 #[cfg(feature = "nccl")]
 pub mod nccl;

@@ -24,7 +24,12 @@ impl Otter {
     /// Greedy continuation of `prompt` (one sample) given `vision_x` (1, T, F, C, H, W).
     /// `use_cache: false` re-runs the full sequence for every token (the reference).
     pub fn generate(&self, vision_x: &Tensor, prompt: &[i64], max_new_tokens: usize, use_cache: bool) -> Generation {
-        tch::no_grad(|| {
+        // Decoding runs in the model's precision, as its forward does (bf16 autocast).
+        super::precision::autocast(self.autocast(), || tch::no_grad(|| self.generate_in_precision(vision_x, prompt, max_new_tokens, use_cache)))
+    }
+
+    fn generate_in_precision(&self, vision_x: &Tensor, prompt: &[i64], max_new_tokens: usize, use_cache: bool) -> Generation {
+        {
             let dev = self.device();
             let media_id = self.cfg.tokens.media;
             let media = self.encode_media(vision_x);
@@ -63,6 +68,6 @@ impl Otter {
                 }
             }
             out
-        })
+        }
     }
 }

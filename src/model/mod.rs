@@ -26,6 +26,7 @@ pub mod mpt;
 pub mod nn;
 pub mod otter;
 pub mod perceiver;
+pub mod precision;
 pub mod weights;
 pub mod xattn;
 

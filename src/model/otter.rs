@@ -66,6 +66,7 @@ unsafe impl<B: Backbone> Sync for Layer<B> {}
 impl<B: Backbone> Layer<B> {
     /// The cross-attention block (if any) over `media`, then the decoder layer.
     fn forward(&self, x: &Tensor, media: &Tensor, mask: &MediaMask, shared: &B::Shared, cache: Option<&mut KvCache>) -> Tensor {
+        super::precision::observe(super::precision::Site::DecoderLayer);
         let x = match &self.xattn {
             Some(xattn) => xattn.forward(x, media, mask),
             None => x.shallow_clone(),
@@ -109,7 +110,8 @@ pub struct Otter {
     vision: ClipVision,
     perceiver: PerceiverResampler,
     lm: Lm,
-    /// bf16 autocast on CUDA (`LoadOptions::frozen_kind == BFloat16`).
+    /// CUDA autocast in bf16 (`LoadOptions::frozen_kind == BFloat16` on CUDA; see
+    /// `precision.rs`).
     autocast: bool,
     /// Segments recomputed in backward (`train.activation_checkpointing`).
     checkpointing: ActivationCheckpointing,
@@ -145,6 +147,19 @@ impl Otter {
             cfg,
             params,
         }
+    }
+
+    /// Whether the forward runs under CUDA autocast in bf16.
+    pub fn autocast(&self) -> bool {
+        self.autocast
+    }
+
+    /// Turns CUDA autocast (bf16) on or off. Tests only: on CPU tensors CUDA autocast
+    /// changes no op, but its thread-local state is set exactly as on a GPU, which is what
+    /// `precision::probe` checks at every entry (the CUDA path itself is checked by
+    /// scripts/gpu-check.sh).
+    pub fn set_autocast_for_tests(&mut self, on: bool) {
+        self.autocast = on;
     }
 
     /// Recompute these segments' activations in backward instead of keeping them. Same
@@ -231,7 +246,8 @@ impl Otter {
 
     /// Full forward: logits (B, L, V) in f32. Inputs must pass [`Self::check_inputs`].
     pub fn forward(&self, vision_x: &Tensor, input_ids: &Tensor, attention_mask: &Tensor) -> Tensor {
-        tch::autocast(self.autocast, || {
+        super::precision::autocast(self.autocast, || {
+            super::precision::observe(super::precision::Site::Forward);
             let media = self.encode_media(vision_x);
             let ids = input_ids.to_device(self.device());
             let text_time = ids.eq(self.cfg.tokens.media).cumsum(-1, Kind::Int64);
@@ -300,10 +316,10 @@ impl Otter {
         let layer = Arc::clone(layer);
         let (mask, shared, autocast) = (mask.shallow_clone(), B::share(shared), self.autocast);
         if layer.xattn.is_some() {
-            checkpoint(&[x, media], move |t| tch::autocast(autocast, || layer.forward(&t[0], &t[1], &mask, &shared, None)))
+            checkpoint(&[x, media], move |t| super::precision::autocast(autocast, || layer.forward(&t[0], &t[1], &mask, &shared, None)))
         } else {
             let media = media.shallow_clone(); // unused by a layer without cross-attention
-            checkpoint(&[x], move |t| tch::autocast(autocast, || layer.forward(&t[0], &media, &mask, &shared, None)))
+            checkpoint(&[x], move |t| super::precision::autocast(autocast, || layer.forward(&t[0], &media, &mask, &shared, None)))
         }
     }
 

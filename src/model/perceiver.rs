@@ -39,6 +39,7 @@ impl PerceiverBlock {
 
     /// x (B, T, M, D) media tokens, latents (B, T, n, D) -> latents (B, T, n, D).
     fn forward(&self, x: &Tensor, latents: &Tensor) -> Tensor {
+        super::precision::observe(super::precision::Site::PerceiverBlock);
         let x = self.norm_media.forward(x);
         let lat = self.norm_latents.forward(latents);
         let (h, dh) = (self.heads, self.dim_head);
@@ -106,7 +107,7 @@ impl PerceiverResampler {
             latents = match checkpointed {
                 Some(autocast) => {
                     let block = std::sync::Arc::clone(block);
-                    super::checkpoint::checkpoint(&[&x, &latents], move |t| tch::autocast(autocast, || block.forward(&t[0], &t[1])))
+                    super::checkpoint::checkpoint(&[&x, &latents], move |t| super::precision::autocast(autocast, || block.forward(&t[0], &t[1])))
                 }
                 None => block.forward(&x, &latents),
             };

@@ -36,6 +36,7 @@ use crate::train::config::TrainConfig;
 use crate::train::grad_sync::{GradBuckets, TensorCollective};
 use crate::train::optim::AdamWConfig;
 use crate::train::schedule::warmup_steps;
+use crate::train::zero::Recut;
 use crate::train::{GradSync, StepConfig, TensorBatch, Trainer};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -75,13 +76,6 @@ pub const EXIT_RESTART_FRESH: i32 = 75;
 #[error("restart fresh: {0}")]
 pub struct RestartFresh(pub String);
 
-/// Why the optimizer's parts could not be re-cut for a generation.
-enum Recut {
-    /// A collective failed: the generation fails as any would.
-    Comm(CommError),
-    /// A part is gone: the process restarts fresh (and the job restores a checkpoint).
-    Lost(String),
-}
 
 /// Batches of one step, built on a background thread.
 struct Prepared {
@@ -128,21 +122,6 @@ impl Data {
     }
 }
 
-/// Copies every trainable parameter and the AdamW moments from `root` (sorted by name).
-fn sync_state(trainer: &mut Trainer, comm: &mut dyn TensorCollective, root: usize) -> Result<(), CommError> {
-    trainer.wait_for_readers(); // the broadcast writes the state a save may still be staging
-    let _g = tch::no_grad_guard();
-    let mut params: Vec<(String, tch::Tensor)> = trainer.model.trainable().into_iter().map(|(n, p)| (n.to_string(), p.shallow_clone())).collect();
-    params.sort_by(|a, b| a.0.cmp(&b.0));
-    for (_, p) in params.iter_mut() {
-        comm.broadcast_tensor(p, root)?;
-    }
-    for m in trainer.opt.state.values_mut() {
-        comm.broadcast_tensor(&mut m.exp_avg, root)?;
-        comm.broadcast_tensor(&mut m.exp_avg_sq, root)?;
-    }
-    Ok(())
-}
 
 /// FNV-1a over the bytes of every trainable parameter, by name: equal on all ranks iff
 /// they hold bit-identical models.
@@ -585,8 +564,10 @@ impl Rank {
         self.metrics.lock().expect("not poisoned").threads(self.threads.intra_op, self.threads.data);
         let abort = self.watch.arm(a.generation);
         let t_group = Instant::now();
-        let mut group = match self.form_group(&a, &addrs, abort.clone()) {
-            Ok(g) => g,
+        // Every collective of this generation fails once it is aborted, even one the
+        // backend reports as done (c10d's aborted NCCL work does: GenerationGroup).
+        let mut group: Box<dyn TensorCollective + Send> = match self.form_group(&a, &addrs, abort.clone()) {
+            Ok(g) => Box::new(crate::comm::GenerationGroup::new(g, abort.clone())),
             Err(e) => return Ok(self.collective_failed(&a, "forming the group", e)),
         };
         if self.tc.optimizer_sharding {
@@ -597,7 +578,11 @@ impl Rank {
             }
         }
         if let Some(root) = a.sync_from {
-            if let Err(e) = sync_state(&mut self.trainer, &mut *group, root as usize) {
+            if let Err(e) = self.trainer.sync_from(&mut *group, root as usize) {
+                if self.trainer.params_incomplete {
+                    // Half copied: it must not be the state anyone copies next.
+                    self.applied = None;
+                }
                 return Ok(self.collective_failed(&a, "the state sync", e));
             }
             self.trainer.params_incomplete = false;
@@ -646,72 +631,14 @@ impl Rank {
         self.train_steps(a, &mut *group, &abort)
     }
 
-    /// With `train.optimizer_sharding`: cuts this rank's part of the optimizer state for
-    /// generation `a` out of the parts the members hold. Every member tells every other
-    /// what it holds (the previous cut's world and rank, and how many updates its part
-    /// has had); if the members' parts at the generation's start step make up every part
-    /// of one previous cut, each is broadcast by its holder and every rank keeps the
-    /// pieces of its new part (nothing moves when the cut is unchanged). A checkpoint to
-    /// restore, or a job at step 0, starts from empty parts. A part lost with its rank
-    /// cannot be rebuilt: every member sees that alike and restarts fresh, so the job
-    /// restores its newest checkpoint.
+    /// With `train.optimizer_sharding`: this rank's part of the optimizer state for
+    /// generation `a`, re-cut from the members' parts (`Trainer::recut_optimizer`).
     fn recut_optimizer(&mut self, a: &pb::Assignment, group: &mut (dyn TensorCollective + Send)) -> Result<(), Recut> {
-        let (rank, world, start) = (a.rank as usize, a.world as usize, a.start_step);
-        self.trainer.wait_for_readers();
-        let held = self.trainer.zero.as_ref().map(|z| (z.layout.world, z.layout.rank, z.updates()));
-        // Small integers, and the update count split in 24-bit halves: exact in f32.
-        let (hw, hr, hu) = held.unwrap_or((0, 0, 0));
-        let fields = [held.is_some() as u8 as f32, hw as f32, hr as f32, (hu & 0xff_ffff) as f32, (hu >> 24) as f32];
-        let mine = tch::Tensor::from_slice(&fields).to_device(self.device);
-        let mut all = tch::Tensor::zeros([5 * world as i64], (tch::Kind::Float, self.device));
-        group.all_gather_tensor(&mine, &mut all).map_err(Recut::Comm)?;
-        let all = Vec::<f32>::try_from(all.to_device(tch::Device::Cpu)).map_err(|e| Recut::Comm(CommError::Invalid(e.to_string())))?;
-        // What each member holds: (previous world, previous rank) of a part at `start` updates.
-        let parts: Vec<Option<(usize, usize)>> =
-            all.chunks(5).map(|m| (m[0] == 1.0 && (m[3] as u64 | (m[4] as u64) << 24) == start).then_some((m[1] as usize, m[2] as usize))).collect();
-        if a.restore_step.is_some() || start == 0 {
-            // The checkpoint fills the parts, or nothing has been trained yet.
-            self.trainer.zero = None;
-            self.trainer.opt.state.clear();
-            return self.trainer.shard_optimizer(&self.buckets, world, rank).map_err(Recut::Comm);
+        let restoring = a.restore_step.is_some();
+        let (rank, world) = (a.rank as usize, a.world as usize);
+        if let Some(old_world) = self.trainer.recut_optimizer(&self.buckets, group, rank, world, a.start_step, restoring)? {
+            println!("{}: generation {}: optimizer state re-cut from {old_world} parts into {world}", self.me, a.generation);
         }
-        let holders: Vec<(usize, (usize, usize))> = parts.iter().enumerate().filter_map(|(i, p)| Some((i, (*p)?))).collect();
-        let Some(&(_, (old_world, _))) = holders.first() else {
-            return Err(Recut::Lost(format!("no member holds a part of the optimizer state after {start} updates")));
-        };
-        let mut holder_of = vec![None; old_world];
-        for &(member, (w, r)) in &holders {
-            if w != old_world || r >= old_world {
-                return Err(Recut::Lost(format!("the members' optimizer parts after {start} updates are of different cuts ({w} and {old_world} ranks)")));
-            }
-            holder_of[r].get_or_insert(member);
-        }
-        if let Some(lost) = holder_of.iter().position(Option::is_none) {
-            return Err(Recut::Lost(format!(
-                "part {lost} of the optimizer state (of {old_world}) after {start} updates was lost with its rank; only a checkpoint can bring it back"
-            )));
-        }
-        let holder_of: Vec<usize> = holder_of.into_iter().flatten().collect();
-        if old_world == world && holder_of.iter().enumerate().all(|(k, &m)| k == m) {
-            return Ok(()); // the same cut, each part where it was
-        }
-        let trainable = self.trainer.model.trainable();
-        let old_cut = crate::train::zero::ShardLayout::new(&self.buckets, &trainable, old_world, 0).map_err(Recut::Comm)?;
-        let mut part = crate::train::zero::ShardedAdamW::zeros(&self.buckets, &trainable, world, rank).map_err(Recut::Comm)?;
-        drop(trainable);
-        let n = old_cut.part_len();
-        for (k, &from) in holder_of.iter().enumerate() {
-            let (mut m, mut v) = match (&self.trainer.zero, from == rank) {
-                (Some(z), true) => (z.part().0.copy(), z.part().1.copy()),
-                _ => (tch::Tensor::zeros([n], (tch::Kind::Float, self.device)), tch::Tensor::zeros([n], (tch::Kind::Float, self.device))),
-            };
-            group.broadcast_tensor(&mut m, from).map_err(Recut::Comm)?;
-            group.broadcast_tensor(&mut v, from).map_err(Recut::Comm)?;
-            part.take_from_part(&old_cut.for_rank(k), (&m, &v));
-        }
-        println!("{}: generation {}: optimizer state re-cut from {old_world} parts into {world}", self.me, a.generation);
-        part.set_updates(start);
-        self.trainer.zero = Some(part);
         Ok(())
     }
 
@@ -926,6 +853,9 @@ impl Rank {
                 uncommitted.pop_front();
             }
             self.metrics.lock().expect("not poisoned").goodput(self.useful, self.started.elapsed());
+            if (step + 1) % crate::train::RELEASE_FREE_PAGES_EVERY == 0 {
+                crate::train::release_free_pages();
+            }
             self.report_finished_shard();
             let last = reply.stop_after == Some(step) && reply.finished;
             let save_every = self.tc.save_every;

@@ -13,6 +13,7 @@
 //!   of tensors are written by `otter`).
 //! * [`metrics`], [`otel`]: Prometheus registries and pages, logging and traces.
 //! * [`cpus`]: how many threads a training process runs.
+//! * [`heap`]: the allocator's statistics (live vs held-free heap).
 //!
 //! The `otter` crate re-exports all of these under the same paths (`otter::coord`, ...).
 //! See `ARCHITECTURE.md` for the code map and invariants.
@@ -22,6 +23,7 @@ pub mod comm;
 pub mod coord;
 pub mod cpus;
 pub mod data;
+pub mod heap;
 pub mod metrics;
 pub mod model;
 pub mod otel;

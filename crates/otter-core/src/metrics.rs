@@ -61,6 +61,7 @@ pub struct RankMetrics {
     generation: IntGaugeVec,
     cpu_threads: IntGaugeVec,
     rejected_connections: IntCounterVec,
+    heap: IntGaugeVec,
 }
 
 /// What one optimizer step measured.
@@ -133,6 +134,7 @@ impl RankMetrics {
                 )
                 .expect("valid"),
             ),
+            heap: reg(&r, IntGaugeVec::new(Opts::new("otter_process_heap_bytes", crate::heap::HEAP_HELP), &["node", "rank", "kind"]).expect("valid")),
             rejected_connections: reg(
                 &r,
                 IntCounterVec::new(
@@ -242,6 +244,7 @@ impl RankMetrics {
         for (why, n) in crate::comm::auth::rejected_connections() {
             counter_to(&self.rejected_connections.with_label_values(&[&self.node, why.label()]), n);
         }
+        crate::heap::export(&self.heap, &[&self.node, &self.rank]);
         encode(&self.registry)
     }
 }
@@ -276,6 +279,7 @@ pub struct CoordMetrics {
     pub state_bytes: IntGauge,
     pub state_save: Histogram,
     pub refusals: IntCounterVec,
+    pub heap: IntGaugeVec,
 }
 
 impl Default for CoordMetrics {
@@ -356,6 +360,7 @@ impl CoordMetrics {
                 )
                 .expect("valid"),
             ),
+            heap: reg(&r, IntGaugeVec::new(Opts::new("otter_process_heap_bytes", crate::heap::HEAP_HELP), &["kind"]).expect("valid")),
             registry: r,
         };
         for code in ["stale-generation", "unknown-node"] {
@@ -373,6 +378,7 @@ impl CoordMetrics {
     }
 
     pub fn encode(&self) -> String {
+        crate::heap::export(&self.heap, &[]);
         encode(&self.registry)
     }
 }
