@@ -180,6 +180,7 @@ impl RankMetrics {
             self.optimizer_state_bytes.reset();
             self.generation.reset();
             self.cpu_threads.reset();
+            self.heap.reset();
             self.rank = r;
         }
         self.generation.with_label_values(&self.labels()).set(generation as i64);
