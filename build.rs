@@ -26,8 +26,21 @@ fn main() {
         println!("cargo:rustc-env=OTTER_LIBTORCH_LIB={dir}");
     }
     torch_ops(lib.as_deref());
+    allocator();
     #[cfg(feature = "nccl")]
     nccl(lib.as_deref());
+}
+
+/// The training processes' allocator: gperftools' TCMalloc (`libtcmalloc_minimal.so.4`,
+/// Debian's libtcmalloc-minimal4, installed by scripts/setup.sh and in the worker image),
+/// linked ahead of libc so that it serves every allocation of the process, libtorch's
+/// included. glibc's malloc, kept from shrinking (as a step's activations need), fragmented
+/// its main heap: a rank's RSS grew ~10-15 MB per 1k steps while its live heap stayed flat
+/// (issue 50; BENCHMARKS.md has the measurements and the alternatives tried).
+fn allocator() {
+    // Before libc in the link (and so in DT_NEEDED and the symbol lookup order): a
+    // link-arg would land after it, where libc's malloc wins.
+    println!("cargo:rustc-link-lib=dylib:+verbatim=libtcmalloc_minimal.so.4");
 }
 
 /// The libtorch calls tch cannot make: `at::_fused_adamw_` (takes tensor lists;

@@ -65,4 +65,7 @@ while read -r exe; do
   cp "$exe" "$out/"
   strip "$out/$(basename "$exe")"
 done < "$CARGO_TARGET_DIR/gpu-bins.txt"
+# The training binaries link TCMalloc (build.rs): it comes along, for a machine that may
+# not have Debian's libtcmalloc-minimal4 (gpu-check.sh puts DIR on LD_LIBRARY_PATH).
+cp -L /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 "$out/"
 ls -la "$out"

@@ -13,6 +13,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ -n "${OTTER_GPU_BINS:-}" ]; then
+  # The binaries' TCMalloc came along with them (scripts/build-gpu-bins.sh).
+  export LD_LIBRARY_PATH="$(cd "$OTTER_GPU_BINS" && pwd)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   status=0
   for bin in "$OTTER_GPU_BINS"/gpu-*; do
     echo "== $bin"

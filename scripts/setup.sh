@@ -19,7 +19,7 @@ CACHE="${OTTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/otter}"
 VENV="$CACHE/venv"
 TORCH_VERSION="2.13.0"
 PY_REQS=("torch==${TORCH_VERSION}" "numpy" "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*")
-APT_PKGS=(protobuf-compiler libprotobuf-dev libjpeg62-turbo-dev etcd-server etcd-client prometheus chromium nftables iproute2)
+APT_PKGS=(protobuf-compiler libprotobuf-dev libjpeg62-turbo-dev libtcmalloc-minimal4 etcd-server etcd-client prometheus chromium nftables iproute2)
 
 log() { echo "[setup] $*" >&2; }
 

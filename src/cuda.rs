@@ -23,6 +23,14 @@ pub fn ensure(device: tch::Device) -> Result<(), String> {
     Ok(())
 }
 
+/// CUDA devices this process sees (after `CUDA_VISIBLE_DEVICES`); 0 where CUDA cannot load.
+pub fn device_count() -> usize {
+    if load().is_err() {
+        return 0;
+    }
+    tch::Cuda::device_count().max(0) as usize
+}
+
 /// Loads libtorch_cuda (idempotent). Tries the libtorch this binary was built against,
 /// then the loader's search path (LD_LIBRARY_PATH, rpath).
 pub fn load() -> Result<(), String> {

@@ -461,3 +461,78 @@ fn an_abort_during_an_optimizer_re_cut_installs_no_part() {
         }
     }
 }
+
+/// Issue 50: a training process's heap must not grow with the step count. Two ranks (on
+/// threads, one process) run the rank's per-step paths: a step with the overlapped
+/// all-reduce over the ring inside a generation's group, a shard checkpoint every 10 steps,
+/// the metrics observed and rendered every step. The allocator's own statistics (not RSS)
+/// after N and after 2N steps: live bytes and the allocator's footprint (what it holds
+/// from the system, free or not: what fragmentation grows) may not grow by more than a
+/// few bytes per step.
+#[test]
+fn a_ranks_heap_does_not_grow_with_the_step_count() {
+    use otter::heap::{stats, Allocator};
+    const N: usize = 120;
+    let at = std::sync::Mutex::new(Vec::new());
+    let barrier = std::sync::Barrier::new(2);
+    let ckpt = tempfile::tempdir().unwrap();
+    on_ranks(2, |rank, ring| {
+        let mut t = trainer();
+        t.cfg.total_steps = 10_000;
+        let buckets = GradBuckets::new(&t.model.trainable(), 64 << 10);
+        let mine = fixture_micro_batches().swap_remove(rank);
+        let mut saver = otter::ckpt::ShardSaver::new();
+        let metrics = otter::metrics::RankMetrics::new("n");
+        let abort = otter::comm::Abort::new();
+        // The ring borrowed for the test's lifetime, inside a generation's group.
+        struct Borrowed<'a>(&'a mut RingGroup);
+        impl TensorCollective for Borrowed<'_> {
+            fn rank(&self) -> usize {
+                TensorCollective::rank(&*self.0)
+            }
+            fn world(&self) -> usize {
+                TensorCollective::world(&*self.0)
+            }
+            fn all_reduce_mean_tensors(&mut self, t: &mut [Tensor]) -> Result<(), CommError> {
+                self.0.all_reduce_mean_tensors(t)
+            }
+            fn broadcast_tensor(&mut self, t: &mut Tensor, root: usize) -> Result<(), CommError> {
+                self.0.broadcast_tensor(t, root)
+            }
+        }
+        let mut group = otter::comm::GenerationGroup::new(Box::new(Borrowed(ring)), abort);
+        for step in 0..2 * N + 1 {
+            if step == N || step == 2 * N {
+                if let Some((_, r)) = saver.wait() {
+                    r.unwrap();
+                }
+                barrier.wait();
+                if rank == 0 {
+                    at.lock().unwrap().push(stats());
+                }
+                barrier.wait();
+                if step == 2 * N {
+                    break;
+                }
+            }
+            let sync = GradSync { buckets: &buckets, comm: &mut group, overlap: true, step_micro_batches: 2 };
+            let s = t.step_synced(std::slice::from_ref(&mine), Some(sync)).unwrap();
+            metrics.observe_step(&otter::metrics::StepSample { step: step as u64, seconds: 0.01, loss: s.loss, lr: s.lr, grad_norm: s.grad_norm, tokens: 10, samples: 1, world: 2, ..Default::default() });
+            drop(metrics.encode());
+            if step % 10 == 9 {
+                let (_, previous) = saver.save(&mut t, ckpt.path(), step as u64 + 1, rank, 2, 1);
+                if let Some((_, r)) = previous {
+                    r.unwrap();
+                }
+            }
+        }
+    });
+    let at = at.into_inner().unwrap();
+    let (a, b) = (at[0], at[1]);
+    assert_eq!(a.allocator, Allocator::Tcmalloc, "the training processes' allocator is linked in");
+    let per_step = |x: u64, y: u64| (y as f64 - x as f64) / N as f64;
+    println!("heap after {N} and {} steps: {a:?} -> {b:?}; per step: in use {:+.0} B, footprint {:+.0} B", 2 * N, per_step(a.in_use, b.in_use), per_step(a.footprint, b.footprint));
+    // A leak of the size issue 50 saw (5 MB per 1k steps) is 5 KB a step.
+    assert!(per_step(a.in_use, b.in_use) < 1024.0, "live heap grows: {a:?} -> {b:?}");
+    assert!(per_step(a.footprint, b.footprint) < 1024.0, "the allocator's footprint grows: {a:?} -> {b:?}");
+}

@@ -33,8 +33,7 @@ fn measured_step_peak(cfg: &OtterConfig, mode: ActivationCheckpointing, b: i64, 
     trainer.step(std::slice::from_ref(&batch)); // and the allocator has seen a step
     // What the earlier steps freed goes back to the OS, so the step's own allocations
     // show up as resident pages again.
-    // SAFETY: malloc_trim only releases free memory.
-    unsafe { libc::malloc_trim(0) };
+    otter_core::heap::release_free_memory();
     std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak RSS");
     let before = status_kb("VmRSS:");
     trainer.step(std::slice::from_ref(&batch));
@@ -62,10 +61,9 @@ fn input(cfg: &OtterConfig, mode: ActivationCheckpointing, b: u64, l: u64) -> Pl
 
 #[test]
 fn the_plans_activation_estimate_is_within_a_third_of_the_measured_step_peak() {
-    // A fixed mmap threshold: large blocks are mapped and unmapped, not kept in the heap
-    // (glibc would raise the threshold as blocks are freed).
-    // SAFETY: a malloc tuning call before the measured allocations.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
+    // Freed memory goes back to the system at once, so the peak of resident memory is
+    // the peak of live bytes (the allocator would otherwise keep freed spans mapped).
+    otter_core::heap::return_freed_memory_at_once();
     let compute = HfOtterConfig::from_file(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/configs/compute.json")).unwrap().resolve("compute").unwrap();
     let tiny = OtterConfig::tiny();
     let mut report = Vec::new();

@@ -17,7 +17,7 @@ ARG TORCH_VERSION=2.13.0
 FROM rust:1-bookworm AS venv
 ARG TORCH_VERSION
 RUN apt-get update \
- && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev libjpeg62-turbo-dev python3 python3-venv \
+ && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev libjpeg62-turbo-dev libtcmalloc-minimal4 python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
 # Debian bookworm's python3 is 3.11: the path below (and the runtime stage's) depends on it.
 RUN python3 -m venv /opt/venv \
@@ -53,7 +53,7 @@ FROM debian:bookworm-slim
 # (`/opt/venv/bin/python -c 'import torch'`); libtorch itself needs only libstdc++/libgomp,
 # which the wheel and the base image bring.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 ca-certificates \
+ && apt-get install -y --no-install-recommends python3 ca-certificates libtcmalloc-minimal4 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 otter \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin otter

@@ -73,7 +73,6 @@ fn token(file: Option<PathBuf>) -> Result<String> {
 
 fn main() -> Result<()> {
     otter::model::nn::bound_kernel_caches();
-    otter::train::keep_freed_memory();
     let _otel = otter::otel::init("otter-worker", "warn");
     match Cli::parse().command {
         Command::Join { coord, gpus, cpu_ranks, node_id, advertise_host, token_file, metrics_port, model_dir } => {

@@ -297,7 +297,6 @@ enum DataCommand {
 
 fn main() -> Result<()> {
     otter::model::nn::bound_kernel_caches();
-    otter::train::keep_freed_memory();
     let _otel = otter::otel::init("otter", "info");
     match Cli::parse().command {
         Command::ModelInfo { config, json } => cmd::model_info::run(&config, json),

@@ -15,14 +15,14 @@ use super::{Abort, CommError};
 use crate::train::grad_sync::TensorCollective;
 use tch::Tensor;
 
-pub struct GenerationGroup {
-    inner: Box<dyn TensorCollective + Send>,
+pub struct GenerationGroup<'a> {
+    inner: Box<dyn TensorCollective + Send + 'a>,
     abort: Abort,
 }
 
-impl GenerationGroup {
+impl<'a> GenerationGroup<'a> {
     /// `inner`, one generation's group, released by `abort`.
-    pub fn new(inner: Box<dyn TensorCollective + Send>, abort: Abort) -> Self {
+    pub fn new(inner: Box<dyn TensorCollective + Send + 'a>, abort: Abort) -> Self {
         Self { inner, abort }
     }
 
@@ -44,7 +44,7 @@ impl GenerationGroup {
     }
 }
 
-impl TensorCollective for GenerationGroup {
+impl TensorCollective for GenerationGroup<'_> {
     fn rank(&self) -> usize {
         self.inner.rank()
     }

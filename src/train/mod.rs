@@ -20,4 +20,4 @@ pub mod run;
 pub mod zero;
 mod step;
 
-pub use step::{keep_freed_memory, release_free_pages, RELEASE_FREE_PAGES_EVERY, GradSync, ReadFence, StepConfig, StepStats, TensorBatch, Trainer};
+pub use step::{GradSync, ReadFence, StepConfig, StepStats, TensorBatch, Trainer};

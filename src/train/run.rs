@@ -224,9 +224,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
             writeln!(metrics, "{}", serde_json::to_string(&line)?)?;
             bar.set_message(format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", s.loss, s.lr, line.tokens_per_s));
             bar.set_position(state.step);
-            if state.step % crate::train::RELEASE_FREE_PAGES_EVERY == 0 {
-                crate::train::release_free_pages();
-            }
             let stop = args.stop_after.is_some_and(|n| state.step >= n);
             if state.step % tc.save_every == 0 || state.step >= total_steps || stop {
                 let _span = tracing::info_span!("checkpoint", step = state.step).entered();

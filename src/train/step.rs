@@ -187,46 +187,6 @@ impl ReadFence {
     }
 }
 
-/// Makes glibc keep freed memory for reuse instead of handing it back to the kernel:
-/// blocks up to 32 MB (every activation of the shapes we train) come from the heap rather
-/// than fresh `mmap`s, and the heap is not trimmed below 2 GB of free space. A step frees
-/// and re-allocates the same activations every time; by default each of those returns to
-/// the kernel and comes back as new pages the kernel must zero and fault in (page zeroing
-/// alone was 4.5% of a compute-bound CPU step). The process keeps its peak heap instead,
-/// as PyTorch's CUDA caching allocator does on GPUs. Process-wide and idempotent: the
-/// binaries that train (`otter`, `otter-worker`) call it first thing in `main`; a library
-/// never changes its host process's allocator behind its back.
-pub fn keep_freed_memory() {
-    // SAFETY: mallopt only sets allocator parameters; both values are within glibc's
-    // limits (the mmap threshold's maximum on 64-bit is 32 MB).
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
-/// How often a training loop hands the allocator's free pages back ([`release_free_pages`]).
-pub const RELEASE_FREE_PAGES_EVERY: u64 = 200;
-
-/// Hands the free pages inside glibc's heap back to the kernel (`malloc_trim(0)`: free
-/// chunks' whole pages are `madvise(DONTNEED)`ed; live data stays where it is).
-///
-/// [`keep_freed_memory`] keeps the heap from shrinking so that a step's activations reuse
-/// memory instead of faulting fresh zeroed pages; but the shapes change with every batch
-/// (token counts vary), and the free space between live blocks fragments: a rank's RSS
-/// grew ~15 MB per 1k steps while its live heap stayed flat at ~80 MB (issue 50: 170 MB of
-/// the 250 MB heap free, measured through `otter_process_heap_bytes`). Releasing the free
-/// pages every [`RELEASE_FREE_PAGES_EVERY`] steps bounds that at the cost of faulting them
-/// in again once per period. The training loops (the rank's, `otter train`'s) call it.
-pub fn release_free_pages() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free memory to the kernel; it never moves or frees
-    // live allocations.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 impl Trainer {
     pub fn new(model: Otter, cfg: StepConfig) -> Self {
         let opt = AdamW::new(cfg.adamw, &model.trainable());

@@ -45,6 +45,41 @@ fn localize(mut job: crate::run_config::RunConfig, job_file: &std::path::Path, m
     Ok(job)
 }
 
+/// Environment every rank process gets unless the operator set the variable (a value that
+/// lets c10d end the process is said at start). On an NCCL error or timeout, abort the
+/// communicator and let the rank regroup in the same process (`ASYNC_ERROR_HANDLING=2`;
+/// PyTorch's default, 3, tears the process down); no heartbeat monitor, which can end the
+/// process of a group's first process group when its watchdog is slow to abort
+/// (`ENABLE_MONITORING=0`); no dump-and-exit on a watchdog timeout (`DUMP_ON_TIMEOUT=0`);
+/// errors are not propagated through the store to every rank (`PROPAGATE_ERROR=0`): the
+/// coordinator decides who regroups (issue 43; docs/gpu-checks.md).
+pub const RANK_ENV: [(&str, &str); 4] = [
+    ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2"),
+    ("TORCH_NCCL_ENABLE_MONITORING", "0"),
+    ("TORCH_NCCL_DUMP_ON_TIMEOUT", "0"),
+    ("TORCH_NCCL_PROPAGATE_ERROR", "0"),
+];
+
+/// The CUDA devices of `n` local ranks, as `CUDA_VISIBLE_DEVICES` values: rank i gets the
+/// i-th entry of the operator's `visible` list (its own `CUDA_VISIBLE_DEVICES`), else device
+/// i. `present`: the devices CUDA reports to this process (under `visible`). Too few is an
+/// error naming both counts.
+pub fn gpu_devices(n: u32, visible: Option<&str>, present: usize) -> Result<Vec<String>, String> {
+    let list: Vec<String> = match visible.map(str::trim) {
+        Some(v) => v.split(',').map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect(),
+        None => (0..present).map(|i| i.to_string()).collect(),
+    };
+    let usable = list.len().min(present);
+    if (n as usize) > usable {
+        let seen = match visible {
+            Some(v) => format!("CUDA_VISIBLE_DEVICES={v:?} lists {}, and CUDA reports {present}", list.len()),
+            None => format!("CUDA reports {present}"),
+        };
+        return Err(format!("--gpus {n}: this node has {usable} usable GPU(s) ({seen})"));
+    }
+    Ok(list.into_iter().take(n as usize).collect())
+}
+
 /// The local address this machine uses to reach `coord` (what peers can reach us at).
 fn route_to(coord: &str) -> Option<String> {
     let hostport = coord.trim_start_matches("http://").trim_start_matches("https://");
@@ -103,6 +138,19 @@ pub async fn join(args: JoinArgs) -> Result<()> {
     // a node that cannot run it says so instead of joining a group it would break.
     if let (Some(d @ crate::train::config::DeviceSpec::Cuda(_)), false) = (job.train.as_ref().map(|t| t.device), gpus) {
         bail!("node {node_id}: the job trains on {d} (train.device) and this node joined with CPU ranks: start it with --gpus N");
+    }
+    // Each GPU rank gets one of the GPUs the operator made visible (too few is an error now,
+    // not a rank failing later).
+    let devices = match gpus {
+        true => Some(gpu_devices(local_ranks, std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(), crate::cuda::device_count()).map_err(|e| anyhow::anyhow!("node {node_id}: {e}"))?),
+        false => None,
+    };
+    for (k, want) in RANK_ENV {
+        if let Ok(v) = std::env::var(k) {
+            if v != want {
+                eprintln!("node {node_id}: {k}={v} (the operator's; {want} keeps a rank alive through a peer's failure)");
+            }
+        }
     }
     let t = std::time::Instant::now();
     let (identity, stats) = job.model_identity(&job_file).with_context(|| format!("node {node_id}: the model's identity"))?;
@@ -210,12 +258,12 @@ pub async fn join(args: JoinArgs) -> Result<()> {
             .env("OTTER_JOIN_TOKEN", &token)
             .env("OTTER_LOCAL_RANKS", local_ranks.to_string())
             .kill_on_drop(true);
-        if gpus {
-            cmd.env("CUDA_VISIBLE_DEVICES", i.to_string());
-            // On an NCCL error or timeout, abort the communicator and let the rank regroup
-            // in the same process (PyTorch's default, 3, tears the process down).
-            if std::env::var_os("TORCH_NCCL_ASYNC_ERROR_HANDLING").is_none() {
-                cmd.env("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2");
+        if let Some(devices) = &devices {
+            cmd.env("CUDA_VISIBLE_DEVICES", &devices[i as usize]);
+        }
+        for (k, v) in RANK_ENV {
+            if std::env::var_os(k).is_none() {
+                cmd.env(k, v);
             }
         }
         // SAFETY: prctl in the child between fork and exec only sets a process attribute.
@@ -284,3 +332,21 @@ pub async fn join(args: JoinArgs) -> Result<()> {
     Ok(())
 }
 
+#[cfg(test)]
+mod tests {
+    use super::gpu_devices;
+
+    #[test]
+    fn local_gpu_ranks_map_onto_the_operators_visible_devices_and_too_few_is_an_error() {
+        let ok = |n, v: Option<&str>, present| gpu_devices(n, v, present).unwrap();
+        assert_eq!(ok(2, None, 4), ["0", "1"]);
+        assert_eq!(ok(2, Some("2,5"), 2), ["2", "5"], "the operator's list, not 0 and 1");
+        assert_eq!(ok(1, Some(" 3 , 1"), 2), ["3"]);
+        assert_eq!(ok(2, Some("GPU-8f2c,GPU-77aa"), 2), ["GPU-8f2c", "GPU-77aa"], "UUIDs pass through");
+        let e = gpu_devices(3, Some("2,5"), 2).unwrap_err();
+        assert_eq!(e, "--gpus 3: this node has 2 usable GPU(s) (CUDA_VISIBLE_DEVICES=\"2,5\" lists 2, and CUDA reports 2)");
+        let e = gpu_devices(1, None, 0).unwrap_err();
+        assert_eq!(e, "--gpus 1: this node has 0 usable GPU(s) (CUDA reports 0)");
+        assert!(gpu_devices(2, Some("0,1,2"), 1).is_err(), "listed but not reported (a wrong list)");
+    }
+}

@@ -853,9 +853,6 @@ impl Rank {
                 uncommitted.pop_front();
             }
             self.metrics.lock().expect("not poisoned").goodput(self.useful, self.started.elapsed());
-            if (step + 1) % crate::train::RELEASE_FREE_PAGES_EVERY == 0 {
-                crate::train::release_free_pages();
-            }
             self.report_finished_shard();
             let last = reply.stop_after == Some(step) && reply.finished;
             let save_every = self.tc.save_every;

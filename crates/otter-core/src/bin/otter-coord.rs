@@ -86,8 +86,20 @@ fn tempfile_dir() -> Result<PathBuf> {
     Ok(d)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // One malloc arena for the whole process, set before any thread exists: the
+    // coordinator allocates little but from many short-lived threads (tokio's blocking pool
+    // saves the state), and glibc's default of up to 8 arenas per core each kept their own
+    // free memory, so its RSS crept up by ~1% per 1k steps (issue 50: 0.13% with one).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter, before any other thread runs.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+}
+
+async fn run() -> Result<()> {
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Start { .. }) { "info" } else { "warn" };
     let otel = otter_core::otel::init("otter-coord", default_level);

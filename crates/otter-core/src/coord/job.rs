@@ -52,6 +52,12 @@ pub fn load_job(config: &Path) -> Result<(RunConfig, String, Machine, Duration)>
     let coord = cfg.coord.as_ref().with_context(|| format!("{origin}: field `coord`: a distributed job needs a `coord:` section"))?;
     let train = cfg.train.as_ref().with_context(|| format!("{origin}: field `train`: missing"))?;
     let data = cfg.data.as_ref().with_context(|| format!("{origin}: field `data`: missing"))?;
+    if let crate::train::config::DeviceSpec::Cuda(n @ 1..) = train.device {
+        anyhow::bail!(
+            "{origin}: field `train.device`: cuda:{n}: in a distributed job each rank sees the one GPU its agent gives it \
+             (CUDA_VISIBLE_DEVICES): write `cuda`"
+        );
+    }
     // The data's size, from its instructions and train-config files alone: the coordinator
     // needs neither the images nor the model mounted.
     let epoch_batches = crate::data::epoch_batches(data, train.epochs).with_context(|| format!("{origin}: reading the data's metadata"))?;
