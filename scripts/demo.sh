@@ -6,8 +6,14 @@
 # coordinator's summary (steps, samples, final loss, recoveries, exactly-once check).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/progress.sh
+echo "== otter demo: on a fresh 2-core machine the first run takes about 16 min: the Debian"
+echo "   packages and the 5 GB torch wheel (about 6 min, once per machine) and the first debug"
+echo "   build (about 9 min, once per clone); later runs start training within a minute."
+echo "== set-up"
 bash scripts/setup.sh
-cargo build --quiet --bins
+echo "== build (cargo build --bins)"
+with_progress "cargo build --bins" cargo build --bins
 bin=target/debug
 if [ ! -f out/synthetic/SYN_train.json ]; then
   $bin/otter data synth --out out/synthetic --samples 64 --image-px 48 --seed 0

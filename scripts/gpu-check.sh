@@ -2,7 +2,8 @@
 # GPU checks: everything in tests/gpu.rs (CUDA parity in f32 and bf16, bf16 overfit, step
 # time of a 1B config; with feature nccl: the NCCL world-1 check, the overlapped gradient
 # sync's compute / communication / exposed time on the 1B config, and a real job:
-# otter-coord + otter-worker join --gpus 1 over NCCL through a forced regroup), run with
+# otter-coord + otter-worker join --gpus 1 over NCCL through a forced regroup; two rank
+# processes sharing the GPU over the ring, comm.backend: ring, against world 1), run with
 # --ignored so that a missing GPU is a failure, not a skip.
 #
 #   scripts/gpu-check.sh                 # on a GPU machine: set up, build, run

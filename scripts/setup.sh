@@ -22,6 +22,8 @@ PY_REQS=("torch==${TORCH_VERSION}" "numpy" "nvidia-cuda-crt==13.0.*" "nvidia-cud
 APT_PKGS=(protobuf-compiler libprotobuf-dev libjpeg62-turbo-dev libtcmalloc-minimal4 etcd-server etcd-client prometheus chromium nftables iproute2)
 
 log() { echo "[setup] $*" >&2; }
+# shellcheck source=progress.sh
+source "$ROOT/scripts/progress.sh"
 
 # --- 1. Debian packages -------------------------------------------------------
 missing=()
@@ -32,8 +34,8 @@ if ((${#missing[@]})); then
   log "installing Debian packages: ${missing[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get update -qq >/dev/null
-  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  with_progress "apt-get update" $SUDO apt-get update -qq >/dev/null
+  with_progress "apt-get install" $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 # --- 2. Python venv with the torch wheel ---------------------------------------
@@ -46,7 +48,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! torch_ok; then
   log "creating Python venv with torch ${TORCH_VERSION} in $VENV (about 5 GB, once)"
   mkdir -p "$CACHE"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_REQS[@]}"
+  with_progress "pip install torch (about 5 GB)" "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_REQS[@]}"
   printf '%s' "$want" > "$stamp"
 fi
 

@@ -10,6 +10,22 @@ bash scripts/test-cluster.sh
 # The control plane (otter-core: the coordinator and everything it uses) builds alone,
 # without libtorch; its own test checks that `otter-coord` does not link it.
 cargo build --quiet -p otter-core
-# The NCCL backend (C++ shim over libtorch's c10d) must compile and link even without a GPU.
-cargo build --quiet --features nccl
-cargo test "$@"
+# The NCCL backend (C++ shim over libtorch's c10d) must compile and link even without a GPU:
+# the library with the shim and the one binary that uses it (not every test binary again).
+cargo build --quiet --features nccl --bin otter-worker
+# cargo-nextest where installed (each test its own process, tests that run jobs one at a
+# time: .config/nextest.toml), else cargo test. Either way: the ten slowest and the total.
+log=target/test-run.log
+mkdir -p target
+rc=0
+if command -v cargo-nextest >/dev/null && [ "${OTTER_TEST_RUNNER:-nextest}" = nextest ]; then
+  cargo nextest run --cargo-quiet "$@" 2>&1 | tee "$log" || rc=$?
+  echo "== the ten slowest tests"
+  grep -E '^ +(PASS|FAIL|SLOW|TIMEOUT|SIGKILL|SIGSEGV|SIGABRT) \[ *[0-9.]+s\]' "$log" | sed -E 's/^ +[A-Z]+ \[ *([0-9.]+)s\] +(.*)$/\1 \2/' | sort -rn | head -10 | awk '{printf "  %8.1f s  %s\n", $1, substr($0, index($0, " ") + 1)}' || true
+else
+  cargo test "$@" 2>&1 | tee "$log" || rc=$?
+  echo "== test binaries by time (cargo test reports no per-test times)"
+  grep -E '^test result: .* finished in [0-9.]+s' "$log" | sed -E 's/.*finished in ([0-9.]+)s/\1/' | sort -rn | head -10 | sed 's/^/  /' || true
+fi
+echo "== scripts/test.sh: ${SECONDS} s in all (set-up, builds, tests)"
+exit "$rc"

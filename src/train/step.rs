@@ -364,7 +364,9 @@ impl Trainer {
         // them: alone, each loss is divided by n; in a group of `world` whose all-reduce
         // averages, each is scaled by world / (the step's micro-batches over all ranks).
         let scale = sync.as_ref().filter(|s| s.step_micro_batches > 0).map(|s| s.comm.world() as f64 / s.step_micro_batches as f64);
-        let mut loss_sum = 0.0;
+        // The micro-batches' losses, summed on their device in f64: read once, after the
+        // sync, so that no micro-batch waits for the device (the host runs ahead).
+        let mut loss_sum: Option<Tensor> = None;
         let mut times: Option<Result<SyncTimes, CommError>> = None;
         // A sharded optimizer reduce-scatters after backward (no overlap yet).
         let sharded = self.zero.is_some();
@@ -374,7 +376,11 @@ impl Trainer {
                 let logits = self.model.forward(&mb.vision_x, &mb.input_ids, &mb.attention_mask);
                 causal_lm_loss(&logits, &mb.labels)
             });
-            loss_sum += loss.double_value(&[]);
+            let l = loss.detach().to_kind(tch::Kind::Double);
+            loss_sum = Some(match loss_sum.take() {
+                Some(sum) => sum + l,
+                None => l,
+            });
             let mut backward = || {
                 tracing::info_span!("backward").in_scope(|| match scale {
                     Some(s) => (&loss * s).backward(),
@@ -411,6 +417,7 @@ impl Trainer {
         }
         // The step's loss over the whole group (the mean over its micro-batches), so that
         // any rank's report is the step's loss, even if another died before reporting.
+        let loss_sum = loss_sum.map_or(0.0, |t| t.double_value(&[]));
         let mut loss = loss_sum / n;
         if let (Some(s), Some(Ok(_))) = (sync.as_mut(), times.as_ref()) {
             if s.comm.world() > 1 {

@@ -31,7 +31,7 @@ use crate::data::order::EpochPlan;
 use crate::data::{Batch, DataSource};
 use crate::model::weights::{LoadOptions, Params};
 use crate::model::Otter;
-use crate::run_config::{ModelSource, RunConfig};
+use crate::run_config::{CommBackend, ModelSource, RunConfig};
 use crate::train::config::TrainConfig;
 use crate::train::grad_sync::{GradBuckets, TensorCollective};
 use crate::train::optim::AdamWConfig;
@@ -642,15 +642,18 @@ impl Rank {
         Ok(())
     }
 
-    /// Generation `a`'s group, by device: NCCL for a CUDA rank (bootstrapped through the
-    /// generation's store, which rank 0 serves on its collective listener), the CPU ring
-    /// otherwise. Either is released by `abort` (the coordinator moved on): the ring
+    /// Generation `a`'s group, by device and `comm.backend`: NCCL for a CUDA rank
+    /// (bootstrapped through the generation's store, which rank 0 serves on its collective
+    /// listener) unless the job says `ring`; the ring otherwise (on CUDA tensors through
+    /// host copies: ranks sharing one GPU). Either is released by `abort` (the coordinator moved on): the ring
     /// through its sockets, NCCL by aborting its communicator.
     fn form_group(&self, a: &pb::Assignment, addrs: &[SocketAddr], abort: Abort) -> Result<Box<dyn TensorCollective + Send>, CommError> {
         let (rank, world, generation) = (a.rank as usize, a.world as usize, a.generation);
         let comm = &self.cfg.comm;
         if let tch::Device::Cuda(device) = self.device {
-            return self.form_nccl(rank, world, generation, addrs, device, abort);
+            if comm.backend != CommBackend::Ring {
+                return self.form_nccl(rank, world, generation, addrs, device, abort);
+            }
         }
         let timeouts = RingTimeouts { op: comm.timeout, connect: comm.connect_timeout, peer: comm.peer_timeout };
         if self.args.emulate_nccl {

@@ -139,6 +139,22 @@ pub struct CommSection {
     /// backward. The gradients are the same bits either way.
     #[serde(default = "yes")]
     pub overlap: bool,
+    /// Which collectives a distributed job's ranks use: `auto` (NCCL on CUDA, the ring on
+    /// CPUs), `nccl` (CUDA ranks only), or `ring` (our TCP ring on any device; on CUDA it
+    /// stages each collective through host memory, slower than NCCL but it lets several
+    /// ranks share one GPU, which NCCL refuses: how multi-rank GPU code is checked on a
+    /// one-GPU machine).
+    #[serde(default)]
+    pub backend: CommBackend,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommBackend {
+    #[default]
+    Auto,
+    Nccl,
+    Ring,
 }
 
 fn yes() -> bool {
@@ -147,7 +163,7 @@ fn yes() -> bool {
 
 impl Default for CommSection {
     fn default() -> Self {
-        Self { timeout: d60(), connect_timeout: d30(), peer_timeout: d10(), bucket_mb: bucket_mb(), overlap: true }
+        Self { timeout: d60(), connect_timeout: d30(), peer_timeout: d10(), bucket_mb: bucket_mb(), overlap: true, backend: CommBackend::Auto }
     }
 }
 
@@ -303,6 +319,9 @@ impl RunConfig {
         if !(cfg.comm.bucket_mb > 0.0) {
             return Err(invalid(("comm.bucket_mb".into(), format!("must be positive, got {}", cfg.comm.bucket_mb))));
         }
+        if cfg.comm.backend == CommBackend::Nccl && cfg.train.as_ref().is_some_and(|t| !matches!(t.device, crate::train::config::DeviceSpec::Cuda(_))) {
+            return Err(invalid(("comm.backend".into(), "nccl needs `train.device: cuda` (CPU ranks use the ring: write `auto` or `ring`)".into())));
+        }
         if cfg.comm.timeout.is_zero() {
             return Err(invalid(("comm.timeout".into(), "must be positive".into())));
         }
@@ -397,5 +416,19 @@ mod tests {
         let cfg = RunConfig::from_file(&p).unwrap_or_else(|e| panic!("{e}"));
         let m = cfg.coord.as_ref().unwrap().machine_config(cfg.train.as_ref().unwrap(), 4);
         assert_eq!(m.global_batches, Some(3), "12 samples = 3 batches of 4");
+    }
+
+    #[test]
+    fn the_collective_backend_is_auto_by_default_and_nccl_needs_cuda() {
+        let d = tempfile::tempdir().unwrap();
+        let job = |device: &str, backend: &str| format!("train:\n  out_dir: out\n  device: {device}\n{backend}");
+        let cfg = RunConfig::from_file(&write(d.path(), &job("cpu", ""))).unwrap();
+        assert_eq!(cfg.comm.backend, CommBackend::Auto);
+        let e = RunConfig::from_file(&write(d.path(), &job("cpu", "comm:\n  backend: nccl\n"))).unwrap_err().to_string();
+        assert!(e.contains("comm.backend") && e.contains("nccl needs `train.device: cuda`"), "{e}");
+        let cfg = RunConfig::from_file(&write(d.path(), &job("cuda", "comm:\n  backend: ring\n"))).unwrap();
+        assert_eq!(cfg.comm.backend, CommBackend::Ring, "ranks sharing one GPU over the ring");
+        let e = RunConfig::from_file(&write(d.path(), &job("cpu", "comm:\n  backend: gloo\n"))).unwrap_err().to_string();
+        assert!(e.contains("comm.backend") && e.contains("gloo"), "{e}");
     }
 }

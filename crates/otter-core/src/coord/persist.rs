@@ -15,9 +15,26 @@ const MAX_STATE_BYTES: u64 = 1 << 30;
 
 /// What a save writes: the state as JSON, zstd-compressed at level 1 (a few hundred MB/s;
 /// the JSON of a thousand nodes' membership compresses about 10x).
+///
+/// A save runs at every step, so its working buffers (the JSON, zstd's context of about a
+/// megabyte, the compression bound) are kept and reused: allocated and freed afresh each
+/// time, blocks of those varying sizes fragmented glibc's heap until the coordinator's
+/// resident memory grew with the step count while its live data did not (issue 50).
 pub fn encode_state(s: &Persisted) -> Vec<u8> {
-    let json = serde_json::to_vec(s).expect("state serializes");
-    zstd::bulk::compress(&json, 1).expect("compressing to memory cannot fail")
+    struct Encoder {
+        json: Vec<u8>,
+        out: Vec<u8>,
+        zstd: zstd::bulk::Compressor<'static>,
+    }
+    static ENCODER: std::sync::Mutex<Option<Encoder>> = std::sync::Mutex::new(None);
+    let mut guard = ENCODER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let e = guard.get_or_insert_with(|| Encoder { json: Vec::new(), out: Vec::new(), zstd: zstd::bulk::Compressor::new(1).expect("a zstd context") });
+    e.json.clear();
+    serde_json::to_writer(&mut e.json, s).expect("state serializes");
+    e.out.clear();
+    e.out.reserve(zstd::zstd_safe::compress_bound(e.json.len()));
+    e.zstd.compress_to_buffer(&e.json, &mut e.out).expect("the buffer holds the compression bound");
+    e.out.clone()
 }
 
 /// A saved state: compressed (this version) or plain JSON (the previous version's).
@@ -248,5 +265,21 @@ mod tests {
         torn.truncate(saved.len() / 2);
         let e = decode_state(&torn, "etcd key otter/state").unwrap_err().to_string();
         assert!(e.starts_with("etcd key otter/state: unreadable state"), "{e}");
+    }
+
+    #[test]
+    fn the_encoders_kept_buffers_never_leak_one_state_into_the_next() {
+        // A large state, then a small one, then the large one again: each save holds
+        // exactly its own state, whatever the reused buffers held before.
+        let state = |nodes: usize| {
+            let mut c = crate::coord::CoordConfig::new(1, 4096);
+            c.min_nodes = nodes.max(1);
+            Persisted { machine: crate::coord::machine::Machine::new(c, vec![100 * nodes as u64 + 1]).unwrap(), total_steps: Some(nodes as u64) }
+        };
+        for n in [3000, 1, 3000, 2] {
+            let s = state(n);
+            let back = decode_state(&encode_state(&s), "mem").unwrap();
+            assert_eq!(serde_json::to_vec(&back).unwrap(), serde_json::to_vec(&s).unwrap(), "state of {n}");
+        }
     }
 }
