@@ -68,8 +68,8 @@ impl Net {
 
     /// [`Net::new`], or `None` after printing why the test is skipped (the kernel or the
     /// sandbox forbids network namespaces).
-    fn or_skip(hosts: &[&str]) -> Option<Self> {
-        Self::new(hosts).map_err(|e| println!("SKIPPED: network namespaces are not available here: {e}")).ok()
+    fn or_skip(test: &str, hosts: &[&str]) -> Option<Self> {
+        Self::new(hosts).map_err(|e| common::cannot_run(test, &format!("network namespaces are not available: {e}"))).ok()
     }
 
     fn ns(&self, name: &str) -> String {
@@ -195,7 +195,7 @@ fn wait_hub(net: &Net, addr: &str, what: &str, limit: Duration, pred: impl Fn(&s
 #[test]
 fn workers_partitioned_from_each_other_are_named_and_one_is_left_out_until_the_link_is_back() {
     let _serial = serial();
-    let Some(net) = Net::or_skip(&["w1", "w2"]) else { return };
+    let Some(net) = Net::or_skip("workers_partitioned_from_each_other_are_named_and_one_is_left_out_until_the_link_is_back", &["w1", "w2"]) else { return };
     let d = tempfile::tempdir().unwrap();
     let data = synth(d.path(), 400);
     let out = d.path().join("out");
@@ -218,7 +218,7 @@ fn workers_partitioned_from_each_other_are_named_and_one_is_left_out_until_the_l
     let generation = before["summary"]["generation"].as_u64().unwrap();
 
     if let Err(e) = net.cut_between("w1", "w2", true) {
-        println!("SKIPPED: nftables is not available here: {e}");
+        common::cannot_run("workers_partitioned_from_each_other_are_named_and_one_is_left_out_until_the_link_is_back", &format!("nftables is not available: {e}"));
         return;
     }
     let cut = Instant::now();
@@ -274,7 +274,7 @@ fn step_generations(s: &serde_json::Value) -> Vec<(u64, u64, u64)> {
 #[test]
 fn a_worker_cut_off_from_everyone_is_refused_as_stale_when_it_returns_and_rejoins_in_a_new_generation() {
     let _serial = serial();
-    let Some(net) = Net::or_skip(&["w1", "w2", "w3"]) else { return };
+    let Some(net) = Net::or_skip("a_worker_cut_off_from_everyone_is_refused_as_stale_when_it_returns_and_rejoins_in_a_new_generation", &["w1", "w2", "w3"]) else { return };
     let d = tempfile::tempdir().unwrap();
     let data = synth(d.path(), 400);
     let out = d.path().join("out");
@@ -295,7 +295,7 @@ fn a_worker_cut_off_from_everyone_is_refused_as_stale_when_it_returns_and_rejoin
     let generation = before["summary"]["generation"].as_u64().unwrap();
 
     if let Err(e) = net.isolate("w3", true) {
-        println!("SKIPPED: nftables is not available here: {e}");
+        common::cannot_run("a_worker_cut_off_from_everyone_is_refused_as_stale_when_it_returns_and_rejoins_in_a_new_generation", &format!("nftables is not available: {e}"));
         return;
     }
     let cut = Instant::now();
@@ -359,7 +359,7 @@ fn a_worker_cut_off_from_everyone_is_refused_as_stale_when_it_returns_and_rejoin
 #[test]
 fn a_coordinator_cut_off_from_etcd_stops_acting_and_the_standby_takes_over() {
     let _serial = serial();
-    let Some(net) = Net::or_skip(&["etcd", "ca", "cb", "w1", "w2"]) else { return };
+    let Some(net) = Net::or_skip("a_coordinator_cut_off_from_etcd_stops_acting_and_the_standby_takes_over", &["etcd", "ca", "cb", "w1", "w2"]) else { return };
     let d = tempfile::tempdir().unwrap();
     let data = synth(d.path(), 400);
     let out = d.path().join("out");
@@ -406,7 +406,7 @@ fn a_coordinator_cut_off_from_etcd_stops_acting_and_the_standby_takes_over() {
     assert!(hub_status(&net, &addr_b).is_none(), "the standby does not serve");
 
     if let Err(e) = net.cut_between("ca", "etcd", true) {
-        println!("SKIPPED: nftables is not available here: {e}");
+        common::cannot_run("a_coordinator_cut_off_from_etcd_stops_acting_and_the_standby_takes_over", &format!("nftables is not available: {e}"));
         return;
     }
     let cut = Instant::now();
