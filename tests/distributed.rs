@@ -623,20 +623,39 @@ fn etcd_values(etcd: &str, prefix: &str) -> Vec<(String, usize)> {
 
 /// The previous design kept about 70 bytes of every committed step in its one etcd value
 /// forever, so an HA job stopped being able to save its state (etcd refuses requests over
-/// 1.5 MiB) after about 22,500 steps. Two simulated nodes (the worker's protocol without
-/// training, so a step takes a millisecond) drive a real pair of coordinators on a real
-/// etcd past that point; then the active coordinator is killed: the standby takes over,
-/// the job runs to its end, every etcd value stayed under 256 KiB throughout, the step
-/// history left the state for its file, and the exactly-once check holds.
+/// 1.5 MiB by default) after about 22,500 steps. Here etcd's request limit is lowered to
+/// 192 KiB, which that design would have hit after about 2,800 steps (the same failure,
+/// ten times sooner). Two simulated nodes (the worker's protocol without training, so a
+/// step takes a millisecond) drive a real pair of coordinators on that etcd past that
+/// point; then the active coordinator is killed: the standby takes over, the job runs to
+/// its end, every etcd value stayed under the limit throughout, the step history left the
+/// state for its file, and the exactly-once check holds.
 #[test]
 fn an_etcd_job_runs_past_the_old_designs_size_limit_then_fails_over() {
-    const STEPS: u64 = 24_000;
-    const OLD_LIMIT_STEPS: u64 = 1_572_864 / 70;
+    const LIMIT: u64 = 192 * 1024;
+    const OLD_LIMIT_STEPS: u64 = LIMIT / 70;
+    const STEPS: u64 = OLD_LIMIT_STEPS + 400;
     let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     // Without fsyncs (the test is about sizes and the failover, not etcd's durability): a
     // step takes the time of the coordinator's work, not of a disk flush.
-    let etcd = LocalEtcd::start(d.path(), &["--unsafe-no-fsync"]).unwrap();
+    let etcd = LocalEtcd::start(d.path(), &["--unsafe-no-fsync", "--max-request-bytes", &LIMIT.to_string()]).unwrap();
+    // The lowered limit bites: a value the old design would have written by the end is refused.
+    let put = |bytes: usize| {
+        // The value on standard input (one argument may not exceed 128 KiB).
+        let mut c = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", etcd.url()))
+            .args(["put", "probe"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut c.stdin.take().unwrap(), "x".repeat(bytes).as_bytes()).unwrap();
+        c.wait().unwrap().success()
+    };
+    assert!(put(1000) && !put(LIMIT as usize + 1), "etcd refuses requests over {LIMIT} bytes");
     let data = synth(d.path(), 192); // 96 batches of 2 an epoch: 48 steps of world 2
     let out = d.path().join("out");
     let job = job_yaml(d.path(), &data, &Job { save_every: 100, max_steps: Some(STEPS), epochs: STEPS / 48 + 2, grad_accum: 1, coord: Some((2, 2)), out: &out });
@@ -674,7 +693,7 @@ fn an_etcd_job_runs_past_the_old_designs_size_limit_then_fails_over() {
     let values = etcd_values(etcd.url(), "otter/");
     let state = values.iter().find(|(k, _)| k == "otter/state").map_or(0, |(_, n)| *n);
     println!("{before} steps in {:.0} s ({rate:.0} steps/s); etcd values: {values:?}", t.elapsed().as_secs_f64());
-    assert!(state > 0 && state < 256 * 1024, "the saved state: {state} bytes");
+    assert!(state > 0 && state < LIMIT as usize, "the saved state: {state} bytes");
     active.kill().unwrap();
     let killed = Instant::now();
     for n in nodes {
@@ -696,7 +715,7 @@ fn an_etcd_job_runs_past_the_old_designs_size_limit_then_fails_over() {
     assert_eq!((s["summary"]["phase"].as_str(), steps_committed(&s)), (Some("Finished"), STEPS));
     let values = etcd_values(etcd.url(), "otter/");
     largest = largest.max(values.iter().map(|(_, n)| *n).max().unwrap_or(0));
-    assert!(largest < 256 * 1024, "an etcd value of {largest} bytes: {values:?}");
+    assert!(largest < LIMIT as usize, "an etcd value of {largest} bytes: {values:?}");
     let history = std::fs::read_to_string(out.join("coord/history.jsonl")).unwrap();
     let steps: Vec<u64> = history.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
     assert!(steps.len() as u64 > STEPS - 1000 && steps.windows(2).all(|w| w[1] == w[0] + 1) && steps[0] == 0, "the history file: {} steps", steps.len());
