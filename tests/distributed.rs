@@ -601,10 +601,17 @@ fn a_rank_whose_coordinator_stays_unreachable_leaves_naming_the_address_and_the_
     assert!(t.elapsed() >= Duration::from_secs(3), "it did not give up before reconnect_timeout");
 }
 
+/// `etcdctl` (v3 API) against `etcd`.
+fn etcdctl(etcd: &str) -> Command {
+    let mut c = Command::new("etcdctl");
+    c.env("ETCDCTL_API", "3").arg(format!("--endpoints={etcd}"));
+    c
+}
+
 /// Every value under `prefix` in etcd, with its size in bytes.
 fn etcd_values(etcd: &str, prefix: &str) -> Vec<(String, usize)> {
     use base64::Engine;
-    let o = Command::new("etcdctl").env("ETCDCTL_API", "3").arg(format!("--endpoints={etcd}")).args(["get", "--prefix", prefix, "-w", "json"]).output().unwrap();
+    let o = etcdctl(etcd).args(["get", "--prefix", prefix, "-w", "json"]).output().unwrap();
     assert!(o.status.success(), "etcdctl: {}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -643,9 +650,7 @@ fn an_etcd_job_runs_past_the_old_designs_size_limit_then_fails_over() {
     // The lowered limit bites: a value the old design would have written by the end is refused.
     let put = |bytes: usize| {
         // The value on standard input (one argument may not exceed 128 KiB).
-        let mut c = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", etcd.url()))
+        let mut c = etcdctl(etcd.url())
             .args(["put", "probe"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -741,7 +746,7 @@ fn a_coordinator_whose_etcd_lease_is_revoked_stops_within_one_ttl() {
     assert!(status(&addr_b).is_none(), "the standby does not serve");
     // The leader is the campaign key created first; revoke the lease it is attached to.
     let etcdctl = |args: &[&str]| {
-        let o = Command::new("etcdctl").env("ETCDCTL_API", "3").arg(format!("--endpoints={}", etcd.url())).args(args).output().unwrap();
+        let o = etcdctl(etcd.url()).args(args).output().unwrap();
         assert!(o.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8(o.stdout).unwrap()
     };

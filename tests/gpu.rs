@@ -298,16 +298,7 @@ fn gpu_worker_trains_over_nccl_and_survives_a_forced_regroup() {
     edit_yaml(&job, &[("train:\n", "train:\n  device: cuda\n")]);
     let c = start_coord(&job, &d.path().join("coord"), "127.0.0.1:0");
     let log = d.path().join("worker-gpu.log");
-    let worker = common::job::Killed(
-        std::process::Command::new(worker_bin())
-            .args(["join", "--coord", &c.addr, "--node-id", "gpu", "--gpus", "1", "--advertise-host", "127.0.0.1"])
-            .env("OTTER_JOIN_TOKEN", TOKEN)
-            .env("OTTER_FAULT_ABORT_AT_STEP", "4")
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let worker = gpu_worker(&c.addr, "gpu", &log, Some("4"));
     // On a failure, the coordinator's and the worker's logs say why.
     let with_logs = |f: &mut dyn FnMut() -> serde_json::Value| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|e| {
@@ -412,6 +403,20 @@ fn gpu_otter_7b_step_fits_in_80_gb_with_decoder_checkpointing() {
     );
 }
 
+/// `otter-worker join --gpus 1` as `node` against `coord`, logging to `log` (and `.err`);
+/// `abort_at_step`: a forced regroup there (`OTTER_FAULT_ABORT_AT_STEP`).
+fn gpu_worker(coord: &str, node: &str, log: &std::path::Path, abort_at_step: Option<&str>) -> common::job::Killed {
+    let mut cmd = std::process::Command::new(worker_bin());
+    cmd.args(["join", "--coord", coord, "--node-id", node, "--gpus", "1", "--advertise-host", "127.0.0.1"])
+        .env("OTTER_JOIN_TOKEN", common::cluster::TOKEN)
+        .stdout(std::fs::File::create(log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap());
+    if let Some(step) = abort_at_step {
+        cmd.env("OTTER_FAULT_ABORT_AT_STEP", step);
+    }
+    common::job::Killed(cmd.spawn().unwrap())
+}
+
 /// Two rank processes sharing the one GPU over the ring (`comm.backend: ring`; NCCL
 /// refuses two ranks on one device) train the run one rank trains: the global batch is
 /// the job's, so a world-2 job's per-step losses equal the world-1 job's up to the
@@ -432,21 +437,8 @@ fn gpu_two_ranks_sharing_one_gpu_over_the_ring_train_the_world_1_run() {
         let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: Some(12), epochs: 1, grad_accum: 1, coord: Some((n, n)), out: &out });
         edit_yaml(&job, &[("train:\n", "train:\n  device: cuda\n  global_batch: 4\n"), ("comm:\n", "comm:\n  backend: ring\n")]);
         let c = start_coord(&job, &d.path().join(format!("coord-{name}")), "127.0.0.1:0");
-        let workers: Vec<common::job::Killed> = nodes
-            .iter()
-            .map(|node| {
-                let log = d.path().join(format!("worker-{name}-{node}.log"));
-                let mut cmd = std::process::Command::new(worker_bin());
-                cmd.args(["join", "--coord", &c.addr, "--node-id", node, "--gpus", "1", "--advertise-host", "127.0.0.1"])
-                    .env("OTTER_JOIN_TOKEN", TOKEN)
-                    .stdout(std::fs::File::create(&log).unwrap())
-                    .stderr(std::fs::File::create(log.with_extension("err")).unwrap());
-                if let Some(step) = fault.filter(|_| *node == nodes[0]) {
-                    cmd.env("OTTER_FAULT_ABORT_AT_STEP", step);
-                }
-                common::job::Killed(cmd.spawn().unwrap())
-            })
-            .collect();
+        let workers: Vec<common::job::Killed> =
+            nodes.iter().map(|node| gpu_worker(&c.addr, node, &d.path().join(format!("worker-{name}-{node}.log")), fault.filter(|_| *node == nodes[0]))).collect();
         let s = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| finish(c, Duration::from_secs(300)))).unwrap_or_else(|e| {
             eprintln!("{}", logs(d.path()));
             std::panic::resume_unwind(e)

@@ -141,10 +141,10 @@ pub async fn join(args: JoinArgs) -> Result<()> {
     }
     // Each GPU rank gets one of the GPUs the operator made visible (too few is an error now,
     // not a rank failing later).
-    let devices = match gpus {
-        true => Some(gpu_devices(local_ranks, std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(), crate::cuda::device_count()).map_err(|e| anyhow::anyhow!("node {node_id}: {e}"))?),
-        false => None,
-    };
+    let devices = gpus
+        .then(|| gpu_devices(local_ranks, std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(), crate::cuda::device_count()))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("node {node_id}: {e}"))?;
     for (k, want) in RANK_ENV {
         if let Ok(v) = std::env::var(k) {
             if v != want {

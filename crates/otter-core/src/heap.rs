@@ -31,16 +31,21 @@ pub enum Allocator {
 
 type NumericProperty = unsafe extern "C" fn(*const std::ffi::c_char, *mut usize) -> i32;
 
+/// The address of TCMalloc's C API function `name`, looked up once into `cell` (`None`
+/// where TCMalloc does not serve this process).
+fn tcmalloc_symbol(cell: &'static std::sync::OnceLock<Option<usize>>, name: &std::ffi::CStr) -> Option<usize> {
+    *cell.get_or_init(|| {
+        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks a symbol up.
+        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        (!p.is_null()).then_some(p as usize)
+    })
+}
+
 /// TCMalloc's `MallocExtension_GetNumericProperty`, if TCMalloc serves this process.
 fn tcmalloc() -> Option<NumericProperty> {
     static F: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let addr = *F.get_or_init(|| {
-        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks a symbol up.
-        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"MallocExtension_GetNumericProperty".as_ptr()) };
-        (!p.is_null()).then_some(p as usize)
-    });
     // SAFETY: the symbol, where present, is TCMalloc's function of this signature.
-    addr.map(|a| unsafe { std::mem::transmute::<usize, NumericProperty>(a) })
+    tcmalloc_symbol(&F, c"MallocExtension_GetNumericProperty").map(|a| unsafe { std::mem::transmute::<usize, NumericProperty>(a) })
 }
 
 fn tc_property(f: NumericProperty, name: &std::ffi::CStr) -> u64 {
@@ -81,12 +86,7 @@ pub fn stats() -> HeapStats {
 /// resident afterwards is what is live: for measurements of a step's peak from RSS.
 pub fn release_free_memory() {
     static F: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let addr = *F.get_or_init(|| {
-        // SAFETY: as in `tcmalloc`.
-        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"MallocExtension_ReleaseFreeMemory".as_ptr()) };
-        (!p.is_null()).then_some(p as usize)
-    });
-    if let Some(a) = addr {
+    if let Some(a) = tcmalloc_symbol(&F, c"MallocExtension_ReleaseFreeMemory") {
         // SAFETY: TCMalloc's `void MallocExtension_ReleaseFreeMemory(void)`.
         let f = unsafe { std::mem::transmute::<usize, unsafe extern "C" fn()>(a) };
         unsafe { f() };
@@ -105,12 +105,7 @@ pub fn release_free_memory() {
 /// step would fault its activations in again each time).
 pub fn return_freed_memory_at_once() {
     static F: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let addr = *F.get_or_init(|| {
-        // SAFETY: as in `tcmalloc`.
-        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"MallocExtension_SetNumericProperty".as_ptr()) };
-        (!p.is_null()).then_some(p as usize)
-    });
-    if let Some(a) = addr {
+    if let Some(a) = tcmalloc_symbol(&F, c"MallocExtension_SetNumericProperty") {
         // SAFETY: TCMalloc's `int MallocExtension_SetNumericProperty(const char*, size_t)`.
         let f = unsafe { std::mem::transmute::<usize, unsafe extern "C" fn(*const std::ffi::c_char, usize) -> i32>(a) };
         unsafe { f(c"tcmalloc.aggressive_memory_decommit".as_ptr(), 1) };

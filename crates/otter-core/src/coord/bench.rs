@@ -286,14 +286,15 @@ pub async fn run(o: &BenchOptions) -> Result<BenchResult> {
             // A long run leaves its measures as it goes (stderr), so one cut short still
             // says how far it got and what it saw.
             let stats = coord.save_stats();
+            let heap = crate::heap::stats();
             eprintln!(
                 "progress step={} elapsed_s={:.0} steps_per_s={:.0} rss_mb={:.1} heap_in_use_kb={} heap_free_kb={} state_bytes_max={} saves={} save_ms_p50={:.3} save_ms_p99={:.3}",
                 s + 1,
                 t.elapsed().as_secs_f64(),
                 PROGRESS_EVERY as f64 / last_progress.elapsed().as_secs_f64().max(1e-9),
                 rss_mb(),
-                crate::heap::stats().in_use / 1024,
-                crate::heap::stats().free / 1024,
+                heap.in_use / 1024,
+                heap.free / 1024,
                 stats.bytes_max,
                 stats.saves,
                 stats.quantile(0.5).as_secs_f64() * 1e3,
