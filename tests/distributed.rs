@@ -266,10 +266,22 @@ fn with_groups_that_block_like_nccl_a_dead_peer_costs_seconds_and_no_restart() {
     assert_eq!(survivors(), processes, "the survivors regrouped in the same processes");
     let s = finish(c, Duration::from_secs(90));
     assert_exactly_once(&s);
-    let released: usize = [&a, &cw].iter().map(|w| std::fs::read_to_string(&w.log).unwrap().matches("(during a collective: its result is not used)").count()).sum();
-    // Like c10d's NCCL work, the emulated group reports an aborted collective as done;
-    // the generation's check turns it into an error naming the abort.
-    assert!(released >= 1, "a survivor blocked in a collective was released by aborting its communicator:\n{}", logs(d.path()));
+    // Each survivor left generation `generation` through its abort: either blocked in a
+    // collective (the emulated group then reports it done, as c10d's aborted NCCL work
+    // does, and the generation's check turns that into an error naming the abort: "(during
+    // a collective: its result is not used)"), or, when the coordinator's notice came
+    // while it was still computing, at its next collective. Which one is a race with the
+    // survivors' compute (on 2 cores the notice often wins); tests/grad_sync.rs's
+    // `an_abort_during_*` tests pin the in-collective case down deterministically. What
+    // must never show is a failure report (a timeout or a socket error taken for news).
+    let released = format!("generation {generation}: step ");
+    for w in [&a, &cw] {
+        let log = std::fs::read_to_string(&w.log).unwrap();
+        let left: Vec<&str> = log.lines().filter(|l| l.contains(&released) && l.contains(" released: ")).collect();
+        assert_eq!(left.len(), 1, "each survivor was released from generation {generation} by its abort, once:\n{}", logs(d.path()));
+        let err = std::fs::read_to_string(w.log.with_extension("err")).unwrap();
+        assert!(!err.contains(" failed: "), "no survivor reported its collective as failed:\n{}", logs(d.path()));
+    }
 }
 
 /// A forced regroup (`OTTER_FAULT_ABORT_AT_STEP`: a rank aborts its generation's group
