@@ -76,9 +76,14 @@ fn libtorch_cpp(include: &std::path::Path) -> cc::Build {
     b.cpp(true)
         .flag("-std=c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .include(include)
-        .include(include.join("torch/csrc/api/include"))
-        .warnings(false);
+        // libtorch's headers as system headers: their own warnings are not ours; ours are
+        // on (-Wall -Wextra) and must stay clean.
+        .flag("-isystem")
+        .flag(include.to_str().expect("a UTF-8 libtorch path"))
+        .flag("-isystem")
+        .flag(include.join("torch/csrc/api/include").to_str().expect("a UTF-8 libtorch path"))
+        .warnings(true)
+        .extra_warnings(true);
     b
 }
 
@@ -101,13 +106,12 @@ fn nccl(lib: Option<&str>) {
         .unwrap_or_default();
     cuda.sort();
     assert!(!cuda.is_empty(), "feature nccl: no CUDA headers under {}/nvidia; run scripts/setup.sh", site.display());
-    libtorch_cpp(&torch.join("include"))
-        .file("src/comm/nccl_shim.cpp")
-        .file("src/cuda_memory.cpp")
-        .define("USE_C10D_NCCL", None)
-        .include(&nccl)
-        .includes(&cuda)
-        .compile("otter_nccl");
+    let mut b = libtorch_cpp(&torch.join("include"));
+    b.file("src/comm/nccl_shim.cpp").file("src/cuda_memory.cpp").define("USE_C10D_NCCL", None);
+    for dir in std::iter::once(&nccl).chain(&cuda) {
+        b.flag("-isystem").flag(dir.to_str().expect("a UTF-8 header path"));
+    }
+    b.compile("otter_nccl");
     println!("cargo:rustc-link-search=native={}", lib.display());
     for l in ["torch_cuda", "c10_cuda", "torch_cpu", "torch", "c10"] {
         println!("cargo:rustc-link-lib=dylib={l}");

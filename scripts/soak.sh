@@ -70,6 +70,12 @@ done
 workers=("${pids[1]}" "${pids[2]}")
 
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+# The anonymous part of RSS: what the process allocated (heap, stacks, its allocator's
+# caches). RSS also counts file pages mapped in (the binary, libtorch's 300+ MB of code and
+# data), which grow as code paths first run and shrink when the kernel reclaims page cache
+# under memory pressure (a build beside the soak took 45 MB off each rank): a leak or
+# fragmentation shows in the anonymous part.
+anon_kb() { awk '/^RssAnon/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 rank_of() { pgrep -P "$1" -f "otter-worker rank" | head -n 1; }
 committed() {
   python3 -c "import urllib.request,sys
@@ -85,22 +91,23 @@ for l in urllib.request.urlopen('http://$1/metrics', timeout=5).read().decode().
 print(0)" 2>/dev/null || echo 0
 }
 samples="$work/samples.tsv"
-printf 'seconds\tsteps\tcoord_kb\trank_a_kb\trank_b_kb\tstate_bytes\tcoord_heap_kb\trank_a_heap_kb\trank_b_heap_kb\n' | tee "$samples"
+printf 'seconds\tsteps\tcoord_kb\trank_a_kb\trank_b_kb\tstate_bytes\tcoord_heap_kb\trank_a_heap_kb\trank_b_heap_kb\tcoord_anon_kb\trank_a_anon_kb\trank_b_anon_kb\n' | tee "$samples"
 start=$(date +%s)
 while kill -0 "$coord" 2>/dev/null; do
   sleep "$INTERVAL"
   kill -0 "$coord" 2>/dev/null || break
   ra=$(rank_of "${workers[0]}" || true); rb=$(rank_of "${workers[1]}" || true)
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(( $(date +%s) - start ))" "$(committed)" "$(rss_kb "$coord")" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(( $(date +%s) - start ))" "$(committed)" "$(rss_kb "$coord")" \
     "$(rss_kb "${ra:-0}")" "$(rss_kb "${rb:-0}")" "$(stat -c %s "$work/coord/state.json" 2>/dev/null || echo 0)" \
-    "$(heap_kb "$http")" "$(heap_kb "127.0.0.1:$(( ports[0] + 1 ))")" "$(heap_kb "127.0.0.1:$(( ports[1] + 1 ))")" | tee -a "$samples"
+    "$(heap_kb "$http")" "$(heap_kb "127.0.0.1:$(( ports[0] + 1 ))")" "$(heap_kb "127.0.0.1:$(( ports[1] + 1 ))")" \
+    "$(anon_kb "$coord")" "$(anon_kb "${ra:-0}")" "$(anon_kb "${rb:-0}")" | tee -a "$samples"
 done
 wait "$coord" || true
 tail -n 1 "$work/coord.out"
 python3 - "$samples" <<'EOF'
 import sys
 rows = [list(map(int, l.split("\t"))) for l in open(sys.argv[1]).read().splitlines()[1:] if l.strip()]
-rows = [r for r in rows if r[1] > 0 and all(x > 0 for x in r[2:5])]
+rows = [r for r in rows if r[1] > 0 and all(x > 0 for x in r[2:5] + r[9:12])]
 if len(rows) < 4:
     sys.exit("too few samples (a longer --steps or a shorter --interval)")
 def slope(xs, ys):  # least squares: units per step
@@ -115,7 +122,8 @@ for frac, label in [(0.2, "from 20% of the steps"), (0.5, "second half")]:
     after = [r for r in rows if r[1] >= rows[-1][1] * frac]
     steps = [r[1] for r in after]
     print(f"after warm-up, {label}: {len(after)} samples, steps {steps[0]}..{steps[-1]}")
-    for i, name in [(2, "coordinator RSS"), (3, "rank a RSS"), (4, "rank b RSS"), (6, "coordinator heap in use"), (7, "rank a heap in use"), (8, "rank b heap in use")]:
+    for i, name in [(9, "coordinator RssAnon"), (10, "rank a RssAnon"), (11, "rank b RssAnon"), (2, "coordinator RSS"), (3, "rank a RSS"), (4, "rank b RSS"),
+                    (6, "coordinator heap in use"), (7, "rank a heap in use"), (8, "rank b heap in use")]:
         ys = [r[i] for r in after]
         g = slope(steps, ys) * 1000
         if ys[-1] <= 0:

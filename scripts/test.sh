@@ -25,7 +25,9 @@ if command -v cargo-nextest >/dev/null && [ "${OTTER_TEST_RUNNER:-nextest}" = ne
   echo "== the ten slowest tests"
   grep -E '^ +(PASS|FAIL|SLOW|TIMEOUT|SIGKILL|SIGSEGV|SIGABRT) \[ *[0-9.]+s\]' "$log" | sed -E 's/^ +[A-Z]+ \[ *([0-9.]+)s\] +(\( *[0-9]+\/[0-9]+\) +)?(.*)$/\1 \3/' | sort -rn | head -10 | awk '{printf "  %8.1f s  %s\n", $1, substr($0, index($0, " ") + 1)}' || true
 else
-  cargo test "$@" 2>&1 | tee "$log" || rc=$?
+  # One test at a time: the integration tests are one binary (tests/it), and the tests that
+  # measure their process (RSS, the heap) must not share it with others.
+  RUST_TEST_THREADS=1 cargo test "$@" 2>&1 | tee "$log" || rc=$?
   echo "== test binaries by time (cargo test reports no per-test times)"
   grep -E '^test result: .* finished in [0-9.]+s' "$log" | sed -E 's/.*finished in ([0-9.]+)s/\1/' | sort -rn | head -10 | sed 's/^/  /' || true
 fi

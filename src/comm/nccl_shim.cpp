@@ -50,9 +50,10 @@ extern "C" {
 // over); `prefix`: the generation's key prefix. The communicator is created eagerly on
 // CUDA device `device`, so a failing init surfaces here, not at the first collective.
 void* otter_nccl_new(void* store, const char* prefix, int rank, int world, int device, int64_t timeout_ms, char* err, size_t len) {
-  auto* g = new Group();
-  g->timeout = std::chrono::milliseconds(timeout_ms);
+  Group* g = nullptr;
   int rc = guarded(nullptr, err, len, [&] {
+    g = new Group();
+    g->timeout = std::chrono::milliseconds(timeout_ms);
     auto* base = static_cast<c10::intrusive_ptr<c10d::Store>*>(store);
     g->store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), *base);
     auto opts = c10d::ProcessGroupNCCL::Options::create();

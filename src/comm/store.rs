@@ -74,6 +74,12 @@ impl GenerationStore {
     /// 0, waiting (up to `timeout`) until it serves this generation. A store that already
     /// serves a newer one refuses this rank: [`CommError::StaleGeneration`].
     pub fn join(addr: SocketAddr, rank: usize, generation: u64, timeout: Duration) -> Result<Self, CommError> {
+        Self::join_watching(addr, rank, generation, timeout, |_| {})
+    }
+
+    /// [`GenerationStore::join`], calling `waiting(served)` each time it finds rank 0 not
+    /// serving `generation` yet (`served`: the older generation it serves, if any).
+    pub fn join_watching(addr: SocketAddr, rank: usize, generation: u64, timeout: Duration, mut waiting: impl FnMut(Option<u64>)) -> Result<Self, CommError> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -83,6 +89,10 @@ impl GenerationStore {
             match served {
                 Ok((s, Some(g))) if g == generation => return Ok(s),
                 Ok((_, Some(g))) if g > generation => return Err(CommError::StaleGeneration { rank, mine: generation, current: g }),
+                Ok((_, older)) if Instant::now() < deadline => {
+                    waiting(older);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 // An older generation's store (or none yet): rank 0 has not re-served.
                 _ if Instant::now() >= deadline => {
                     return Err(CommError::Timeout { rank, what: "waiting for rank 0 to serve this generation's store", timeout, peer: Some((0, addr.to_string())) })

@@ -116,8 +116,13 @@ struct Checkpoint2 : public torch::autograd::Function<Checkpoint2> {
 // an error). Returns 0, or 1 with the message in `err`.
 extern "C" int otter_checkpoint(const at::Tensor* const* inputs, size_t n, void* closure, SegmentCall call,
                                 SegmentDrop drop, at::Tensor** out, char* err, size_t err_len) {
-  // Owns the closure from here on, whatever happens.
-  auto seg = c10::make_intrusive<Segment>(closure, call, drop);
+  // Owns the closure from here on, whatever happens: the segment drops it, or this
+  // function does if the segment could not be made.
+  c10::intrusive_ptr<Segment> seg;
+  if (otter::guarded(err, err_len, [&] { seg = c10::make_intrusive<Segment>(closure, call, drop); }) != 0) {
+    drop(closure);
+    return 1;
+  }
   return otter::guarded(err, err_len, [&] {
     TORCH_CHECK(n == 1 || n == 2, "a checkpointed segment takes 1 or 2 tensors, got ", n);
     at::Tensor y = n == 1 ? Checkpoint1::apply(*inputs[0], seg) : Checkpoint2::apply(*inputs[0], *inputs[1], seg);

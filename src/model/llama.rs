@@ -7,7 +7,7 @@
 use super::config::LlamaConfig;
 pub use super::nn::KvCache;
 use super::nn::{finfo_min, fused_attention, sdpa, Linear};
-use super::otter::Backbone;
+use super::backbone::Backbone;
 use super::weights::Vb;
 use tch::{Device, Kind, Tensor};
 
@@ -137,6 +137,11 @@ impl DecoderLayer {
         x + mlp
     }
 }
+
+// SAFETY: weight handles that `forward` only reads (no in-place op, no handle replaced);
+// libtorch tensors may be read from several threads at once. Needed because a checkpointed
+// segment runs the layer again in backward, on autograd's thread (`Backbone::Layer: Sync`).
+unsafe impl Sync for DecoderLayer {}
 
 /// The self-attention mask of one forward.
 pub struct AttnMask {

@@ -12,12 +12,14 @@
 //! | `xattn.rs`    | gated cross-attention + media mask (trainable)               |
 //! | `llama.rs`    | LLaMA decoder, RoPE, RMSNorm, causal mask                    |
 //! | `mpt.rs`      | MPT blocks, ALiBi, weight-only LayerNorm, tied `wte`         |
+//! | `backbone.rs` | the `Backbone` trait: what a language model supplies         |
 //! | `otter.rs`    | composition over a `Backbone`, input checks, causal-LM loss  |
 //! | `checkpoint.rs` | activation checkpointing (node in `checkpoint.cpp`)        |
 //! | `generate.rs` | greedy decoding with a KV cache                              |
 
 pub use otter_core::model::{config, flops, spec};
 
+pub mod backbone;
 pub mod checkpoint;
 pub mod clip;
 pub mod generate;

@@ -12,7 +12,7 @@
 
 use super::config::MptConfig;
 use super::nn::{finfo_min, KvCache, Linear};
-use super::otter::Backbone;
+use super::backbone::Backbone;
 use super::weights::Vb;
 use tch::{Device, Kind, Tensor};
 
@@ -144,6 +144,11 @@ impl Block {
         x + ffn
     }
 }
+
+// SAFETY: weight handles that `forward` only reads (no in-place op, no handle replaced);
+// libtorch tensors may be read from several threads at once. Needed because a checkpointed
+// segment runs the layer again in backward, on autograd's thread (`Backbone::Layer: Sync`).
+unsafe impl Sync for Block {}
 
 /// MPT around its blocks: the tied `wte` (lookup and output projection) and `norm_f`.
 pub struct Mpt {

@@ -18,9 +18,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <cstring>
-#include <exception>
+#include "../ffi_guard.h"
 
+// Pinned by the linker: the mangled name carries every parameter type, so a libtorch whose
+// signature differs fails the link (an undefined symbol), never a call at run time.
 namespace at::native {
 void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta, float alpha);
 }
@@ -70,13 +71,6 @@ struct OneDnnLinear : public torch::autograd::Function<OneDnnLinear> {
     }
 };
 
-void set_err(const std::exception& e, char* err, size_t err_len) {
-    if (err_len > 0) {
-        std::strncpy(err, e.what(), err_len - 1);
-        err[err_len - 1] = '\0';
-    }
-}
-
 }  // namespace
 
 extern "C" int otter_onednn_available() {
@@ -86,13 +80,14 @@ extern "C" int otter_onednn_available() {
 // Returns a new tensor handle (freed by tch), or null with the message in `err`.
 extern "C" at::Tensor* otter_onednn_linear(const at::Tensor* x, const at::Tensor* w, const at::Tensor* b, char* err,
                                            size_t err_len) {
-    try {
-        auto y = OneDnnLinear::apply(*x, *w);
-        // The bias outside the node (autograd's own add): an undefined optional input
-        // cannot pass through a custom Function.
-        return new at::Tensor(b ? at::add(y, *b) : y);
-    } catch (const std::exception& e) {
-        set_err(e, err, err_len);
+    at::Tensor* out = nullptr;
+    if (otter::guarded(err, err_len, [&] {
+            auto y = OneDnnLinear::apply(*x, *w);
+            // The bias outside the node (autograd's own add): an undefined optional input
+            // cannot pass through a custom Function.
+            out = new at::Tensor(b ? at::add(y, *b) : y);
+        }) != 0) {
         return nullptr;
     }
+    return out;
 }

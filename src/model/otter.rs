@@ -19,6 +19,7 @@ use super::perceiver::PerceiverResampler;
 use super::weights::{LoadError, LoadOptions, MappedCheckpoint, Params, Vb};
 use super::xattn::{GatedCrossAttention, MediaMask};
 use super::{llama, mpt};
+pub use super::backbone::Backbone;
 use std::path::Path;
 use std::sync::Arc;
 use tch::{Device, Kind, Reduction, Tensor};
@@ -34,34 +35,10 @@ fn bad(name: &'static str, message: String) -> InputError {
     InputError::Shape { name, message }
 }
 
-/// What a language-model backbone supplies to Otter's composition.
-pub trait Backbone: Send + 'static {
-    /// One decoder layer (run after its gated cross-attention block, if any).
-    type Layer: Send + 'static;
-    /// What every layer of one forward shares (positions, masks), built once per forward.
-    type Shared: Send + 'static;
-    fn device(&self) -> Device;
-    /// Token embedding: ids (B, L) -> (B, L, h).
-    fn embed(&self, ids: &Tensor) -> Tensor;
-    /// For L new positions after `offset` cached ones; `key_mask` (B, offset + L) is 1 for
-    /// real tokens.
-    fn shared(&self, key_mask: &Tensor, l: i64, offset: i64) -> Self::Shared;
-    /// Handles to the same tensors, for a checkpointed segment to own.
-    fn share(shared: &Self::Shared) -> Self::Shared;
-    fn layer(layer: &Self::Layer, x: &Tensor, shared: &Self::Shared, cache: Option<&mut KvCache>) -> Tensor;
-    /// Final norm and output projection: (B, L, h) -> (B, L, V).
-    fn head(&self, x: &Tensor) -> Tensor;
-}
-
 struct Layer<B: Backbone> {
     xattn: Option<GatedCrossAttention>,
     decoder: B::Layer,
 }
-
-// SAFETY: a layer is a set of tensor handles that its forward only reads (no in-place op,
-// no handle replaced); libtorch tensors may be read from several threads at once. Shared
-// with a checkpointed segment, which runs it again in backward on autograd's thread.
-unsafe impl<B: Backbone> Sync for Layer<B> {}
 
 impl<B: Backbone> Layer<B> {
     /// The cross-attention block (if any) over `media`, then the decoder layer.

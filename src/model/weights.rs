@@ -202,6 +202,7 @@ extern "C" {
         scalar_type: std::ffi::c_int,
         owner: *mut std::ffi::c_void,
         release: extern "C" fn(*mut std::ffi::c_void),
+        fault: std::ffi::c_int,
         err: *mut std::ffi::c_char,
         err_len: usize,
     ) -> *mut torch_sys::C_tensor;
@@ -209,8 +210,8 @@ extern "C" {
 
 /// Drops the map reference a tensor's storage held (its deleter).
 extern "C" fn release_map(owner: *mut std::ffi::c_void) {
-    // SAFETY: `owner` came from `Arc::into_raw` in `view_owned`, and libtorch calls the
-    // deleter exactly once, when the storage is freed.
+    // SAFETY: `owner` came from `Arc::into_raw` in `view_owned`, and the shim calls this
+    // exactly once for it: from the storage's deleter, or itself when it fails.
     drop(unsafe { Arc::from_raw(owner as *const Mmap) });
 }
 
@@ -227,18 +228,21 @@ fn scalar_type(kind: Kind) -> Option<std::ffi::c_int> {
 
 /// A CPU tensor over `bytes` (inside `map`) whose storage holds a reference to `map`.
 fn view_owned(map: &Arc<Mmap>, bytes: &[u8], shape: &[i64], kind: Kind) -> Result<Tensor, String> {
+    view_owned_with(map, bytes, shape, kind, false)
+}
+
+/// [`view_owned`]; `fault` (tests) makes the shim fail after the storage exists.
+fn view_owned_with(map: &Arc<Mmap>, bytes: &[u8], shape: &[i64], kind: Kind, fault: bool) -> Result<Tensor, String> {
     let st = scalar_type(kind).ok_or_else(|| format!("{kind:?} cannot be mapped"))?;
     let owner = Arc::into_raw(map.clone()) as *mut std::ffi::c_void;
     let mut err = [0 as std::ffi::c_char; 256];
     // SAFETY: `bytes` is a valid, aligned tensor of this kind and shape (checked by the
-    // safetensors parser) inside the map `owner` keeps alive; the shim returns a new
-    // `at::Tensor*` whose storage calls `release_map(owner)` when freed, or null (then it
-    // did not take `owner`).
+    // safetensors parser) inside the map `owner` keeps alive; the shim takes `owner` in
+    // every case (released by the storage's deleter, or by the shim when it returns null).
     let t = unsafe {
-        otter_from_blob_owned(bytes.as_ptr() as *mut _, shape.as_ptr(), shape.len(), st, owner, release_map, err.as_mut_ptr(), err.len())
+        otter_from_blob_owned(bytes.as_ptr() as *mut _, shape.as_ptr(), shape.len(), st, owner, release_map, fault as std::ffi::c_int, err.as_mut_ptr(), err.len())
     };
     if t.is_null() {
-        release_map(owner);
         // SAFETY: the shim NUL-terminates `err` (a local buffer) when it returns null.
         return Err(unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned());
     }
@@ -444,5 +448,30 @@ impl<'a> Vb<'a> {
 
     pub fn pp(&self, path: impl fmt::Display) -> Vb<'a> {
         Vb { params: self.params, prefix: self.key(&path.to_string()) }
+    }
+}
+
+#[cfg(test)]
+mod mapped_tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Issue 45: the shim takes the map's reference in every case and releases it exactly
+    /// once: a tensor holds it until dropped, and a failure after `from_blob` made the
+    /// storage (whose deleter then runs while unwinding) neither leaks it nor releases it
+    /// a second time (the caller used to release it again on null).
+    #[test]
+    fn a_mapped_tensor_releases_its_map_once_on_success_and_on_a_failure_inside_the_shim() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[0u8; 64]).unwrap();
+        // SAFETY: a private temporary file nobody else writes.
+        let map = Arc::new(unsafe { Mmap::map(&f) }.unwrap());
+        let t = view_owned_with(&map, &map[..16], &[4], Kind::Float, false).unwrap();
+        assert_eq!(Arc::strong_count(&map), 2, "the tensor's storage holds the map");
+        drop(t);
+        assert_eq!(Arc::strong_count(&map), 1, "released when the tensor went");
+        let e = view_owned_with(&map, &map[..16], &[4], Kind::Float, true).unwrap_err();
+        assert!(e.contains("injected fault"), "{e}");
+        assert_eq!(Arc::strong_count(&map), 1, "released once: neither leaked nor released twice");
     }
 }

@@ -56,6 +56,11 @@ pub struct GatedCrossAttention {
     dim_head: i64,
 }
 
+// SAFETY: weight handles that `forward` only reads (no in-place op, no handle replaced);
+// libtorch tensors may be read from several threads at once. Needed because a checkpointed
+// segment runs the block again in backward, on autograd's thread (`Backbone::Layer: Sync`).
+unsafe impl Sync for GatedCrossAttention {}
+
 impl GatedCrossAttention {
     /// `vb` points at `...layers.N.gated_cross_attn_layer`.
     pub fn new(vb: &Vb, cfg: &XattnConfig) -> Self {

@@ -6,14 +6,14 @@
 // Handles are tch's (`C_tensor` = `at::Tensor*`, torch-sys' torch_api.h).
 #include <ATen/ops/_fused_adamw.h>
 
-#include <cstring>
-#include <exception>
 #include <vector>
+
+#include "../ffi_guard.h"
 
 extern "C" int otter_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
                                  size_t n, at::Tensor* step, double lr, double beta1, double beta2, double weight_decay,
                                  double eps, char* err, size_t err_len) {
-    try {
+    return otter::guarded(err, err_len, [&] {
         std::vector<at::Tensor> p, g, m, v, s;
         p.reserve(n);
         g.reserve(n);
@@ -29,12 +29,5 @@ extern "C" int otter_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Te
         }
         at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, s, lr, beta1, beta2, weight_decay, eps,
                           /*amsgrad=*/false, /*maximize=*/false);
-        return 0;
-    } catch (const std::exception& e) {
-        if (err_len > 0) {
-            std::strncpy(err, e.what(), err_len - 1);
-            err[err_len - 1] = '\0';
-        }
-        return 1;
-    }
+    });
 }

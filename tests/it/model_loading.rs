@@ -1,6 +1,6 @@
 //! Strict loading, config errors and parameter counts: every problem is named.
 
-mod common;
+use crate::common;
 
 use common::*;
 use otter::model::weights::{LoadError, LoadOptions};

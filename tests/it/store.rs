@@ -43,8 +43,14 @@ fn a_rank_of_a_newer_generation_waits_until_rank_0_serves_it() {
     let e = GenerationStore::join(addr, 1, 6, Duration::from_millis(500)).err().expect("not served yet");
     assert!(matches!(&e, CommError::Timeout { peer: Some((0, a)), .. } if *a == addr.to_string()), "{e}");
     // Rank 0 leaves generation 5 and serves 6 on the same listener: the waiting rank joins.
-    let joining = std::thread::spawn(move || GenerationStore::join(addr, 1, 6, Duration::from_secs(20)));
-    std::thread::sleep(Duration::from_millis(300));
+    let (saw, seen) = std::sync::mpsc::channel();
+    let joining = std::thread::spawn(move || {
+        GenerationStore::join_watching(addr, 1, 6, Duration::from_secs(20), |served| {
+            let _ = saw.send(served);
+        })
+    });
+    // The joiner found generation 5 served and waits.
+    assert_eq!(seen.recv_timeout(Duration::from_secs(20)).expect("the joiner reached the store"), Some(5));
     drop(old);
     let server = GenerationStore::serve(&l, 6, Duration::from_secs(10)).unwrap();
     let client = joining.join().unwrap().expect("generation 6 joins once it is served");

@@ -19,7 +19,7 @@
 //! is shown able to fail on every run. The narrow screenshot is of that frame, cropped to
 //! its 390 px.
 
-mod common;
+use crate::common;
 
 use common::job::*;
 use std::io::Read;

@@ -103,9 +103,15 @@ fn rank_process() {
             // Loop on large all-reduces until the parent kills one rank.
             let mut big = data(seed, rank, 16 << 20);
             println!("ready");
+            let mut done = 0u64;
             let err = loop {
                 if let Err(e) = g.all_reduce_mean(&mut [&mut big[..]]) {
                     break e;
+                }
+                done += 1;
+                if done == 1 {
+                    // Every rank completed one: all are in the loop, the next is under way.
+                    println!("reducing");
                 }
             };
             println!("error_at_ms {} {err}", now_ms());
@@ -130,7 +136,7 @@ fn rank_process() {
 
 fn spawn_rank(mode: &str, rank: usize, addrs: &[SocketAddr], seed: u64, shm: bool, extra: &[(&str, String)]) -> Child {
     let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args(["--exact", "rank_process", "--ignored", "--nocapture", "--quiet"])
+    c.args(["--exact", "comm::rank_process", "--ignored", "--nocapture", "--quiet"])
         .env("OTTER_COMM_CHILD", mode)
         .env("RANK", rank.to_string())
         .env("ADDRS", addrs_arg(addrs))
@@ -178,13 +184,16 @@ fn kill_run(shm: bool) {
     let mut readers: Vec<_> = kids.iter_mut().map(|(_, k)| BufReader::new(k.stdout.take().unwrap()).lines()).collect();
     // The next line of a child's stdout that is ours (libtest prints its own lines too).
     fn next_line(l: &mut std::io::Lines<BufReader<std::process::ChildStdout>>) -> String {
-        l.map(Result::unwrap).find(|s| s.starts_with("ready") || s.starts_with("error_at_ms") || s.starts_with("regrouped")).unwrap_or_default()
+        l.map(Result::unwrap).find(|s| s.starts_with("ready") || s.starts_with("reducing") || s.starts_with("error_at_ms") || s.starts_with("regrouped")).unwrap_or_default()
     }
     for l in readers.iter_mut() {
         assert_eq!(next_line(l), "ready");
     }
-    // All ranks are inside back-to-back 64 MB all-reduces now.
-    std::thread::sleep(Duration::from_millis(400));
+    // Each rank finished its first 64 MB all-reduce and went on to the next: the kill
+    // lands inside back-to-back all-reduces.
+    for l in readers.iter_mut() {
+        assert_eq!(next_line(l), "reducing");
+    }
     let killed_at = now_ms();
     kids[victim].1.kill().unwrap();
     let t = Instant::now();

@@ -3,7 +3,7 @@
 //! equal losses to one process, exactly-once data through a kill -9, admission of a new
 //! worker with identical state, a coordinator restart that training survives, refusals.
 
-mod common;
+use crate::common;
 
 use common::cluster::*;
 use common::*;
@@ -271,7 +271,7 @@ fn with_groups_that_block_like_nccl_a_dead_peer_costs_seconds_and_no_restart() {
     // does, and the generation's check turns that into an error naming the abort: "(during
     // a collective: its result is not used)"), or, when the coordinator's notice came
     // while it was still computing, at its next collective. Which one is a race with the
-    // survivors' compute (on 2 cores the notice often wins); tests/grad_sync.rs's
+    // survivors' compute (on 2 cores the notice often wins); tests/it/grad_sync.rs's
     // `an_abort_during_*` tests pin the in-collective case down deterministically. What
     // must never show is a failure report (a timeout or a socket error taken for news).
     let released = format!("generation {generation}: step ");
@@ -754,14 +754,20 @@ fn a_coordinator_whose_etcd_lease_is_revoked_stops_within_one_ttl() {
     let mut active = start_coord_etcd(&job, etcd.url(), &addr_a, &d.path().join("coord-a.log"));
     wait_for(&addr_a, "coordinator a elected", Duration::from_secs(30), |_| true);
     let mut standby = start_coord_etcd(&job, etcd.url(), &addr_b, &d.path().join("coord-b.log"));
-    std::thread::sleep(Duration::from_millis(500)); // b campaigns
-    assert!(status(&addr_b).is_none(), "the standby does not serve");
-    // The leader is the campaign key created first; revoke the lease it is attached to.
     let etcdctl = |args: &[&str]| {
         let o = etcdctl(etcd.url()).args(args).output().unwrap();
         assert!(o.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8(o.stdout).unwrap()
     };
+    // b campaigns: its key joins a's under the election prefix. Only then may it be seen
+    // not to serve.
+    let t = Instant::now();
+    while etcdctl(&["get", "--prefix", "otter/leader", "--keys-only"]).lines().filter(|l| !l.is_empty()).count() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the standby never campaigned");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(status(&addr_b).is_none(), "the standby does not serve");
+    // The leader is the campaign key created first; revoke the lease it is attached to.
     let keys: serde_json::Value = serde_json::from_str(&etcdctl(&["get", "--prefix", "otter/leader", "--sort-by=CREATE", "-w", "json"])).unwrap();
     let lease = keys["kvs"][0]["lease"].as_i64().expect("the leader key has a lease");
     let revoked = Instant::now();

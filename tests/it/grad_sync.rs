@@ -3,7 +3,7 @@
 //! backward it gives the same bits, launching buckets while backward still runs; and a
 //! 2-rank data-parallel Trainer equals one process accumulating both micro-batches.
 
-mod common;
+use crate::common;
 
 use common::*;
 use otter::comm::ring::RingGroup;

@@ -3,7 +3,7 @@
 //! layers too, in backward gives the gradients of the plain forward, also when the
 //! gradient sync is overlapped with backward (its hooks fire inside the recomputation).
 
-mod common;
+use crate::common;
 
 use common::*;
 use otter::cmd::eval::evaluate;

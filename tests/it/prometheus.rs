@@ -3,7 +3,7 @@
 //! merged `/metrics`. Its HTTP API must then answer queries for the job's loss and
 //! step-time series, and hold every metric the Grafana dashboard's panels query.
 
-mod common;
+use crate::common;
 
 use common::job::*;
 use std::process::{Command, Stdio};

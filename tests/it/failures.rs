@@ -4,7 +4,7 @@
 //! the fault being known, from the newest state that can be trusted, with exactly-once
 //! data and the losses of an uninterrupted run.
 
-mod common;
+use crate::common;
 
 use common::cluster::*;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! Traces over OTLP: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, `otter train` exports the
 //! spans of its step phases (OTLP/HTTP protobuf POSTs to `/v1/traces`). The collector here is a minimal in-test HTTP receiver.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::io::{BufRead, BufReader, Read, Write};

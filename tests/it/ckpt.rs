@@ -1,7 +1,7 @@
 //! Checkpoints: sharded by a deterministic partition, committed by a manifest written
 //! last, checked on load, reshardable to any world size, resumed exactly.
 
-mod common;
+use crate::common;
 
 use common::*;
 use otter::ckpt::{self, Manifest};

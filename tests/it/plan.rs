@@ -1,17 +1,16 @@
 //! The memory plan (`otter plan`) against what a training step really holds on the CPU:
 //! the peak resident memory of a step over the memory before it (weights, gradients and
 //! optimizer state already allocated by a first step) is the step's activations and
-//! transients, which the plan estimates. Its own binary: RSS is per process, and no other
-//! test may allocate beside it.
-
-mod common;
+//! transients, which the plan estimates. RSS is per process, and no other test may allocate
+//! beside it: nextest runs every test in a process of its own, and scripts/test.sh's
+//! cargo-test fallback runs them one at a time.
 
 use otter::model::checkpoint::ActivationCheckpointing;
 use otter::model::config::{HfOtterConfig, OtterConfig};
 use otter::model::weights::{LoadOptions, Params};
 use otter::model::Otter;
 use otter::train::optim::AdamWConfig;
-use otter::train::plan::{activation_bytes, plan, PlanInput};
+use otter::train::plan::{plan, PlanInput};
 use otter::train::{StepConfig, TensorBatch, Trainer};
 
 fn status_kb(field: &str) -> u64 {
@@ -71,11 +70,11 @@ fn the_plans_activation_estimate_is_within_a_third_of_the_measured_step_peak() {
         let mut peaks = Vec::new();
         for mode in [ActivationCheckpointing::None, ActivationCheckpointing::DecoderLayers] {
             let measured = measured_step_peak(cfg, mode, b as i64, l as i64);
-            let estimate = activation_bytes(&input(cfg, mode, b, l), b);
+            // What `otter plan` reports for this job, against what the step really held.
+            let estimate = plan(&input(cfg, mode, b, l)).activations;
             let ratio = estimate as f64 / measured as f64;
             report.push(format!("{name} {mode} b{b} x {l}: plan {:.1} MB, measured {:.1} MB, ratio {ratio:.2}", estimate as f64 / 1e6, measured as f64 / 1e6));
             peaks.push((measured, estimate));
-            assert!(plan(&input(cfg, mode, b, l)).activations == estimate);
         }
         // Checkpointing lowers both the measured peak and the estimate.
         assert!(peaks[1].0 < peaks[0].0 && peaks[1].1 < peaks[0].1, "{name}: {peaks:?}");

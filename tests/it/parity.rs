@@ -4,7 +4,7 @@
 //! Tolerances (fixtures README): logits max|diff| <= 1e-4, loss |diff| <= 1e-5,
 //! each grad max|diff| <= 1e-4 * max(1, max|grad|).
 
-mod common;
+use crate::common;
 
 use common::*;
 use otter::cmd::eval::evaluate;
@@ -165,7 +165,7 @@ fn write_to_a_frozen_weight() {
 fn a_write_to_a_frozen_weight_faults_at_once() {
     use std::os::unix::process::ExitStatusExt;
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "write_to_a_frozen_weight", "--nocapture"])
+        .args(["--ignored", "--exact", "parity::write_to_a_frozen_weight", "--nocapture"])
         .env("OTTER_PARITY_CHILD", "1")
         .output()
         .unwrap();

@@ -1,11 +1,12 @@
 //! Opening a >= 1 GB images file and sampling from it keeps peak RSS under 10% of the
-//! file's size (upstream `json.load`s it whole). One test in its own process so that
-//! nothing else shares the RSS being measured; the file is written by another process
+//! file's size (upstream `json.load`s it whole). In a process of its own (nextest's way;
+//! scripts/test.sh's cargo-test fallback runs one test at a time) so that nothing else
+//! shares the RSS being measured; the file is written by another process
 //! (`otter data synth`) so no freed heap of ours can hide growth, the peak counter is
 //! reset (`/proc/self/clear_refs` = 5) once libtorch is loaded, and the peak is taken
 //! relative to the resident size at that point.
 
-mod common;
+use crate::common;
 
 use otter::data::images::open_store;
 use otter::data::order::SplitMix64;

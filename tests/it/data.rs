@@ -6,7 +6,7 @@
 //! PIL's up to float rounding of the normalization (1e-6), JPEGs included, since we decode
 //! with the same libjpeg-turbo and resize with a port of Pillow's fixed-point bicubic.
 
-mod common;
+use crate::common;
 
 use common::*;
 use otter::data::transform::preprocess;

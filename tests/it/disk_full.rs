@@ -5,7 +5,7 @@
 //! failed, naming them and the checkpoint to resume from. Skipped (with a printed reason)
 //! only where mounting is not permitted.
 
-mod common;
+use crate::common;
 
 use common::cluster::*;
 use common::job;

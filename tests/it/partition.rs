@@ -9,7 +9,7 @@
 //! again; exactly-once throughout. Skipped (with a printed reason) only where the kernel
 //! or the sandbox forbids network namespaces or nftables.
 
-mod common;
+use crate::common;
 
 use common::cluster::*;
 use common::coord_bin;

@@ -1,7 +1,7 @@
 //! Greedy generation: the KV cache changes nothing but speed, and generated tokens keep
 //! attending to the last image (upstream's cached path loses it after the first token).
 
-mod common;
+use crate::common;
 
 use common::*;
 use otter::model::weights::LoadOptions;
