@@ -16,6 +16,9 @@ Both runs use the same job file (same max_steps, so the same LR schedule) and a 
 global batch (train.global_batch), so a step computes the same thing at any world size:
 the per-step losses of the two runs must agree. At the end it prints one line each:
 failures=, recoveries=, steps=, goodput=, exactly_once=, loss_diff_max=, and a few more.
+With --steps N both runs go on past DURATION (without failures) to the job's end at step
+N, and final_weights_identical= compares their final weights files byte for byte (with
+comm.deterministic, chaos.sh --deterministic: yes, and loss_diff_max=0).
 
 goodput = committed steps x the failure-free run's median step time / wall time, both
 runs timed from their first committed step.
@@ -117,10 +120,10 @@ class Job:
         except Exception:
             return None
 
-    def losses(self, into, generations):
+    def losses(self, into, generations, s=None):
         """Adds step -> loss (and step -> generation) from the coordinator's step window
-        and its history file."""
-        s = self.status(since=0)
+        (`s`, else asked for) and its history file."""
+        s = s if s is not None else self.status(since=0)
         if s is None:
             return None
         for st in s.get("steps", []):
@@ -137,6 +140,10 @@ class Job:
                         into[st["step"]] = st["mean_loss"]
                         generations[st["step"]] = st["generation"]
         return s
+
+
+def final_weights(work):
+    return os.path.join(work, "run", "final_weights.safetensors")
 
 
 def wait_first_step(job, limit):
@@ -173,9 +180,22 @@ def run(args, label, chaos):
         last_loss_poll = 0.0
         while True:
             now = time.monotonic()
-            if now >= end:
+            finished = False
+            if args.steps:
+                # To the end of the job (failures only within the duration): its last step
+                # committed and the final weights written.
+                done = max(c for _, c in samples)
+                # Rank 0 writes them only once every step is trained (durably, or not at all).
+                finished = os.path.exists(final_weights(work))
+                if finished and not pending_restart:
+                    break
+                if now >= end:
+                    next_failure = float("inf")
+                if now >= end + args.finish_limit:
+                    sys.exit(f"{label}: {done} of {args.steps} steps {args.finish_limit:.0f} s after the duration (logs: {work})")
+            elif now >= end:
                 break
-            if job.coord.poll() is not None and not any(w == "coord" for _, w in pending_restart):
+            if job.coord.poll() is not None and not finished and not any(w == "coord" for _, w in pending_restart):
                 sys.exit(f"the coordinator exited by itself (code {job.coord.returncode}); see {work}/coord.log")
             if now >= next_failure:
                 n = len(failures) + 1
@@ -225,9 +245,15 @@ def run(args, label, chaos):
         status = None
         for _ in range(50):
             status = job.losses(losses, generations)
-            if status is not None:
+            if status is not None or (args.steps and job.coord.poll() is not None):
                 break
             time.sleep(0.2)  # the coordinator may be restarting
+        if status is None and args.steps:
+            # The job ended and its coordinator with it, leaving its final status in its
+            # state dir.
+            final = os.path.join(work, "coord", "status.json")
+            if os.path.exists(final):
+                status = job.losses(losses, generations, json.load(open(final)))
     finally:
         job.stop()
     if status is None:
@@ -245,7 +271,11 @@ def run(args, label, chaos):
             per_step.append(dt / dc)
         i = j
     rec = [f["recovered_at"] - f["at"] for f in failures if f["recovered_at"] is not None]
+    weights = None
+    if args.steps and os.path.exists(final_weights(work)):
+        weights = hashlib.sha256(open(final_weights(work), "rb").read()).hexdigest()
     return {
+        "final_weights_sha256": weights,
         "steps": c_end - c_first,
         "last_step": c_end,
         "wall": args.duration,
@@ -269,7 +299,7 @@ def fingerprint(a):
     for b in ("otter-coord", "otter-worker"):
         st = os.stat(os.path.join(a.bin, b))
         h.update(f"{b}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(f"workers:{a.workers}".encode())
+    h.update(f"workers:{a.workers}:steps:{a.steps}".encode())
     return h.hexdigest()
 
 
@@ -304,6 +334,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--coord-every", type=int, default=5)
     p.add_argument("--baseline-cache", default=None)
+    p.add_argument("--steps", type=int, default=0, help="run each job to this many steps (its max_steps) and compare the final weights")
+    p.add_argument("--finish-limit", type=float, default=900.0)
     a = p.parse_args()
 
     base = baseline(a)
@@ -352,7 +384,12 @@ def main():
     above = [s for s in common if diff[s] > 1e-5]
     if above and firsts:
         print(f"loss_diff_first_step_above_1e-5={above[0]} ({above[0] - firsts[0]} steps after the first world change at {firsts[0]})")
-    ok = once_ok and diff and not missing
+    identical = None
+    if a.steps:
+        identical = base.get("final_weights_sha256") is not None and base.get("final_weights_sha256") == ch["final_weights_sha256"]
+        print(f"final_weights_identical={'yes' if identical else 'no'}")
+        print(f"final_weights_sha256={ch['final_weights_sha256']} (failure-free: {base.get('final_weights_sha256')})")
+    ok = once_ok and diff and not missing and identical is not False
     sys.exit(0 if ok else 1)
 
 

@@ -194,6 +194,11 @@ enum BenchCommand {
         size_mb: Vec<f64>,
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        /// The deterministic reduction (`comm.deterministic`): the f32 data turned into
+        /// exact i64 limbs, summed over the ring, rounded back; bandwidths are of the f32
+        /// data, so they compare with the plain all-reduce's.
+        #[arg(long)]
+        exact: bool,
     },
     /// One rank of `bench allreduce` (spawned by it).
     #[command(hide = true)]
@@ -206,6 +211,8 @@ enum BenchCommand {
         size_mb: Vec<f64>,
         #[arg(long)]
         iters: usize,
+        #[arg(long)]
+        exact: bool,
     },
     /// Mean training-step time of a random-weight model of the given config.json.
     TrainStep {
@@ -352,9 +359,9 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Ckpt { mb, params, world, dir }) => cmd::bench::ckpt(mb, params, world, &dir),
         Command::Bench(BenchCommand::Identity { preset, dir, shards }) => cmd::bench::identity(&preset, &dir, shards),
         Command::Bench(BenchCommand::Data { config, samples }) => cmd::bench::data(&config, samples),
-        Command::Bench(BenchCommand::Allreduce { world, size_mb, iters }) => cmd::bench::allreduce(world, &size_mb, iters),
-        Command::Bench(BenchCommand::AllreduceRank { rank, addrs, size_mb, iters }) => {
-            cmd::bench::allreduce_rank(rank, &addrs, &size_mb, iters)
+        Command::Bench(BenchCommand::Allreduce { world, size_mb, iters, exact }) => cmd::bench::allreduce(world, &size_mb, iters, exact),
+        Command::Bench(BenchCommand::AllreduceRank { rank, addrs, size_mb, iters, exact }) => {
+            cmd::bench::allreduce_rank(rank, &addrs, &size_mb, iters, exact)
         }
         Command::Bench(BenchCommand::TrainStep { model_config, batch, seq, steps, warmup, ckpt_dir, world, no_overlap, optimizer_sharding, rank, addrs }) => {
             let member = rank.zip(addrs.as_deref());

@@ -248,32 +248,48 @@ fn spawn_ranks(world: usize, args: impl Fn(usize, &str) -> Vec<String>) -> Resul
 /// `otter bench allreduce`: spawns `world` local rank processes running the CPU ring and
 /// prints, per size, `algbw` and `busbw` in GB/s (nccl-tests definitions:
 /// algbw = bytes / time, busbw = algbw * 2(n-1)/n).
-pub fn allreduce(world: usize, sizes_mb: &[f64], iters: usize) -> Result<()> {
+pub fn allreduce(world: usize, sizes_mb: &[f64], iters: usize, exact: bool) -> Result<()> {
     anyhow::ensure!(world >= 1, "--world must be positive");
     let sizes: Vec<String> = sizes_mb.iter().map(|s| s.to_string()).collect();
     spawn_ranks(world, |r, addrs| {
         let mut args: Vec<String> = ["bench", "allreduce-rank", "--rank"].map(String::from).to_vec();
         args.extend([r.to_string(), "--addrs".into(), addrs.to_string(), "--iters".into(), iters.to_string(), "--size-mb".into(), sizes.join(",")]);
+        if exact {
+            args.push("--exact".into());
+        }
         args
     })
 }
 
 /// One rank of `otter bench allreduce`.
-pub fn allreduce_rank(rank: usize, addrs: &str, sizes_mb: &[f64], iters: usize) -> Result<()> {
+pub fn allreduce_rank(rank: usize, addrs: &str, sizes_mb: &[f64], iters: usize, exact: bool) -> Result<()> {
     use crate::comm::ring::RingGroup;
     use crate::comm::Collective;
+    use crate::train::exact::ExactSum;
+    use crate::train::grad_sync::TensorCollective;
     let addrs: Vec<std::net::SocketAddr> = addrs.split(',').map(|a| a.parse()).collect::<Result<_, _>>()?;
     let listener = std::net::TcpListener::bind(addrs[rank]).with_context(|| format!("rank {rank}: bind {}", addrs[rank]))?;
     let mut g = RingGroup::connect(rank, &addrs, &listener, std::time::Duration::from_secs(30))?;
-    let n = g.world();
+    let n = Collective::world(&g);
     for &mb in sizes_mb {
         let len = ((mb * 1e6) / 4.0).round() as usize;
         let mut buf = vec![rank as f32; len];
-        g.all_reduce_mean(&mut [&mut buf[..]])?; // warm-up
+        let data = tch::Tensor::from_slice(&buf);
+        // The deterministic reduction of `len` f32: exact limbs, their i64 sum over the
+        // ring, the mean rounded back (what a deterministic step does with its gradients).
+        let exact_once = |g: &mut RingGroup| -> Result<(), crate::comm::CommError> {
+            let mut s = ExactSum::zeros(len as i64, tch::Device::Cpu);
+            s.add(&data);
+            g.all_reduce_sum_i64_tensors(std::slice::from_mut(s.limbs_mut()))?;
+            drop(s.finish(n as f64));
+            Ok(())
+        };
+        let once = |g: &mut RingGroup, buf: &mut [f32]| if exact { exact_once(g) } else { g.all_reduce_mean(&mut [buf]) };
+        once(&mut g, &mut buf)?; // warm-up
         g.barrier()?;
         let t = Instant::now();
         for _ in 0..iters {
-            g.all_reduce_mean(&mut [&mut buf[..]])?;
+            once(&mut g, &mut buf)?;
         }
         let secs = t.elapsed().as_secs_f64() / iters as f64;
         let algbw = (len * 4) as f64 / secs / 1e9;

@@ -68,4 +68,8 @@ impl TensorCollective for GenerationGroup<'_> {
     fn all_gather_tensor(&mut self, input: &Tensor, output: &mut Tensor) -> Result<(), CommError> {
         self.checked(|g| g.all_gather_tensor(input, output))
     }
+
+    fn all_reduce_sum_i64_tensors(&mut self, tensors: &mut [Tensor]) -> Result<(), CommError> {
+        self.checked(|g| g.all_reduce_sum_i64_tensors(tensors))
+    }
 }

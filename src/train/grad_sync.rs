@@ -45,6 +45,11 @@ pub trait TensorCollective {
     fn all_gather_tensor(&mut self, _input: &Tensor, _output: &mut Tensor) -> Result<(), CommError> {
         Err(CommError::Invalid("this collective has no all-gather (optimizer sharding needs one)".into()))
     }
+    /// In place: each tensor (i64, contiguous) becomes the element-wise sum over ranks,
+    /// exact (the deterministic reduction, `train::exact`).
+    fn all_reduce_sum_i64_tensors(&mut self, _tensors: &mut [Tensor]) -> Result<(), CommError> {
+        Err(CommError::Invalid("this collective has no exact i64 sum (comm.deterministic needs one: use the ring)".into()))
+    }
 }
 /// Runs `f` on `t`'s f32 data as a host slice: in place for a contiguous f32 CPU tensor,
 /// through a host copy otherwise.
@@ -95,6 +100,26 @@ impl<C: Collective + ?Sized> TensorCollective for C {
     fn all_gather_tensor(&mut self, input: &Tensor, output: &mut Tensor) -> Result<(), CommError> {
         let mut input = input.shallow_clone();
         with_host_slice(&mut input, &mut |i| with_host_slice(output, &mut |o| self.all_gather(i, o)))
+    }
+
+    fn all_reduce_sum_i64_tensors(&mut self, tensors: &mut [Tensor]) -> Result<(), CommError> {
+        for t in tensors {
+            let direct = t.device() == Device::Cpu && t.kind() == Kind::Int64 && t.is_contiguous();
+            let host = if direct { t.shallow_clone() } else { t.to_device(Device::Cpu).to_kind(Kind::Int64).contiguous() };
+            let n = host.numel();
+            if n == 0 {
+                self.all_reduce_sum_i64(&mut [])?;
+                continue;
+            }
+            // SAFETY: `host` is a contiguous i64 CPU tensor of `n > 0` elements (a valid,
+            // aligned data pointer) that nothing else touches meanwhile.
+            let data = unsafe { std::slice::from_raw_parts_mut(host.data_ptr() as *mut i64, n) };
+            self.all_reduce_sum_i64(data)?;
+            if !direct {
+                t.copy_(&host);
+            }
+        }
+        Ok(())
     }
 }
 

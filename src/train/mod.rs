@@ -9,11 +9,13 @@
 //! | `optim.rs`    | AdamW on tensors (state exposed), clip_grad_norm      |
 //! | `step.rs`     | `TensorBatch`, `Trainer::step`                        |
 //! | `grad_sync.rs`| gradient buckets, all-reduce of trainable grads only  |
+//! | `exact.rs`    | exact, order-free sums (the deterministic reduction)  |
 //! | `zero.rs`     | sharded optimizer state (ZeRO-1): parts, re-cuts      |
 //! | `run.rs`      | `otter train`: the loop, metrics, resumable state     |
 
 pub use otter_core::train::{config, plan, schedule};
 
+pub mod exact;
 pub mod grad_sync;
 pub mod optim;
 pub mod run;

@@ -102,6 +102,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         adamw: AdamWConfig { weight_decay: tc.weight_decay, ..Default::default() },
     };
     let mut trainer = Trainer::new(model, step_cfg);
+    // One process, the same reduction as a job's ranks: its run is theirs, bit for bit.
+    trainer.deterministic = run_cfg.comm.deterministic;
 
     // --- resume ---------------------------------------------------------------------
     std::fs::create_dir_all(&tc.out_dir).with_context(|| tc.out_dir.display().to_string())?;

@@ -114,6 +114,11 @@ pub struct Trainer {
     /// copied from a rank that has them (whoever syncs them clears this).
     pub params_incomplete: bool,
     pub cfg: StepConfig,
+    /// The deterministic reduction (`comm.deterministic`, issue 46): a step's gradient and
+    /// loss are exact sums over its micro-batches, rounded once ([`super::exact`]), so the
+    /// parameters after a step do not depend on the world size or on which rank computed
+    /// which micro-batch.
+    pub deterministic: bool,
     /// A background reader of the weights and moments (a checkpoint copying them out).
     reader: Option<ReadFence>,
 }
@@ -190,7 +195,7 @@ impl ReadFence {
 impl Trainer {
     pub fn new(model: Otter, cfg: StepConfig) -> Self {
         let opt = AdamW::new(cfg.adamw, &model.trainable());
-        Self { model, opt, zero: None, ckpt_moments: BTreeMap::new(), params_incomplete: false, cfg, reader: None }
+        Self { model, opt, zero: None, ckpt_moments: BTreeMap::new(), params_incomplete: false, cfg, deterministic: false, reader: None }
     }
 
     /// Copies every trainable parameter and the AdamW moments from rank `root` (by name).
@@ -358,6 +363,9 @@ impl Trainer {
     /// state.
     pub fn step_synced(&mut self, micro: &[TensorBatch], mut sync: Option<GradSync<'_>>) -> Result<StepStats, CommError> {
         use std::time::Instant;
+        if self.deterministic {
+            return self.step_exact(micro, sync);
+        }
         let params = self.model.trainable();
         let n = micro.len().max(1) as f64;
         // The gradient is the mean over the step's micro-batches, however the group split
@@ -484,5 +492,86 @@ impl Trainer {
         };
         zero_grads();
         Ok(StepStats { loss, lr, grad_norm, compute, allreduce, allreduce_exposed, optimizer: t2.elapsed(), checkpoint_wait })
+    }
+
+    /// [`Trainer::step_synced`] with the deterministic reduction: each micro-batch's loss
+    /// (its own mean, unscaled) is back-propagated, and its gradients and loss are added
+    /// into one exact sum ([`super::exact::ExactSum`]); the group adds the sums as integers
+    /// (`all_reduce_sum_i64_tensors`), and the step's mean gradient and loss are rounded
+    /// once from the result: the same bits on every rank, for any world size and any
+    /// spread of the micro-batches over ranks. The reduction runs after backward (overlap
+    /// and bucket sizes do not apply), and the optimizer state is not sharded (yet).
+    fn step_exact(&mut self, micro: &[TensorBatch], mut sync: Option<GradSync<'_>>) -> Result<StepStats, CommError> {
+        use super::exact::{ExactSum, MAX_TERMS};
+        use std::time::Instant;
+        if self.zero.is_some() {
+            return Err(CommError::Invalid("comm.deterministic does not shard the optimizer state yet: set optimizer_sharding: false".into()));
+        }
+        let params = self.model.trainable();
+        let refs: Vec<&Tensor> = params.iter().map(|(_, p)| *p).collect();
+        let numel: i64 = refs.iter().map(|p| p.numel() as i64).sum();
+        let device = refs.first().map_or(Device::Cpu, |p| p.device());
+        // The step's micro-batches over the whole group: the mean's divisor.
+        let total = match &sync {
+            Some(s) if s.step_micro_batches > 0 => s.step_micro_batches,
+            Some(s) => micro.len() * s.comm.world(),
+            None => micro.len(),
+        }
+        .max(1);
+        if total as u64 > MAX_TERMS {
+            return Err(CommError::Invalid(format!("comm.deterministic sums at most {MAX_TERMS} micro-batches per step, this step has {total}")));
+        }
+        let zero_grads = || {
+            for p in &refs {
+                let mut p = p.shallow_clone();
+                p.zero_grad();
+            }
+        };
+        // The step's gradient is its micro-batches' alone: anything the parameters held
+        // before (the float path would add to it) is dropped.
+        zero_grads();
+        let mut sum = ExactSum::zeros(numel + 1, device);
+        let flat = |loss: &Tensor| {
+            let mut parts: Vec<Tensor> = refs.iter().map(|p| p.grad().reshape([-1])).collect();
+            parts.push(loss.reshape([1]).to_kind(tch::Kind::Float));
+            Tensor::cat(&parts, 0)
+        };
+        let t0 = Instant::now();
+        for mb in micro {
+            let loss = tracing::info_span!("forward").in_scope(|| {
+                let logits = self.model.forward(&mb.vision_x, &mb.input_ids, &mb.attention_mask);
+                causal_lm_loss(&logits, &mb.labels)
+            });
+            tracing::info_span!("backward").in_scope(|| loss.backward());
+            super::grad_sync::materialize_grads(&refs);
+            sum.add(&flat(&loss.detach()));
+            zero_grads();
+        }
+        let compute = t0.elapsed();
+        let t1 = Instant::now();
+        if let Some(s) = sync.as_mut() {
+            let _span = tracing::info_span!("allreduce_exact").entered();
+            s.comm.all_reduce_sum_i64_tensors(std::slice::from_mut(sum.limbs_mut()))?;
+        }
+        let allreduce = t1.elapsed();
+        let mean = sum.finish(total as f64);
+        let mut offset = 0;
+        for p in &refs {
+            let n = p.numel() as i64;
+            let _ = p.grad().copy_(&mean.narrow(0, offset, n).view(p.size().as_slice()));
+            offset += n;
+        }
+        let loss = mean.double_value(&[numel]);
+        let checkpoint_wait = wait_for(&mut self.reader);
+        let t2 = Instant::now();
+        let _span = tracing::info_span!("optimizer").entered();
+        let lr = schedule::cosine_with_warmup(self.cfg.lr, self.opt.step, self.cfg.warmup_steps, self.cfg.total_steps);
+        let grad_norm = match self.cfg.clip {
+            Some(c) => clip_grad_norm(&params, c),
+            None => f64::NAN,
+        };
+        self.opt.step(&params, lr);
+        zero_grads();
+        Ok(StepStats { loss, lr, grad_norm, compute, allreduce, allreduce_exposed: allreduce, optimizer: t2.elapsed(), checkpoint_wait })
     }
 }

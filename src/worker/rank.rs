@@ -288,6 +288,7 @@ impl Rank {
         let local_ranks = std::env::var("OTTER_LOCAL_RANKS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
         let threads = Self::apply_threads(&me, &tc, data_cfg.workers, local_ranks, None);
         let mut trainer = Trainer::new(model, step_cfg);
+        trainer.deterministic = cfg.comm.deterministic;
         if tc.optimizer_sharding {
             // Each generation cuts this rank's part ([`Rank::recut_optimizer`]): the full
             // moments are never held.

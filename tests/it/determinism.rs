@@ -80,3 +80,126 @@ fn at_a_given_intra_op_thread_count_a_micro_batchs_loss_and_gradients_are_the_sa
     tch::set_num_threads(before);
     assert!(differ.is_empty(), "{} of {compared} tensors differ between two runs at the same thread count:\n{}", differ.len(), differ.join("\n"));
 }
+
+/// `world` ranks on threads, each with a ring group: `f(rank, group)`.
+fn on_ranks<T: Send>(world: usize, f: impl Fn(usize, &mut otter::comm::ring::RingGroup) -> T + Sync) -> Vec<T> {
+    use std::net::{SocketAddr, TcpListener};
+    let ls: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let addrs: Vec<SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = ls
+            .iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let (addrs, f) = (&addrs, &f);
+                s.spawn(move || f(r, &mut otter::comm::ring::RingGroup::connect(r, addrs, l, std::time::Duration::from_secs(30)).unwrap()))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn share(b: &TensorBatch) -> TensorBatch {
+    TensorBatch { vision_x: b.vision_x.shallow_clone(), input_ids: b.input_ids.shallow_clone(), attention_mask: b.attention_mask.shallow_clone(), labels: b.labels.shallow_clone() }
+}
+
+/// What a run leaves: every step's loss, and the trainable parameters at the end.
+struct Run {
+    losses: Vec<f64>,
+    params: Vec<(String, Tensor)>,
+}
+
+const STEPS: usize = 4;
+
+/// The job: the tiny model, a global batch of six one-sample micro-batches (the same six
+/// every step), AdamW with warmup and clipping; `assignment[r]`: the micro-batches rank `r`
+/// computes (one rank: no group at all). `bucket_bytes` and `overlap` as the job's comm
+/// section would set them.
+fn run(batches: &[TensorBatch], assignment: &[Vec<usize>], deterministic: bool, bucket_bytes: usize, overlap: bool) -> Run {
+    use otter::train::grad_sync::GradBuckets;
+    use otter::train::{optim::AdamWConfig, GradSync, StepConfig, Trainer};
+    let trainer = || {
+        let model = Otter::load_dir(&crate::common::tiny_model(), LoadOptions::default()).unwrap();
+        let mut t = Trainer::new(model, StepConfig { lr: 1e-3, warmup_steps: 2, total_steps: 8, clip: Some(1.0), adamw: AdamWConfig::default() });
+        t.deterministic = deterministic;
+        t
+    };
+    let finish = |t: Trainer, losses: Vec<f64>| Run { losses, params: t.model.trainable().into_iter().map(|(n, p)| (n.to_string(), p.copy())).collect() };
+    if assignment.len() == 1 {
+        let mut t = trainer();
+        let mine: Vec<TensorBatch> = assignment[0].iter().map(|&i| share(&batches[i])).collect();
+        let losses = (0..STEPS).map(|_| t.step(&mine).loss).collect();
+        return finish(t, losses);
+    }
+    // Tensors are not Sync: each rank takes its micro-batches out of a mutex.
+    let total = batches.len();
+    let per_rank: std::sync::Mutex<Vec<Option<Vec<TensorBatch>>>> = std::sync::Mutex::new(assignment.iter().map(|a| Some(a.iter().map(|&i| share(&batches[i])).collect())).collect());
+    let mut runs = on_ranks(assignment.len(), |rank, g| {
+        let mut t = trainer();
+        let buckets = GradBuckets::new(&t.model.trainable(), bucket_bytes);
+        let mine = per_rank.lock().unwrap()[rank].take().unwrap();
+        let losses = (0..STEPS)
+            .map(|_| {
+                let sync = GradSync { buckets: &buckets, comm: g, overlap, step_micro_batches: total };
+                t.step_synced(&mine, Some(sync)).unwrap().loss
+            })
+            .collect();
+        finish(t, losses)
+    });
+    // Every rank holds the same parameters (data parallelism): rank 0's stand for the run.
+    for r in &runs[1..] {
+        for ((name, a), (_, b)) in runs[0].params.iter().zip(&r.params) {
+            same_bits(name, a, b).unwrap();
+        }
+    }
+    runs.swap_remove(0)
+}
+
+/// Where two runs differ, by name (empty: the same losses and the same bits).
+fn differences(a: &Run, b: &Run) -> Vec<String> {
+    let mut d: Vec<String> = a.losses.iter().zip(&b.losses).enumerate().filter(|(_, (x, y))| x.to_bits() != y.to_bits()).map(|(i, (x, y))| format!("step {i}: loss {x} vs {y}")).collect();
+    for ((name, x), (_, y)) in a.params.iter().zip(&b.params) {
+        d.extend(same_bits(name, x, y).err());
+    }
+    d
+}
+
+/// Issue 46: the same job at worlds 1, 2 and 3, with the micro-batches spread over the
+/// ranks in more than one way, two bucket sizes, with and without overlap: every step's
+/// loss and the final weights are the same bits. (The float reduction, run the same ways,
+/// is printed for comparison: it is what elastic runs drift from.)
+#[test]
+fn the_deterministic_reduction_trains_the_same_bits_at_worlds_1_2_and_3_however_the_batch_is_spread() {
+    tch::set_num_threads(1); // the job's pinned count: all ranks here share one process
+    let model = Otter::load_dir(&crate::common::tiny_model(), LoadOptions::default()).unwrap();
+    let batches: Vec<TensorBatch> = (0..6)
+        .map(|i| {
+            tch::manual_seed(100 + i);
+            TensorBatch::random(&model.cfg, 1, 24, tch::Device::Cpu)
+        })
+        .collect();
+    drop(model);
+    let layouts: Vec<(&str, Vec<Vec<usize>>, usize, bool)> = vec![
+        ("world 2, halves, 64 KiB buckets", vec![vec![0, 1, 2], vec![3, 4, 5]], 64 << 10, false),
+        ("world 2, interleaved, 1 MiB buckets, overlap", vec![vec![5, 1, 3], vec![0, 4, 2]], 1 << 20, true),
+        ("world 3, pairs", vec![vec![0, 1], vec![2, 3], vec![4, 5]], 64 << 10, true),
+        ("world 3, uneven (3, 2, 1)", vec![vec![2, 0, 4], vec![5, 1], vec![3]], 1 << 20, false),
+    ];
+    let alone = run(&batches, &[vec![0, 1, 2, 3, 4, 5]], true, 64 << 10, false);
+    let float_alone = run(&batches, &[vec![0, 1, 2, 3, 4, 5]], false, 64 << 10, false);
+    let mut differ = Vec::new();
+    let mut float_differ = 0;
+    for (label, assignment, bucket_bytes, overlap) in &layouts {
+        let r = run(&batches, assignment, true, *bucket_bytes, *overlap);
+        differ.extend(differences(&alone, &r).into_iter().map(|d| format!("{label}: {d}")));
+        let float = run(&batches, assignment, false, *bucket_bytes, *overlap);
+        let d = differences(&float_alone, &float).len();
+        float_differ += d;
+        println!("{label}: float reduction: {d} of {} tensors and losses differ from world 1", float.params.len() + STEPS);
+    }
+    // The control: the same comparison sees the float reduction's differences.
+    assert!(float_differ > 0, "the float reduction gave the same bits everywhere: the comparison would see nothing");
+    assert!(differ.is_empty(), "deterministic runs differ from the one-rank run:\n{}", differ.join("\n"));
+    // And the training is training: the loss fell.
+    assert!(alone.losses[STEPS - 1] < alone.losses[0], "{:?}", alone.losses);
+}

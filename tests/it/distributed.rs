@@ -67,14 +67,11 @@ fn run_three(d: &Path, job: &Path, out: &Path, elastic: Option<u64>) -> (serde_j
     (s, otter::tensors::TensorFile::read(&out.join("final_weights.safetensors")).unwrap())
 }
 
-/// The global batch is the job's, not the world's: a run in which a worker is killed at
-/// one step and another joins later computes the same run as one left alone (the same
-/// batches in every step, the gradient the mean over them however the ranks split them,
-/// one schedule): losses within reduction-order noise, the same learning rates, the same
-/// final weights.
-#[test]
-fn an_elastic_run_computes_the_same_run_as_an_uninterrupted_one() {
-    let _serial = serial();
+/// The same job run twice: left alone (three workers throughout), and elastic (worker
+/// kill -9'd after step 4, another joining later). `deterministic`: with
+/// `comm.deterministic` (and the pinned thread count it needs). Returns each run's
+/// committed steps and final weights.
+fn calm_and_elastic(deterministic: bool) -> ((Vec<serde_json::Value>, otter::tensors::TensorFile), (Vec<serde_json::Value>, otter::tensors::TensorFile), serde_json::Value) {
     let d = tempfile::tempdir().unwrap();
     // Enough steps after the kill that the joiner's start-up (a second or so on a loaded
     // machine) always finds the job still running.
@@ -83,6 +80,9 @@ fn an_elastic_run_computes_the_same_run_as_an_uninterrupted_one() {
         let out = d.path().join(name);
         let job = job_yaml(d.path(), &data, &Job { save_every: 1000, max_steps: Some(60), epochs: 1, grad_accum: 1, coord: Some((2, 3)), out: &out });
         edit_yaml(&job, &[("train:\n", "train:\n  global_batch: 6\n")]);
+        if deterministic {
+            edit_yaml(&job, &[("train:\n", "train:\n  cpu_threads: 1\n"), ("comm:\n", "comm:\n  deterministic: true\n")]);
+        }
         job
     };
     let (calm_dir, elastic_dir) = (d.path().join("calm-run"), d.path().join("elastic-run"));
@@ -90,19 +90,18 @@ fn an_elastic_run_computes_the_same_run_as_an_uninterrupted_one() {
     std::fs::create_dir_all(&elastic_dir).unwrap();
     let (calm, calm_w) = run_three(&calm_dir, &job_for("calm"), &d.path().join("calm"), None);
     let (elastic, elastic_w) = run_three(&elastic_dir, &job_for("elastic"), &d.path().join("elastic"), Some(4));
+    assert_eq!(calm["total_steps"], elastic["total_steps"]);
     let steps = |s: &serde_json::Value| s["steps"].as_array().unwrap().clone();
     let (a, b) = (steps(&calm), steps(&elastic));
     assert_eq!((a.len(), b.len()), (60, 60));
     let worlds: std::collections::BTreeSet<u64> = b.iter().filter_map(|x| x["world"].as_u64()).collect();
     let changes = b.windows(2).filter(|w| w[0]["world"] != w[1]["world"]).count();
     assert!(worlds.contains(&2) && changes >= 2, "the elastic run shrank and grew again: {worlds:?}, {changes} changes");
-    let table: Vec<String> = a.iter().zip(&b).map(|(x, y)| format!("step {} world {}: {} vs {}", x["step"], y["world"], x["loss"], y["loss"])).collect();
-    let mut worst = 0f64;
     // A step every rank applied whose reports were still in flight when its generation
     // ended is committed at the next rendezvous without its loss and lr (known gap: the
     // check-in does not carry them); at most a few around each world change.
     let unreported = b.iter().filter(|y| y["lr"].is_null()).count();
-    assert!(unreported <= 2 * changes, "{unreported} steps without loss/lr, {changes} world changes:\n{}", table.join("\n"));
+    assert!(unreported <= 2 * changes, "{unreported} steps without loss/lr, {changes} world changes");
     for (x, y) in a.iter().zip(&b) {
         let step = x["step"].as_u64().unwrap();
         assert_eq!(x["micro_batches"], 3, "step {step}: 6 samples = 3 batches of 2");
@@ -113,8 +112,27 @@ fn an_elastic_run_computes_the_same_run_as_an_uninterrupted_one() {
             continue;
         }
         assert_eq!(x["lr"].as_f64(), y["lr"].as_f64(), "step {step}: one schedule");
-        worst = worst.max((x["loss"].as_f64().unwrap() - y["loss"].as_f64().unwrap()).abs());
     }
+    ((a, calm_w), (b, elastic_w), elastic)
+}
+
+/// The losses of the steps both runs reported, as (step, world in the elastic run, calm, elastic).
+fn reported_losses(a: &[serde_json::Value], b: &[serde_json::Value]) -> Vec<(u64, u64, f64, f64)> {
+    a.iter().zip(b).filter(|(_, y)| y["loss"].is_number()).map(|(x, y)| (x["step"].as_u64().unwrap(), y["world"].as_u64().unwrap_or(0), x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap())).collect()
+}
+
+/// The global batch is the job's, not the world's: a run in which a worker is killed at
+/// one step and another joins later computes the same run as one left alone (the same
+/// batches in every step, the gradient the mean over them however the ranks split them,
+/// one schedule): losses within reduction-order noise, the same learning rates, the same
+/// final weights.
+#[test]
+fn an_elastic_run_computes_the_same_run_as_an_uninterrupted_one() {
+    let _serial = serial();
+    let ((a, calm_w), (b, elastic_w), _) = calm_and_elastic(false);
+    let losses = reported_losses(&a, &b);
+    let worst = losses.iter().map(|(_, _, x, y)| (x - y).abs()).fold(0f64, f64::max);
+    let table: Vec<String> = losses.iter().map(|(s, w, x, y)| format!("step {s} world {w}: {x} vs {y}")).collect();
     println!("elastic (kill after step 4, a join after) vs uninterrupted: max |loss diff| {worst:.2e} over 60 steps");
     assert!(worst <= 1e-5, "max |loss diff| {worst:.2e}:\n{}", table.join("\n"));
     let mut wdiff = 0f64;
@@ -123,7 +141,27 @@ fn an_elastic_run_computes_the_same_run_as_an_uninterrupted_one() {
     }
     println!("final weights: max |diff| {wdiff:.2e}");
     assert!(wdiff <= 1e-5, "final weights differ by {wdiff:.2e}");
-    assert_eq!(calm["total_steps"], elastic["total_steps"]);
+}
+
+/// Issue 46: with `comm.deterministic`, the elastic run (world 3, a kill -9 down to 2, a
+/// join back to 3) is the uninterrupted run: every reported loss the same bits, and the
+/// final weights file's tensors byte-identical.
+#[test]
+fn with_the_deterministic_reduction_an_elastic_run_is_the_same_bits_as_an_uninterrupted_one() {
+    let _serial = serial();
+    let ((a, calm_w), (b, elastic_w), _) = calm_and_elastic(true);
+    let losses = reported_losses(&a, &b);
+    let differ: Vec<String> = losses.iter().filter(|(_, _, x, y)| x.to_bits() != y.to_bits()).map(|(s, w, x, y)| format!("step {s} world {w}: {x} vs {y}")).collect();
+    println!("deterministic: elastic vs uninterrupted: {} of {} reported losses differ", differ.len(), losses.len());
+    assert!(differ.is_empty(), "{}", differ.join("\n"));
+    let mut names = 0;
+    for (name, t) in &calm_w.tensors {
+        let e = elastic_w.get(name).unwrap();
+        let bytes = |t: &tch::Tensor| t.contiguous().reshape([-1]).view_dtype(tch::Kind::Uint8);
+        assert!(t.kind() == e.kind() && t.size() == e.size() && bytes(t).equal(&bytes(e)), "{name}: the final weights differ (max |diff| {:.2e})", max_abs_diff(t, e));
+        names += 1;
+    }
+    println!("final weights: {names} tensors, byte-identical");
 }
 
 /// ZeRO-1 through failures (`train.optimizer_sharding`): a job whose worker is killed

@@ -146,6 +146,15 @@ pub struct CommSection {
     /// one-GPU machine).
     #[serde(default)]
     pub backend: CommBackend,
+    /// The deterministic reduction (issue 46): a step's gradients and loss are summed
+    /// exactly (as integers on a fixed grid) over its micro-batches and rounded once, so the
+    /// parameters after each step are the same bits at any world size, however the
+    /// micro-batches are spread over ranks, with or without overlap and for any bucket
+    /// size. Needs `train.cpu_threads` on CPUs (libtorch's kernels give other bits with
+    /// another thread count), the ring on CUDA (`comm.backend: ring`), and no optimizer
+    /// sharding yet. Off by default until its cost is measured (BENCHMARKS.md).
+    #[serde(default)]
+    pub deterministic: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -163,7 +172,7 @@ fn yes() -> bool {
 
 impl Default for CommSection {
     fn default() -> Self {
-        Self { timeout: d60(), connect_timeout: d30(), peer_timeout: d10(), bucket_mb: bucket_mb(), overlap: true, backend: CommBackend::Auto }
+        Self { timeout: d60(), connect_timeout: d30(), peer_timeout: d10(), bucket_mb: bucket_mb(), overlap: true, backend: CommBackend::Auto, deterministic: false }
     }
 }
 
@@ -322,6 +331,23 @@ impl RunConfig {
         if cfg.comm.backend == CommBackend::Nccl && cfg.train.as_ref().is_some_and(|t| !matches!(t.device, crate::train::config::DeviceSpec::Cuda(_))) {
             return Err(invalid(("comm.backend".into(), "nccl needs `train.device: cuda` (CPU ranks use the ring: write `auto` or `ring`)".into())));
         }
+        if cfg.comm.deterministic {
+            if let Some(train) = &cfg.train {
+                let cuda = matches!(train.device, crate::train::config::DeviceSpec::Cuda(_));
+                if train.optimizer_sharding {
+                    return Err(invalid(("comm.deterministic".into(), "does not shard the optimizer state yet: set train.optimizer_sharding: false".into())));
+                }
+                if !cuda && train.cpu_threads.is_none() {
+                    return Err(invalid((
+                        "train.cpu_threads".into(),
+                        "comm.deterministic needs the job's intra-op thread count fixed (libtorch's CPU kernels give other bits with another count, and the default follows how many ranks share a host)".into(),
+                    )));
+                }
+                if cuda && cfg.comm.backend != CommBackend::Ring {
+                    return Err(invalid(("comm.backend".into(), "comm.deterministic on CUDA needs `ring` for now (its exact i64 sum is not wired to NCCL yet)".into())));
+                }
+            }
+        }
         if cfg.comm.timeout.is_zero() {
             return Err(invalid(("comm.timeout".into(), "must be positive".into())));
         }
@@ -430,5 +456,22 @@ mod tests {
         assert_eq!(cfg.comm.backend, CommBackend::Ring, "ranks sharing one GPU over the ring");
         let e = RunConfig::from_file(&write(d.path(), &job("cpu", "comm:\n  backend: gloo\n"))).unwrap_err().to_string();
         assert!(e.contains("comm.backend") && e.contains("gloo"), "{e}");
+    }
+
+    #[test]
+    fn the_deterministic_reduction_is_off_by_default_and_needs_a_fixed_thread_count_and_no_sharding() {
+        let d = tempfile::tempdir().unwrap();
+        let job = |train: &str, comm: &str| format!("train:\n  out_dir: out\n{train}comm:\n  deterministic: true\n{comm}");
+        let cfg = RunConfig::from_file(&write(d.path(), "train:\n  out_dir: out\n")).unwrap();
+        assert!(!cfg.comm.deterministic);
+        let e = RunConfig::from_file(&write(d.path(), &job("", ""))).unwrap_err().to_string();
+        assert!(e.contains("train.cpu_threads") && e.contains("thread count"), "{e}");
+        let cfg = RunConfig::from_file(&write(d.path(), &job("  cpu_threads: 2\n", ""))).unwrap();
+        assert!(cfg.comm.deterministic);
+        let e = RunConfig::from_file(&write(d.path(), &job("  cpu_threads: 2\n  optimizer_sharding: true\n", ""))).unwrap_err().to_string();
+        assert!(e.contains("comm.deterministic") && e.contains("optimizer_sharding"), "{e}");
+        let e = RunConfig::from_file(&write(d.path(), &job("  device: cuda\n", ""))).unwrap_err().to_string();
+        assert!(e.contains("comm.backend") && e.contains("ring"), "{e}");
+        assert!(RunConfig::from_file(&write(d.path(), &job("  device: cuda\n", "  backend: ring\n"))).is_ok());
     }
 }

@@ -91,6 +91,11 @@ impl Collective for NcclLike {
         let r = self.ring.all_gather(input, output);
         self.as_nccl(r)
     }
+
+    fn all_reduce_sum_i64(&mut self, buf: &mut [i64]) -> Result<(), CommError> {
+        let r = self.ring.all_reduce_sum_i64(buf);
+        self.as_nccl(r)
+    }
 }
 
 #[cfg(test)]

@@ -158,6 +158,9 @@ pub trait Collective: Send {
     /// Concatenation of every rank's `input` (lengths given by [`split`] of `output.len()`)
     /// in rank order.
     fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError>;
+    /// In place: `buf` becomes the element-wise sum over ranks, in wrapping i64 arithmetic:
+    /// exact and independent of the order (the deterministic reduction, issue 46).
+    fn all_reduce_sum_i64(&mut self, buf: &mut [i64]) -> Result<(), CommError>;
 }
 
 /// How `len` elements are cut into `world` contiguous parts: the first `len % world` parts

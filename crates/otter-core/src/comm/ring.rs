@@ -81,8 +81,38 @@ fn configure(s: &TcpStream, t: RingTimeouts) -> std::io::Result<()> {
     sock.set_tcp_user_timeout(Some(t.peer))
 }
 
-fn as_bytes(x: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding or invalid bit patterns; the length is scaled by 4.
+/// What the ring moves and adds: f32 (gradients, parameters) or i64 (the exact sums of a
+/// deterministic job, issue 46: integer addition does not depend on the order).
+trait Elem: Copy + Send + Sync + 'static {
+    const SIZE: usize;
+    fn from_le(b: &[u8]) -> Self;
+    fn add(self, other: Self) -> Self;
+}
+
+impl Elem for f32 {
+    const SIZE: usize = 4;
+    fn from_le(b: &[u8]) -> Self {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+    fn add(self, other: Self) -> Self {
+        self + other
+    }
+}
+
+impl Elem for i64 {
+    const SIZE: usize = 8;
+    fn from_le(b: &[u8]) -> Self {
+        i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+    }
+    fn add(self, other: Self) -> Self {
+        // The callers keep sums in range (`train::exact`); wrapping is what NCCL does.
+        self.wrapping_add(other)
+    }
+}
+
+fn as_bytes<T: Elem>(x: &[T]) -> &[u8] {
+    // SAFETY: f32 and i64 have no padding or invalid bit patterns; the length is scaled by
+    // the element size.
     unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
 }
 
@@ -104,7 +134,7 @@ fn io_error(rank: usize, timeout: Duration, peer: usize, addr: SocketAddr, what:
 }
 
 /// (&buf[a], &mut buf[b]) for disjoint ranges.
-fn two_parts(buf: &mut [f32], a: (usize, usize), b: (usize, usize)) -> (&[f32], &mut [f32]) {
+fn two_parts<T>(buf: &mut [T], a: (usize, usize), b: (usize, usize)) -> (&[T], &mut [T]) {
     if a.0 < b.0 {
         let (lo, hi) = buf.split_at_mut(b.0);
         (&lo[a.0..a.0 + a.1], &mut hi[..b.1])
@@ -369,7 +399,7 @@ impl RingGroup {
 
     /// One ring step: send `buf[send]` to next while receiving `buf[recv]` from prev,
     /// either adding (`reduce`) or overwriting, piece by piece.
-    fn step(&mut self, buf: &mut [f32], send: (usize, usize), recv: (usize, usize), reduce: bool) -> Result<(), CommError> {
+    fn step<T: Elem>(&mut self, buf: &mut [T], send: (usize, usize), recv: (usize, usize), reduce: bool) -> Result<(), CommError> {
         let (src, dst) = two_parts(buf, send, recv);
         let (next_rank, prev_rank, rank, timeout) = (self.next_rank(), self.prev_rank(), self.rank, self.timeout);
         let (next, next_addr) = self.next.as_mut().expect("world > 1");
@@ -387,18 +417,18 @@ impl RingGroup {
             });
             let mut scratch = vec![0u8; PIECE];
             let mut received: Result<(), CommError> = Ok(());
-            for out in dst.chunks_mut(PIECE / 4) {
-                let bytes = &mut scratch[..out.len() * 4];
+            for out in dst.chunks_mut(PIECE / T::SIZE) {
+                let bytes = &mut scratch[..out.len() * T::SIZE];
                 if let Err(e) = prev.read_exact(bytes) {
                     received = Err(err(prev_rank, prev_addr, "receive", e));
                     // Unblock the sender too: a broken ring must fail everywhere.
                     let _ = next_ctl.shutdown(std::net::Shutdown::Both);
                     break;
                 }
-                let vals = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                let vals = bytes.chunks_exact(T::SIZE).map(T::from_le);
                 if reduce {
                     for (o, v) in out.iter_mut().zip(vals) {
-                        *o += v;
+                        *o = o.add(v);
                     }
                 } else {
                     for (o, v) in out.iter_mut().zip(vals) {
@@ -412,7 +442,7 @@ impl RingGroup {
     }
 
     /// Reduce-scatter phase: afterwards part `rank` holds the sum over ranks.
-    fn ring_reduce_scatter(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+    fn ring_reduce_scatter<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CommError> {
         let (n, r, len) = (self.world, self.rank, buf.len());
         for s in 0..n - 1 {
             let send = split(len, n, (r + 2 * n - 1 - s) % n);
@@ -423,7 +453,7 @@ impl RingGroup {
     }
 
     /// All-gather phase: part `rank` is complete on entry; afterwards every part is.
-    fn ring_all_gather(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+    fn ring_all_gather<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CommError> {
         let (n, r, len) = (self.world, self.rank, buf.len());
         for s in 0..n - 1 {
             let send = split(len, n, (r + n - s) % n);
@@ -512,6 +542,15 @@ impl RingGroup {
         Ok(())
     }
 
+    /// Exact: over the TCP ring (the shared-memory segment reduces f32 only).
+    fn all_reduce_sum_i64_impl(&mut self, buf: &mut [i64]) -> Result<(), CommError> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        self.ring_reduce_scatter(buf)?;
+        self.ring_all_gather(buf)
+    }
+
     fn barrier_impl(&mut self) -> Result<(), CommError> {
         let mut one = [0f32; 1];
         self.all_reduce_mean_impl(&mut [&mut one[..]])
@@ -589,6 +628,11 @@ impl Collective for RingGroup {
         let r = self.all_gather_impl(input, output);
         r.map_err(|e| self.abort.explain(self.rank, e))
     }
+
+    fn all_reduce_sum_i64(&mut self, buf: &mut [i64]) -> Result<(), CommError> {
+        let r = self.all_reduce_sum_i64_impl(buf);
+        r.map_err(|e| self.abort.explain(self.rank, e))
+    }
 }
 
 #[cfg(test)]
@@ -646,6 +690,26 @@ mod tests {
                     }
                 }
                 assert!(out.windows(2).all(|w| w[0] == w[1]), "every rank ends with identical bytes");
+            }
+        }
+    }
+
+    /// Issue 46: the i64 sum is exact (large values whose f64 sum would round, negative
+    /// ones) and the same on every rank, for awkward lengths and worlds 1-4.
+    #[test]
+    fn the_i64_all_reduce_is_the_exact_sum_on_every_rank() {
+        let value = |r: usize, i: usize| -> i64 { ((r as i64 + 1) << 52) * if i % 2 == 0 { 1 } else { -1 } + (i as i64 * 7919 + r as i64) % 1_000_003 };
+        for world in [1, 2, 3, 4] {
+            for len in [0usize, 1, 3, 17, 65_537, 100_003] {
+                let out = run_ring(world, |r, g| {
+                    let mut v: Vec<i64> = (0..len).map(|i| value(r, i)).collect();
+                    g.all_reduce_sum_i64(&mut v).unwrap();
+                    v
+                });
+                let want: Vec<i64> = (0..len).map(|i| (0..world).map(|r| value(r, i)).sum()).collect();
+                for (r, got) in out.iter().enumerate() {
+                    assert!(got == &want, "world {world} len {len}: rank {r} differs from the exact sum");
+                }
             }
         }
     }

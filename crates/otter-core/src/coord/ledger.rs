@@ -628,7 +628,14 @@ impl Ledger {
             .enumerate()
             .filter_map(|(rank, loss)| Some((loss.as_ref()?, crate::comm::split(l.batches.len() as usize, l.batches.world(), rank).1 as f64)))
             .fold((0.0, 0.0), |(s, n), (loss, k)| (s + loss * k, n + k));
-        let mean_loss = (n > 0.0).then(|| sum / n);
+        // Ranks report the step's loss over the whole group (an all-reduced mean, the same
+        // bits on every rank): taken as is when they agree, so that no arithmetic here
+        // makes a deterministic run's loss depend on how its batches were split.
+        let reported: Vec<f64> = l.losses.iter().flatten().copied().collect();
+        let mean_loss = match reported.split_first() {
+            Some((first, rest)) if rest.iter().all(|x| x.to_bits() == first.to_bits()) => Some(*first),
+            _ => (n > 0.0).then(|| sum / n),
+        };
         self.committed.push(CommittedStep { step, generation: l.generation, batches: l.batches, mean_loss, lr: l.lr });
         true
     }
@@ -856,6 +863,15 @@ mod tests {
         assert!(l.commit(0));
         let s = l.committed[0].summary();
         assert_eq!((s.mean_loss, s.lr, s.micro_batches, s.world), (Some((3.0 * 1.0 + 2.0 * 2.0) / 5.0), Some(2e-4), 5, 2));
+        // Ranks that agree (each reports the group's all-reduced loss) are taken as is: the
+        // weighted mean (2, 2 and 1 batches) of three equal losses is not that loss in f64.
+        let x = 0.123456789f64;
+        assert_ne!((x * 2.0 + x * 2.0 + x * 1.0) / 5.0, x, "the control");
+        for rank in 0..3 {
+            l.record_loss(1, rank, x, 2e-4);
+        }
+        assert!(l.commit(1));
+        assert_eq!(l.committed[1].summary().mean_loss, Some(x));
     }
 
     #[test]
