@@ -32,6 +32,10 @@ pub struct RunState {
     pub epoch: u64,
     pub cursor: Cursor,
     pub total_steps: u64,
+    /// The run's reduction (`comm.deterministic`): a resumed run keeps the one its
+    /// checkpoint was trained with (absent in older checkpoints: the float one).
+    #[serde(default)]
+    pub deterministic: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -108,7 +112,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // --- resume ---------------------------------------------------------------------
     std::fs::create_dir_all(&tc.out_dir).with_context(|| tc.out_dir.display().to_string())?;
     let ckpt_dir = tc.out_dir.join("checkpoints");
-    let mut state = RunState { step: 0, epoch: 0, cursor: Cursor::default(), total_steps };
+    let mut state = RunState { step: 0, epoch: 0, cursor: Cursor::default(), total_steps, deterministic: trainer.deterministic };
     // What every save records and every resume checks (cached: a stat per file after the
     // first run on this copy of the model).
     let (identity, _) = run_cfg.model_identity(args.config)?;
@@ -136,6 +140,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 }
                 state = serde_json::from_value(m.data.clone()).with_context(|| format!("{}: field `data`", ckpt::step_dir(&ckpt_dir, step).join(ckpt::MANIFEST).display()))?;
                 println!("resuming from step {} (epoch {}) of {}", state.step, state.epoch, ckpt::step_dir(&ckpt_dir, step).display());
+                if state.deterministic != trainer.deterministic {
+                    println!(
+                        "the checkpoint was trained with comm.deterministic: {}; the run keeps it (the job file says {})",
+                        state.deterministic, trainer.deterministic
+                    );
+                    trainer.deterministic = state.deterministic;
+                }
             }
             None => println!("no committed checkpoint in {}: starting fresh", ckpt_dir.display()),
         }

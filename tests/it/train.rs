@@ -139,6 +139,44 @@ fn stopping_and_resuming_otter_train_gives_the_same_losses_exactly() {
     assert!(!ok && err.contains("--resume"), "{err}");
 }
 
+/// Issue 46: a run trained with `comm.deterministic` records it in its checkpoints, and a
+/// resume keeps it even when the job file no longer says so: the resumed run equals the
+/// uninterrupted deterministic run bit for bit (and the float reduction, the control, does
+/// not).
+#[test]
+fn a_resumed_run_keeps_the_reduction_its_checkpoint_was_trained_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let deterministic = |name: &str| {
+        let p = write_run(dir.path(), name);
+        let y = std::fs::read_to_string(&p).unwrap() + "  cpu_threads: 1\ncomm:\n  deterministic: true\n";
+        std::fs::write(&p, y).unwrap();
+        p
+    };
+    let train = |config: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["train", "--config", config.to_str().unwrap()];
+        args.extend(extra);
+        let (ok, out, err) = run_otter(&args);
+        assert!(ok, "{err}\n{out}");
+        out
+    };
+    train(&deterministic("full"), &[]);
+    train(&deterministic("split"), &["--stop-after", "5"]);
+    let out = train(&write_run(dir.path(), "split"), &["--resume"]);
+    assert!(out.contains("comm.deterministic: true; the run keeps it"), "{out}");
+    let float = write_run(dir.path(), "float");
+    std::fs::write(&float, std::fs::read_to_string(&float).unwrap() + "  cpu_threads: 1\n").unwrap();
+    train(&float, &[]);
+    let (a, b, f) = (losses(&dir.path().join("full")), losses(&dir.path().join("split")), losses(&dir.path().join("float")));
+    assert_eq!(a, b, "the resumed run is the deterministic one");
+    let weights = |name: &str| TensorFile::read(&dir.path().join(name).join("final_weights.safetensors")).unwrap();
+    let (wa, wb, wf) = (weights("full"), weights("split"), weights("float"));
+    for (k, v) in &wa.tensors {
+        assert!(v.equal(wb.get(k).unwrap()), "{k} differs after resume");
+    }
+    let float_differs = a != f || wa.tensors.iter().any(|(k, v)| !v.equal(wf.get(k).unwrap()));
+    assert!(float_differs, "the control: the float reduction's run is another run");
+}
+
 /// The MPT backbone follows the same recipe: tests/fixtures/mpt/train/adamw_cosine.* (8
 /// steps of torch AdamW + cosine warmup + clip_grad_norm_ on one batch, from a model with
 /// no gradients; weight decay only on cross-attention weights, so `wte` gets none).
