@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from chaos import Job  # noqa: E402
+from chaos import Job, step_times  # noqa: E402
 
 
 def job_yaml(path, workers, steps, deterministic):
@@ -55,16 +55,8 @@ def one_run(bin_dir, work, label, workers, steps, deterministic):
             time.sleep(0.1)
     finally:
         job.stop()
-    per_step = []
-    i = 0
-    while i < len(samples) - 1:
-        j = i + 1
-        while j < len(samples) - 1 and samples[j][0] - samples[i][0] < 1.0:
-            j += 1
-        dt, dc = samples[j][0] - samples[i][0], samples[j][1] - samples[i][1]
-        if dc > 0 and samples[i][1] > 0:  # from the first committed step
-            per_step.append(dt / dc)
-        i = j
+    # From the first committed step (start-up is not a step).
+    per_step = step_times([x for x in samples if x[1] > 0])
     if not per_step:
         sys.exit(f"{label}: no steps measured (logs: {d})")
     return statistics.median(per_step)

@@ -142,6 +142,22 @@ class Job:
         return s
 
 
+def step_times(samples):
+    """Step times from (time, committed steps) samples: in windows of about a second,
+    window length / steps committed in it, for the windows that committed something."""
+    per_step = []
+    i = 0
+    while i < len(samples) - 1:
+        j = i + 1
+        while j < len(samples) - 1 and samples[j][0] - samples[i][0] < 1.0:
+            j += 1
+        dt, dc = samples[j][0] - samples[i][0], samples[j][1] - samples[i][1]
+        if dc > 0:
+            per_step.append(dt / dc)
+        i = j
+    return per_step
+
+
 def final_weights(work):
     return os.path.join(work, "run", "final_weights.safetensors")
 
@@ -258,18 +274,7 @@ def run(args, label, chaos):
         job.stop()
     if status is None:
         sys.exit(f"{label}: the coordinator did not answer at the end (logs: {work})")
-    # Step times: the committed-step samples in windows of about a second, median of
-    # (window length / steps in it) over windows that committed something.
-    per_step = []
-    i = 0
-    while i < len(samples) - 1:
-        j = i + 1
-        while j < len(samples) - 1 and samples[j][0] - samples[i][0] < 1.0:
-            j += 1
-        dt, dc = samples[j][0] - samples[i][0], samples[j][1] - samples[i][1]
-        if dc > 0:
-            per_step.append(dt / dc)
-        i = j
+    per_step = step_times(samples)
     rec = [f["recovered_at"] - f["at"] for f in failures if f["recovered_at"] is not None]
     weights = None
     if args.steps and os.path.exists(final_weights(work)):

@@ -111,3 +111,22 @@ pub fn losses(run_dir: &std::path::Path) -> Vec<(u64, f64)> {
         })
         .collect()
 }
+
+/// `world` ranks on threads of this process, each with a ring group over loopback TCP:
+/// `f(rank, group)` on each, results in rank order.
+pub fn on_ranks<T: Send>(world: usize, f: impl Fn(usize, &mut otter::comm::ring::RingGroup) -> T + Sync) -> Vec<T> {
+    use std::net::{SocketAddr, TcpListener};
+    let ls: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let addrs: Vec<SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = ls
+            .iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let (addrs, f) = (&addrs, &f);
+                s.spawn(move || f(r, &mut otter::comm::ring::RingGroup::connect(r, addrs, l, std::time::Duration::from_secs(30)).unwrap()))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}

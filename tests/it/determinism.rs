@@ -81,24 +81,6 @@ fn at_a_given_intra_op_thread_count_a_micro_batchs_loss_and_gradients_are_the_sa
     assert!(differ.is_empty(), "{} of {compared} tensors differ between two runs at the same thread count:\n{}", differ.len(), differ.join("\n"));
 }
 
-/// `world` ranks on threads, each with a ring group: `f(rank, group)`.
-fn on_ranks<T: Send>(world: usize, f: impl Fn(usize, &mut otter::comm::ring::RingGroup) -> T + Sync) -> Vec<T> {
-    use std::net::{SocketAddr, TcpListener};
-    let ls: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let addrs: Vec<SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
-    std::thread::scope(|s| {
-        let hs: Vec<_> = ls
-            .iter()
-            .enumerate()
-            .map(|(r, l)| {
-                let (addrs, f) = (&addrs, &f);
-                s.spawn(move || f(r, &mut otter::comm::ring::RingGroup::connect(r, addrs, l, std::time::Duration::from_secs(30)).unwrap()))
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
-
 fn share(b: &TensorBatch) -> TensorBatch {
     TensorBatch { vision_x: b.vision_x.shallow_clone(), input_ids: b.input_ids.shallow_clone(), attention_mask: b.attention_mask.shallow_clone(), labels: b.labels.shallow_clone() }
 }
@@ -134,7 +116,7 @@ fn run(batches: &[TensorBatch], assignment: &[Vec<usize>], deterministic: bool, 
     // Tensors are not Sync: each rank takes its micro-batches out of a mutex.
     let total = batches.len();
     let per_rank: std::sync::Mutex<Vec<Option<Vec<TensorBatch>>>> = std::sync::Mutex::new(assignment.iter().map(|a| Some(a.iter().map(|&i| share(&batches[i])).collect())).collect());
-    let mut runs = on_ranks(assignment.len(), |rank, g| {
+    let mut runs = crate::common::on_ranks(assignment.len(), |rank, g| {
         let mut t = trainer();
         let buckets = GradBuckets::new(&t.model.trainable(), bucket_bytes);
         let mine = per_rank.lock().unwrap()[rank].take().unwrap();

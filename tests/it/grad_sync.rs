@@ -15,23 +15,6 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 use tch::{Kind, Tensor};
 
-/// `world` ranks on threads, each with a ring group: `f(rank, group)`.
-fn on_ranks<T: Send>(world: usize, f: impl Fn(usize, &mut RingGroup) -> T + Sync) -> Vec<T> {
-    let ls: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let addrs: Vec<SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
-    std::thread::scope(|s| {
-        let hs: Vec<_> = ls
-            .iter()
-            .enumerate()
-            .map(|(r, l)| {
-                let (addrs, f) = (&addrs, &f);
-                s.spawn(move || f(r, &mut RingGroup::connect(r, addrs, l, Duration::from_secs(10)).unwrap()))
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
-
 #[test]
 fn buckets_average_gradients_by_name_with_undefined_ones_as_zeros() {
     let out = on_ranks(2, |rank, g| {
