@@ -2,7 +2,8 @@
 # One-time, idempotent set-up for building and testing Otter on a fresh machine.
 #
 #  1. Debian packages the build and the tests need (protoc + includes, libjpeg-turbo, etcd,
-#     Prometheus, Chromium, nftables and iproute2 for the network-partition test).
+#     Prometheus, Chromium, nftables and iproute2 for the network-partition test, curl for
+#     scripts/soak.sh).
 #  2. A Python venv in a stable cache dir (outside the clone, shared by every clone
 #     and CI run) holding the PyPI torch wheel whose libtorch tch links against, plus
 #     the two CUDA header wheels the NCCL shim compiles against.
@@ -19,7 +20,7 @@ CACHE="${OTTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/otter}"
 VENV="$CACHE/venv"
 TORCH_VERSION="2.13.0"
 PY_REQS=("torch==${TORCH_VERSION}" "numpy" "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*")
-APT_PKGS=(protobuf-compiler libprotobuf-dev libjpeg62-turbo-dev libtcmalloc-minimal4 etcd-server etcd-client prometheus chromium nftables iproute2)
+APT_PKGS=(protobuf-compiler libprotobuf-dev libjpeg62-turbo-dev libtcmalloc-minimal4 etcd-server etcd-client prometheus chromium nftables iproute2 curl)
 
 log() { echo "[setup] $*" >&2; }
 # shellcheck source=progress.sh

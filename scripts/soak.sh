@@ -6,14 +6,18 @@
 # after warm-up (from 20% of the steps, and over the second half), absolute and relative
 # to the size.
 #
-#   scripts/soak.sh [--steps N] [--interval S]      (default: 10000 steps, every 20 s)
+#   scripts/soak.sh [--steps N] [--interval S]      (default: 10000 steps, every 2 s)
 #   OTTER_BIN_DIR=target/debug scripts/soak.sh ...   (skip the release build)
 #
 # Release binaries; OMP_NUM_THREADS is left to the ranks (they split the cores).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 STEPS=10000
-INTERVAL=20
+# Every 2 s: well inside the checkpoint period (200 steps, 10-20 s here). A rank hands its
+# allocator's free pages back after each checkpoint and faults them in again over the next
+# steps, a sawtooth of a few MB; sampled at about the sawtooth's own period (20 s did), the
+# samples beat against it and the fitted slope moved by +-0.5% per 1k steps between runs.
+INTERVAL=2
 while [ $# -gt 0 ]; do
   case "$1" in
     --steps) STEPS="$2"; shift 2 ;;
@@ -69,27 +73,20 @@ for n in a b; do
 done
 workers=("${pids[1]}" "${pids[2]}")
 
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+# A process that just exited (a zombie) still has a status file, without these lines: 0.
+rss_kb() { awk '/^VmRSS/ {v = $2} END {print v + 0}' "/proc/$1/status" 2>/dev/null || echo 0; }
 # The anonymous part of RSS: what the process allocated (heap, stacks, its allocator's
 # caches). RSS also counts file pages mapped in (the binary, libtorch's 300+ MB of code and
 # data), which grow as code paths first run and shrink when the kernel reclaims page cache
 # under memory pressure (a build beside the soak took 45 MB off each rank): a leak or
 # fragmentation shows in the anonymous part.
-anon_kb() { awk '/^RssAnon/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+anon_kb() { awk '/^RssAnon/ {v = $2} END {print v + 0}' "/proc/$1/status" 2>/dev/null || echo 0; }
 rank_of() { pgrep -P "$1" -f "otter-worker rank" | head -n 1; }
-committed() {
-  python3 -c "import urllib.request,sys
-for l in urllib.request.urlopen('http://$http/metrics', timeout=5).read().decode().splitlines():
-    if l.startswith('otter_committed_step '): print(int(float(l.split()[1]))); sys.exit()
-print(0)" 2>/dev/null || echo 0
-}
+# One scrape of a /metrics page: the value of the first series matching an awk pattern.
+metric() { curl -s --max-time 5 "http://$1/metrics" 2>/dev/null | awk "$2"' { print int($NF); found = 1; exit } END { if (!found) print 0 }'; }
+committed() { metric "$http" '/^otter_committed_step /'; }
 # In-use heap (KB) from a /metrics page (otter_process_heap_bytes{kind="in_use"}).
-heap_kb() {
-  python3 -c "import urllib.request,sys
-for l in urllib.request.urlopen('http://$1/metrics', timeout=5).read().decode().splitlines():
-    if l.startswith('otter_process_heap_bytes') and 'kind=\"in_use\"' in l: print(int(float(l.split()[-1])) // 1024); sys.exit()
-print(0)" 2>/dev/null || echo 0
-}
+heap_kb() { echo $(( $(metric "$1" '/^otter_process_heap_bytes/ && /kind="in_use"/') / 1024 )); }
 samples="$work/samples.tsv"
 printf 'seconds\tsteps\tcoord_kb\trank_a_kb\trank_b_kb\tstate_bytes\tcoord_heap_kb\trank_a_heap_kb\trank_b_heap_kb\tcoord_anon_kb\trank_a_anon_kb\trank_b_anon_kb\n' | tee "$samples"
 start=$(date +%s)
@@ -106,13 +103,21 @@ wait "$coord" || true
 tail -n 1 "$work/coord.out"
 python3 - "$samples" <<'EOF'
 import sys
-rows = [list(map(int, l.split("\t"))) for l in open(sys.argv[1]).read().splitlines()[1:] if l.strip()]
+rows = [[int(x or 0) for x in l.split("\t")] for l in open(sys.argv[1]).read().splitlines()[1:] if l.strip()]
 rows = [r for r in rows if r[1] > 0 and all(x > 0 for x in r[2:5] + r[9:12])]
 if len(rows) < 4:
     sys.exit("too few samples (a longer --steps or a shorter --interval)")
 def slope(xs, ys):  # least squares: units per step
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-9)
+def robust_slope(xs, ys):  # Theil-Sen: the median of the slopes between every two samples
+    s = sorted((ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i])
+    return s[len(s) // 2] if s else 0.0
+# The growth is the Theil-Sen slope (the median of the slopes between every two samples):
+# a process's resident memory has short spikes (a save's buffers, a batch's activations
+# faulted in between two releases) that least squares weighs by where they happen to land
+# among ~100 samples; the median slope follows the level the process returns to. Least
+# squares is printed beside it.
 # Two readings of "after warm-up". From 20% of the steps (caches, the history window), and
 # the second half: a process's resident memory is its allocator's high-water mark, which
 # steps up when the largest batch meets a checkpoint's staging or a save's buffers and then
@@ -126,9 +131,11 @@ for frac, label in [(0.2, "from 20% of the steps"), (0.5, "second half")]:
                     (6, "coordinator heap in use"), (7, "rank a heap in use"), (8, "rank b heap in use")]:
         ys = [r[i] for r in after]
         g = slope(steps, ys) * 1000
+        r = robust_slope(steps, ys) * 1000
         if ys[-1] <= 0:
             continue  # not reported (no allocator statistics)
-        print(f"  {name}: {ys[0]} -> {ys[-1]} KB; growth {g:+.1f} KB per 1k steps ({100 * g / ys[-1]:+.3f}% of its size)")
+        print(f"  {name}: {ys[0]} -> {ys[-1]} KB; growth {r:+.1f} KB per 1k steps ({100 * r / ys[-1]:+.3f}% of its size); "
+              f"least squares {g:+.1f} KB ({100 * g / ys[-1]:+.3f}%)")
 after = [r for r in rows if r[1] >= rows[-1][1] * 0.2]
 steps = [r[1] for r in after]
 st = [r[5] for r in after]

@@ -7,6 +7,9 @@ bash scripts/setup.sh
 # Kubernetes manifests (cluster/): render every overlay, strict schema validation,
 # cross-references, dashboard metric names, Dockerfiles.
 bash scripts/test-cluster.sh
+# The source tree's structure: no new import cycle between files, no new file over 900
+# lines (scripts/structure-baseline.txt lists the debts on their way out).
+python3 scripts/check-structure.py
 # The control plane (otter-core: the coordinator and everything it uses) builds alone,
 # without libtorch; its own test checks that `otter-coord` does not link it.
 cargo build --quiet -p otter-core

@@ -73,6 +73,7 @@ fn token(file: Option<PathBuf>) -> Result<String> {
 
 fn main() -> Result<()> {
     otter::model::nn::bound_kernel_caches();
+    otter::heap::bound_thread_caches();
     let _otel = otter::otel::init("otter-worker", "warn");
     match Cli::parse().command {
         Command::Join { coord, gpus, cpu_ranks, node_id, advertise_host, token_file, metrics_port, model_dir } => {

@@ -304,6 +304,7 @@ enum DataCommand {
 
 fn main() -> Result<()> {
     otter::model::nn::bound_kernel_caches();
+    otter::heap::bound_thread_caches();
     let _otel = otter::otel::init("otter", "info");
     match Cli::parse().command {
         Command::ModelInfo { config, json } => cmd::model_info::run(&config, json),

@@ -4,5 +4,7 @@
 
 pub use otter_core::ckpt::*;
 
+mod fence;
 mod tensors;
+pub use fence::ReadFence;
 pub use tensors::*;

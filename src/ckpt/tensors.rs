@@ -3,7 +3,7 @@
 //! [`Stateful`] (the trainer; next, a sharded optimizer).
 
 use super::*;
-use crate::train::ReadFence;
+use super::fence::ReadFence;
 use safetensors::tensor::Dtype;
 use std::path::Path;
 use std::thread::JoinHandle;

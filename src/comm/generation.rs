@@ -12,7 +12,7 @@
 //! error too: the generation is over either way.)
 
 use super::{Abort, CommError};
-use crate::train::grad_sync::TensorCollective;
+use super::TensorCollective;
 use tch::Tensor;
 
 pub struct GenerationGroup<'a> {

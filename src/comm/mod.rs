@@ -6,8 +6,10 @@ pub use otter_core::comm::*;
 
 pub mod generation;
 pub mod store;
+mod tensor;
 
 pub use generation::GenerationGroup;
+pub use tensor::TensorCollective;
 
 #[cfg(feature = "nccl")]
 pub mod nccl;

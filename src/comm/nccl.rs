@@ -8,7 +8,7 @@
 
 use super::store::GenerationStore;
 use super::CommError;
-use crate::train::grad_sync::TensorCollective;
+use super::TensorCollective;
 use std::ffi::{c_char, c_void, CString};
 use std::sync::{Arc, Weak};
 use std::time::Duration;

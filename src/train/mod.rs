@@ -19,7 +19,9 @@ pub mod exact;
 pub mod grad_sync;
 pub mod optim;
 pub mod run;
+pub mod recut;
 pub mod zero;
 mod step;
 
-pub use step::{GradSync, ReadFence, StepConfig, StepStats, TensorBatch, Trainer};
+pub use crate::ckpt::ReadFence;
+pub use step::{GradSync, StepConfig, StepStats, TensorBatch, Trainer};

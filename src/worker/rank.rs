@@ -36,7 +36,7 @@ use crate::train::config::TrainConfig;
 use crate::train::grad_sync::{GradBuckets, TensorCollective};
 use crate::train::optim::AdamWConfig;
 use crate::train::schedule::warmup_steps;
-use crate::train::zero::Recut;
+use crate::train::recut::Recut;
 use crate::train::{GradSync, StepConfig, TensorBatch, Trainer};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -466,11 +466,6 @@ impl Rank {
     /// Reports a finished shard write to the coordinator (its generation: the one that
     /// ran the step). A failed write is only logged: that checkpoint will not be committed.
     fn report_shard(&mut self, done: (u64, Result<crate::ckpt::ShardWritten, crate::ckpt::CkptError>)) {
-        // The save's staging is freed: hand the allocator's free pages back to the system
-        // (issue 50). TCMalloc keeps what a rare peak (the largest batch meeting a save's
-        // staging) took, so RSS would step up to each new high-water mark and stay there;
-        // once per checkpoint, the pages the next steps fault in again cost nothing measurable.
-        crate::heap::release_free_memory();
         let (generation, res) = done;
         let me = self.me.clone();
         let w = match res {

@@ -455,6 +455,10 @@ fn an_abort_during_an_optimizer_re_cut_installs_no_part() {
 #[test]
 fn a_ranks_heap_does_not_grow_with_the_step_count() {
     use otter::heap::{stats, Allocator};
+    // As the training binaries' `main` does: TCMalloc's thread caches capped (they grew a
+    // soak's ranks by ~1 MB per 1k steps, toward TCMalloc's 32 MiB default).
+    otter::heap::bound_thread_caches();
+    assert_eq!(otter::heap::thread_cache_limit(), Some(otter::heap::THREAD_CACHE_BYTES as u64), "TCMalloc took the cap");
     const N: usize = 120;
     let at = std::sync::Mutex::new(Vec::new());
     let barrier = std::sync::Barrier::new(2);

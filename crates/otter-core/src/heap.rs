@@ -119,6 +119,76 @@ pub fn return_freed_memory_at_once() {
     }
 }
 
+/// The bytes all threads' TCMalloc caches may hold together in a training process (its
+/// default is 32 MiB). A rank's threads (intra-op, data loading, comm, the async runtime)
+/// each fill a cache with the sizes it frees, and the caches grow toward the cap over
+/// thousands of steps: in the 10k-step soak they were ~40 MB of a rank's anonymous memory,
+/// growing ~1 MB per 1k steps in steps of a few MB, while the live heap stayed flat
+/// (issue 50; with 4 MiB: 40 MB less and flat, and the step time did not move, see
+/// BENCHMARKS.md).
+pub const THREAD_CACHE_BYTES: usize = 4 << 20;
+
+/// Caps TCMalloc's thread caches at `bytes` in all (see [`THREAD_CACHE_BYTES`]). Returns
+/// whether TCMalloc took it (false under another allocator).
+pub fn limit_thread_caches(bytes: usize) -> bool {
+    static F: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let Some(a) = tcmalloc_symbol(&F, c"MallocExtension_SetNumericProperty") else { return false };
+    // SAFETY: TCMalloc's `int MallocExtension_SetNumericProperty(const char*, size_t)`.
+    let f = unsafe { std::mem::transmute::<usize, unsafe extern "C" fn(*const std::ffi::c_char, usize) -> i32>(a) };
+    unsafe { f(c"tcmalloc.max_total_thread_cache_bytes".as_ptr(), bytes) != 0 }
+}
+
+/// [`limit_thread_caches`] at [`THREAD_CACHE_BYTES`], unless the operator set TCMalloc's
+/// own variable (`TCMALLOC_MAX_TOTAL_THREAD_CACHE_BYTES`): the training binaries' `main`.
+pub fn bound_thread_caches() {
+    if std::env::var_os("TCMALLOC_MAX_TOTAL_THREAD_CACHE_BYTES").is_none() {
+        limit_thread_caches(THREAD_CACHE_BYTES);
+    }
+}
+
+/// The thread caches' cap now (`None` where TCMalloc does not serve this process).
+pub fn thread_cache_limit() -> Option<u64> {
+    tcmalloc().map(|f| tc_property(f, c"tcmalloc.max_total_thread_cache_bytes"))
+}
+
+/// The glibc tunable the coordinator runs with: no per-thread cache of freed chunks.
+/// glibc keeps up to 7 freed chunks of each small size in every thread's cache, counted as
+/// in use; across the coordinator's threads (the runtime's, the blocking pool's that save
+/// the state) those caches filled slowly with the sizes its requests and saves free, and
+/// its heap grew by ~30 KB per 1k steps for 10k steps (issue 50), while its live heap was
+/// flat (heaptrack). Without them, freed chunks go back to the arena at once.
+pub const COORDINATOR_TUNABLE: &str = "glibc.malloc.tcache_count=0";
+
+/// `GLIBC_TUNABLES` with `tunable` (`name=value`) added, or `None` if `current` already
+/// sets that name (an operator's setting wins).
+pub fn with_tunable(current: Option<&str>, tunable: &str) -> Option<String> {
+    let name = tunable.split('=').next().unwrap_or(tunable);
+    match current.filter(|c| !c.is_empty()) {
+        Some(c) if c.split(':').any(|t| t.split('=').next() == Some(name)) => None,
+        Some(c) => Some(format!("{c}:{tunable}")),
+        None => Some(tunable.to_string()),
+    }
+}
+
+/// Runs this program again, from its start and with the same arguments and process id,
+/// with `tunable` in `GLIBC_TUNABLES`: glibc reads its tunables once, when a program
+/// starts, so a program that wants one set for itself re-executes. Call first thing in
+/// `main`. Returns (and the program goes on as it is) where the variable already sets the
+/// tunable, or where the re-execution could not start (with why).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn reexec_with_tunable(tunable: &str) -> Option<std::io::Error> {
+    use std::os::unix::process::CommandExt;
+    let current = std::env::var("GLIBC_TUNABLES").ok();
+    let value = with_tunable(current.as_deref(), tunable)?;
+    let mut args = std::env::args_os();
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    if let Some(argv0) = args.next() {
+        cmd.arg0(argv0);
+    }
+    // `exec` returns only on failure.
+    Some(cmd.args(args).env("GLIBC_TUNABLES", value).exec())
+}
+
 /// Sets `gauge{..labels, kind}` from [`stats`].
 pub fn export(gauge: &prometheus::IntGaugeVec, labels: &[&str]) {
     let s = stats();
@@ -143,5 +213,17 @@ mod tests {
         assert!(during.footprint >= during.in_use);
         drop(std::hint::black_box(v));
         assert!(super::stats().in_use < during.in_use - (32 << 20));
+    }
+
+    #[test]
+    fn a_tunable_is_added_to_what_the_operator_set_and_never_overrides_it() {
+        use super::with_tunable;
+        let t = "glibc.malloc.tcache_count=0";
+        assert_eq!(with_tunable(None, t).as_deref(), Some(t));
+        assert_eq!(with_tunable(Some(""), t).as_deref(), Some(t));
+        assert_eq!(with_tunable(Some("glibc.malloc.arena_max=2"), t).as_deref(), Some("glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0"));
+        assert_eq!(with_tunable(Some("glibc.malloc.tcache_count=7"), t), None, "the operator's value stays");
+        assert_eq!(with_tunable(Some("glibc.malloc.arena_max=2:glibc.malloc.tcache_count=3"), t), None);
+        assert_eq!(with_tunable(Some("glibc.malloc.tcache_count_x=1"), t).as_deref(), Some("glibc.malloc.tcache_count_x=1:glibc.malloc.tcache_count=0"));
     }
 }

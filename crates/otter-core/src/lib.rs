@@ -27,5 +27,6 @@ pub mod heap;
 pub mod metrics;
 pub mod model;
 pub mod otel;
+mod panic;
 pub mod run_config;
 pub mod train;

@@ -87,6 +87,12 @@ fn tempfile_dir() -> Result<PathBuf> {
 }
 
 fn main() -> Result<()> {
+    // No per-thread caches of freed chunks in glibc's malloc (see `heap::COORDINATOR_TUNABLE`):
+    // glibc reads it at start, so the first thing the program does is run itself again with it.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if let Some(e) = otter_core::heap::reexec_with_tunable(otter_core::heap::COORDINATOR_TUNABLE) {
+        eprintln!("otter-coord: could not restart itself with GLIBC_TUNABLES={}: {e}; going on with glibc's defaults", otter_core::heap::COORDINATOR_TUNABLE);
+    }
     // One malloc arena for the whole process, set before any thread exists: the
     // coordinator allocates little but from many short-lived threads (tokio's blocking pool
     // saves the state), and glibc's default of up to 8 arenas per core each kept their own
@@ -96,6 +102,8 @@ fn main() -> Result<()> {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
+    // And the heap's free pages go back to the system after a save, at most once a second.
+    otter_core::coord::persist::release_heap_after_saves();
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
 }
 

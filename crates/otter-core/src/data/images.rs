@@ -321,7 +321,7 @@ pub struct ParquetImageStore {
 /// file's error.
 fn parquet_guard<T>(path: &Path, read: impl FnOnce() -> Result<T, ImageStoreError>) -> Result<T, ImageStoreError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|p| {
-        let what = super::panic_message(&*p);
+        let what = crate::panic::message(&*p);
         Err(ImageStoreError::Parquet { path: path.to_path_buf(), message: format!("malformed parquet file (the reader gave up: {what})") })
     })
 }

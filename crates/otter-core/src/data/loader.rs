@@ -166,7 +166,7 @@ impl Loader {
 /// waiting for that batch gets the message instead of waiting forever.
 fn guarded(index: usize, build: impl FnOnce() -> Result<Batch, SampleError>) -> Result<Batch, SampleError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(build)).unwrap_or_else(|p| {
-        let what = super::panic_message(&*p);
+        let what = crate::panic::message(&*p);
         Err(SampleError {
             dataset: String::new(),
             file: std::path::PathBuf::new(),

@@ -27,8 +27,3 @@ pub use config::{DataConfig, DatasetConfig, OnBadSample, TaskGroup};
 pub use loader::{epoch_batches, DataSource, Loader};
 pub use order::{Cursor, EpochPlan};
 pub use sample::{Batch, Sample, SampleError};
-
-/// What a caught panic said (its `&str` or `String` payload; empty otherwise).
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_default()
-}
