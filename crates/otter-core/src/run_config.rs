@@ -27,7 +27,11 @@ pub struct RunConfig {
 }
 
 /// The `coord:` section. The data-related limits of the coordinator (epochs, max_steps,
-/// gradient accumulation) come from `train:`, never from here.
+/// gradient accumulation) come from `train:`, never from here. Two types, one default per
+/// setting: this is what a user writes (with the shell's own settings: TLS, heartbeats,
+/// stragglers, reconnection); [`crate::coord::CoordConfig`] is the machine's, made from
+/// this and `train:` ([`CoordSection::machine_config`]) and saved in its state. The
+/// settings both have take their defaults from `coord::config`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordSection {
@@ -46,10 +50,10 @@ pub struct CoordSection {
     pub heartbeat_interval: std::time::Duration,
     /// A node not heard from for this long is lost (a worker process that dies is noticed
     /// at once through its closed watch stream; this covers hangs and partitions).
-    #[serde(with = "crate::coord::duration", default = "d10")]
+    #[serde(with = "crate::coord::duration", default = "crate::coord::config::default_heartbeat_timeout")]
     pub heartbeat_timeout: std::time::Duration,
     /// Steps of data leases a rank holds ahead.
-    #[serde(default = "four")]
+    #[serde(default = "crate::coord::config::default_lease_ahead")]
     pub lease_ahead_steps: u64,
     /// Serve the API over TLS (rustls) with this PEM certificate chain and key. Workers
     /// then need `OTTER_TLS_CA` (the CA's PEM) to verify it.
@@ -66,13 +70,13 @@ pub struct CoordSection {
     pub straggler_steps: u32,
     /// A node left out because it and another node could not reach each other (the
     /// partition rule in the README) stays out this long, doubling per repeat (at most 16x).
-    #[serde(with = "crate::coord::duration", default = "d60")]
+    #[serde(with = "crate::coord::duration", default = "crate::coord::config::default_exclusion_backoff")]
     pub exclusion_backoff: std::time::Duration,
     /// Generations in a row that fail without committing a step before the job fails.
-    #[serde(default = "max_failed_generations")]
+    #[serde(default = "crate::coord::config::default_max_failed_generations")]
     pub max_failed_generations: u32,
     /// Checkpoint saves failing in a row (a full disk) before the job is marked degraded.
-    #[serde(default = "max_failed_saves")]
+    #[serde(default = "crate::coord::config::default_max_failed_saves")]
     pub max_failed_saves: u32,
     /// How long workers keep trying the coordinator's addresses when none answers (a
     /// restart, an HA failover: the lease TTL of 3 s plus the election) before a rank
@@ -81,13 +85,7 @@ pub struct CoordSection {
     pub reconnect_timeout: std::time::Duration,
 }
 
-fn max_failed_saves() -> u32 {
-    3
-}
 
-fn max_failed_generations() -> u32 {
-    10
-}
 
 fn straggler_factor() -> f64 {
     1.5
@@ -101,9 +99,6 @@ fn d1() -> std::time::Duration {
 }
 fn d10() -> std::time::Duration {
     std::time::Duration::from_secs(10)
-}
-fn four() -> u64 {
-    4
 }
 fn d60() -> std::time::Duration {
     std::time::Duration::from_secs(60)
@@ -425,6 +420,11 @@ mod tests {
         let train: crate::train::config::TrainConfig = serde_yaml_ng::from_str("out_dir: /tmp/x\n").unwrap();
         let (from_yaml, machine) = (section.machine_config(&train, 2), crate::coord::CoordConfig::new(2, 4));
         assert_eq!((from_yaml.last_call, from_yaml.join_timeout), (machine.last_call, machine.join_timeout));
+        assert_eq!((from_yaml.heartbeat_timeout, from_yaml.exclusion_backoff), (machine.heartbeat_timeout, machine.exclusion_backoff));
+        assert_eq!(
+            (from_yaml.lease_ahead_steps, from_yaml.max_failed_generations, from_yaml.max_failed_saves),
+            (machine.lease_ahead_steps, machine.max_failed_generations, machine.max_failed_saves)
+        );
     }
 
     #[test]

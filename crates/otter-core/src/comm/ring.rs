@@ -466,44 +466,55 @@ impl RingGroup {
 
 /// The collectives; errors are [`Abort::explain`]ed by the trait methods.
 impl RingGroup {
+    /// Runs `op` on the shared-memory segment, if this group has one (`None` otherwise),
+    /// with a liveness check that fails the wait when a ring neighbour's socket closes or
+    /// the group is aborted. A failed segment is never used again (its barrier count is out
+    /// of step).
+    fn on_shared_memory(
+        &mut self,
+        op: impl FnOnce(&mut ShmSegment, Duration, &mut dyn FnMut() -> Result<(), CommError>) -> Result<(), CommError>,
+    ) -> Option<Result<(), CommError>> {
+        let mut shm = self.shm.take()?;
+        let (timeout, rank) = (self.timeout, self.rank);
+        let (prev, next) = (self.prev.as_ref().map(|p| (p.0.try_clone(), p.1)), self.next.as_ref().map(|p| (p.0.try_clone(), p.1)));
+        let abort = self.abort.clone();
+        let mut alive = || -> Result<(), CommError> {
+            if let Some(reason) = abort.reason() {
+                return Err(CommError::Aborted { rank, reason });
+            }
+            for (peer, s) in [(self.prev_rank(), &prev), ((self.rank + 1) % self.world, &next)] {
+                if let Some((Ok(s), addr)) = s {
+                    if super::shm::peer_closed(s) {
+                        return Err(CommError::Peer {
+                            rank,
+                            peer,
+                            addr: addr.to_string(),
+                            what: "shared-memory all-reduce",
+                            source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, "peer closed its connection (died)"),
+                        });
+                    }
+                }
+            }
+            Ok(())
+        };
+        let result = op(&mut shm, timeout, &mut alive);
+        if result.is_ok() {
+            self.shm = Some(shm);
+        }
+        Some(result)
+    }
+
     fn all_reduce_mean_impl(&mut self, buffers: &mut [&mut [f32]]) -> Result<(), CommError> {
         if self.world == 1 {
             return Ok(());
         }
-        if let Some(mut shm) = self.shm.take() {
-            let (timeout, rank) = (self.timeout, self.rank);
-            let (prev, next) = (self.prev.as_ref().map(|p| (p.0.try_clone(), p.1)), self.next.as_ref().map(|p| (p.0.try_clone(), p.1)));
-            let abort = self.abort.clone();
-            let mut alive = || -> Result<(), CommError> {
-                if let Some(reason) = abort.reason() {
-                    return Err(CommError::Aborted { rank, reason });
-                }
-                for (peer, s) in [(self.prev_rank(), &prev), ((self.rank + 1) % self.world, &next)] {
-                    if let Some((Ok(s), addr)) = s {
-                        if super::shm::peer_closed(s) {
-                            return Err(CommError::Peer {
-                                rank,
-                                peer,
-                                addr: addr.to_string(),
-                                what: "shared-memory all-reduce",
-                                source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, "peer closed its connection (died)"),
-                            });
-                        }
-                    }
-                }
-                Ok(())
-            };
-            let mut result = Ok(());
+        let on_shm = self.on_shared_memory(|shm, timeout, alive| {
             for buf in buffers.iter_mut() {
-                result = shm.all_reduce_mean(buf, timeout, &mut alive);
-                if result.is_err() {
-                    break;
-                }
+                shm.all_reduce_mean(buf, timeout, alive)?;
             }
-            // After a failure the segment's barrier count is out of step: never reuse it.
-            if result.is_ok() {
-                self.shm = Some(shm);
-            }
+            Ok(())
+        });
+        if let Some(result) = on_shm {
             return result;
         }
         let scale = 1.0 / self.world as f32;
@@ -542,10 +553,14 @@ impl RingGroup {
         Ok(())
     }
 
-    /// Exact: over the TCP ring (the shared-memory segment reduces f32 only).
+    /// Exact: through the shared-memory segment where the ranks share a host, else over
+    /// the TCP ring.
     fn all_reduce_sum_i64_impl(&mut self, buf: &mut [i64]) -> Result<(), CommError> {
         if self.world == 1 {
             return Ok(());
+        }
+        if let Some(result) = self.on_shared_memory(|shm, timeout, alive| shm.all_reduce_sum_i64(buf, timeout, alive)) {
+            return result;
         }
         self.ring_reduce_scatter(buf)?;
         self.ring_all_gather(buf)
@@ -699,16 +714,21 @@ mod tests {
     #[test]
     fn the_i64_all_reduce_is_the_exact_sum_on_every_rank() {
         let value = |r: usize, i: usize| -> i64 { ((r as i64 + 1) << 52) * if i % 2 == 0 { 1 } else { -1 } + (i as i64 * 7919 + r as i64) % 1_000_003 };
-        for world in [1, 2, 3, 4] {
-            for len in [0usize, 1, 3, 17, 65_537, 100_003] {
-                let out = run_ring(world, |r, g| {
-                    let mut v: Vec<i64> = (0..len).map(|i| value(r, i)).collect();
-                    g.all_reduce_sum_i64(&mut v).unwrap();
-                    v
-                });
-                let want: Vec<i64> = (0..len).map(|i| (0..world).map(|r| value(r, i)).sum()).collect();
-                for (r, got) in out.iter().enumerate() {
-                    assert!(got == &want, "world {world} len {len}: rank {r} differs from the exact sum");
+        // Over shared memory (the ranks share this host) and over TCP; 600,001 i64 span two
+        // of the segment's 4 MiB slots.
+        for shm in [true, false] {
+            for world in [1, 2, 3, 4] {
+                for len in [0usize, 1, 3, 17, 65_537, 600_001] {
+                    let out = run_ring_with(world, RingTimeouts::uniform(Duration::from_secs(30)), shm, |r, _, mut g| {
+                        assert_eq!(g.uses_shared_memory(), shm && world > 1, "the path under test");
+                        let mut v: Vec<i64> = (0..len).map(|i| value(r, i)).collect();
+                        g.all_reduce_sum_i64(&mut v).unwrap();
+                        v
+                    });
+                    let want: Vec<i64> = (0..len).map(|i| (0..world).map(|r| value(r, i)).sum()).collect();
+                    for (r, got) in out.iter().enumerate() {
+                        assert!(got == &want, "shm {shm} world {world} len {len}: rank {r} differs from the exact sum");
+                    }
                 }
             }
         }

@@ -7,8 +7,8 @@
 //!
 //! 1. every rank copies its segment into its own slot of the bank;
 //! 2. barrier;
-//! 3. rank `r` sums part `r` (see [`split`]) over all slots, scales it, and writes it
-//!    back into its own slot's part `r`;
+//! 3. rank `r` sums part `r` (see [`split`]) over all slots, finishes it (f32: scaled to
+//!    the mean; i64: the exact sum as is), and writes it back into its own slot's part `r`;
 //! 4. barrier;
 //! 5. every rank copies part `j` from slot `j`, for every `j`, into its output.
 //!
@@ -23,6 +23,37 @@ use super::{split, CommError};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// What the segment reduces: added over the ranks, then finished.
+trait Reduce: Copy {
+    fn add_into(mine: &mut [Self], other: &[Self]);
+    fn finish(sum: &mut [Self], world: usize);
+}
+
+impl Reduce for f32 {
+    fn add_into(mine: &mut [f32], other: &[f32]) {
+        for (m, o) in mine.iter_mut().zip(other) {
+            *m += *o;
+        }
+    }
+    /// The mean.
+    fn finish(sum: &mut [f32], world: usize) {
+        let scale = 1.0 / world as f32;
+        for m in sum.iter_mut() {
+            *m *= scale;
+        }
+    }
+}
+
+impl Reduce for i64 {
+    fn add_into(mine: &mut [i64], other: &[i64]) {
+        for (m, o) in mine.iter_mut().zip(other) {
+            *m = m.wrapping_add(*o);
+        }
+    }
+    /// The sum, exact.
+    fn finish(_: &mut [i64], _: usize) {}
+}
 
 /// Bytes per rank per segment.
 pub const SLOT: usize = 4 << 20;
@@ -133,10 +164,11 @@ impl ShmSegment {
         unsafe { &*(self.base as *const Header) }
     }
 
-    /// Slot `j` of `bank` as f32s.
-    fn slot(&self, bank: usize, j: usize) -> *mut f32 {
-        // SAFETY (of later derefs): in bounds by construction; slots are 4-aligned.
-        unsafe { self.base.add(HEADER + (bank * self.world + j) * SLOT) as *mut f32 }
+    /// Slot `j` of `bank` as `T`s.
+    fn slot<T>(&self, bank: usize, j: usize) -> *mut T {
+        // SAFETY (of later derefs): in bounds by construction; slots start at multiples of
+        // SLOT after a page, so they are aligned for f32 and i64.
+        unsafe { self.base.add(HEADER + (bank * self.world + j) * SLOT) as *mut T }
     }
 
     pub fn abort(&self) {
@@ -197,41 +229,41 @@ impl ShmSegment {
 
     /// In place: `buf` becomes the element-wise mean over ranks (every rank passes a
     /// buffer of the same length).
-    pub fn all_reduce_mean(
-        &mut self,
-        buf: &mut [f32],
-        timeout: Duration,
-        alive: &mut dyn FnMut() -> Result<(), CommError>,
-    ) -> Result<(), CommError> {
+    pub fn all_reduce_mean(&mut self, buf: &mut [f32], timeout: Duration, alive: &mut dyn FnMut() -> Result<(), CommError>) -> Result<(), CommError> {
+        self.all_reduce(buf, timeout, alive)
+    }
+
+    /// In place: `buf` becomes the element-wise sum over ranks, exact (wrapping, as the
+    /// TCP ring and NCCL add i64; `train::exact` keeps its sums in range).
+    pub fn all_reduce_sum_i64(&mut self, buf: &mut [i64], timeout: Duration, alive: &mut dyn FnMut() -> Result<(), CommError>) -> Result<(), CommError> {
+        self.all_reduce(buf, timeout, alive)
+    }
+
+    fn all_reduce<T: Reduce>(&mut self, buf: &mut [T], timeout: Duration, alive: &mut dyn FnMut() -> Result<(), CommError>) -> Result<(), CommError> {
         let (n, r) = (self.world, self.rank);
-        let scale = 1.0 / n as f32;
-        for seg in buf.chunks_mut(SLOT / 4) {
+        for seg in buf.chunks_mut(SLOT / std::mem::size_of::<T>()) {
             let bank = (self.segments % 2) as usize;
             self.segments += 1;
             let len = seg.len();
-            // SAFETY: slot pointers are in bounds and `len` <= SLOT/4; this rank writes only
+            // SAFETY: slot pointers are in bounds and `len` <= SLOT/size_of::<T>(); this rank writes only
             // its own slot until the barrier, then only its own part of its own slot, and
             // reads other slots only after the barrier that publishes them.
             unsafe {
-                std::ptr::copy_nonoverlapping(seg.as_ptr(), self.slot(bank, r), len);
+                std::ptr::copy_nonoverlapping(seg.as_ptr(), self.slot::<T>(bank, r), len);
             }
             self.barrier(timeout, alive)?;
             let (ps, pn) = split(len, n, r);
             // SAFETY: after the barrier every rank's slot of this bank is published; this
             // rank writes only part `r` of its own slot (in bounds: `ps + pn <= len <=
-            // SLOT/4`) and reads part `r` of the others', which nobody writes until the
-            // next barrier.
+            // SLOT/size_of::<T>()`) and reads part `r` of the others', which nobody writes
+            // until the next barrier.
             unsafe {
-                let mine = std::slice::from_raw_parts_mut(self.slot(bank, r).add(ps), pn);
+                let mine = std::slice::from_raw_parts_mut(self.slot::<T>(bank, r).add(ps), pn);
                 for j in (0..n).filter(|&j| j != r) {
-                    let other = std::slice::from_raw_parts(self.slot(bank, j).add(ps), pn);
-                    for (m, o) in mine.iter_mut().zip(other) {
-                        *m += *o;
-                    }
+                    let other = std::slice::from_raw_parts(self.slot::<T>(bank, j).add(ps), pn);
+                    T::add_into(mine, other);
                 }
-                for m in mine.iter_mut() {
-                    *m *= scale;
-                }
+                T::finish(mine, n);
             }
             self.barrier(timeout, alive)?;
             for j in 0..n {
@@ -240,7 +272,7 @@ impl ShmSegment {
                 // len` fits both the slot and `seg`, which do not overlap (the slot is in
                 // the shared mapping, `seg` in this process's buffer).
                 unsafe {
-                    std::ptr::copy_nonoverlapping(self.slot(bank, j).add(s), seg.as_mut_ptr().add(s), k);
+                    std::ptr::copy_nonoverlapping(self.slot::<T>(bank, j).add(s), seg.as_mut_ptr().add(s), k);
                 }
             }
         }
