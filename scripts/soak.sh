@@ -13,10 +13,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 STEPS=10000
-# Every 2 s: well inside the checkpoint period (200 steps, 10-20 s here). A rank hands its
-# allocator's free pages back after each checkpoint and faults them in again over the next
-# steps, a sawtooth of a few MB; sampled at about the sawtooth's own period (20 s did), the
-# samples beat against it and the fitted slope moved by +-0.5% per 1k steps between runs.
+# Every 2 s: well inside the checkpoint period (200 steps, 10-20 s here). Memory that
+# follows the checkpoints (a save's buffers; until issue 50's fix, a rank handing its free
+# pages back after each save and faulting them in again) is a sawtooth; sampled at about its
+# own period (20 s did), the samples beat against it and the fitted slope moved by +-0.5%
+# per 1k steps between runs.
 INTERVAL=2
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -114,8 +115,8 @@ def robust_slope(xs, ys):  # Theil-Sen: the median of the slopes between every t
     s = sorted((ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i])
     return s[len(s) // 2] if s else 0.0
 # The growth is the Theil-Sen slope (the median of the slopes between every two samples):
-# a process's resident memory has short spikes (a save's buffers, a batch's activations
-# faulted in between two releases) that least squares weighs by where they happen to land
+# a process's resident memory has short spikes (a save's buffers, the coordinator's heap
+# between two of its releases) that least squares weighs by where they happen to land
 # among ~100 samples; the median slope follows the level the process returns to. Least
 # squares is printed beside it.
 # Two readings of "after warm-up". From 20% of the steps (caches, the history window), and
