@@ -57,11 +57,12 @@ def modules(src_dir):
 
 
 def expand_use(tree):
-    """`a::{b, c::{d, e}}` -> ['a::b', 'a::c::d', 'a::c::e'] (names only, no `as`)."""
+    """`a::{b, c::{d as e}}` -> ['a::b', 'a::c::d'] (paths only: a rename is dropped)."""
+    tree = re.sub(r"\s+as\s+\w+", "", tree)
     tree = re.sub(r"\s+", "", tree)
     m = re.match(r"^(.*?)\{(.*)\}$", tree)
     if not m:
-        return [tree.split("as")[0] if "::" in tree else tree]
+        return [tree]
     prefix, inner = m.group(1), m.group(2)
     parts, depth, cur = [], 0, ""
     for ch in inner:
@@ -96,7 +97,7 @@ def analyse():
         for m in re.finditer(r"\bpub(?:\([^)]*\))?\s+use\s+([^;]+);", code):
             for p in expand_use(m.group(1)):
                 absolute = absolutize(p, mod, by_crate[crate], f)
-                name = re.split(r"::", p.split(" as ")[-1])[-1]
+                name = p.split("::")[-1]
                 # Another crate's item (`pub use otter_core::data`): no edge inside this one.
                 names[name] = absolute if absolute is not None else EXTERNAL
         # `pub use other_crate::module::*`: a name this file does not define itself came

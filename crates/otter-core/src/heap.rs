@@ -59,6 +59,17 @@ fn tc_property(f: NumericProperty, name: &std::ffi::CStr) -> u64 {
     }
 }
 
+/// TCMalloc's `MallocExtension_SetNumericProperty(name, value)`: whether TCMalloc took it,
+/// `None` where TCMalloc does not serve this process.
+fn tc_set_property(name: &std::ffi::CStr, value: usize) -> Option<bool> {
+    static F: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let a = tcmalloc_symbol(&F, c"MallocExtension_SetNumericProperty")?;
+    // SAFETY: TCMalloc's `int MallocExtension_SetNumericProperty(const char*, size_t)`,
+    // called with a NUL-terminated name.
+    let f = unsafe { std::mem::transmute::<usize, unsafe extern "C" fn(*const std::ffi::c_char, usize) -> i32>(a) };
+    Some(unsafe { f(name.as_ptr(), value) } != 0)
+}
+
 /// The allocator's statistics now.
 pub fn stats() -> HeapStats {
     if let Some(f) = tcmalloc() {
@@ -104,11 +115,7 @@ pub fn release_free_memory() {
 /// resident memory is a peak of live bytes: for measurements, never for training (a
 /// step would fault its activations in again each time).
 pub fn return_freed_memory_at_once() {
-    static F: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    if let Some(a) = tcmalloc_symbol(&F, c"MallocExtension_SetNumericProperty") {
-        // SAFETY: TCMalloc's `int MallocExtension_SetNumericProperty(const char*, size_t)`.
-        let f = unsafe { std::mem::transmute::<usize, unsafe extern "C" fn(*const std::ffi::c_char, usize) -> i32>(a) };
-        unsafe { f(c"tcmalloc.aggressive_memory_decommit".as_ptr(), 1) };
+    if tc_set_property(c"tcmalloc.aggressive_memory_decommit", 1).is_some() {
         return;
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -131,11 +138,7 @@ pub const THREAD_CACHE_BYTES: usize = 4 << 20;
 /// Caps TCMalloc's thread caches at `bytes` in all (see [`THREAD_CACHE_BYTES`]). Returns
 /// whether TCMalloc took it (false under another allocator).
 pub fn limit_thread_caches(bytes: usize) -> bool {
-    static F: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let Some(a) = tcmalloc_symbol(&F, c"MallocExtension_SetNumericProperty") else { return false };
-    // SAFETY: TCMalloc's `int MallocExtension_SetNumericProperty(const char*, size_t)`.
-    let f = unsafe { std::mem::transmute::<usize, unsafe extern "C" fn(*const std::ffi::c_char, usize) -> i32>(a) };
-    unsafe { f(c"tcmalloc.max_total_thread_cache_bytes".as_ptr(), bytes) != 0 }
+    tc_set_property(c"tcmalloc.max_total_thread_cache_bytes", bytes) == Some(true)
 }
 
 /// [`limit_thread_caches`] at [`THREAD_CACHE_BYTES`], unless the operator set TCMalloc's
